@@ -1,0 +1,56 @@
+# Two commands matter on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+REF := .venv-ref
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+REF_STAMP := $(REF)/.stamp-ref
+
+.PHONY: install ref serve test lint typecheck proto bench clean system-deps
+
+# (Re)install when .venv is missing or pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory proto
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Hugging Face Transformers 4.55.x: the reference for contrastive search (later releases moved it
+# out of the library) and for greedy/beam. Kept apart from the runtime's own environment.
+$(REF_STAMP): scripts/requirements-ref.txt
+	test -x $(REF)/bin/python || $(PY) -m venv $(REF)
+	$(REF)/bin/pip install -q -r scripts/requirements-ref.txt
+	touch $(REF_STAMP)
+
+ref: $(REF_STAMP)
+
+proto:
+	$(BIN)/python scripts/gen_proto.py
+
+serve: $(STAMP)
+	$(BIN)/engine serve $(SERVE_ARGS)
+
+# Debian packages that the end-to-end tests drive (browser, promtool, redis); installed once.
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: $(STAMP) $(REF_STAMP) system-deps
+	$(BIN)/ruff check engine tests scripts benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine tests scripts benchmarks
+	$(BIN)/ruff format --check engine tests scripts benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP) $(REF_STAMP)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(REF) engine/pb/engine build *.egg-info

@@ -1,0 +1,111 @@
+"""One frozen configuration object, built once: CLI flags, then ``ENGINE_*`` environment, then defaults.
+
+Everything below the CLI receives a ``Config`` (or the part of it that it needs); nothing reads the
+environment on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from engine.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Config:
+    # model and runtime
+    model_dir: str | None = None  # None: make serve's default (./models/flan-t5-small, Hub, demo)
+    device: str = "cpu"  # "cpu" | "cuda" | "auto"
+    compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
+    inter_threads: int = 1
+    intra_threads: int = 0  # 0: one per core
+    # transports
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    grpc_target: str | None = None  # REST shim only: forward to this remote gRPC server
+    public_url: str | None = None  # base of responseUrl; default: the request's own host
+    # store and queue
+    store_url: str = "sqlite:///./data/engine.db"
+    max_queue_size: int = 10_000
+    job_timeout_s: float = 600.0
+    result_ttl_s: float = 24 * 3600.0
+    # dynamic batcher
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16_384
+    max_queue_delay_ms: float = 5.0
+    # limits
+    max_new_tokens_limit: int = 512
+    max_prompts_per_request: int = 64
+    rate_limit_per_minute: int = 600  # per API key; 0 disables
+    # demo fallback / auth
+    allow_demo_model: bool = True
+    auth_disabled: bool = False
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    @classmethod
+    def build(
+        cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Flags (None values ignored) win over ``ENGINE_<NAME>`` variables, which win over defaults."""
+        flags = flags or {}
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if flags.get(f.name) is not None:
+                values[f.name] = flags[f.name]
+                continue
+            env_name = f"ENGINE_{f.name.upper()}"
+            if env_name in environ:
+                values[f.name] = _parse(env_name, environ[env_name], f.default)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        positive = (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue_size",
+            "max_new_tokens_limit",
+            "max_prompts_per_request",
+            "inter_threads",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("job_timeout_s", "result_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_queue_delay_ms < 0 or self.intra_threads < 0 or self.rate_limit_per_minute < 0:
+            raise InvalidRequest("max_queue_delay_ms, intra_threads and rate_limit_per_minute must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise InvalidRequest(f"device must be cpu, cuda or auto, got {self.device!r}")
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise InvalidRequest(f"{name} must be a TCP port (0-65535), got {getattr(self, name)}")
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"environment variable {name}={raw!r} is not a valid {type(default).__name__}"
+        ) from exc
+    return raw

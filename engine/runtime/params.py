@@ -1,0 +1,158 @@
+"""Decoding parameters: validated once at the edge, typed and immutable everywhere after.
+
+Semantics follow Hugging Face ``generate`` (the seed API's parameters): ``top_k`` defaults to 50 as
+in ``GenerationConfig``, so ``penalty_alpha > 0`` alone means contrastive search over 50
+candidates, exactly as Transformers does.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine.errors import InvalidRequest
+
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
+MAX_BEAMS = 16
+MAX_TOP_K = 200
+
+
+class Strategy(enum.Enum):
+    GREEDY = "greedy"
+    BEAM = "beam"
+    SAMPLE = "sample"
+    CONTRASTIVE = "contrastive"
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int = 0
+    top_k: int = 50
+    penalty_alpha: float = 0.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @property
+    def strategy(self) -> Strategy:
+        # Mirrors transformers' GenerationConfig.get_generation_mode (4.55).
+        if self.num_beams > 1:
+            return Strategy.BEAM
+        if self.do_sample:
+            return Strategy.SAMPLE
+        if self.penalty_alpha > 0 and self.top_k > 1:
+            return Strategy.CONTRASTIVE
+        return Strategy.GREEDY
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one engine call (everything but the length limit).
+
+        Parameters that a strategy ignores are left out so that, e.g., greedy requests that differ
+        only in ``top_k`` still batch together.
+        """
+        s = self.strategy
+        common = (s, self.min_new_tokens, self.repetition_penalty, self.no_repeat_ngram_size)
+        if s is Strategy.BEAM:
+            return (*common, self.num_beams, self.length_penalty)
+        if s is Strategy.SAMPLE:
+            return (*common, self.top_k, self.top_p, self.temperature, self.seed)
+        return common
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(
+        cls, raw: Mapping[str, Any] | None, *, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    ) -> DecodingParams:
+        """Validate client parameters. ``None`` or ``{}`` means the defaults (64 tokens, greedy)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise InvalidRequest(f"params must be a JSON object, got {_type_name(raw)}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown parameter(s) {', '.join(unknown)}; supported: {', '.join(sorted(known))}"
+            )
+        v: dict[str, Any] = {}
+        if "max_new_tokens" in raw:
+            v["max_new_tokens"] = _int(raw, "max_new_tokens", 1, max_new_tokens_limit)
+        if "min_new_tokens" in raw:
+            v["min_new_tokens"] = _int(raw, "min_new_tokens", 0, max_new_tokens_limit)
+        if "top_k" in raw:
+            v["top_k"] = _int(raw, "top_k", 0, MAX_TOP_K)
+        if "penalty_alpha" in raw:
+            v["penalty_alpha"] = _float(raw, "penalty_alpha", 0.0, 1.0)
+        if "num_beams" in raw:
+            v["num_beams"] = _int(raw, "num_beams", 1, MAX_BEAMS)
+        if "length_penalty" in raw:
+            v["length_penalty"] = _float(raw, "length_penalty", -10.0, 10.0)
+        if "do_sample" in raw:
+            if not isinstance(raw["do_sample"], bool):
+                raise InvalidRequest(f"do_sample must be true or false, got {raw['do_sample']!r}")
+            v["do_sample"] = raw["do_sample"]
+        if "temperature" in raw:
+            v["temperature"] = _float(raw, "temperature", 0.0, 100.0, low_open=True)
+        if "top_p" in raw:
+            v["top_p"] = _float(raw, "top_p", 0.0, 1.0, low_open=True)
+        if "seed" in raw and raw["seed"] is not None:
+            v["seed"] = _int(raw, "seed", 0, 2**63 - 1)
+        if "repetition_penalty" in raw:
+            v["repetition_penalty"] = _float(raw, "repetition_penalty", 0.0, 100.0, low_open=True)
+        if "no_repeat_ngram_size" in raw:
+            v["no_repeat_ngram_size"] = _int(raw, "no_repeat_ngram_size", 0, 64)
+        params = cls(**v)
+        if params.min_new_tokens > params.max_new_tokens:
+            raise InvalidRequest(
+                f"min_new_tokens ({params.min_new_tokens}) must not exceed max_new_tokens "
+                f"({params.max_new_tokens})"
+            )
+        if params.do_sample and params.num_beams > 1:
+            raise InvalidRequest(
+                "do_sample with num_beams > 1 (beam sampling) is not supported; "
+                "use either do_sample or num_beams"
+            )
+        return params
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _int(raw: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{name} must be an integer, got {_type_name(value)} {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(raw: Mapping[str, Any], name: str, low: float, high: float, *, low_open: bool = False) -> float:
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{name} must be a number, got {_type_name(value)} {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        raise InvalidRequest(f"{name} must be {bound} and at most {high}, got {value}")
+    return value

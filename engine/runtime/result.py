@@ -1,0 +1,49 @@
+"""What a generation returns: typed, the same for every strategy and runtime."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.runtime.params import DecodingParams
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Result:
+    """One prompt's output. ``token_ids`` excludes the decoder-start token and the EOS."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    usage: Usage
+    finish_reason: FinishReason = FinishReason.LENGTH
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, already tokenized (sentencepiece ids + EOS), with its decoding parameters."""
+
+    input_ids: tuple[int, ...]
+    params: DecodingParams = field(default_factory=DecodingParams)

@@ -1,0 +1,69 @@
+"""Jobs: what the store keeps and what every transport returns, typed (never dicts or tuples)."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import Usage
+
+
+class JobStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def new_job_id() -> str:
+    """Unguessable: 128 random bits, URL-safe."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    completion: tuple[str, ...]  # one text per prompt
+    token_ids: tuple[tuple[int, ...], ...]
+    usage: Usage
+    finish_reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str  # an engine.errors code: "timeout", "job_failed", "prompt_too_long", ...
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str  # the API key's name (never the key itself)
+    prompts: tuple[str, ...]
+    params: DecodingParams
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0  # times it was claimed; > 1 after a restart re-ran it
+    model: str | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+
+    def with_status(self, status: JobStatus, **changes: object) -> Job:
+        return replace(self, status=status, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as a client sees it: the job plus its current queue position."""
+
+    job: Job
+    queue_position: int
