@@ -47,3 +47,13 @@ class GenerationRequest:
 
     input_ids: tuple[int, ...]
     params: DecodingParams = field(default_factory=DecodingParams)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of continuous batching: ``request_id`` got ``token_id`` (-1 when it produced none,
+    e.g. on EOS or cancel). ``result`` is set when that request has finished."""
+
+    request_id: str
+    token_id: int
+    result: Result | None = None

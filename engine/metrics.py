@@ -1,0 +1,77 @@
+"""Prometheus metrics (contract: the names in DESIGN.md). One ``Metrics`` object per process,
+created at start and passed to the layers that observe; ``/metrics`` renders its registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Milliseconds to minutes.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+PER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "engine_requests", "API requests by route and status code", ["route", "code"], registry=r
+        )
+        self.queue_depth = Gauge("engine_queue_depth", "Jobs waiting in the queue", registry=r)
+        self.jobs_running = Gauge("engine_jobs_running", "Jobs being generated now", registry=r)
+        self.queue_wait = Histogram(
+            "engine_queue_wait_seconds",
+            "Time from submit to start of generation",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "engine_batch_size",
+            "Prompts per engine call (rows per contrastive step)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "engine_inference_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_latency = Histogram(
+            "engine_request_latency_seconds",
+            "Time from submit to completion of a job",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "engine_time_per_output_token_seconds",
+            "Generation time divided by generated tokens, per job",
+            buckets=PER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("engine_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.jobs = Counter("engine_jobs", "Jobs finished by final status", ["status"], registry=r)
+        self.model_info = Gauge(
+            "engine_model_info", "The served model (value 1)", ["model", "device", "compute_type"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
