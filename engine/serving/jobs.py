@@ -34,6 +34,7 @@ class JobResult:
     token_ids: tuple[tuple[int, ...], ...]
     usage: Usage
     finish_reasons: tuple[str, ...] = ()
+    usages: tuple[Usage, ...] = ()  # per prompt (usage is their sum)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,126 @@
+"""The dynamic batching policy: a pure function over the queue's head and a clock reading.
+
+Triton-style: a batch is dispatched at once when it is full (by prompts or by tokens), otherwise
+the oldest job waits at most ``max_queue_delay_s`` for companions. The head of the queue always
+defines the group and always goes in, even alone over a limit, so no job can starve behind others.
+Jobs whose ``max_new_tokens`` differ too much from the head's are left for a later batch: an engine
+call lasts as long as its longest row, and a short job should not wait for a long one
+(``max_new_tokens_ratio``; benchmarks/bench_batcher.py measures the choice).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.runtime.params import DecodingParams, Strategy
+
+# Chosen from benchmarks/bench_batcher.py's mixed-length run (see RESULTS.md): a job joins the
+# head's batch only when its max_new_tokens is within this factor of the head's (either way).
+DEFAULT_MAX_NEW_TOKENS_RATIO = 2.0
+
+
+class Lane(enum.Enum):
+    """Which loop runs a job: one-shot batched engine calls, or the continuous contrastive batch."""
+
+    BATCH = "batch"
+    CONTRASTIVE = "contrastive"
+
+
+def lane_of(params: DecodingParams) -> Lane:
+    return Lane.CONTRASTIVE if params.strategy is Strategy.CONTRASTIVE else Lane.BATCH
+
+
+def batch_key_text(params: DecodingParams) -> str:
+    """``params.batch_key()`` as a stable string, so the store can index and compare it."""
+    return json.dumps([k.value if isinstance(k, enum.Enum) else k for k in params.batch_key()])
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """What the policy needs to know about one queued job (the store returns these, oldest first)."""
+
+    job_id: str
+    seq: int  # queue order
+    enqueued_at: float  # clock time the job was (first) accepted
+    lane: Lane
+    batch_key: str
+    num_prompts: int
+    prompt_tokens: int  # over all its prompts
+    max_new_tokens: int
+
+    @property
+    def cost_tokens(self) -> int:
+        """Tokens it holds in a batch: its prompts plus the room for each prompt's new tokens."""
+        return self.prompt_tokens + self.num_prompts * self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int  # prompts per engine call
+    max_batch_tokens: int  # prompt tokens + max_new_tokens per prompt, per engine call
+    max_queue_delay_s: float
+    max_new_tokens_ratio: float = DEFAULT_MAX_NEW_TOKENS_RATIO  # 0 disables the check
+
+    def compatible_lengths(self, head: int, other: int) -> bool:
+        if self.max_new_tokens_ratio <= 0:
+            return True
+        return max(head, other) <= self.max_new_tokens_ratio * min(head, other)
+
+
+class DispatchReason(enum.Enum):
+    FULL = "full"  # a limit was reached: waiting longer cannot help
+    DELAY_EXPIRED = "delay_expired"  # the head waited max_queue_delay
+    WAIT = "wait"  # nothing dispatched yet: wait ``wait_s`` (or until a new job arrives)
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    job_ids: tuple[str, ...]  # empty unless dispatching
+    reason: DispatchReason
+    num_prompts: int = 0
+    tokens: int = 0
+    wait_s: float = 0.0  # with WAIT: until the head's delay expires
+
+    @property
+    def dispatch(self) -> bool:
+        return bool(self.job_ids)
+
+
+def plan_batch(queue: Sequence[QueueEntry], now: float, limits: BatchLimits) -> BatchDecision:
+    """Decide what to run now. ``queue`` is ordered oldest first; entries that cannot share the
+    head's engine call (another batch key or lane, or a too different length) are skipped."""
+    if not queue:
+        return BatchDecision((), DispatchReason.EMPTY)
+    head = queue[0]
+    chosen = [head.job_id]
+    prompts = head.num_prompts
+    tokens = head.cost_tokens
+    full = prompts >= limits.max_batch_size or tokens >= limits.max_batch_tokens
+    for entry in queue[1:]:
+        if full:
+            break
+        if entry.lane is not head.lane or entry.batch_key != head.batch_key:
+            continue
+        if not limits.compatible_lengths(head.max_new_tokens, entry.max_new_tokens):
+            continue
+        if (
+            prompts + entry.num_prompts > limits.max_batch_size
+            or tokens + entry.cost_tokens > limits.max_batch_tokens
+        ):
+            # A compatible job that does not fit: the batch cannot grow by waiting for it.
+            full = True
+            break
+        chosen.append(entry.job_id)
+        prompts += entry.num_prompts
+        tokens += entry.cost_tokens
+        full = prompts >= limits.max_batch_size or tokens >= limits.max_batch_tokens
+    if full:
+        return BatchDecision(tuple(chosen), DispatchReason.FULL, prompts, tokens)
+    waited = now - head.enqueued_at
+    if waited >= limits.max_queue_delay_s:
+        return BatchDecision(tuple(chosen), DispatchReason.DELAY_EXPIRED, prompts, tokens)
+    return BatchDecision((), DispatchReason.WAIT, wait_s=limits.max_queue_delay_s - waited)

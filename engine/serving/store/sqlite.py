@@ -1,0 +1,306 @@
+"""The default job store: one SQLite file in WAL mode.
+
+Queue order is an AUTOINCREMENT ``seq``; partial indexes over QUEUED rows make the queue's head,
+a batch key's candidates and a job's position (a count over the index) cheap with 10,000 jobs
+queued. One connection, guarded by a lock, so that any thread may call in.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import NotReady
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import Usage
+from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
+from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+from engine.serving.store.base import JobStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    prompts TEXT NOT NULL,
+    params TEXT NOT NULL,
+    model TEXT,
+    status TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    batch_key TEXT NOT NULL,
+    num_prompts INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    max_new_tokens INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queued_seq ON jobs(seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_queued_lane ON jobs(lane, batch_key, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_queued_created ON jobs(created_at) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(status) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+_JOB_COLUMNS = (
+    "id, owner, prompts, params, model, status, created_at, started_at, finished_at, attempts, result, error"
+)
+_ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens"
+_Q = JobStatus.QUEUED.value
+_R = JobStatus.RUNNING.value
+
+
+class SqliteJobStore(JobStore):
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Autocommit; multi-statement changes open their own transactions.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise NotReady(f"cannot open the job store {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _change(self, sql: str, args: Sequence[Any]) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def _changed_one(self, sql: str, args: Sequence[Any]) -> bool:
+        return self._change(sql, args) == 1
+
+    # -- interface -----------------------------------------------------------------------------
+    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        lane = lane_of(job.params)
+        key = batch_key_text(job.params)
+        row = (
+            job.id,
+            job.owner,
+            json.dumps(list(job.prompts)),
+            json.dumps(job.params.to_dict()),
+            job.model,
+            _Q,
+            lane.value,
+            key,
+            len(job.prompts),
+            prompt_tokens,
+            job.params.max_new_tokens,
+            job.created_at,
+            job.attempts,
+        )
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
+                " prompt_tokens, max_new_tokens, created_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            seq = int(cur.lastrowid or 0)
+        return QueueEntry(
+            job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else _job(row)
+
+    def position(self, job_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[1] != _Q:
+                return 0
+            ahead = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (row[0],)
+            ).fetchone()
+        return int(ahead[0])
+
+    def queue_depth(self) -> int:
+        return self.count(JobStatus.QUEUED)
+
+    def count(self, status: JobStatus) -> int:
+        return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,))[0])
+
+    def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
+        if batch_key is None:
+            sql = (
+                f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE status = 'queued' AND lane = ? ORDER BY seq LIMIT ?"
+            )
+            args: tuple[Any, ...] = (lane.value, limit)
+        else:
+            sql = (
+                f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE status = 'queued' AND lane = ? AND batch_key = ?"
+                " ORDER BY seq LIMIT ?"
+            )
+            args = (lane.value, batch_key, limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT id FROM jobs WHERE status = 'queued' AND id IN ({marks})", tuple(job_ids)
+                    )
+                ]
+                rows = []
+                if ids:
+                    got = ",".join("?" * len(ids))
+                    self._db.execute(
+                        f"UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1"
+                        f" WHERE id IN ({got})",
+                        (now, *ids),
+                    )
+                    rows = self._db.execute(
+                        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({got}) ORDER BY seq", tuple(ids)
+                    ).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [_job(r) for r in rows]
+
+    def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
+        return self._changed_one(
+            "UPDATE jobs SET status = 'completed', finished_at = ?, result = ?"
+            " WHERE id = ? AND status = 'running' AND attempts = ?",
+            (now, json.dumps(_result_dict(result)), job_id, attempt),
+        )
+
+    def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
+        err = json.dumps({"code": error.code, "message": error.message})
+        if attempt is None:
+            return self._changed_one(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status = 'queued'",
+                (now, err, job_id),
+            )
+        return self._changed_one(
+            "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?"
+            " WHERE id = ? AND status = 'running' AND attempts = ?",
+            (now, err, job_id, attempt),
+        )
+
+    def cancel(self, job_id: str, now: float) -> Job | None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?"
+                " WHERE id = ? AND status IN ('queued', 'running')",
+                (now, job_id),
+            )
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def requeue(self, job_id: str, attempt: int) -> bool:
+        return self._changed_one(
+            "UPDATE jobs SET status = 'queued', started_at = NULL"
+            " WHERE id = ? AND status = 'running' AND attempts = ?",
+            (job_id, attempt),
+        )
+
+    def requeue_running(self) -> list[str]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'")]
+                self._db.execute(
+                    "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' AND created_at < ? ORDER BY created_at LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def purge_expired(self, now: float, ttl_s: float) -> int:
+        return self._change(
+            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+            " AND status IN ('completed', 'failed', 'cancelled')",
+            (now - ttl_s,),
+        )
+
+    def ping(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self._one("SELECT 1")
+        except sqlite3.Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+
+def _result_dict(result: JobResult) -> dict[str, Any]:
+    return {
+        "completion": list(result.completion),
+        "token_ids": [list(t) for t in result.token_ids],
+        "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
+        "finish_reasons": list(result.finish_reasons),
+        "usages": [[u.prompt_tokens, u.completion_tokens] for u in result.usages],
+    }
+
+
+def _job(row: Sequence[Any]) -> Job:
+    (job_id, owner, prompts, params, model, status, created, started, finished, attempts, result, error) = row
+    res = None
+    if result is not None:
+        r = json.loads(result)
+        res = JobResult(
+            completion=tuple(r["completion"]),
+            token_ids=tuple(tuple(t) for t in r["token_ids"]),
+            usage=Usage(*r["usage"]),
+            finish_reasons=tuple(r["finish_reasons"]),
+            usages=tuple(Usage(*u) for u in r["usages"]),
+        )
+    err = None
+    if error is not None:
+        e = json.loads(error)
+        err = JobError(code=e["code"], message=e["message"])
+    return Job(
+        id=job_id,
+        owner=owner,
+        prompts=tuple(json.loads(prompts)),
+        params=DecodingParams(**json.loads(params)),
+        status=JobStatus(status),
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        attempts=attempts,
+        model=model,
+        result=res,
+        error=err,
+    )

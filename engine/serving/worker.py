@@ -1,0 +1,76 @@
+"""Engine calls off the event loop: one daemon thread per device runs them one at a time.
+
+A plain thread rather than a ThreadPoolExecutor: at interpreter exit an executor joins its
+threads, so an engine call that never returns would keep a stopping server alive; a daemon thread
+does not. One call at a time because CTranslate2 already uses every core for one call (intra
+threads), and two concurrent calls on one device only compete for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class EngineWorker:
+    def __init__(self, name: str = "engine-worker") -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker thread and await its result (or its exception)."""
+        if self._stopped:
+            raise RuntimeError("engine worker is stopped")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, args, loop, fut))
+        return await fut
+
+    def stop(self) -> None:
+        """Let the thread end after the call in progress (if any)."""
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put(_STOP)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            fn, args, loop, fut = item
+            try:
+                value = fn(*args)
+            except BaseException as exc:
+                _deliver(loop, fut, None, exc)
+            else:
+                _deliver(loop, fut, value, None)
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any, exc: BaseException | None
+) -> None:
+    def settle() -> None:
+        if fut.done():  # the awaiting task was cancelled
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop closed while the call ran: nobody waits for it any more
+        pass
