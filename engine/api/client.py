@@ -1,0 +1,108 @@
+"""How the REST shim reaches the gRPC service: in process (the default) or over a channel.
+
+Both clients speak the service's protobuf messages and raise ``ApiFailure`` with the same
+``ErrorReply``, so the shim cannot tell them apart; that is what makes the remote mode
+(``engine serve --grpc-target HOST:PORT``) a deployment choice instead of a second code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.api.errors import ApiFailure, reply_for_exception, reply_for_rpc_error
+from engine.api.grpc_service import API_KEY_METADATA, SERVICE_NAME, EngineServicer
+from engine.api.pb import engine_pb2, engine_pb2_grpc
+
+T = TypeVar("T")
+
+
+class EngineClient(Protocol):
+    async def submit(self, api_key: str | None, request: Any) -> Any: ...
+
+    async def get_result(self, api_key: str | None, request: Any) -> Any: ...
+
+    async def cancel(self, api_key: str | None, request: Any) -> Any: ...
+
+    async def info(self) -> Any: ...
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class InProcessClient:
+    """Calls the servicer's transport-independent face directly (no socket, no serialization)."""
+
+    def __init__(self, servicer: EngineServicer) -> None:
+        self._servicer = servicer
+
+    async def _call(self, fn: Callable[[str | None, Any], Awaitable[T]], key: str | None, request: Any) -> T:
+        try:
+            return await fn(key, request)
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
+
+    async def submit(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._servicer.submit, api_key, request)
+
+    async def get_result(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._servicer.get_result, api_key, request)
+
+    async def cancel(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._servicer.cancel, api_key, request)
+
+    async def info(self) -> Any:
+        return await self._call(self._servicer.server_info, None, engine_pb2.InfoRequest())
+
+    async def ready(self) -> bool:
+        return bool(self._servicer.service.ready)
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteClient:
+    """A grpc.aio channel to ``target`` (HOST:PORT). Create it inside the running event loop."""
+
+    def __init__(self, target: str, *, timeout_s: float = 60.0) -> None:
+        self.target = target
+        self._timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def _call(self, method: Any, api_key: str | None, request: Any, timeout_s: float) -> Any:
+        metadata = ((API_KEY_METADATA, api_key),) if api_key else ()
+        try:
+            return await method(request, metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            pairs: Any = exc.trailing_metadata() or ()
+            trailers = {str(k): v for k, v in pairs if isinstance(v, str)}
+            raise ApiFailure(reply_for_rpc_error(exc.code(), exc.details(), trailers)) from exc
+
+    async def submit(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._stub.Submit, api_key, request, self._timeout_s)
+
+    async def get_result(self, api_key: str | None, request: Any) -> Any:
+        # A long poll holds the call open for up to wait_s.
+        return await self._call(self._stub.GetResult, api_key, request, self._timeout_s + request.wait_s)
+
+    async def cancel(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._stub.Cancel, api_key, request, self._timeout_s)
+
+    async def info(self) -> Any:
+        return await self._call(self._stub.Info, None, engine_pb2.InfoRequest(), self._timeout_s)
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close(None)

@@ -1,0 +1,363 @@
+"""The gRPC service (``engine.v1.Engine``) over the job service: the primary API.
+
+``EngineServicer`` has two faces: transport-independent coroutines (``submit``, ``get_result``,
+``cancel``, ``generate``, ``generate_stream``) that take the API key and a request message and
+raise the project's errors, and the gRPC handlers (``Submit``, ...) that read the key from the
+``apikey`` metadata and map errors to status codes via engine/api/errors.py. The REST shim calls
+the first face in process, or the gRPC handlers of a remote server over a channel; both give the
+same messages.
+
+Only job-creating calls (Submit, Generate, GenerateStream) count against a key's rate limit: the
+seed's own client polls in a tight loop, and a poll is a cheap read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from engine.api.auth import Authenticator
+from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
+from engine.api.pb import engine_pb2, engine_pb2_grpc
+from engine.errors import InvalidRequest
+from engine.metrics import Metrics
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import FinishReason, TokenEvent
+from engine.serving.jobs import Job, JobStatus, JobView
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "engine.v1.Engine"
+API_KEY_METADATA = "apikey"
+MAX_WAIT_S = 30.0
+
+Decode = Callable[[Sequence[int]], str]
+
+STATUS_TO_PB = {
+    JobStatus.QUEUED: engine_pb2.JOB_STATUS_QUEUED,
+    JobStatus.RUNNING: engine_pb2.JOB_STATUS_RUNNING,
+    JobStatus.COMPLETED: engine_pb2.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: engine_pb2.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: engine_pb2.JOB_STATUS_CANCELLED,
+}
+PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
+FINISH_TO_PB = {
+    FinishReason.EOS: engine_pb2.FINISH_REASON_EOS,
+    FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: engine_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server serves; the Info call and the playground's banner."""
+
+    model: str
+    random_weights: bool
+    device: str
+    compute_type: str
+    max_new_tokens_limit: int
+    max_prompts_per_request: int
+    auth_required: bool
+
+
+class ServiceLike(Protocol):
+    """What the servicer needs of engine.serving.service.JobService (see its docstring)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def submit(
+        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+    ) -> JobView: ...
+
+    async def get(self, owner: str, job_id: str) -> JobView: ...
+
+    async def cancel(self, owner: str, job_id: str) -> JobView: ...
+
+    async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView: ...
+
+    def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]: ...
+
+
+def params_from_struct(params: struct_pb2.Struct, *, max_new_tokens_limit: int) -> DecodingParams:
+    """Validate the client's params exactly as sent (unknown names and bad values by name)."""
+    raw: dict[str, Any] = json_format.MessageToDict(params)
+    # Struct carries every number as a double; integral ones go back to int so that messages
+    # quote what the client wrote ("got 1", not "got 1.0").
+    for name, value in raw.items():
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            raw[name] = int(value)
+    return DecodingParams.from_dict(raw, max_new_tokens_limit=max_new_tokens_limit)
+
+
+def params_to_struct(params: dict[str, Any] | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if params:
+        s.update(params)
+    return s
+
+
+def job_to_pb(view: JobView, served_model: str = "") -> Any:
+    job: Job = view.job
+    msg = engine_pb2.Job(
+        id=job.id,
+        status=STATUS_TO_PB[job.status],
+        queue_position=max(0, view.queue_position),
+        num_prompts=len(job.prompts),
+        model=job.model or served_model,
+        created_at=job.created_at,
+        started_at=job.started_at or 0.0,
+        finished_at=job.finished_at or 0.0,
+    )
+    if job.result is not None:
+        r = job.result
+        msg.result.completion.extend(r.completion)
+        for ids in r.token_ids:
+            msg.result.token_ids.add(ids=ids)
+        msg.result.usage.prompt_tokens = r.usage.prompt_tokens
+        msg.result.usage.completion_tokens = r.usage.completion_tokens
+        msg.result.usage.total_tokens = r.usage.total_tokens
+        for reason in r.finish_reasons:
+            known = _finish_reason(reason)
+            msg.result.finish_reasons.append(
+                FINISH_TO_PB[known] if known is not None else engine_pb2.FINISH_REASON_UNSPECIFIED
+            )
+    if job.error is not None:
+        msg.error.code = job.error.code
+        msg.error.message = job.error.message
+    return msg
+
+
+def _finish_reason(value: str) -> FinishReason | None:
+    try:
+        return FinishReason(value)
+    except ValueError:
+        return None
+
+
+class _TextStream:
+    """Incremental detokenization: the text each new token adds. Sentencepiece can change earlier
+    characters (byte pieces that complete a UTF-8 sequence), so text is only released once the
+    decoded prefix is stable; the final result's text flushes the rest."""
+
+    def __init__(self, decode: Decode | None) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._sent = ""
+
+    def push(self, token_id: int) -> str:
+        if self._decode is None:
+            return ""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd") or not text.startswith(self._sent):
+            return ""
+        delta, self._sent = text[len(self._sent) :], text
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        if self._decode is None or not final_text.startswith(self._sent):
+            return ""
+        delta, self._sent = final_text[len(self._sent) :], final_text
+        return delta
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(
+        self,
+        service: ServiceLike,
+        auth: Authenticator,
+        info: ServerInfo,
+        *,
+        metrics: Metrics | None = None,
+        decode: Decode | None = None,
+    ) -> None:
+        self.service = service
+        self.auth = auth
+        self.info = info
+        self.metrics = metrics
+        self.model_name = info.model
+        self.max_new_tokens_limit = info.max_new_tokens_limit
+        self._decode = decode
+
+    # ---- transport-independent face: raises engine errors -------------------------------
+
+    async def submit(self, api_key: str | None, request: Any) -> Any:
+        owner, prompts, params, model = self._admit(api_key, request)
+        view = await self.service.submit(owner, prompts, params, model)
+        return job_to_pb(view, self.model_name)
+
+    async def get_result(self, api_key: str | None, request: Any) -> Any:
+        owner = self.auth.authenticate(api_key)
+        job_id = _job_id(request.id)
+        wait_s = request.wait_s
+        if not math.isfinite(wait_s) or wait_s < 0 or wait_s > MAX_WAIT_S:
+            raise InvalidRequest(f"wait must be between 0 and {MAX_WAIT_S:g} seconds, got {wait_s:g}")
+        if wait_s > 0:
+            view = await self.service.wait(owner, job_id, timeout_s=wait_s)
+        else:
+            view = await self.service.get(owner, job_id)
+        return job_to_pb(view, self.model_name)
+
+    async def cancel(self, api_key: str | None, request: Any) -> Any:
+        owner = self.auth.authenticate(api_key)
+        view = await self.service.cancel(owner, _job_id(request.id))
+        return job_to_pb(view, self.model_name)
+
+    async def generate(self, api_key: str | None, request: Any) -> Any:
+        owner, prompts, params, model = self._admit(api_key, request)
+        view = await self.service.submit(owner, prompts, params, model)
+        async with self._cancel_on_disconnect(owner, view.job.id):
+            view = await self.service.wait(owner, view.job.id)
+        if view.job.status is JobStatus.FAILED:
+            raise ApiFailure(reply_for_job_error(view.job.error))
+        return job_to_pb(view, self.model_name)
+
+    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        owner, prompts, params, model = self._admit(api_key, request)
+        view = await self.service.submit(owner, prompts, params, model)
+        job_id = view.job.id
+        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+        async with self._cancel_on_disconnect(owner, job_id):
+            texts = [_TextStream(self._decode) for _ in prompts]
+            async for event in self.service.stream(owner, job_id):
+                index = _prompt_index(event.request_id, job_id, len(prompts))
+                token = engine_pb2.TokenEvent(job_id=job_id, prompt_index=index, token_id=event.token_id)
+                if event.token_id >= 0:
+                    token.text = texts[index].push(event.token_id)
+                if event.result is not None:
+                    token.text += texts[index].finish(event.result.text)
+                    token.finished = True
+                    token.finish_reason = FINISH_TO_PB[event.result.finish_reason]
+                yield engine_pb2.GenerateStreamResponse(token=token)
+            view = await self.service.wait(owner, job_id)
+        if view.job.status is JobStatus.FAILED:
+            raise ApiFailure(reply_for_job_error(view.job.error))
+        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+
+    async def server_info(self, api_key: str | None, request: Any) -> Any:
+        i = self.info
+        return engine_pb2.ServerInfo(
+            model=i.model,
+            random_weights=i.random_weights,
+            device=i.device,
+            compute_type=i.compute_type,
+            max_new_tokens_limit=i.max_new_tokens_limit,
+            max_prompts_per_request=i.max_prompts_per_request,
+            auth_required=i.auth_required,
+            ready=self.service.ready,
+        )
+
+    def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:
+        owner = self.auth.authenticate(api_key)
+        params = params_from_struct(request.params, max_new_tokens_limit=self.max_new_tokens_limit)
+        model = request.model or None
+        if model is not None and self.model_name and model != self.model_name:
+            raise InvalidRequest(
+                f"model {model!r} is not served here; this server serves {self.model_name!r}"
+            )
+        self.auth.admit(owner)
+        return owner, list(request.prompts), params, model
+
+    def _cancel_on_disconnect(self, owner: str, job_id: str) -> _CancelOnDisconnect:
+        return _CancelOnDisconnect(self.service, owner, job_id)
+
+    # ---- gRPC face ------------------------------------------------------------------------
+
+    async def Submit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._unary("Submit", self.submit, request, context)
+
+    async def GetResult(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._unary("GetResult", self.get_result, request, context)
+
+    async def Cancel(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._unary("Cancel", self.cancel, request, context)
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._unary("Generate", self.generate, request, context)
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._unary("Info", self.server_info, request, context)
+
+    async def GenerateStream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in self.generate_stream(_api_key(context), request):
+                yield message
+        except Exception as exc:
+            await self._abort("GenerateStream", exc, context)
+        else:
+            self._observe("GenerateStream", grpc.StatusCode.OK)
+
+    async def _unary(
+        self,
+        method: str,
+        fn: Callable[[str | None, Any], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Any:
+        try:
+            reply = await fn(_api_key(context), request)
+        except Exception as exc:
+            await self._abort(method, exc, context)
+            raise  # unreachable: abort raises
+        self._observe(method, grpc.StatusCode.OK)
+        return reply
+
+    async def _abort(self, method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        reply = reply_for_exception(exc)
+        self._observe(method, reply.status.grpc)
+        context.set_trailing_metadata(reply.grpc_trailers())
+        await context.abort(reply.status.grpc, reply.message)
+
+    def _observe(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(route=f"/{SERVICE_NAME}/{method}", code=code.name).inc()
+
+
+class _CancelOnDisconnect:
+    """A job that only its call knows about (Generate, GenerateStream) is cancelled when the
+    client goes away (deadline, disconnect) instead of running for nobody."""
+
+    def __init__(self, service: ServiceLike, owner: str, job_id: str) -> None:
+        self._service, self._owner, self._job_id = service, owner, job_id
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+            with suppress(Exception):
+                await asyncio.shield(self._service.cancel(self._owner, self._job_id))
+
+
+def _api_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == API_KEY_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def _job_id(raw: str) -> str:
+    if not raw:
+        raise InvalidRequest("id is required: the job id that Submit returned")
+    return raw
+
+
+def _prompt_index(request_id: str, job_id: str, n: int) -> int:
+    prefix, _, index = request_id.rpartition(":")
+    if prefix != job_id or not index.isdigit() or int(index) >= n:
+        raise RuntimeError(f"token event {request_id!r} does not belong to job {job_id}")
+    return int(index)

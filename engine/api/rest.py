@@ -1,0 +1,403 @@
+"""The REST shim: the seed's submit/poll API (DESIGN.md, "The submit/poll API"), transcoded to the
+gRPC service through an ``EngineClient`` (in process, or a remote gRPC server).
+
+Every answer that is not a success is the envelope ``{"success": false, "error": {"code",
+"message"}}``, including FastAPI's own validation errors, malformed JSON, unknown routes and
+internal errors (logged, never shown).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.api.client import EngineClient
+from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
+from engine.api.grpc_service import MAX_WAIT_S, PB_TO_STATUS, params_to_struct
+from engine.api.pb import engine_pb2
+from engine.metrics import Metrics
+from engine.serving.jobs import JobError, JobStatus
+
+log = logging.getLogger(__name__)
+
+PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_FIELDS = ("prompt", "params", "model")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
+
+
+# ---- schemas (they are what /openapi.json publishes) -----------------------------------------
+
+
+class SubmitBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr | list[StrictStr] = Field(
+        description="The prompt, or an array of prompts (one completion each)."
+    )
+    params: dict[str, Any] | None = Field(
+        default=None,
+        description="Decoding parameters with Hugging Face generate semantics (max_new_tokens, top_k, "
+        "penalty_alpha, num_beams, length_penalty, do_sample, temperature, top_p, seed, "
+        "repetition_penalty, no_repeat_ngram_size, min_new_tokens). Missing or {}: 64 new tokens, greedy.",
+        examples=[{"max_new_tokens": 64, "top_k": 4, "penalty_alpha": 0.6}],
+    )
+    model: StrictStr | None = Field(default=None, description="Optional: the model you expect to be served.")
+
+
+class SubmitData(BaseModel):
+    id: str
+    responseUrl: str
+    queuePosition: str = Field(description="Jobs ahead of this one, as a string (as in the seed API).")
+
+
+class SubmitResponse(BaseModel):
+    success: Literal[True] = True
+    data: SubmitData
+
+
+class UsageModel(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseData(BaseModel):
+    id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    queuePosition: str
+    completion: list[str] | None = Field(description="One text per prompt once completed, else null.")
+    usage: UsageModel | None = Field(description="Token counts once completed, else null.")
+
+
+class ResponseResponse(BaseModel):
+    success: Literal[True] = True
+    data: ResponseData
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    success: Literal[False] = False
+    error: ErrorDetail
+
+
+class InfoResponse(BaseModel):
+    model: str
+    randomWeights: bool
+    device: str
+    computeType: str
+    maxNewTokensLimit: int
+    maxPromptsPerRequest: int
+    authRequired: bool
+    ready: bool
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (401, "Missing or unknown API key"),
+        (404, "Unknown job id, or a job of another key"),
+        (413, "Prompt too long for the model"),
+        (422, "Invalid body or parameters"),
+        (429, "Queue full or rate limit reached (see Retry-After)"),
+        (500, "The job failed (polling a failed job) or an internal error"),
+        (503, "Not ready or shutting down"),
+    )
+}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def error_response(reply: ErrorReply) -> JSONResponse:
+    headers = {}
+    if reply.retry_after_header is not None:
+        headers["Retry-After"] = reply.retry_after_header
+    return JSONResponse(reply.envelope(), status_code=reply.status.http, headers=headers)
+
+
+def api_key_from(api_key: str | None, authorization: str | None) -> str | None:
+    if api_key:
+        return api_key.strip()
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def response_data(job: Any) -> ResponseData:
+    status = PB_TO_STATUS[job.status]
+    completion = None
+    usage = None
+    if status is JobStatus.COMPLETED and job.HasField("result"):
+        completion = list(job.result.completion)
+        u = job.result.usage
+        usage = UsageModel(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+        )
+    return ResponseData(
+        id=job.id,
+        status=status.value,
+        queuePosition=str(job.queue_position),
+        completion=completion,
+        usage=usage,
+    )
+
+
+def failed_job_reply(job: Any) -> ErrorReply:
+    error = JobError(job.error.code, job.error.message) if job.HasField("error") else None
+    return reply_for_job_error(error)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One sentence per problem, naming the field and what it must be."""
+    messages = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            detail = err.get("ctx", {}).get("error", "")
+            messages.append(f"the request body is not valid JSON ({detail})")
+        elif kind == "missing" and not loc:
+            messages.append("the request body is required: a JSON object with prompt and params")
+        elif kind == "missing":
+            messages.append(f"{'.'.join(loc)} is required")
+        elif kind == "extra_forbidden":
+            messages.append(
+                f"unknown field {'.'.join(loc)!r} in the body; supported: {', '.join(BODY_FIELDS)}"
+            )
+        elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
+            messages.append("the request body must be a JSON object with prompt and params")
+        elif loc and loc[0] == "prompt":
+            messages.append("prompt must be a string or an array of strings")
+        elif loc and loc[0] == "params":
+            messages.append("params must be a JSON object (or omitted for the defaults)")
+        elif loc and loc[0] == "model":
+            messages.append("model must be a string")
+        else:
+            where = ".".join(loc) or "the request"
+            messages.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "; ".join(dict.fromkeys(messages)) or "invalid request"
+
+
+class RequestMetrics:
+    """ASGI middleware: engine_requests_total{route,code} by route template (bounded labels) and
+    the body size limit (413 before reading a huge body)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            reply = reply_for_code(
+                "payload_too_large", f"the request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+            )
+            response = error_response(reply)
+            status = response.status_code
+            await response(scope, receive, send)
+            self._observe(scope, status)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._observe(scope, status)
+
+    def _observe(self, scope: Scope, status: int) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(route=path, code=str(status)).inc()
+
+
+# ---- the app ----------------------------------------------------------------------------------
+
+
+def create_app(
+    client: EngineClient,
+    metrics: Metrics,
+    *,
+    public_url: str | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="FLAN-T5 inference engine",
+        version="1.0",
+        description="The seed's submit/poll API over the engine's gRPC service. Send your key in the "
+        "`apiKey` header (or `Authorization: Bearer <key>`).",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(ApiFailure)
+    async def _api_failure(request: Request, exc: ApiFailure) -> JSONResponse:
+        return error_response(exc.reply)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(reply_for_code("invalid_request", validation_message(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            reply = reply_for_code(
+                "not_found",
+                f"no route {request.method} {request.url.path}; the API has POST /v1/submit and "
+                "GET or DELETE /v1/response/{id}",
+            )
+        elif exc.status_code == 405:
+            reply = reply_for_code(
+                "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+            )
+        else:
+            code = {401: "unauthenticated", 413: "payload_too_large", 503: "not_ready"}.get(
+                exc.status_code, "invalid_request" if exc.status_code < 500 else "internal"
+            )
+            reply = ErrorReply(code, str(exc.detail), reply_for_code(code, "").status)
+        return error_response(reply)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(reply_for_exception(exc))
+
+    @app.post(
+        "/v1/submit",
+        response_model=SubmitResponse,
+        responses=ERROR_RESPONSES,
+        summary="Queue a generation job",
+    )
+    async def submit(
+        body: SubmitBody,
+        request: Request,
+        api_key: str | None = Header(default=None, alias="apiKey", description="Your API key"),
+        authorization: str | None = Header(default=None, description="Alternative: Bearer <key>"),
+    ) -> SubmitResponse:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        message = engine_pb2.SubmitRequest(
+            prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
+        )
+        job = await client.submit(api_key_from(api_key, authorization), message)
+        base = (public_url or str(request.base_url)).rstrip("/")
+        return SubmitResponse(
+            data=SubmitData(
+                id=job.id, responseUrl=f"{base}/v1/response/{job.id}", queuePosition=str(job.queue_position)
+            )
+        )
+
+    @app.get(
+        "/v1/response/{job_id}",
+        response_model=ResponseResponse,
+        responses=ERROR_RESPONSES,
+        summary="Poll a job; a failed job answers with an error status",
+    )
+    async def response(
+        job_id: str,
+        wait: float = Query(
+            default=0.0,
+            ge=0.0,
+            le=MAX_WAIT_S,
+            description="Long poll: hold the answer up to this many seconds until the job is done.",
+        ),
+        api_key: str | None = Header(default=None, alias="apiKey"),
+        authorization: str | None = Header(default=None),
+    ) -> ResponseResponse | JSONResponse:
+        job = await client.get_result(
+            api_key_from(api_key, authorization), engine_pb2.GetResultRequest(id=job_id, wait_s=wait)
+        )
+        if PB_TO_STATUS[job.status] is JobStatus.FAILED:
+            return error_response(failed_job_reply(job))
+        return ResponseResponse(data=response_data(job))
+
+    @app.delete(
+        "/v1/response/{job_id}",
+        response_model=ResponseResponse,
+        responses=ERROR_RESPONSES,
+        summary="Cancel a queued or running job",
+    )
+    async def cancel(
+        job_id: str,
+        api_key: str | None = Header(default=None, alias="apiKey"),
+        authorization: str | None = Header(default=None),
+    ) -> ResponseResponse:
+        job = await client.cancel(api_key_from(api_key, authorization), engine_pb2.CancelRequest(id=job_id))
+        return ResponseResponse(data=response_data(job))
+
+    @app.get("/v1/info", response_model=InfoResponse, summary="What this server serves")
+    async def info() -> InfoResponse:
+        i = await client.info()
+        return InfoResponse(
+            model=i.model,
+            randomWeights=i.random_weights,
+            device=i.device,
+            computeType=i.compute_type,
+            maxNewTokensLimit=i.max_new_tokens_limit,
+            maxPromptsPerRequest=i.max_prompts_per_request,
+            authRequired=i.auth_required,
+            ready=i.ready,
+        )
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Model loaded and store reachable", responses={503: ERROR_RESPONSES[503]})
+    async def readyz() -> Any:
+        if await client.ready():
+            return {"status": "ready"}
+        return error_response(
+            reply_for_code("not_ready", "the service is starting, stopping or cannot reach its store")
+        )
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    async def playground_file(name: str) -> FileResponse:
+        allowed = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in allowed:
+            raise StarletteHTTPException(404)
+        return FileResponse(
+            PLAYGROUND_DIR / name, media_type=allowed[name], headers={"Cache-Control": "no-cache"}
+        )
+
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
