@@ -149,7 +149,9 @@ class FakeJobService:
             await self._release.wait()
         for code in ("FAIL", "TIMEOUT"):
             if any(code in p for p in job.prompts):
-                error = JobError("job_failed" if code == "FAIL" else "timeout", f"the fake was told to {code}")
+                error = JobError(
+                    "job_failed" if code == "FAIL" else "timeout", f"the fake was told to {code}"
+                )
                 self._set(job_id, job.with_status(JobStatus.FAILED, finished_at=time.time(), error=error))
                 return
         results = []
@@ -168,7 +170,9 @@ class FakeJobService:
             self._emit(job_id, TokenEvent(f"{job_id}:{index}", -1, result))
         if self._jobs[job_id].job.status is JobStatus.CANCELLED:
             return
-        usage = Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
+        usage = Usage(
+            sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results)
+        )
         job_result = JobResult(
             completion=tuple(r.text for r in results),
             token_ids=tuple(r.token_ids for r in results),

@@ -80,7 +80,9 @@ async def test_seed_flow_submit_then_poll(http: httpx.AsyncClient, stack: FakeSt
     }
 
 
-async def test_prompt_array_bearer_and_missing_or_empty_params(http: httpx.AsyncClient, stack: FakeStack) -> None:
+async def test_prompt_array_bearer_and_missing_or_empty_params(
+    http: httpx.AsyncClient, stack: FakeStack
+) -> None:
     auth = {"Authorization": f"Bearer {stack.alice}"}
     for params in ({}, None, "absent"):
         body: dict[str, Any] = {"prompt": ["one", "two", ""]}
@@ -91,7 +93,9 @@ async def test_prompt_array_bearer_and_missing_or_empty_params(http: httpx.Async
         out = (await poll(http, r.json()["data"]["id"], stack.alice)).json()["data"]
         assert out["completion"] == ["ONE", "TWO", ""]
     # max_new_tokens reaches the service as an int.
-    r = await http.post("/v1/submit", json={"prompt": "abcdef", "params": {"max_new_tokens": 3}}, headers=auth)
+    r = await http.post(
+        "/v1/submit", json={"prompt": "abcdef", "params": {"max_new_tokens": 3}}, headers=auth
+    )
     assert (await poll(http, r.json()["data"]["id"], stack.alice)).json()["data"]["completion"] == ["ABC"]
 
 
@@ -124,21 +128,29 @@ async def test_auth_errors(http: httpx.AsyncClient, stack: FakeStack) -> None:
     assert_error(await http.post("/v1/submit", json=body), 401, "unauthenticated", "apiKey", "keys create")
     bad = stack.alice[:-4] + "AAAA"
     assert_error(await http.post("/v1/submit", json=body, headers={"apiKey": bad}), 401, "unauthenticated")
-    assert_error(await http.post("/v1/submit", json=body, headers={"apiKey": "nonsense"}), 401, "unauthenticated")
     assert_error(
-        await http.post("/v1/submit", json=body, headers={"Authorization": "Basic abc"}), 401, "unauthenticated"
+        await http.post("/v1/submit", json=body, headers={"apiKey": "nonsense"}), 401, "unauthenticated"
+    )
+    assert_error(
+        await http.post("/v1/submit", json=body, headers={"Authorization": "Basic abc"}),
+        401,
+        "unauthenticated",
     )
     r = await http.post("/v1/submit", json=body, headers={"apiKey": stack.alice})
     job_id = r.json()["data"]["id"]
     assert_error(await http.get(f"/v1/response/{job_id}"), 401, "unauthenticated")
     # Another key's job is indistinguishable from an unknown one.
-    r = assert_error(await http.get(f"/v1/response/{job_id}", headers={"apiKey": stack.bob}), 404, "not_found")
+    r = assert_error(
+        await http.get(f"/v1/response/{job_id}", headers={"apiKey": stack.bob}), 404, "not_found"
+    )
     assert job_id in r["error"]["message"]
     assert_error(await http.delete(f"/v1/response/{job_id}", headers={"apiKey": stack.bob}), 404, "not_found")
     assert_error(await http.get("/v1/response/nope", headers={"apiKey": stack.alice}), 404, "not_found")
 
 
-async def test_invalid_bodies_and_params_answer_422_in_the_envelope(http: httpx.AsyncClient, stack: FakeStack) -> None:
+async def test_invalid_bodies_and_params_answer_422_in_the_envelope(
+    http: httpx.AsyncClient, stack: FakeStack
+) -> None:
     key = {"apiKey": stack.alice, "Content-Type": "application/json"}
     cases: list[tuple[Any, tuple[str, ...]]] = [
         (b'{"prompt": "x", ', ("not valid JSON",)),
@@ -153,7 +165,10 @@ async def test_invalid_bodies_and_params_answer_422_in_the_envelope(http: httpx.
         ({"prompt": "x", "params": "max_new_tokens=3"}, ("params must be a JSON object",)),
         ({"prompt": "x", "apiKey": "k"}, ("unknown field 'apiKey'", "prompt, params, model")),
         ({"prompt": "x", "params": {"max_tokens": 5}}, ("unknown parameter(s) max_tokens", "max_new_tokens")),
-        ({"prompt": "x", "params": {"max_new_tokens": 0}}, ("max_new_tokens must be between 1 and 512, got 0",)),
+        (
+            {"prompt": "x", "params": {"max_new_tokens": 0}},
+            ("max_new_tokens must be between 1 and 512, got 0",),
+        ),
         ({"prompt": "x", "params": {"max_new_tokens": 100000}}, ("max_new_tokens", "100000")),
         ({"prompt": "x", "params": {"max_new_tokens": "64"}}, ("max_new_tokens must be an integer",)),
         ({"prompt": "x", "params": {"max_new_tokens": 6.5}}, ("max_new_tokens must be an integer, got 6.5",)),
@@ -181,11 +196,15 @@ async def test_prompt_too_long_is_413(http: httpx.AsyncClient, stack: FakeStack)
 
 async def test_body_size_limit_is_413(http: httpx.AsyncClient, stack: FakeStack) -> None:
     big = b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
-    r = await http.post("/v1/submit", content=big, headers={"apiKey": stack.alice, "Content-Type": "application/json"})
+    r = await http.post(
+        "/v1/submit", content=big, headers={"apiKey": stack.alice, "Content-Type": "application/json"}
+    )
     assert_error(r, 413, "payload_too_large", "MiB")
 
 
-async def test_polling_a_failed_job_answers_an_error_status(http: httpx.AsyncClient, stack: FakeStack) -> None:
+async def test_polling_a_failed_job_answers_an_error_status(
+    http: httpx.AsyncClient, stack: FakeStack
+) -> None:
     key = {"apiKey": stack.alice}
     r = await http.post("/v1/submit", json={"prompt": "please FAIL"}, headers=key)
     job_id = r.json()["data"]["id"]
@@ -228,7 +247,9 @@ async def test_rate_limit_per_key(tmp_path: Path) -> None:
         assert_error(r, 429, "overloaded", "rate limit of 2 requests per minute")
         assert int(r.headers["Retry-After"]) in (29, 30)
         # Polls do not count; another key has its own budget.
-        job_id = (await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": s.bob})).json()["data"]["id"]
+        job_id = (await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": s.bob})).json()[
+            "data"
+        ]["id"]
         for _ in range(5):
             assert (await http.get(f"/v1/response/{job_id}", headers={"apiKey": s.bob})).status_code == 200
     await s.service.close()
@@ -239,7 +260,9 @@ async def test_not_ready(http: httpx.AsyncClient, stack: FakeStack) -> None:
     assert (await http.get("/readyz")).json() == {"status": "ready"}
     stack.service.is_ready = False
     assert_error(await http.get("/readyz"), 503, "not_ready")
-    assert_error(await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": stack.alice}), 503, "not_ready")
+    assert_error(
+        await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": stack.alice}), 503, "not_ready"
+    )
     assert (await http.get("/healthz")).json() == {"status": "ok"}
 
 
@@ -248,7 +271,9 @@ async def test_unknown_route_and_method_use_the_envelope(http: httpx.AsyncClient
     assert_error(await http.put("/v1/submit", json={}), 405, "method_not_allowed")
 
 
-async def test_internal_errors_never_leak(http: httpx.AsyncClient, stack: FakeStack, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_internal_errors_never_leak(
+    http: httpx.AsyncClient, stack: FakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail")
 
@@ -266,7 +291,9 @@ async def test_info(http: httpx.AsyncClient) -> None:
     assert info["maxNewTokensLimit"] == 512
 
 
-async def test_metrics_count_requests_by_route_template_and_code(http: httpx.AsyncClient, stack: FakeStack) -> None:
+async def test_metrics_count_requests_by_route_template_and_code(
+    http: httpx.AsyncClient, stack: FakeStack
+) -> None:
     await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": stack.alice})
     await http.post("/v1/submit", json={"prompt": "x"})
     await http.get("/v1/response/abc", headers={"apiKey": stack.alice})
@@ -287,9 +314,13 @@ async def test_openapi_describes_the_real_schemas(http: httpx.AsyncClient) -> No
     assert schemas["SubmitBody"]["required"] == ["prompt"]
     assert schemas["SubmitData"]["properties"]["queuePosition"]["type"] == "string"
     submit = spec["paths"]["/v1/submit"]["post"]
-    assert submit["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("SubmitResponse")
+    assert submit["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "SubmitResponse"
+    )
     for code in ("401", "413", "422", "429", "503"):
-        assert submit["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+        assert submit["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "ErrorResponse"
+        )
     assert {"get", "delete"} <= set(spec["paths"]["/v1/response/{job_id}"])
     params = {p["name"] for p in submit["parameters"]}
     assert "apiKey" in params
