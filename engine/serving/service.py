@@ -1,20 +1,32 @@
-"""JobService: the facade every transport calls (see /work/briefs/service-interface.md).
+"""JobService: the facade every transport (gRPC, REST shim, tests, harness) calls.
 
-Signatures first so the API layer can code against them; the implementation follows.
+It validates and stores jobs, answers reads from the store, and owns the background tasks: the
+scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. Additions to
+the interface of /work/briefs/service-interface.md: ``model_name`` (what ``model`` must match),
+``queue_depth()`` and ``retry_after_s()``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from engine.config import Config
+from engine.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
 from engine.runtime.result import TokenEvent
-from engine.serving.clock import Clock
-from engine.serving.jobs import JobView
+from engine.serving.batching import BatchLimits, lane_of
+from engine.serving.clock import Clock, RealClock
+from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
+from engine.serving.scheduler import JobEvents, Scheduler, stored_final_events, timeout_error
 from engine.serving.store.base import JobStore
+from engine.serving.worker import EngineWorker
+
+log = logging.getLogger(__name__)
 
 
 class JobService:
@@ -29,31 +41,300 @@ class JobService:
         metrics: Metrics | None = None,
         clock: Clock | None = None,
     ) -> None:
-        raise NotImplementedError("JobService: signatures only in this commit")
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.clock: Clock = clock or RealClock()
+        self.limits = BatchLimits(
+            max_batch_size=config.max_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+        )
+        self.events = JobEvents()
+        self._scheduler: Scheduler | None = None
+        self._worker: EngineWorker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopping = False
+        # Only this process writes the queue, so its depth is kept in memory after one count at
+        # start: submit then costs no COUNT over 10,000 rows.
+        self._depth = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The name clients may pass as ``model``: the model folder's name (or the manifest's source)."""
+        if self.config.model_dir:
+            return Path(self.config.model_dir).name
+        return self.engine.manifest.source
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Take up jobs left queued or running by the last process, then start the loops."""
+        if self._started:
+            return
+        requeued = self.store.requeue_running()
+        if requeued:
+            log.warning("re-running %d job(s) that were running when the last process stopped", len(requeued))
+        self._depth = self.store.queue_depth()
+        if self._depth:
+            log.info("%d job(s) waiting in the queue from before the start", self._depth)
+        self._worker = EngineWorker()
+        self._scheduler = Scheduler(
+            store=self.store,
+            engine=self.engine,
+            worker=self._worker,
+            clock=self.clock,
+            limits=self.limits,
+            job_timeout_s=self.config.job_timeout_s,
+            metrics=self.metrics,
+            events=self.events,
+        )
+        self._scheduler.on_claimed = self._on_claimed
+        self._set_depth_gauge()
+        self._tasks = [
+            asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
+            asyncio.create_task(self._scheduler.run_contrastive(), name="contrastive-loop"),
+            asyncio.create_task(self._sweep_timeouts(), name="timeouts"),
+            asyncio.create_task(self._purge_results(), name="purge"),
+        ]
+        self._started = True
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        raise NotImplementedError
+        """Stop accepting (NotReady), let the running batch finish within ``drain_timeout_s``,
+        put back in the queue what did not, and close the store."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        sched = self._scheduler
+        assert sched is not None  # set by start()
+        sched.stop_claiming()
+        loops = self._tasks[:2]
+        _done, pending = await asyncio.wait(loops, timeout=drain_timeout_s)
+        if pending:
+            log.warning(
+                "drain timeout (%.1f s): stopping %d running job(s) and putting them back in the queue",
+                drain_timeout_s,
+                len(sched.running),
+            )
+            sched.abort_running()
+            # The engine stops each row at its next token; give it a moment, then requeue directly.
+            _done, pending = await asyncio.wait(loops, timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for rj in list(sched.running.values()):
+            self.store.requeue(rj.job.id, rj.attempt)
+        sched.running.clear()
+        self.events.finish_all()
+        if self._worker is not None:
+            self._worker.stop()
+        self.store.close()
 
     @property
     def ready(self) -> bool:
-        raise NotImplementedError
+        """Started, engine loaded, store reachable, not stopping."""
+        return self._started and not self._stopping and self.store.ping()
 
+    # -- requests ------------------------------------------------------------------------------
     async def submit(
         self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
     ) -> JobView:
-        raise NotImplementedError
+        self._check_accepting()
+        prompts = self._check_prompts(prompts)
+        if params.max_new_tokens > self.config.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens must be at most {self.config.max_new_tokens_limit} on this server, "
+                f"got {params.max_new_tokens}"
+            )
+        if model is not None and model not in (self.model_name, self.engine.manifest.source):
+            raise InvalidRequest(
+                f"model {model!r} is not served here; this server serves {self.model_name!r} "
+                "(or leave model out)"
+            )
+        input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
+        if self._depth >= self.config.max_queue_size:
+            raise Overloaded(
+                f"the queue is full ({self._depth} jobs waiting, max_queue_size "
+                f"{self.config.max_queue_size}); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        job = Job(
+            id=new_job_id(),
+            owner=owner,
+            prompts=tuple(prompts),
+            params=params,
+            created_at=self.clock.time(),
+            model=model,
+        )
+        sched = self._scheduler
+        assert sched is not None  # _check_accepting() saw start()
+        sched.input_ids[job.id] = input_ids
+        try:
+            self.store.enqueue(job, sum(len(ids) for ids in input_ids))
+        except BaseException:
+            sched.input_ids.pop(job.id, None)
+            raise
+        self._depth += 1
+        self._set_depth_gauge()
+        sched.notify(lane_of(params))
+        return JobView(job, self.store.position(job.id))
 
     async def get(self, owner: str, job_id: str) -> JobView:
-        raise NotImplementedError
+        job = self._owned(owner, job_id)
+        position = self.store.position(job_id) if job.status is JobStatus.QUEUED else 0
+        return JobView(job, position)
 
     async def cancel(self, owner: str, job_id: str) -> JobView:
-        raise NotImplementedError
+        """Queued: cancelled at once. Running: cancelled at once in the store; its rows leave the
+        engine at their next token (next step for contrastive). Finished: returned unchanged."""
+        job = self._owned(owner, job_id)
+        if job.status.terminal:
+            return JobView(job, 0)
+        now = self.clock.time()
+        updated = self.store.cancel(job_id, now)
+        if updated is None:
+            raise NotFound(f"no job {job_id} for this API key")
+        if updated.status is JobStatus.CANCELLED and job.status is not JobStatus.CANCELLED:
+            if job.status is JobStatus.QUEUED:
+                self._depth = max(0, self._depth - 1)
+                self._set_depth_gauge()
+            if self._scheduler is not None:
+                self._scheduler.mark_cancelled(job_id)
+                self._scheduler.input_ids.pop(job_id, None)
+            if self.metrics is not None:
+                self.metrics.jobs.labels(status=JobStatus.CANCELLED.value).inc()
+                self.metrics.request_latency.observe(max(0.0, now - job.created_at))
+            self.events.finish(job_id)
+        return JobView(updated, 0)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView:
-        raise NotImplementedError
+        """Once the job is terminal, or after ``timeout_s`` (then it is returned as it is)."""
+        job = self._owned(owner, job_id)
+        if not job.status.terminal:
+            fut = self.events.waiter(job_id)
+            try:
+                job = self._owned(owner, job_id)  # it may have finished before the waiter existed
+                if not job.status.terminal:
+                    await self._until(fut, timeout_s)
+            finally:
+                self.events.discard_waiter(job_id, fut)
+        return await self.get(owner, job_id)
 
-    def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
-        raise NotImplementedError
+    async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
+        """Token events as they are generated (``request_id`` is ``f"{job_id}:{prompt_index}"``),
+        then one final event per prompt with its ``result`` when the job completes. Ends once the
+        job is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
+        A job that finished earlier yields its final events at once."""
+        self._owned(owner, job_id)
+        q = self.events.subscribe(job_id)
+        try:
+            job = self._owned(owner, job_id)  # subscribe first, then look: no event falls between
+            if job.status.terminal:
+                for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
+                    yield ev
+                return
+            while True:
+                event = await q.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self.events.unsubscribe(job_id, q)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def queue_depth(self) -> int:
+        return self._depth
+
+    def retry_after_s(self) -> float:
+        """When a full queue is likely to have room: about one batch's time, 1 to 60 s."""
+        batch_s = self._scheduler.batch_seconds_ewma if self._scheduler is not None else 0.0
+        return float(min(60.0, max(1.0, round(batch_s + 0.5))))
+
+    def _check_accepting(self) -> None:
+        if self._stopping:
+            raise NotReady("the server is shutting down and accepts no new jobs; retry on another instance")
+        if not self._started:
+            raise NotReady("the job service is starting; retry in a moment")
+
+    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InvalidRequest("prompts must be a list of strings")
+        if not prompts:
+            raise InvalidRequest("prompt must be a string or a non-empty list of strings; got an empty list")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise InvalidRequest(f"every prompt must be a string; prompt(s) {bad[:5]} are not")
+        limit = self.config.max_prompts_per_request
+        if len(prompts) > limit:
+            raise InvalidRequest(
+                f"too many prompts: {len(prompts)}, the limit is {limit} per request; split the request"
+            )
+        return list(prompts)
+
+    def _owned(self, owner: str, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None or job.owner != owner:
+            # One message for both: another key's job must not be told apart from an unknown id.
+            raise NotFound(f"no job {job_id} for this API key")
+        return job
+
+    def _on_claimed(self, count: int) -> None:
+        self._depth = max(0, self._depth - count)
+        self._set_depth_gauge()
+
+    def _set_depth_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._depth)
+
+    async def _until(self, fut: asyncio.Future[None], timeout_s: float | None) -> None:
+        if timeout_s is None:
+            await asyncio.shield(fut)
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(timeout_s))
+        try:
+            await asyncio.wait({fut, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+
+    # -- periodic tasks ------------------------------------------------------------------------
+    async def _sweep_timeouts(self) -> None:
+        timeout = self.config.job_timeout_s
+        period = min(1.0, timeout / 10)
+        while True:
+            await self.clock.sleep(period)
+            try:
+                self._expire(timeout)
+            except Exception:
+                log.exception("timeout sweep failed; retrying in %.1f s", period)
+
+    def _expire(self, timeout: float) -> None:
+        now = self.clock.time()
+        for job_id in self.store.queued_before(now - timeout):
+            job = self.store.get(job_id)
+            if job is None:
+                continue
+            if self.store.fail(job_id, None, timeout_error(job, timeout, now, running=False), now):
+                self._depth = max(0, self._depth - 1)
+                if self._scheduler is not None:
+                    self._scheduler.input_ids.pop(job_id, None)
+                if self.metrics is not None:
+                    self.metrics.jobs.labels(status=JobStatus.FAILED.value).inc()
+                    self.metrics.request_latency.observe(max(0.0, now - job.created_at))
+                self.events.finish(job_id)
+        self._set_depth_gauge()
+        if self._scheduler is not None:
+            self._scheduler.expire_running(now)
+
+    async def _purge_results(self) -> None:
+        ttl = self.config.result_ttl_s
+        period = min(60.0, ttl / 10)
+        while True:
+            await self.clock.sleep(period)
+            try:
+                purged = self.store.purge_expired(self.clock.time(), ttl)
+            except Exception:
+                log.exception("result purge failed; retrying in %.0f s", period)
+                continue
+            if purged:
+                log.info("purged %d finished job(s) older than result_ttl_s=%g s", purged, ttl)

@@ -9,6 +9,7 @@ threads), and two concurrent calls on one device only compete for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -70,7 +71,6 @@ def _deliver(
         else:
             fut.set_result(value)
 
-    try:
+    # RuntimeError: the loop closed while the call ran, so nobody waits for it any more.
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop closed while the call ran: nobody waits for it any more
-        pass

@@ -1,0 +1,584 @@
+"""The scheduler: two loops that take jobs from the store and run them on the engine worker.
+
+- The batch loop asks the pure policy (batching.plan_batch) what to run, claims those jobs and
+  runs them as one engine call (split into max_batch_size chunks only when one job alone has more
+  prompts), then completes, fails or requeues each job.
+- The contrastive loop keeps one engine ``contrastive_batch()`` and, between decoder steps, adds
+  queued contrastive jobs (up to max_batch_size rows) and removes cancelled or timed-out ones.
+
+Both loops share one EngineWorker, so there is one engine call at a time per device. Token events
+are forwarded from the worker thread to the event loop in coalesced flushes (not one loop wake-up
+per token) and published on ``JobEvents`` for ``JobService.stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from engine.errors import EngineError
+from engine.metrics import Metrics
+from engine.runtime.params import DecodingParams
+from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
+from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, plan_batch
+from engine.serving.clock import Clock
+from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+from engine.serving.store.base import JobStore
+from engine.serving.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+# How often an idle loop looks at the store even without a wake-up (jobs recovered or enqueued
+# by another process); wake-ups from submit make the common case immediate.
+IDLE_POLL_S = 1.0
+
+
+def request_id(job_id: str, prompt_index: int) -> str:
+    return f"{job_id}:{prompt_index}"
+
+
+class JobEvents:
+    """Per-job token events on the event loop: a replay buffer plus subscriber queues, and
+    waiters for the job's end. A channel lives while its job runs and is dropped at the end."""
+
+    @dataclass
+    class _Channel:
+        events: list[TokenEvent] = field(default_factory=list)
+        queues: list[asyncio.Queue[TokenEvent | None]] = field(default_factory=list)
+        waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __init__(self) -> None:
+        self._channels: dict[str, JobEvents._Channel] = {}
+
+    def _channel(self, job_id: str) -> _Channel:
+        ch = self._channels.get(job_id)
+        if ch is None:
+            ch = self._channels[job_id] = JobEvents._Channel()
+        return ch
+
+    def publish(self, job_id: str, events: Sequence[TokenEvent]) -> None:
+        ch = self._channel(job_id)
+        ch.events.extend(events)
+        for q in ch.queues:
+            for ev in events:
+                q.put_nowait(ev)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue[TokenEvent | None]:
+        """A queue that first replays the job's events so far; ``None`` marks the end."""
+        ch = self._channel(job_id)
+        q: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        for ev in ch.events:
+            q.put_nowait(ev)
+        ch.queues.append(q)
+        return q
+
+    def unsubscribe(self, job_id: str, q: asyncio.Queue[TokenEvent | None]) -> None:
+        ch = self._channels.get(job_id)
+        if ch is not None and q in ch.queues:
+            ch.queues.remove(q)
+            self._drop_if_idle(job_id, ch)
+
+    def waiter(self, job_id: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._channel(job_id).waiters.append(fut)
+        return fut
+
+    def discard_waiter(self, job_id: str, fut: asyncio.Future[None]) -> None:
+        ch = self._channels.get(job_id)
+        if ch is not None and fut in ch.waiters:
+            ch.waiters.remove(fut)
+            self._drop_if_idle(job_id, ch)
+
+    def finish(self, job_id: str, final: Sequence[TokenEvent] = ()) -> None:
+        """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters."""
+        ch = self._channels.pop(job_id, None)
+        if ch is None:
+            return
+        for q in ch.queues:
+            for ev in final:
+                q.put_nowait(ev)
+            q.put_nowait(None)
+        for fut in ch.waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def finish_all(self) -> None:
+        for job_id in list(self._channels):
+            self.finish(job_id)
+
+    def _drop_if_idle(self, job_id: str, ch: _Channel) -> None:
+        if not ch.queues and not ch.waiters and not ch.events:
+            self._channels.pop(job_id, None)
+
+
+@dataclass
+class RunningJob:
+    """A claimed job as the loops see it. The flags are read by the worker thread (on_token)."""
+
+    job: Job
+    deadline: float  # clock time after which it fails with a timeout
+    cancelled: bool = False
+    timed_out: bool = False
+    aborted: bool = False  # shutdown: requeue instead of finishing
+    stopped_rows: set[int] = field(default_factory=set)  # prompt indexes we told the engine to stop
+
+    @property
+    def stop(self) -> bool:
+        return self.cancelled or self.timed_out or self.aborted
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempts
+
+
+def timeout_error(job: Job, timeout_s: float, now: float, *, running: bool) -> JobError:
+    waited = now - job.created_at
+    where = "was still running" if running else "was still queued (it never started)"
+    return JobError(
+        code="timeout",
+        message=(
+            f"job exceeded job_timeout_s={timeout_s:g} s: it {where} {waited:.1f} s after submission; "
+            "submit fewer or shorter jobs, or raise --job-timeout-s"
+        ),
+    )
+
+
+def engine_error(exc: BaseException) -> JobError:
+    if isinstance(exc, EngineError):
+        return JobError(code=exc.code, message=exc.message)
+    return JobError(code="job_failed", message=f"the engine failed on this job ({type(exc).__name__}: {exc})")
+
+
+class TokenForwarder:
+    """Collects token events on the worker thread; flushes them to the event loop at most once per
+    loop iteration, so a batch of 32 rows x 32 tokens costs a few wake-ups, not a thousand."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: JobEvents) -> None:
+        self._loop = loop
+        self._events = events
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, TokenEvent]] = []
+        self._scheduled = False
+
+    def push(self, job_id: str, event: TokenEvent) -> None:
+        with self._lock:
+            self._pending.append((job_id, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # loop closed: the process is ending
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        by_job: dict[str, list[TokenEvent]] = {}
+        for job_id, ev in pending:
+            by_job.setdefault(job_id, []).append(ev)
+        for job_id, evs in by_job.items():
+            self._events.publish(job_id, evs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        engine: EngineLike,
+        worker: EngineWorker,
+        clock: Clock,
+        limits: BatchLimits,
+        job_timeout_s: float,
+        metrics: Metrics | None,
+        events: JobEvents,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.worker = worker
+        self.clock = clock
+        self.limits = limits
+        self.job_timeout_s = job_timeout_s
+        self.metrics = metrics
+        self.events = events
+        self.running: dict[str, RunningJob] = {}
+        self.input_ids: dict[str, list[tuple[int, ...]]] = {}  # from submit, saves re-tokenizing
+        self._wake = {Lane.BATCH: asyncio.Event(), Lane.CONTRASTIVE: asyncio.Event()}
+        self._claiming = True
+        self._forwarder = TokenForwarder(asyncio.get_running_loop(), events)
+        self.batch_seconds_ewma = 0.0  # for Overloaded's retry_after_s
+        self.on_claimed: Callable[[int], None] = lambda count: None
+
+    # -- control from the service ----------------------------------------------------------------
+    def notify(self, lane: Lane) -> None:
+        self._wake[lane].set()
+
+    def stop_claiming(self) -> None:
+        self._claiming = False
+        for ev in self._wake.values():
+            ev.set()
+
+    def abort_running(self) -> None:
+        """Shutdown past the drain timeout: running rows stop at their next token and their jobs
+        go back to the queue."""
+        for rj in self.running.values():
+            rj.aborted = True
+
+    def mark_cancelled(self, job_id: str) -> None:
+        rj = self.running.get(job_id)
+        if rj is not None:
+            rj.cancelled = True
+
+    def expire_running(self, now: float) -> list[RunningJob]:
+        """Fail running jobs past their deadline at once (the engine drops them at its next token)."""
+        expired = []
+        for rj in list(self.running.values()):
+            if rj.stop or now <= rj.deadline:
+                continue
+            rj.timed_out = True
+            error = timeout_error(rj.job, self.job_timeout_s, now, running=True)
+            if self.store.fail(rj.job.id, rj.attempt, error, now):
+                self._observe_end(rj.job, JobStatus.FAILED, now)
+                expired.append(rj)
+            self.events.finish(rj.job.id)
+        return expired
+
+    # -- the batch loop --------------------------------------------------------------------------
+    async def run_batches(self) -> None:
+        while self._claiming:
+            entries = self._candidates(Lane.BATCH)
+            now = self.clock.time()
+            decision = plan_batch(entries, now, self.limits)
+            if decision.reason is DispatchReason.EMPTY:
+                await self._sleep(Lane.BATCH, IDLE_POLL_S)
+                continue
+            if decision.reason is DispatchReason.WAIT:
+                await self._sleep(Lane.BATCH, decision.wait_s)
+                continue
+            jobs = self._claim(decision.job_ids, now)
+            if jobs:
+                await self._run_batch(jobs)
+
+    def _candidates(self, lane: Lane) -> list[QueueEntry]:
+        head = self.store.queued(lane, 1)
+        if not head:
+            return []
+        window = max(64, 4 * self.limits.max_batch_size)
+        return self.store.queued(lane, window, head[0].batch_key)
+
+    async def _sleep(self, lane: Lane, seconds: float) -> None:
+        """Until ``seconds`` pass on the clock or a new job of this lane arrives."""
+        wake = self._wake[lane]
+        if wake.is_set():
+            wake.clear()
+            return
+        waiter = asyncio.ensure_future(wake.wait())
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+        wake.clear()
+
+    def _claim(self, job_ids: Sequence[str], now: float) -> list[RunningJob]:
+        jobs = self.store.claim(job_ids, now)
+        claimed = []
+        for job in jobs:
+            rj = RunningJob(job, deadline=job.created_at + self.job_timeout_s)
+            self.running[job.id] = rj
+            claimed.append(rj)
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(max(0.0, now - job.created_at))
+        if claimed:
+            self.on_claimed(len(claimed))
+            if self.metrics is not None:
+                self.metrics.jobs_running.set(len(self.running))
+        return claimed
+
+    async def _run_batch(self, batch: list[RunningJob]) -> None:
+        start = time.perf_counter()
+        try:
+            results = await self.worker.run(self._generate, batch)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad job must not fail its neighbours: run each alone to find it.
+                log.warning("batch of %d jobs failed (%s); retrying them one by one", len(batch), exc)
+                for rj in batch:
+                    await self._run_batch([rj])
+                return
+            log.exception("job %s failed in the engine", batch[0].job.id)
+            self._finish_failed(batch[0], engine_error(exc))
+            return
+        elapsed = time.perf_counter() - start
+        self.batch_seconds_ewma = (
+            elapsed if not self.batch_seconds_ewma else 0.8 * self.batch_seconds_ewma + 0.2 * elapsed
+        )
+        for rj, job_results in zip(batch, results, strict=True):
+            self._finish(rj, job_results, elapsed)
+
+    def _generate(self, batch: list[RunningJob]) -> list[list[Result]]:
+        """On the worker thread: tokenize what submit did not, run, split results back per job."""
+        rows: list[tuple[RunningJob, int]] = []
+        requests: list[GenerationRequest] = []
+        for rj in batch:
+            ids = self.input_ids.pop(rj.job.id, None) or self.engine.tokenize(rj.job.prompts)
+            for i, prompt_ids in enumerate(ids):
+                rows.append((rj, i))
+                requests.append(GenerationRequest(tuple(prompt_ids), rj.job.params))
+        out: list[Result] = []
+        size = self.limits.max_batch_size
+        for lo in range(0, len(requests), size):
+            chunk_rows = rows[lo : lo + size]
+            t0 = time.perf_counter()
+            out.extend(self.engine.generate_requests(requests[lo : lo + size], self._on_token(chunk_rows)))
+            if self.metrics is not None:
+                self.metrics.inference.observe(time.perf_counter() - t0)
+                self.metrics.batch_size.observe(len(chunk_rows))
+        per_job: dict[str, list[Result]] = {rj.job.id: [] for rj in batch}
+        for (rj, _), result in zip(rows, out, strict=True):
+            per_job[rj.job.id].append(result)
+        return [per_job[rj.job.id] for rj in batch]
+
+    def _on_token(self, rows: list[tuple[RunningJob, int]]) -> OnToken:
+        forward = self._forwarder.push
+        clock = self.clock
+
+        def on_token(index: int, token_id: int) -> bool:
+            rj, prompt_index = rows[index]
+            if not rj.stop and clock.time() > rj.deadline:
+                rj.timed_out = True
+            if rj.stop:
+                rj.stopped_rows.add(prompt_index)
+                return True
+            forward(rj.job.id, TokenEvent(request_id(rj.job.id, prompt_index), token_id))
+            return False
+
+        return on_token
+
+    # -- finishing -------------------------------------------------------------------------------
+    def _finish(self, rj: RunningJob, results: Sequence[Result], gen_seconds: float) -> None:
+        job = rj.job
+        now = self.clock.time()
+        self.running.pop(job.id, None)
+        try:
+            if rj.cancelled:
+                return  # the store already says CANCELLED, and the service counted it
+            if rj.aborted and rj.stopped_rows:
+                self.store.requeue(job.id, rj.attempt)
+                return
+            if rj.timed_out:
+                error = timeout_error(job, self.job_timeout_s, now, running=True)
+                if self.store.fail(job.id, rj.attempt, error, now):
+                    self._observe_end(job, JobStatus.FAILED, now)
+                return
+            result = job_result(results)
+            if not self.store.complete(job.id, rj.attempt, result, now):
+                log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
+                return
+            self._observe_end(job, JobStatus.COMPLETED, now)
+            if self.metrics is not None:
+                completion = result.usage.completion_tokens
+                self.metrics.generated_tokens.inc(completion)
+                self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
+                if completion:
+                    self.metrics.time_per_output_token.observe(gen_seconds / completion)
+            self.events.finish(job.id, final_events(job.id, results))
+        finally:
+            self.events.finish(job.id)
+            if self.metrics is not None:
+                self.metrics.jobs_running.set(len(self.running))
+
+    def _finish_failed(self, rj: RunningJob, error: JobError) -> None:
+        now = self.clock.time()
+        self.running.pop(rj.job.id, None)
+        if rj.aborted:
+            self.store.requeue(rj.job.id, rj.attempt)
+        elif not rj.cancelled and self.store.fail(rj.job.id, rj.attempt, error, now):
+            self._observe_end(rj.job, JobStatus.FAILED, now)
+        self.events.finish(rj.job.id)
+        if self.metrics is not None:
+            self.metrics.jobs_running.set(len(self.running))
+
+    def _observe_end(self, job: Job, status: JobStatus, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.jobs.labels(status=status.value).inc()
+            self.metrics.request_latency.observe(max(0.0, now - job.created_at))
+
+    # -- the contrastive loop --------------------------------------------------------------------
+    async def run_contrastive(self) -> None:
+        batch: ContrastiveBatchLike | None = None
+        active: dict[str, _ContrastiveJob] = {}
+        while True:
+            if not active:
+                if not self._claiming:
+                    return
+                if not self.store.queued(Lane.CONTRASTIVE, 1):
+                    await self._sleep(Lane.CONTRASTIVE, IDLE_POLL_S)
+                    continue
+            adds = self._admit_contrastive(active) if self._claiming else []
+            leaving = [cj for cj in active.values() if cj.rj.stop]
+            cancels = [request_id(cj.rj.job.id, i) for cj in leaving for i in cj.open_rows]
+            for cj in leaving:
+                del active[cj.rj.job.id]
+                self._finish_contrastive_early(cj)
+            if not active:
+                continue
+            try:
+                batch, events = await self.worker.run(self._contrastive_tick, batch, adds, cancels)
+            except Exception as exc:
+                log.exception("contrastive step failed; failing the %d jobs in its batch", len(active))
+                for cj in active.values():
+                    self._finish_failed(cj.rj, engine_error(exc))
+                active.clear()
+                batch = None
+                continue
+            self._on_contrastive_events(active, events)
+
+    def _admit_contrastive(
+        self, active: dict[str, _ContrastiveJob]
+    ) -> list[tuple[str, GenerationRequest | _Pending]]:
+        rows = sum(len(cj.open_rows) for cj in active.values())
+        tokens = sum(cj.tokens for cj in active.values())
+        free = self.limits.max_batch_size - rows
+        if free <= 0:
+            return []
+        chosen: list[QueueEntry] = []
+        for entry in self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size)):
+            first = rows == 0 and not chosen  # the head always gets in: no starvation
+            if not first and (
+                entry.num_prompts > free or tokens + entry.cost_tokens > self.limits.max_batch_tokens
+            ):
+                break  # keep queue order: later jobs do not overtake one that does not fit yet
+            chosen.append(entry)
+            free -= entry.num_prompts
+            tokens += entry.cost_tokens
+            if free <= 0:
+                break
+        if not chosen:
+            return []
+        costs = {e.job_id: e.cost_tokens for e in chosen}
+        adds: list[tuple[str, GenerationRequest | _Pending]] = []
+        for rj in self._claim([e.job_id for e in chosen], self.clock.time()):
+            ids = self.input_ids.pop(rj.job.id, None)
+            cj = _ContrastiveJob(rj, ids, costs.get(rj.job.id, 0))
+            active[rj.job.id] = cj
+            adds.extend(cj.requests())
+        return adds
+
+    def _contrastive_tick(
+        self,
+        batch: ContrastiveBatchLike | None,
+        adds: list[tuple[str, GenerationRequest | _Pending]],
+        cancels: list[str],
+    ) -> tuple[ContrastiveBatchLike, list[TokenEvent]]:
+        """On the worker thread: join, leave, one decoder step."""
+        if batch is None:
+            batch = self.engine.contrastive_batch()
+        for rid in cancels:
+            batch.cancel(rid)
+        for rid, req in adds:
+            if isinstance(req, _Pending):
+                req = GenerationRequest(tuple(self.engine.tokenize([req.prompt])[0]), req.params)
+            batch.add(rid, req)
+        t0 = time.perf_counter()
+        rows = len(batch)
+        events = batch.step() if rows else []
+        if self.metrics is not None and rows:
+            self.metrics.inference.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(rows)
+        return batch, events
+
+    def _on_contrastive_events(self, active: dict[str, _ContrastiveJob], events: list[TokenEvent]) -> None:
+        for ev in events:
+            job_id, _, idx = ev.request_id.rpartition(":")
+            cj = active.get(job_id)
+            if cj is None:
+                continue  # a job that left between steps
+            prompt_index = int(idx)
+            if ev.token_id >= 0:
+                self.events.publish(job_id, [TokenEvent(ev.request_id, ev.token_id)])
+            if ev.result is not None:
+                cj.results[prompt_index] = ev.result
+                cj.open_rows.discard(prompt_index)
+                if not cj.open_rows:
+                    del active[job_id]
+                    results = [cj.results[i] for i in range(len(cj.rj.job.prompts))]
+                    self._finish(cj.rj, results, self.clock.time() - (cj.rj.job.started_at or 0.0))
+            if self.clock.time() > cj.rj.deadline and not cj.rj.stop:
+                cj.rj.timed_out = True
+
+    def _finish_contrastive_early(self, cj: _ContrastiveJob) -> None:
+        """A job leaving the batch before its end: cancelled, timed out, or shutdown."""
+        rj = cj.rj
+        if rj.aborted:
+            rj.stopped_rows.update(cj.open_rows)
+        self._finish(rj, [], 0.0)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A prompt not tokenized yet (a job recovered from the store): tokenized on the worker."""
+
+    prompt: str
+    params: DecodingParams
+
+
+@dataclass
+class _ContrastiveJob:
+    rj: RunningJob
+    input_ids: list[tuple[int, ...]] | None
+    tokens: int
+    results: dict[int, Result] = field(default_factory=dict)
+    open_rows: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.open_rows = set(range(len(self.rj.job.prompts)))
+
+    def requests(self) -> list[tuple[str, GenerationRequest | _Pending]]:
+        job = self.rj.job
+        out: list[tuple[str, GenerationRequest | _Pending]] = []
+        for i, prompt in enumerate(job.prompts):
+            rid = request_id(job.id, i)
+            if self.input_ids is not None:
+                out.append((rid, GenerationRequest(tuple(self.input_ids[i]), job.params)))
+            else:
+                out.append((rid, _Pending(prompt, job.params)))
+        return out
+
+
+def job_result(results: Sequence[Result]) -> JobResult:
+    usages = tuple(r.usage for r in results)
+    return JobResult(
+        completion=tuple(r.text for r in results),
+        token_ids=tuple(tuple(r.token_ids) for r in results),
+        usage=Usage(
+            prompt_tokens=sum(u.prompt_tokens for u in usages),
+            completion_tokens=sum(u.completion_tokens for u in usages),
+        ),
+        finish_reasons=tuple(r.finish_reason.value for r in results),
+        usages=usages,
+    )
+
+
+def final_events(job_id: str, results: Sequence[Result]) -> list[TokenEvent]:
+    return [TokenEvent(request_id(job_id, i), -1, r) for i, r in enumerate(results)]
+
+
+def stored_final_events(job: Job) -> list[TokenEvent]:
+    """The final events of a job that completed earlier, rebuilt from the store."""
+    res = job.result
+    if res is None:
+        return []
+    events = []
+    for i, text in enumerate(res.completion):
+        usage = res.usages[i] if i < len(res.usages) else Usage(0, len(res.token_ids[i]))
+        reason = FinishReason(res.finish_reasons[i]) if i < len(res.finish_reasons) else FinishReason.LENGTH
+        events.append(TokenEvent(request_id(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
+    return events
