@@ -1,0 +1,321 @@
+"""Contrastive search (Su et al. 2022) exactly as Transformers 4.55 runs it, with continuous batching.
+
+See CONTRASTIVE.md. Per sequence and step: the processed logits' softmax gives the top k
+candidates; ONE decoder step runs every sequence's k candidates against that sequence's shared
+KV cache; each candidate's degeneration penalty is its largest cosine similarity with the
+sequence's context (the final hidden states so far); the best ``(1 - α) p - α penalty`` wins, its
+K/V row and hidden state are kept (copy-on-select) and only its hidden state goes through the
+lm_head. With k = 1 (or α = 0) this is a plain greedy decoder on the same code path.
+
+Requests join between steps (their encoder and decoder-start step run then) and leave the step
+they finish, freeing their rows at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import InvalidRequest, Overloaded
+from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.t5 import DecoderCache, T5Runtime
+from engine.runtime.xp import to_numpy
+
+DEFAULT_MAX_ROWS = 256
+
+
+# ---------------------------------------------------------------------- logits processors
+@dataclass
+class _History:
+    """A sequence's decoder input so far (the decoder-start token, then every generated token) and
+    its n-grams, kept incrementally for no_repeat_ngram_size."""
+
+    tokens: list[int]
+    ngram_size: int
+    ngrams: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        start, self.tokens = self.tokens, []
+        for t in start:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        n = self.ngram_size
+        if n > 0 and len(self.tokens) >= n:
+            self.ngrams.setdefault(tuple(self.tokens[len(self.tokens) - n : -1]), []).append(token)
+
+    def banned(self) -> list[int]:
+        n, cur = self.ngram_size, len(self.tokens)
+        if n <= 0 or cur + 1 < n:
+            return []
+        return self.ngrams.get(tuple(self.tokens[cur + 1 - n :]), [])
+
+
+def process_logits(scores: np.ndarray, history: _History, params: DecodingParams, eos_token_id: int) -> None:
+    """Transformers 4.55's processors for these parameters, in its order (``_get_logits_processor``):
+    repetition penalty, no-repeat-ngram, min_new_tokens. In place on one row of float32 logits."""
+    if params.repetition_penalty != 1.0:
+        # Over the decoder input ids, decoder-start token included, each distinct id once.
+        ids = np.unique(np.asarray(history.tokens, dtype=np.int64))
+        picked = scores[ids]
+        scores[ids] = np.where(
+            picked < 0,
+            picked * np.float32(params.repetition_penalty),
+            picked / np.float32(params.repetition_penalty),
+        )
+    banned = history.banned()
+    if banned:
+        scores[banned] = -np.inf
+    generated = len(history.tokens) - 1
+    if generated < params.min_new_tokens:
+        scores[eos_token_id] = -np.inf
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32 (the whole vocabulary, as Transformers does before its top-k)."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=-1, keepdims=True)
+    return shifted
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries, largest first, equal values by lower index (torch.topk's
+    order on CPU). argpartition finds the k-th value; ties at that value are settled by index."""
+    if k >= probs.shape[0]:
+        return np.lexsort((np.arange(probs.shape[0]), -probs))[:k]
+    kth = probs[np.argpartition(-probs, k - 1)[k - 1]]
+    above = np.flatnonzero(probs > kth)
+    at = np.flatnonzero(probs == kth)[: k - len(above)]
+    chosen = np.concatenate([above, at])
+    return chosen[np.lexsort((chosen, -probs[chosen]))]
+
+
+# ---------------------------------------------------------------------- batch state
+@dataclass
+class _Active:
+    """One request in the batch (mutable: it advances every step)."""
+
+    request_id: str
+    request: GenerationRequest
+    k: int
+    alpha: float
+    history: _History
+    generated: list[int] = field(default_factory=list)
+    logits: np.ndarray | None = None  # [V] float32: the chosen row's next-step logits
+
+    @property
+    def params(self) -> DecodingParams:
+        return self.request.params
+
+    def result(self, reason: FinishReason) -> Result:
+        ids = tuple(self.generated)
+        return Result(
+            text="",
+            token_ids=ids,
+            usage=Usage(prompt_tokens=len(self.request.input_ids), completion_tokens=len(ids)),
+            finish_reason=reason,
+        )
+
+
+def candidate_count(params: DecodingParams) -> int:
+    """Rows one sequence takes per decoder step: top_k for contrastive search, 1 for greedy."""
+    return params.top_k if params.strategy is Strategy.CONTRASTIVE else 1
+
+
+class ContrastiveBatch:
+    """Continuous batching over our T5 runtime (``ContrastiveBatchLike``)."""
+
+    def __init__(self, runtime: T5Runtime, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        if max_rows < 1:
+            raise InvalidRequest(f"max_rows must be at least 1, got {max_rows}")
+        self.runtime = runtime
+        self.max_rows = max_rows
+        self._active: list[_Active] = []  # aligned with the cache's rows
+        self._pending: list[_Active] = []
+        self._cancelled: set[str] = set()
+        self._cache: DecoderCache | None = None
+
+    # ------------------------------------------------------------------ membership
+    def __len__(self) -> int:
+        return len(self._active) + len(self._pending)
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows in use per step (sum of the requests' candidate counts)."""
+        return sum(s.k for s in itertools.chain(self._active, self._pending))
+
+    def fits(self, request: GenerationRequest) -> bool:
+        return self.rows + candidate_count(request.params) <= self.max_rows
+
+    def add(self, request_id: str, request: GenerationRequest) -> None:
+        """Queue ``request`` to join before the next step (its encoder runs then)."""
+        params = request.params
+        if params.strategy not in (Strategy.CONTRASTIVE, Strategy.GREEDY):
+            raise InvalidRequest(
+                f"the contrastive decoder runs contrastive search and greedy decoding, not {params.strategy.value}"
+            )
+        shape = self.runtime.shape
+        if not request.input_ids:
+            raise InvalidRequest("a prompt must have at least one token")
+        if min(request.input_ids) < 0 or max(request.input_ids) >= shape.vocab_size:
+            raise InvalidRequest(f"input ids must lie in [0, {shape.vocab_size})")
+        k = candidate_count(params)
+        if k > shape.vocab_size:
+            raise InvalidRequest(f"top_k ({k}) exceeds the vocabulary size ({shape.vocab_size})")
+        if k > self.max_rows:
+            raise InvalidRequest(f"top_k ({k}) exceeds this batch's {self.max_rows} rows per step")
+        if any(s.request_id == request_id for s in itertools.chain(self._active, self._pending)):
+            raise InvalidRequest(f"request id {request_id!r} is already in the batch")
+        if not self.fits(request):
+            raise Overloaded(f"the contrastive batch is full ({self.rows} of {self.max_rows} rows in use)")
+        self._cancelled.discard(request_id)
+        self._pending.append(
+            _Active(
+                request_id=request_id,
+                request=request,
+                k=k,
+                alpha=params.penalty_alpha if k > 1 else 0.0,
+                history=_History([shape.decoder_start_token_id], params.no_repeat_ngram_size),
+            )
+        )
+
+    def cancel(self, request_id: str) -> None:
+        if any(s.request_id == request_id for s in itertools.chain(self._active, self._pending)):
+            self._cancelled.add(request_id)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[TokenEvent]:
+        events = self._drop_cancelled()
+        if self._pending:
+            self._admit()
+        if not self._active:
+            return events
+        cache = self._cache
+        assert cache is not None  # set whenever requests are active
+        rt = self.runtime
+        xp = rt.xp
+        batch = len(self._active)
+        width = max(s.k for s in self._active)
+
+        # 1. candidates from each sequence's processed next-step logits
+        scores = np.stack([s.logits for s in self._active if s.logits is not None])
+        for row, seq in enumerate(self._active):
+            process_logits(scores[row], seq.history, seq.params, rt.shape.eos_token_id)
+        probs = softmax_rows(scores)
+        tokens = np.empty((batch, width), dtype=np.int64)
+        cand_probs = np.zeros((batch, width), dtype=np.float32)
+        for row, seq in enumerate(self._active):
+            ids = top_k(probs[row], seq.k)
+            tokens[row, : seq.k] = ids
+            tokens[row, seq.k :] = ids[0]  # padding rows: computed, never chosen
+            cand_probs[row, : seq.k] = probs[row, ids]
+
+        # 2. one decoder step of B x width rows over the shared caches
+        out = rt.decoder_step(cache, tokens)
+
+        # 3. degeneration penalty: max cosine with the context, then the contrastive score
+        choice = np.zeros(batch, dtype=np.int64)
+        if width > 1:
+            t = int(cache.lengths.max())
+            cos = xp.matmul(out.unit_hidden, cache.context[:, :t].swapaxes(-1, -2))  # [B, width, T]
+            penalty = to_numpy(cos).astype(np.float32)
+            penalty[
+                np.broadcast_to(np.arange(t)[None, None, :] >= cache.lengths[:, None, None], penalty.shape)
+            ] = -np.inf
+            degeneration = penalty.max(axis=-1)
+            # (1 - α) is formed in double and then rounded, as torch does with a Python scalar.
+            keep_p = np.array([[1.0 - s.alpha] for s in self._active], dtype=np.float32)
+            alpha = np.array([[s.alpha] for s in self._active], dtype=np.float32)
+            score = keep_p * cand_probs - alpha * degeneration
+            for row, seq in enumerate(self._active):
+                score[row, seq.k :] = -np.inf
+            choice = score.argmax(axis=-1)
+
+        # 4. keep the chosen rows; the lm_head runs for the sequences that go on
+        chosen_hidden = cache.commit(out, choice)
+        keep: list[int] = []
+        for row, seq in enumerate(self._active):
+            token = int(tokens[row, choice[row]])
+            if token == rt.shape.eos_token_id:
+                events.append(TokenEvent(seq.request_id, -1, seq.result(FinishReason.EOS)))
+                continue
+            seq.generated.append(token)
+            seq.history.append(token)
+            if len(seq.generated) >= seq.params.max_new_tokens:
+                events.append(TokenEvent(seq.request_id, token, seq.result(FinishReason.LENGTH)))
+                continue
+            events.append(TokenEvent(seq.request_id, token))
+            keep.append(row)
+        if keep:
+            logits = to_numpy(rt.logits(chosen_hidden[np.asarray(keep)])).astype(np.float32, copy=False)
+            for i, row in enumerate(keep):
+                self._active[row].logits = logits[i]
+        self._retain(keep)
+        return events
+
+    # ------------------------------------------------------------------ helpers
+    def _drop_cancelled(self) -> list[TokenEvent]:
+        if not self._cancelled:
+            return []
+        events = [
+            TokenEvent(s.request_id, -1, s.result(FinishReason.CANCELLED))
+            for s in itertools.chain(self._active, self._pending)
+            if s.request_id in self._cancelled
+        ]
+        self._pending = [s for s in self._pending if s.request_id not in self._cancelled]
+        self._retain([i for i, s in enumerate(self._active) if s.request_id not in self._cancelled])
+        self._cancelled.clear()
+        return events
+
+    def _retain(self, keep: Sequence[int]) -> None:
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[i] for i in keep]
+        if self._cache is not None:
+            self._cache.filter(keep)
+            if not keep:
+                self._cache = None
+
+    def _admit(self) -> None:
+        """Encode the newcomers, run their decoder-start step (h_0 and the first logits), and
+        append their rows to the running batch."""
+        rt = self.runtime
+        joining, self._pending = self._pending, []
+        encoded = [rt.encode(s.request.input_ids) for s in joining]
+        cache = rt.new_cache(encoded, capacity=max(s.params.max_new_tokens for s in joining) + 1)
+        start = np.full((len(joining), 1), rt.shape.decoder_start_token_id, dtype=np.int64)
+        out = rt.decoder_step(cache, start)
+        hidden = cache.commit(out, np.zeros(len(joining), dtype=np.int64))
+        logits = to_numpy(rt.logits(hidden)).astype(np.float32, copy=False)
+        for i, seq in enumerate(joining):
+            seq.logits = logits[i]
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache.concatenate(cache)
+        self._active.extend(joining)
+
+
+def generate_contrastive(
+    runtime: T5Runtime, requests: Sequence[GenerationRequest], max_rows: int = DEFAULT_MAX_ROWS
+) -> list[Result]:
+    """Run ``requests`` to completion through one ContrastiveBatch (admitting as rows free up)."""
+    batch = ContrastiveBatch(runtime, max_rows=max_rows)
+    results: dict[str, Result] = {}
+    waiting = [(str(i), r) for i, r in enumerate(requests)]
+    waiting.reverse()
+    while waiting or len(batch):
+        while waiting and batch.fits(waiting[-1][1]):
+            batch.add(*waiting.pop())
+        if not len(batch) and waiting:
+            batch.add(*waiting.pop())  # raises the clear error for a request that can never fit
+        for event in batch.step():
+            if event.result is not None:
+                results[event.request_id] = event.result
+    return [results[str(i)] for i in range(len(requests))]

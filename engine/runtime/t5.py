@@ -1,0 +1,570 @@
+"""Our own T5 encoder and KV-cached decoder step, over an array module (numpy on CPU, CuPy on CUDA).
+
+CTranslate2 has no step-level API and no hidden-state output for encoder-decoder models, which
+contrastive search needs; this runtime reads the same converted weights (``model.bin``) and
+follows Hugging Face's T5 exactly: pre-norm RMSNorm without mean or bias, attention without the
+1/sqrt(d) scaling, relative position buckets computed in layer 0 and shared by every layer, no
+position bias in cross-attention, gated-GELU (tanh) or ReLU feed-forward, and for tied embeddings
+the decoder output scaled by d_model**-0.5 before the lm_head.
+
+Shapes: B sequences, m rows per sequence (contrastive candidates), H heads, D = d_kv, T cached
+decoder positions, S encoder positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InvalidRequest, ModelError
+from engine.model.manifest import Manifest
+from engine.model.weights import ModelFile, read_model_file
+from engine.runtime.xp import array_module, to_numpy
+
+Array = Any  # numpy.ndarray or cupy.ndarray: the code below uses the operations both share
+
+_RELU = 0
+_GELU_TANH = 1
+# Added to masked attention scores, as Hugging Face does (finfo.min, not -inf: no NaN rows).
+_NEG = float(np.finfo(np.float32).min)
+_SUPPORTED_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
+
+
+@dataclass(frozen=True)
+class T5Shape:
+    d_model: int
+    d_kv: int
+    num_heads: int
+    d_ff: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    vocab_size: int
+    num_buckets: int
+    max_distance: int
+    gated: bool
+    activation: int
+    output_scale: float | None  # tied embeddings: d_model**-0.5, else None
+    eps: float
+    eos_token_id: int
+    decoder_start_token_id: int
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.d_kv
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """Hugging Face's ``T5Attention._relative_position_bucket``, float32 arithmetic included (the
+    log is taken in float32 there, and a different precision moves some bucket boundaries)."""
+    rel = relative_position.astype(np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(rel.astype(np.float32) / np.float32(max_exact))
+            / np.float32(math.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        )
+    # torch's .to(long) truncates toward zero; log(0) = -inf only occurs where is_small anyway.
+    large = max_exact + np.where(is_small, 0, np.trunc(scaled)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(is_small, rel, large)
+
+
+@dataclass(frozen=True)
+class _Norm:
+    gamma: Array  # [d]
+
+
+@dataclass(frozen=True)
+class _FFN:
+    norm: _Norm
+    wi: Array  # [d, 2F] gated (wi_0 | wi_1) or [d, F]
+    wo: Array  # [F, d]
+
+
+@dataclass(frozen=True)
+class _EncoderLayer:
+    attn_norm: _Norm
+    qkv: Array  # [d, 3 * inner]
+    out: Array  # [inner, d]
+    ffn: _FFN
+
+
+@dataclass(frozen=True)
+class _DecoderLayer:
+    self_norm: _Norm
+    qkv: Array  # [d, 3 * inner]
+    self_out: Array  # [inner, d]
+    cross_norm: _Norm
+    cross_q: Array  # [d, inner]
+    cross_kv: Array  # [d, 2 * inner]
+    cross_out: Array  # [inner, d]
+    ffn: _FFN
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """One prompt's cross-attention keys and values for every decoder layer: [L, H, S, D] each."""
+
+    keys: Array
+    values: Array
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+
+class DecoderCache:
+    """The batch's decoder state, owned as preallocated arrays (text-generation-inference style):
+    self-attention K/V [L, B, H, Tcap, D] with ``lengths[b]`` positions filled, cross-attention K/V
+    [L, B, H, Scap, D] masked beyond each prompt's length. ``filter`` drops rows, ``concatenate``
+    joins two caches (growing capacities as needed)."""
+
+    def __init__(
+        self,
+        xp: ModuleType,
+        self_k: Array,
+        self_v: Array,
+        cross_k: Array,
+        cross_v: Array,
+        cross_bias: Array,
+        context: Array,
+        lengths: np.ndarray,
+    ) -> None:
+        self.xp = xp
+        self.self_k = self_k
+        self.self_v = self_v
+        self.cross_k = cross_k
+        self.cross_v = cross_v
+        self.cross_bias = cross_bias  # [B, 1, 1, Scap]: 0 inside the prompt, -inf-like beyond
+        # [B, Tcap, d]: the unit-normalized final hidden state of each cached position, i.e.
+        # contrastive search's context (its cosine similarities are plain dot products).
+        self.context = context
+        self.lengths = lengths  # host int64 [B]: decoder positions already in the cache
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.self_k.shape[3])
+
+    @classmethod
+    def create(
+        cls, xp: ModuleType, encoded: Sequence[EncoderOutput], capacity: int, d_model: int, dtype: Any
+    ) -> DecoderCache:
+        if not encoded:
+            raise ValueError("a decoder cache needs at least one sequence")
+        layers, heads, _, d_kv = encoded[0].keys.shape
+        batch = len(encoded)
+        width = max(e.length for e in encoded)
+        self_k = xp.zeros((layers, batch, heads, capacity, d_kv), dtype=dtype)
+        self_v = xp.zeros_like(self_k)
+        cross_k = xp.zeros((layers, batch, heads, width, d_kv), dtype=dtype)
+        cross_v = xp.zeros_like(cross_k)
+        bias = np.zeros((batch, 1, 1, width), dtype=np.float32)
+        for b, enc in enumerate(encoded):
+            cross_k[:, b, :, : enc.length] = enc.keys
+            cross_v[:, b, :, : enc.length] = enc.values
+            bias[b, ..., enc.length :] = _NEG
+        context = xp.zeros((batch, capacity, d_model), dtype=dtype)
+        return cls(
+            xp,
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            xp.asarray(bias, dtype=dtype),
+            context,
+            np.zeros(batch, np.int64),
+        )
+
+    def filter(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order); frees the others' memory at once."""
+        idx = np.asarray(keep, dtype=np.int64)
+        self.lengths = self.lengths[idx]
+        if len(idx) == 0:
+            return
+        width = self._used_width(self.cross_bias[idx])
+        t_cap = self.capacity
+        self.self_k = self.self_k[:, idx, :, :t_cap]
+        self.self_v = self.self_v[:, idx, :, :t_cap]
+        self.cross_k = self.cross_k[:, idx, :, :width]
+        self.cross_v = self.cross_v[:, idx, :, :width]
+        self.cross_bias = self.xp.ascontiguousarray(self.cross_bias[idx, ..., :width])
+        self.context = self.context[idx]
+
+    def _used_width(self, bias: Array) -> int:
+        # The narrowest prompt width that still holds every kept prompt (a row's first masked column).
+        inside = to_numpy((bias[:, 0, 0, :] == 0).any(axis=0))
+        cols = np.nonzero(inside)[0]
+        return int(cols[-1]) + 1 if len(cols) else 1
+
+    def concatenate(self, other: DecoderCache) -> None:
+        """Append ``other``'s rows after ours, padding both to the larger capacities."""
+        if len(self) == 0:
+            self.__dict__.update(other.__dict__)
+            return
+        xp = self.xp
+        t_cap = max(self.capacity, other.capacity)
+        width = max(self.cross_k.shape[3], other.cross_k.shape[3])
+
+        def join(a: Array, b: Array, size: int) -> Array:  # [L, B, H, size, D]
+            out = xp.zeros((a.shape[0], a.shape[1] + b.shape[1], a.shape[2], size, a.shape[4]), dtype=a.dtype)
+            out[:, : a.shape[1], :, : a.shape[3]] = a
+            out[:, a.shape[1] :, :, : b.shape[3]] = b
+            return out
+
+        self.self_k = join(self.self_k, other.self_k, t_cap)
+        self.self_v = join(self.self_v, other.self_v, t_cap)
+        self.cross_k = join(self.cross_k, other.cross_k, width)
+        self.cross_v = join(self.cross_v, other.cross_v, width)
+        bias = xp.full((len(self) + len(other), 1, 1, width), _NEG, dtype=self.cross_bias.dtype)
+        bias[: len(self), ..., : self.cross_bias.shape[3]] = self.cross_bias
+        bias[len(self) :, ..., : other.cross_bias.shape[3]] = other.cross_bias
+        self.cross_bias = bias
+        context = xp.zeros((len(self) + len(other), t_cap, self.context.shape[2]), dtype=self.context.dtype)
+        context[: len(self), : self.capacity] = self.context
+        context[len(self) :, : other.capacity] = other.context
+        self.context = context
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def commit(self, step: StepOutput, choice: np.ndarray) -> Array:
+        """Keep each sequence's chosen row of a step (copy-on-select): its K/V entries and its
+        normalized hidden state. Returns the chosen rows' hidden states [B, d]."""
+        batch = np.arange(len(self))
+        if int(self.lengths.max()) >= self.capacity:
+            raise ValueError("decoder cache is full: a sequence ran past its max_new_tokens")
+        pos = self.lengths
+        # Advanced indices split by slices go first: the target view is [B, L, H, D].
+        self.self_k[:, batch, :, pos, :] = step.new_k[:, batch, choice].swapaxes(0, 1)
+        self.self_v[:, batch, :, pos, :] = step.new_v[:, batch, choice].swapaxes(0, 1)
+        chosen = step.hidden[batch, choice]
+        self.context[batch, pos] = step.unit_hidden[batch, choice]
+        self.lengths = pos + 1
+        return chosen
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One decoder step: final-norm hidden states [B, m, d] and the new K/V rows [L, B, m, H, D]
+    (committed to the cache only for the chosen row of each sequence)."""
+
+    hidden: Array
+    unit_hidden: Array  # hidden / its L2 norm
+    new_k: Array
+    new_v: Array
+
+
+class T5Runtime:
+    def __init__(
+        self,
+        shape: T5Shape,
+        xp: ModuleType,
+        dtype: Any,
+        embeddings: Array,
+        encoder: list[_EncoderLayer],
+        encoder_norm: _Norm,
+        encoder_bias_table: np.ndarray,
+        decoder: list[_DecoderLayer],
+        decoder_norm: _Norm,
+        decoder_bias_table: np.ndarray,
+        lm_head: Array,
+    ) -> None:
+        self.shape = shape
+        self.xp = xp
+        self.dtype = dtype
+        self.embeddings = embeddings  # [V, d], shared by encoder and decoder inputs
+        self.encoder = encoder
+        self.encoder_norm = encoder_norm
+        self._enc_bias_table = encoder_bias_table  # [num_buckets, H] (host)
+        self.decoder = decoder
+        self.decoder_norm = decoder_norm
+        self._dec_bias_table = decoder_bias_table  # [num_buckets, H] (host)
+        self.lm_head = lm_head  # [d, V]
+        self._dec_bias_by_distance: Array | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> T5Runtime:
+        manifest = Manifest.load(model_dir)
+        return cls.from_model_file(
+            read_model_file(model_dir),
+            device=device,
+            dtype=dtype,
+            eps=manifest.layer_norm_epsilon,
+            eos_token_id=manifest.eos_token_id,
+            decoder_start_token_id=manifest.decoder_start_token_id,
+        )
+
+    @classmethod
+    def from_model_file(
+        cls,
+        mf: ModelFile,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        eps: float = 1e-6,
+        eos_token_id: int = 1,
+        decoder_start_token_id: int = 0,
+    ) -> T5Runtime:
+        if dtype not in _SUPPORTED_DTYPES.get(device, ()):
+            raise InvalidRequest(
+                f"the contrastive runtime computes in {' or '.join(_SUPPORTED_DTYPES.get(device, ('?',)))} "
+                f"on {device}, not {dtype}"
+            )
+        if mf.spec_name != "TransformerSpec" or "decoder/layer_0/attention/linear_1/weight" not in mf:
+            raise ModelError(f"model.bin holds a {mf.spec_name}, not a T5 encoder-decoder")
+        xp = array_module(device)
+        np_dtype = np.dtype(dtype)
+
+        def dev(a: np.ndarray) -> Array:
+            return xp.asarray(np.ascontiguousarray(a, dtype=np_dtype))
+
+        def lin(name: str) -> np.ndarray:  # stored [out, in]; we multiply x @ W.T
+            return mf.float32(f"{name}/weight").T
+
+        def norm(name: str) -> _Norm:
+            return _Norm(dev(mf.float32(f"{name}/gamma")))
+
+        embeddings = mf.float32("decoder/embeddings/weight")
+        d_model = embeddings.shape[1]
+        num_heads = int(mf.scalar("decoder/num_heads"))
+        inner = mf.raw("decoder/layer_0/attention/linear_0/weight").shape[0]
+        n_enc = _count_layers(mf, "encoder")
+        n_dec = _count_layers(mf, "decoder")
+        gated = "decoder/layer_0/ffn/linear_0_noact/weight" in mf
+        activation = int(mf.scalar("decoder/activation"))
+        if activation not in (_RELU, _GELU_TANH):
+            raise ModelError(
+                f"activation id {activation} is not supported by the contrastive runtime (T5 uses relu, "
+                "FLAN-T5 gelu_new)"
+            )
+        bias_shape = mf.raw("decoder/layer_0/self_attention/relative_attention_bias").shape
+        shape = T5Shape(
+            d_model=d_model,
+            d_kv=inner // num_heads,
+            num_heads=num_heads,
+            d_ff=mf.raw("decoder/layer_0/ffn/linear_1/weight").shape[1],
+            num_encoder_layers=n_enc,
+            num_decoder_layers=n_dec,
+            vocab_size=embeddings.shape[0],
+            num_buckets=bias_shape[0],
+            max_distance=int(mf.scalar("decoder/layer_0/self_attention/relative_attention_max_distance")),
+            gated=gated,
+            activation=activation,
+            output_scale=mf.scalar("decoder/scale_outputs") if "decoder/scale_outputs" in mf else None,
+            eps=eps,
+            eos_token_id=eos_token_id,
+            decoder_start_token_id=decoder_start_token_id,
+        )
+
+        def ffn(prefix: str) -> _FFN:
+            if gated:
+                wi = np.concatenate([lin(f"{prefix}/linear_0"), lin(f"{prefix}/linear_0_noact")], axis=1)
+            else:
+                wi = lin(f"{prefix}/linear_0")
+            return _FFN(norm(f"{prefix}/layer_norm"), dev(wi), dev(lin(f"{prefix}/linear_1")))
+
+        encoder = [
+            _EncoderLayer(
+                attn_norm=norm(f"encoder/layer_{i}/self_attention/layer_norm"),
+                qkv=dev(lin(f"encoder/layer_{i}/self_attention/linear_0")),
+                out=dev(lin(f"encoder/layer_{i}/self_attention/linear_1")),
+                ffn=ffn(f"encoder/layer_{i}/ffn"),
+            )
+            for i in range(n_enc)
+        ]
+        decoder = [
+            _DecoderLayer(
+                self_norm=norm(f"decoder/layer_{i}/self_attention/layer_norm"),
+                qkv=dev(lin(f"decoder/layer_{i}/self_attention/linear_0")),
+                self_out=dev(lin(f"decoder/layer_{i}/self_attention/linear_1")),
+                cross_norm=norm(f"decoder/layer_{i}/attention/layer_norm"),
+                cross_q=dev(lin(f"decoder/layer_{i}/attention/linear_0")),
+                cross_kv=dev(lin(f"decoder/layer_{i}/attention/linear_1")),
+                cross_out=dev(lin(f"decoder/layer_{i}/attention/linear_2")),
+                ffn=ffn(f"decoder/layer_{i}/ffn"),
+            )
+            for i in range(n_dec)
+        ]
+        enc_embeddings = mf.float32("encoder/embeddings_0/weight")
+        if not np.array_equal(enc_embeddings, embeddings):
+            raise ModelError("encoder and decoder embeddings differ; T5 shares them")
+        return cls(
+            shape=shape,
+            xp=xp,
+            dtype=np_dtype,
+            embeddings=dev(embeddings),
+            encoder=encoder,
+            encoder_norm=norm("encoder/layer_norm"),
+            encoder_bias_table=mf.float32("encoder/layer_0/self_attention/relative_attention_bias"),
+            decoder=decoder,
+            decoder_norm=norm("decoder/layer_norm"),
+            decoder_bias_table=mf.float32("decoder/layer_0/self_attention/relative_attention_bias"),
+            lm_head=dev(lin("decoder/projection")),
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _rms(self, x: Array, norm: _Norm) -> Array:
+        xp = self.xp
+        var = xp.mean(xp.square(x), axis=-1, keepdims=True)
+        return (x / xp.sqrt(var + self.shape.eps)) * norm.gamma
+
+    def _ffn(self, x: Array, ffn: _FFN) -> Array:
+        xp = self.xp
+        h = self._rms(x, ffn.norm) @ ffn.wi
+        if self.shape.gated:
+            f = self.shape.d_ff
+            gate, lin = h[..., :f], h[..., f:]
+            h = self._act(gate) * lin
+        else:
+            h = self._act(h)
+        return xp.matmul(h, ffn.wo)
+
+    def _act(self, x: Array) -> Array:
+        xp = self.xp
+        if self.shape.activation == _RELU:
+            return xp.maximum(x, 0)
+        # gelu_new (tanh approximation), as Hugging Face's NewGELUActivation writes it.
+        return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * xp.power(x, 3.0))))
+
+    def _softmax_(self, scores: Array) -> Array:
+        xp = self.xp
+        scores -= scores.max(axis=-1, keepdims=True)
+        xp.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return scores
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, input_ids: Sequence[int]) -> EncoderOutput:
+        """Run the encoder on one prompt (no padding) and precompute every decoder layer's
+        cross-attention K/V from its output."""
+        xp, s = self.xp, self.shape
+        if len(input_ids) == 0:
+            raise InvalidRequest("a prompt must have at least one token")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if int(ids.min()) < 0 or int(ids.max()) >= s.vocab_size:
+            raise InvalidRequest(f"token ids must be in [0, {s.vocab_size}), got {int(ids.max())}")
+        n = len(ids)
+        h, d = s.num_heads, s.d_kv
+        pos = np.arange(n)
+        buckets = relative_position_bucket(
+            pos[None, :] - pos[:, None],
+            bidirectional=True,
+            num_buckets=s.num_buckets,
+            max_distance=s.max_distance,
+        )
+        bias = xp.asarray(
+            np.ascontiguousarray(self._enc_bias_table[buckets].transpose(2, 0, 1)), dtype=self.dtype
+        )
+        x = self.embeddings[xp.asarray(ids)]  # [S, d]
+        for layer in self.encoder:
+            qkv = (self._rms(x, layer.attn_norm) @ layer.qkv).reshape(n, 3, h, d).transpose(1, 2, 0, 3)
+            scores = xp.matmul(qkv[0], qkv[1].swapaxes(-1, -2))  # [H, S, S]
+            scores += bias
+            attn = xp.matmul(self._softmax_(scores), qkv[2])  # [H, S, D]
+            x = x + attn.transpose(1, 0, 2).reshape(n, h * d) @ layer.out
+            x = x + self._ffn(x, layer.ffn)
+        enc = self._rms(x, self.encoder_norm)
+        kv = xp.stack([enc @ layer.cross_kv for layer in self.decoder])  # [L, S, 2*inner]
+        kv = kv.reshape(len(self.decoder), n, 2, h, d).transpose(2, 0, 3, 1, 4)  # [2, L, H, S, D]
+        return EncoderOutput(xp.ascontiguousarray(kv[0]), xp.ascontiguousarray(kv[1]))
+
+    # ------------------------------------------------------------------ decoder
+    def new_cache(self, encoded: Sequence[EncoderOutput], capacity: int) -> DecoderCache:
+        return DecoderCache.create(self.xp, encoded, capacity, self.shape.d_model, self.dtype)
+
+    def _position_bias(self, lengths: np.ndarray, width: int) -> tuple[Array, Array]:
+        """Self-attention bias of a query at position ``lengths[b]``: past keys [B, H, 1, width]
+        (masked beyond each row's length) and its own key [H, 1, 1]."""
+        s = self.shape
+        if self._dec_bias_by_distance is None or self._dec_bias_by_distance.shape[0] <= width:
+            distances = np.arange(max(width + 1, 64))
+            buckets = relative_position_bucket(
+                -distances, bidirectional=False, num_buckets=s.num_buckets, max_distance=s.max_distance
+            )
+            self._dec_bias_by_distance = self._dec_bias_table[buckets]  # [distance, H] (host)
+        table = self._dec_bias_by_distance
+        dist = lengths[:, None] - np.arange(width)[None, :]  # [B, width]
+        past = table[np.clip(dist, 0, None)]  # [B, width, H]
+        past[dist <= 0] = _NEG
+        past_bias = self.xp.asarray(
+            np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :]), dtype=self.dtype
+        )
+        own = self.xp.asarray(table[0].reshape(-1, 1, 1), dtype=self.dtype)
+        return past_bias, own
+
+    def decoder_step(self, cache: DecoderCache, tokens: np.ndarray) -> StepOutput:
+        """Feed ``tokens`` [B, m] at each sequence's next position: every one of a sequence's m rows
+        attends to that sequence's cached past (shared, not copied) plus its own new K/V entry."""
+        xp, s = self.xp, self.shape
+        batch, m = tokens.shape
+        h, d = s.num_heads, s.d_kv
+        width = int(cache.lengths.max()) if batch else 0
+        past_bias, own_bias = self._position_bias(cache.lengths, width)
+        x = self.embeddings[xp.asarray(tokens.reshape(-1))]  # [B*m, d]
+        new_k = xp.empty((len(self.decoder), batch, m, h, d), dtype=self.dtype)
+        new_v = xp.empty_like(new_k)
+        for i, layer in enumerate(self.decoder):
+            qkv = (self._rms(x, layer.self_norm) @ layer.qkv).reshape(batch, m, 3, h, d)
+            new_k[i] = qkv[:, :, 1]
+            new_v[i] = qkv[:, :, 2]
+            q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # [B, H, m, D]
+            k_own = new_k[i].transpose(0, 2, 1, 3)
+            v_own = new_v[i].transpose(0, 2, 1, 3)
+            own = (q * k_own).sum(axis=-1, keepdims=True) + own_bias  # [B, H, m, 1]
+            if width:
+                past = xp.matmul(q, cache.self_k[i, :, :, :width].swapaxes(-1, -2))  # [B, H, m, T]
+                past += past_bias
+                top = xp.maximum(past.max(axis=-1, keepdims=True), own)
+                past -= top
+                xp.exp(past, out=past)
+                own = xp.exp(own - top)
+                denom = past.sum(axis=-1, keepdims=True) + own
+                attn = xp.matmul(past, cache.self_v[i, :, :, :width]) + own * v_own
+                attn /= denom
+            else:
+                attn = v_own  # a lone key: softmax weight 1
+            x = x + attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.self_out
+
+            q = (self._rms(x, layer.cross_norm) @ layer.cross_q).reshape(batch, m, h, d).transpose(0, 2, 1, 3)
+            scores = xp.matmul(q, cache.cross_k[i].swapaxes(-1, -2))  # [B, H, m, S]
+            scores += cache.cross_bias
+            attn = xp.matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
+            x = x + attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.cross_out
+            x = x + self._ffn(x, layer.ffn)
+        hidden = self._rms(x, self.decoder_norm).reshape(batch, m, s.d_model)
+        unit = hidden / xp.sqrt(xp.square(hidden).sum(axis=-1, keepdims=True))
+        return StepOutput(hidden, unit, new_k, new_v)
+
+    def logits(self, hidden: Array) -> Array:
+        """lm_head on final-norm hidden states [R, d] -> [R, V] (float32)."""
+        if self.shape.output_scale is not None:
+            hidden = hidden * self.dtype.type(self.shape.output_scale)
+        return hidden @ self.lm_head
+
+
+def _count_layers(mf: ModelFile, stack: str) -> int:
+    n = 0
+    while f"{stack}/layer_{n}/ffn/linear_1/weight" in mf:
+        n += 1
+    if n == 0:
+        raise ModelError(f"model.bin has no {stack} layers")
+    return n
