@@ -23,11 +23,14 @@ from typing import Any, Protocol
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AioHealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from engine.api.auth import Authenticator
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
 from engine.api.pb import engine_pb2, engine_pb2_grpc
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, NotReady
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, TokenEvent
@@ -361,3 +364,56 @@ def _prompt_index(request_id: str, job_id: str, n: int) -> int:
     if prefix != job_id or not index.isdigit() or int(index) >= n:
         raise RuntimeError(f"token event {request_id!r} does not belong to job {job_id}")
     return int(index)
+
+
+class GrpcServer:
+    """The grpc.aio server: the Engine service, grpc.health.v1 (SERVING while the job service is
+    ready, on "" and on engine.v1.Engine) and server reflection."""
+
+    def __init__(self, servicer: EngineServicer, address: str) -> None:
+        self.servicer = servicer
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+        )
+        engine_pb2_grpc.add_EngineServicer_to_server(servicer, self.server)
+        self.health = AioHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise NotReady(f"cannot listen for gRPC on {address}: {exc}") from exc
+        if self.port == 0:
+            raise NotReady(f"cannot listen for gRPC on {address} (in use?)")
+        self._sync: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._set_health()
+        await self.server.start()
+        self._sync = asyncio.get_running_loop().create_task(self._sync_health())
+
+    async def _set_health(self) -> None:
+        ready = self.servicer.service.ready
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _sync_health(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self._set_health()
+
+    async def stop(self, grace_s: float) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sync
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
