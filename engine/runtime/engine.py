@@ -1,0 +1,303 @@
+"""``Engine``: the Python API (``from engine import Engine``) and the runtime behind the server.
+
+It loads a model folder (engine.json, spiece.model, the CTranslate2 model), tokenizes, groups
+requests that can share one decoder call, and turns CTranslate2's output into typed ``Result``s.
+Greedy, beam search and sampling run on CTranslate2; contrastive search on our own KV-cached
+decoder (engine/runtime/t5.py + contrastive.py), which is loaded on first use.
+
+Batching: requests with equal ``DecodingParams.batch_key()`` share one ``translate_batch`` call,
+decoded up to the group's largest ``max_new_tokens``; a request that asked fewer tokens is stopped
+at its own limit by the step callback. That is exact for greedy (a greedy prefix does not depend on
+how long decoding goes on) and for unseeded sampling (a prefix of a longer draw is a draw of the
+shorter length). Beam search is not: the limit changes which hypotheses finish, so beam requests
+are split further by ``max_new_tokens``. A seeded sampling request runs alone, so that its output
+depends on its prompt and parameters only, never on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import InvalidRequest, ModelError, PromptTooLong
+from engine.model.manifest import TOKENIZER_NAME, Manifest
+from engine.model.tokenizer import Tokenizer
+from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
+from engine.runtime.params import DEFAULT_MAX_NEW_TOKENS_LIMIT, DecodingParams, Strategy
+from engine.runtime.protocols import OnToken
+from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+
+if TYPE_CHECKING:
+    from engine.config import Config
+    from engine.runtime.contrastive import ContrastiveBatch
+    from engine.runtime.t5 import T5Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """A loaded model. Thread-safe: calls from several threads queue on CTranslate2's workers."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        compute_type: str | None = None,
+        *,
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelError(
+                f"model folder {self.model_dir} does not exist. Make one with "
+                "`engine convert SOURCE --output DIR` or `engine demo-model --output DIR`"
+            )
+        self.manifest = Manifest.load(self.model_dir)
+        self.tokenizer = Tokenizer(
+            self.model_dir / TOKENIZER_NAME,
+            eos_id=self.manifest.eos_token_id,
+            pad_id=self.manifest.pad_token_id,
+        )
+        self.translator = CT2Translator(
+            self.model_dir,
+            device=device,
+            compute_type=compute_type,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            eos_id=self.manifest.eos_token_id,
+        )
+        if self.translator.vocab_size != self.manifest.vocab_size:
+            raise ModelError(
+                f"{self.model_dir}: the CTranslate2 vocabulary has {self.translator.vocab_size} "
+                f"tokens but engine.json says {self.manifest.vocab_size}; re-run `engine convert`"
+            )
+        if self.tokenizer.sp_vocab_size > self.manifest.vocab_size:
+            raise ModelError(
+                f"{self.model_dir}: spiece.model has {self.tokenizer.sp_vocab_size} pieces, more "
+                f"than the model's vocabulary of {self.manifest.vocab_size}; re-run `engine convert`"
+            )
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self._contrastive_runtime: T5Runtime | None = None
+        self._contrastive_lock = threading.Lock()
+        if self.manifest.random_weights:
+            log.warning(
+                "%s has RANDOM WEIGHTS (a demo model): its outputs are not meaningful text", model_dir
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Engine:
+        if cfg.model_dir is None:
+            raise InvalidRequest("no model folder given: pass --model DIR (or set ENGINE_MODEL_DIR)")
+        return cls(
+            cfg.model_dir,
+            cfg.device,
+            cfg.compute_type,
+            inter_threads=cfg.inter_threads,
+            intra_threads=cfg.intra_threads,
+            max_new_tokens_limit=cfg.max_new_tokens_limit,
+        )
+
+    @property
+    def device(self) -> str:
+        return self.translator.device
+
+    @property
+    def compute_type(self) -> str:
+        return self.translator.compute_type
+
+    # -- the Python API --------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], **params: Any) -> list[Result]:
+        """One ``Result`` per prompt. ``params`` are the request's decoding parameters (DESIGN.md)."""
+        if isinstance(prompts, str):
+            raise InvalidRequest("prompts must be a list of strings, not a single string")
+        decoding = DecodingParams.from_dict(params, max_new_tokens_limit=self.max_new_tokens_limit)
+        requests = [GenerationRequest(ids, decoding) for ids in self.tokenize(prompts)]
+        return self.generate_requests(requests)
+
+    def tokenize(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        """Sentencepiece ids + EOS per prompt; a prompt over the model's limit is an error."""
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InvalidRequest(f"prompt {i} must be a string, got {type(prompt).__name__}")
+        encoded = [tuple(ids) for ids in self.tokenizer.encode_batch(list(prompts))]
+        for i, ids in enumerate(encoded):
+            self._check_length(i, ids)
+        return encoded
+
+    def _check_length(self, index: int, ids: Sequence[int]) -> None:
+        limit = self.manifest.max_input_length
+        if len(ids) > limit:
+            raise PromptTooLong(
+                f"prompt {index} is {len(ids)} tokens (EOS included), {len(ids) - limit} more than "
+                f"the model's limit of {limit}; shorten it"
+            )
+
+    # -- EngineLike ------------------------------------------------------------------------------
+
+    def generate_requests(
+        self, requests: Sequence[GenerationRequest], on_token: OnToken | None = None
+    ) -> list[Result]:
+        """Decode requests of any mix of strategies; one CTranslate2 call per compatible group.
+
+        ``on_token(index into requests, token id)`` is called for every generated token except the
+        EOS, in order per request; returning True stops that request (finish reason CANCELLED).
+        Beam search reports its tokens once the search is over (it cannot stream).
+        """
+        for i, request in enumerate(requests):
+            self._check_length(i, request.input_ids)
+            if request.params.max_new_tokens > self.max_new_tokens_limit:
+                raise InvalidRequest(
+                    f"max_new_tokens must be at most {self.max_new_tokens_limit}, "
+                    f"got {request.params.max_new_tokens}"
+                )
+        results: dict[int, Result] = {}
+        for group in _groups(requests):
+            strategy = requests[group[0]].params.strategy
+            if strategy is Strategy.CONTRASTIVE:
+                results.update(self._run_contrastive(requests, group, on_token))
+            else:
+                results.update(self._run_ct2(requests, group, on_token))
+        return [results[i] for i in range(len(requests))]
+
+    def contrastive_batch(self) -> _TextBatch:
+        """A continuous batch on our KV-cached decoder (contrastive search, and greedy)."""
+        from engine.runtime.contrastive import ContrastiveBatch
+
+        return _TextBatch(ContrastiveBatch(self._contrastive()), self.tokenizer)
+
+    # -- CTranslate2 -----------------------------------------------------------------------------
+
+    def _run_ct2(
+        self, requests: Sequence[GenerationRequest], group: list[int], on_token: OnToken | None
+    ) -> dict[int, Result]:
+        params = [requests[i].params for i in group]
+        limit = max(p.max_new_tokens for p in params)
+        options = DecodeOptions.from_params(params[0], max_new_tokens=limit)
+        batch = [requests[i].input_ids for i in group]
+        seed = params[0].seed if params[0].strategy is Strategy.SAMPLE else None
+        cancelled = [False] * len(group)
+        counts = [0] * len(group)
+        eos = self.manifest.eos_token_id
+
+        def on_step(row: int, token_id: int) -> bool:
+            if token_id == eos:
+                return False
+            counts[row] += 1
+            stop = False
+            if on_token is not None and on_token(group[row], token_id):
+                cancelled[row] = True
+                stop = True
+            return stop or counts[row] >= params[row].max_new_tokens
+
+        uniform = all(p.max_new_tokens == limit for p in params)
+        callback: StepCallback | None = None
+        if options.beam_size == 1 and (on_token is not None or not uniform):
+            callback = on_step
+        hyps = self.translator.translate(batch, options, on_step=callback, seed=seed)
+        if options.beam_size > 1 and on_token is not None:
+            for row, hyp in enumerate(hyps):
+                for token_id in hyp.token_ids:
+                    if on_token(group[row], token_id):
+                        cancelled[row] = True
+                        break
+        return {
+            index: self._result(requests[index], hyp, cancelled[row])
+            for row, (index, hyp) in enumerate(zip(group, hyps, strict=True))
+        }
+
+    def _result(self, request: GenerationRequest, hyp: Hypothesis, cancelled: bool) -> Result:
+        ids = hyp.token_ids[: request.params.max_new_tokens]
+        if cancelled:
+            reason = FinishReason.CANCELLED
+        elif hyp.ended_with_eos:
+            reason = FinishReason.EOS
+        else:
+            reason = FinishReason.LENGTH
+        return Result(
+            text=self.tokenizer.decode(ids),
+            token_ids=ids,
+            usage=Usage(prompt_tokens=len(request.input_ids), completion_tokens=len(ids)),
+            finish_reason=reason,
+        )
+
+    # -- contrastive search ----------------------------------------------------------------------
+
+    def _contrastive(self) -> T5Runtime:
+        """Our KV-cached decoder, loaded once on first use: it reads model.bin into its own arrays."""
+        with self._contrastive_lock:
+            if self._contrastive_runtime is None:
+                from engine.runtime.t5 import T5Runtime
+
+                dtype = "float16" if self.device == "cuda" and "float16" in self.compute_type else "float32"
+                self._contrastive_runtime = T5Runtime.load(self.model_dir, device=self.device, dtype=dtype)
+            return self._contrastive_runtime
+
+    def _run_contrastive(
+        self, requests: Sequence[GenerationRequest], group: list[int], on_token: OnToken | None
+    ) -> dict[int, Result]:
+        """Run a group to completion on the continuous batch, streaming its events to on_token."""
+        batch = self.contrastive_batch()
+        waiting = list(reversed(group))
+        results: dict[int, Result] = {}
+        while waiting or len(batch):
+            while waiting and (not len(batch) or batch.fits(requests[waiting[-1]])):
+                index = waiting.pop()
+                batch.add(str(index), requests[index])
+            for event in batch.step():
+                index = int(event.request_id)
+                if event.token_id >= 0 and on_token is not None and on_token(index, event.token_id):
+                    batch.cancel(event.request_id)
+                if event.result is not None:
+                    results[index] = event.result
+        return results
+
+
+class _TextBatch:
+    """The contrastive decoder's batch, with each finished Result's text decoded."""
+
+    def __init__(self, inner: ContrastiveBatch, tokenizer: Tokenizer) -> None:
+        self._inner = inner
+        self._tokenizer = tokenizer
+
+    def add(self, request_id: str, request: GenerationRequest) -> None:
+        self._inner.add(request_id, request)
+
+    def cancel(self, request_id: str) -> None:
+        self._inner.cancel(request_id)
+
+    def fits(self, request: GenerationRequest) -> bool:
+        return self._inner.fits(request)
+
+    def step(self) -> list[TokenEvent]:
+        return [
+            event
+            if event.result is None
+            else replace(
+                event, result=replace(event.result, text=self._tokenizer.decode(event.result.token_ids))
+            )
+            for event in self._inner.step()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """Indices of requests that share one decoder call, in first-seen order."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, request in enumerate(requests):
+        params = request.params
+        key: tuple[Any, ...] = params.batch_key()
+        if params.strategy is Strategy.BEAM:
+            key = (*key, params.max_new_tokens)
+        elif params.strategy is Strategy.SAMPLE and params.seed is not None:
+            key = (*key, "alone", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
