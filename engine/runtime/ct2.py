@@ -270,6 +270,7 @@ class CT2Translator:
         rows: list[list[int]] = [[] for _ in source]
         stopped = [False] * len(source)
         errors: list[BaseException] = []
+        eos_id = self.eos_id
 
         def callback(step: ctranslate2.GenerationStepResult) -> bool:
             row = step.batch_id
@@ -281,15 +282,31 @@ class CT2Translator:
             except BaseException as exc:  # re-raised below, outside CTranslate2's thread
                 errors.append(exc)
                 return True
-            stopped[row] = stop and step.token_id != self.eos_id
+            stopped[row] = stop and step.token_id != eos_id
             return stop
 
-        self._call(translator, source, {**kwargs, "callback": callback})
+        # CTranslate2 may drop its reference to the callback on its worker thread after the call
+        # returns. Were that the last reference to something that owns a Translator, the
+        # Translator would be destroyed on its own worker thread, which aborts the process
+        # ("Resource deadlock avoided"); so it only ever holds this empty-able trampoline.
+        holder = [callback]
+
+        def trampoline(step: ctranslate2.GenerationStepResult) -> bool:
+            return holder[0](step) if holder else True
+
+        try:
+            self._call(translator, source, {**kwargs, "callback": trampoline})
+        finally:
+            holder.clear()
         if errors:
-            raise errors[0]
+            error = errors.pop()
+            try:
+                raise error
+            finally:
+                del error
         out = []
         for ids, stop in zip(rows, stopped, strict=True):
-            eos = bool(ids) and ids[-1] == self.eos_id
+            eos = bool(ids) and ids[-1] == eos_id
             out.append(Hypothesis(tuple(ids[:-1] if eos else ids), ended_with_eos=eos, stopped=stop))
         return out
 
