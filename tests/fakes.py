@@ -10,16 +10,24 @@ A prompt word ``eos:N`` makes that prompt end with EOS after N tokens.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from engine.config import Config
 from engine.errors import PromptTooLong
+from engine.metrics import Metrics
 from engine.model.manifest import Manifest
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.serving.clock import Clock
+from engine.serving.service import JobService
+from engine.serving.store.base import JobStore
+from engine.serving.store.sqlite import SqliteJobStore
 
 EOS = 1
 VOCAB = 1000
@@ -79,6 +87,29 @@ def _token(input_ids: Sequence[int], step: int) -> int:
     return 2 + (sum(input_ids) * 31 + step * 7919) % (VOCAB - 2)
 
 
+async def start_service(
+    engine: FakeEngine | None = None,
+    clock: Clock | None = None,
+    store: JobStore | None = None,
+    metrics: Metrics | None = None,
+    **config: Any,
+) -> JobService:
+    """A started JobService over an in-memory store (unless given) and a FakeEngine."""
+    cfg = Config(**{"max_queue_delay_ms": 0.0, **config})
+    service = JobService(cfg, store or SqliteJobStore(":memory:"), engine or FakeEngine(), metrics, clock)
+    await service.start()
+    return service
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll (real time) until ``predicate()``; fails the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout_s} s")
+        await asyncio.sleep(0.002)
+
+
 def fake_text(token_ids: Sequence[int]) -> str:
     return " ".join(f"w{t}" for t in token_ids)
 
@@ -109,6 +140,7 @@ class FakeCall:
     rows: int
     max_new_tokens: tuple[int, ...]
     steps: int
+    finish_reasons: tuple[FinishReason, ...]
 
 
 class FakeEngine:
@@ -122,12 +154,16 @@ class FakeEngine:
         row_delay_s: float = 0.0,
         fail_when: Callable[[Sequence[GenerationRequest]], bool] | None = None,
         max_input_length: int = 64,
+        gate: threading.Event | None = None,
     ) -> None:
         self.manifest = FAKE_MANIFEST
         self.step_delay_s = step_delay_s
         self.row_delay_s = row_delay_s
         self.fail_when = fail_when
         self.max_input_length = max_input_length
+        # While a gate is given and not set, every call blocks after it started: tests use it to
+        # hold jobs "running" (and the rest "queued") for as long as they need.
+        self.gate = gate
         self.calls: list[FakeCall] = []
         self.contrastive_steps: list[int] = []  # rows per contrastive step
         self._lock = threading.Lock()
@@ -152,6 +188,8 @@ class FakeEngine:
             self._in_call += 1
             self.concurrent_calls_seen = max(self.concurrent_calls_seen, self._in_call)
         self.started.set()
+        if self.gate is not None and not self.gate.wait(timeout=60):
+            raise RuntimeError("fake engine gate was never opened")
 
     def _leave(self) -> None:
         with self._lock:
@@ -187,11 +225,17 @@ class FakeEngine:
                         results[i] = row.result(FinishReason.CANCELLED)
                     elif len(row.out) >= row.request.params.max_new_tokens:
                         results[i] = row.result(FinishReason.LENGTH)
+            done = [r for r in results if r is not None]
             with self._lock:
                 self.calls.append(
-                    FakeCall(len(rows), tuple(r.params.max_new_tokens for r in requests), steps)
+                    FakeCall(
+                        len(rows),
+                        tuple(r.params.max_new_tokens for r in requests),
+                        steps,
+                        tuple(r.finish_reason for r in done),
+                    )
                 )
-            return [r for r in results if r is not None]
+            return done
         finally:
             self._leave()
 

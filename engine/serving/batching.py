@@ -22,6 +22,10 @@ from engine.runtime.params import DecodingParams, Strategy
 DEFAULT_MAX_NEW_TOKENS_RATIO = 2.0
 
 
+# Float time: a wake-up exactly at the deadline must count as expired, not as 1e-12 s early.
+_EPSILON_S = 1e-9
+
+
 class Lane(enum.Enum):
     """Which loop runs a job: one-shot batched engine calls, or the continuous contrastive batch."""
 
@@ -121,6 +125,6 @@ def plan_batch(queue: Sequence[QueueEntry], now: float, limits: BatchLimits) -> 
     if full:
         return BatchDecision(tuple(chosen), DispatchReason.FULL, prompts, tokens)
     waited = now - head.enqueued_at
-    if waited >= limits.max_queue_delay_s:
+    if waited + _EPSILON_S >= limits.max_queue_delay_s:
         return BatchDecision(tuple(chosen), DispatchReason.DELAY_EXPIRED, prompts, tokens)
     return BatchDecision((), DispatchReason.WAIT, wait_s=limits.max_queue_delay_s - waited)

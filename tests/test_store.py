@@ -1,0 +1,217 @@
+"""The SQLite job store: transitions, queue order, positions, exactly-once completion, purge."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.errors import InvalidRequest
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import Usage
+from engine.serving.batching import Lane, batch_key_text
+from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+from engine.serving.store.base import open_store
+from engine.serving.store.sqlite import SqliteJobStore
+
+NOW = 1_700_000_000.0
+CONTRASTIVE = DecodingParams(penalty_alpha=0.6, top_k=4)
+
+
+def job(n: int, params: DecodingParams | None = None, owner: str = "alice", at: float = NOW) -> Job:
+    return Job(
+        id=f"job{n}", owner=owner, prompts=(f"p{n}", "q"), params=params or DecodingParams(), created_at=at
+    )
+
+
+def result(text: str = "out") -> JobResult:
+    return JobResult(
+        completion=(text, "x"),
+        token_ids=((5, 6), (7,)),
+        usage=Usage(4, 3),
+        finish_reasons=("length", "eos"),
+        usages=(Usage(2, 2), Usage(2, 1)),
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
+    s = SqliteJobStore(tmp_path / "sub" / "engine.db")
+    yield s
+    s.close()
+
+
+def test_roundtrip_keeps_every_field(store: SqliteJobStore) -> None:
+    params = DecodingParams(max_new_tokens=7, do_sample=True, temperature=0.5, seed=9)
+    j = Job(id="a", owner="bob", prompts=("hello", "world"), params=params, created_at=NOW, model="m")
+    entry = store.enqueue(j, prompt_tokens=11)
+    assert entry.num_prompts == 2 and entry.prompt_tokens == 11 and entry.max_new_tokens == 7
+    assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.BATCH
+    assert store.get("a") == j
+    [running] = store.claim(["a"], NOW + 1)
+    assert running.status is JobStatus.RUNNING and running.attempts == 1 and running.started_at == NOW + 1
+    assert store.complete("a", 1, result(), NOW + 2)
+    done = store.get("a")
+    assert done is not None and done.status is JobStatus.COMPLETED
+    assert done.result == result() and done.finished_at == NOW + 2
+    assert store.get("missing") is None
+
+
+def test_database_is_in_wal_mode_and_its_folder_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "engine.db"
+    s = open_store(f"sqlite:///{path}")
+    assert path.is_file()
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    s.close()
+
+
+def test_positions_count_queued_jobs_ahead(store: SqliteJobStore) -> None:
+    for i in range(5):
+        store.enqueue(job(i), 3)
+    assert [store.position(f"job{i}") for i in range(5)] == [0, 1, 2, 3, 4]
+    store.claim(["job0", "job1"], NOW)
+    assert store.position("job0") == 0  # running
+    assert [store.position(f"job{i}") for i in range(2, 5)] == [0, 1, 2]
+    store.cancel("job2", NOW)
+    assert store.position("job4") == 1
+    assert store.position("nope") == 0
+    assert store.queue_depth() == 2 and store.count(JobStatus.RUNNING) == 2
+
+
+def test_position_reads_use_the_queued_index(store: SqliteJobStore) -> None:
+    # The cost figure is in benchmarks/bench_batcher.py; here: the plan must not scan the table.
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (5,)
+    ).fetchall()
+    assert any("jobs_queued_seq" in str(row) for row in plan), plan
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'queued' AND lane = ? AND batch_key = ?"
+        " ORDER BY seq LIMIT 5",
+        ("batch", "k"),
+    ).fetchall()
+    assert any("jobs_queued_lane" in str(row) for row in plan), plan
+
+
+def test_queued_lists_a_lane_and_key_oldest_first(store: SqliteJobStore) -> None:
+    store.enqueue(job(0), 1)
+    store.enqueue(job(1, CONTRASTIVE), 1)
+    store.enqueue(job(2, DecodingParams(num_beams=2)), 1)
+    store.enqueue(job(3), 1)
+    assert [e.job_id for e in store.queued(Lane.BATCH, 10)] == ["job0", "job2", "job3"]
+    assert [e.job_id for e in store.queued(Lane.CONTRASTIVE, 10)] == ["job1"]
+    key = batch_key_text(DecodingParams())
+    assert [e.job_id for e in store.queued(Lane.BATCH, 10, key)] == ["job0", "job3"]
+    assert [e.job_id for e in store.queued(Lane.BATCH, 1)] == ["job0"]
+
+
+def test_claim_takes_only_queued_jobs(store: SqliteJobStore) -> None:
+    for i in range(3):
+        store.enqueue(job(i), 1)
+    store.cancel("job1", NOW)
+    claimed = store.claim(["job2", "job1", "job0", "ghost"], NOW)
+    assert [j.id for j in claimed] == ["job0", "job2"]  # queue order, cancelled and unknown skipped
+    assert store.claim(["job0"], NOW) == []  # already running
+
+
+def test_completion_is_exactly_once_per_attempt(store: SqliteJobStore) -> None:
+    store.enqueue(job(0), 1)
+    store.claim(["job0"], NOW)
+    assert store.requeue_running() == ["job0"]  # a restart: the first worker is presumed dead
+    [again] = store.claim(["job0"], NOW + 5)
+    assert again.attempts == 2
+    assert not store.complete("job0", 1, result("stale"), NOW + 6)  # the old worker's late result
+    assert store.complete("job0", 2, result("fresh"), NOW + 7)
+    assert not store.complete("job0", 2, result("twice"), NOW + 8)
+    done = store.get("job0")
+    assert done is not None and done.result is not None and done.result.completion[0] == "fresh"
+
+
+def test_cancel_queued_running_and_finished(store: SqliteJobStore) -> None:
+    for i in range(3):
+        store.enqueue(job(i), 1)
+    cancelled = store.cancel("job0", NOW)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    store.claim(["job1"], NOW)
+    running = store.cancel("job1", NOW)
+    assert running is not None and running.status is JobStatus.CANCELLED
+    assert not store.complete("job1", 1, result(), NOW)  # the batch's result is dropped
+    store.claim(["job2"], NOW)
+    store.complete("job2", 1, result(), NOW)
+    finished = store.cancel("job2", NOW)
+    assert finished is not None and finished.status is JobStatus.COMPLETED
+    assert store.cancel("ghost", NOW) is None
+
+
+def test_fail_needs_the_right_state(store: SqliteJobStore) -> None:
+    store.enqueue(job(0), 1)
+    err = JobError("timeout", "too slow")
+    assert not store.fail("job0", 1, err, NOW)  # not running
+    assert store.fail("job0", None, err, NOW)  # queued
+    failed = store.get("job0")
+    assert failed is not None and failed.status is JobStatus.FAILED and failed.error == err
+    store.enqueue(job(1), 1)
+    store.claim(["job1"], NOW)
+    assert not store.fail("job1", None, err, NOW)  # running needs its attempt
+    assert store.fail("job1", 1, err, NOW)
+
+
+def test_requeue_running_keeps_queue_order_and_attempts(store: SqliteJobStore) -> None:
+    for i in range(4):
+        store.enqueue(job(i), 1)
+    store.claim(["job0", "job1"], NOW)
+    assert sorted(store.requeue_running()) == ["job0", "job1"]
+    assert [e.job_id for e in store.queued(Lane.BATCH, 10)] == ["job0", "job1", "job2", "job3"]
+    j = store.get("job0")
+    assert j is not None and j.attempts == 1 and j.started_at is None and j.status is JobStatus.QUEUED
+    assert store.requeue_running() == []
+
+
+def test_requeue_one_job_after_a_shutdown(store: SqliteJobStore) -> None:
+    store.enqueue(job(0), 1)
+    store.claim(["job0"], NOW)
+    assert not store.requeue("job0", 2)
+    assert store.requeue("job0", 1)
+    assert store.position("job0") == 0 and store.queue_depth() == 1
+
+
+def test_queued_before_finds_jobs_waiting_too_long(store: SqliteJobStore) -> None:
+    store.enqueue(job(0, at=NOW - 100), 1)
+    store.enqueue(job(1, at=NOW - 10), 1)
+    store.enqueue(job(2, at=NOW - 200), 1)
+    store.claim(["job2"], NOW)
+    assert store.queued_before(NOW - 50) == ["job0"]
+
+
+def test_purge_removes_only_finished_jobs_past_the_ttl(store: SqliteJobStore) -> None:
+    for i in range(4):
+        store.enqueue(job(i, at=NOW - 1000), 1)
+    store.claim(["job0", "job1"], NOW - 900)
+    store.complete("job0", 1, result(), NOW - 800)  # old result
+    store.complete("job1", 1, result(), NOW - 10)  # fresh result
+    store.cancel("job2", NOW - 800)  # old cancellation
+    # job3 is still queued, however old.
+    assert store.purge_expired(NOW, ttl_s=100) == 2
+    assert store.get("job0") is None and store.get("job2") is None
+    assert store.get("job1") is not None and store.get("job3") is not None
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    s = open_store("sqlite:///:memory:")
+    assert s.ping()
+    s.close()
+    assert not s.ping()
+    with pytest.raises(InvalidRequest, match="no host"):
+        open_store("sqlite://host/x.db")
+    with pytest.raises(InvalidRequest, match="unknown option"):
+        open_store(f"sqlite:///{tmp_path}/x.db?journal=off")
+    with pytest.raises(InvalidRequest, match="synchronous must be normal or full"):
+        open_store(f"sqlite:///{tmp_path}/x.db?synchronous=off")
+    with pytest.raises(InvalidRequest, match="Redis job store is not part of this build"):
+        open_store("redis://localhost:6379/0")
+    with pytest.raises(InvalidRequest, match="not supported"):
+        open_store("postgres://x/y")
+    full = open_store(f"sqlite:///{tmp_path}/full.db?synchronous=full")
+    full.close()
