@@ -228,6 +228,13 @@ class RequestMetrics:
             self._observe(scope, status)
             return
 
+        if scope["method"] == "POST" and b"json" not in dict(scope.get("headers") or ()).get(
+            b"content-type", b""
+        ):
+            # The body is JSON whatever the client declared: `curl -d '{...}'` sends it as a form.
+            headers = [(k, v) for k, v in scope.get("headers") or () if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
