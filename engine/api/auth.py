@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from engine.errors import InvalidRequest, NotReady, Overloaded, Unauthenticated
 
@@ -208,13 +209,18 @@ class RedisKeyStore:
 
 
 def open_key_store(store_url: str) -> KeyStore:
-    """The key store that lives beside the job store of ``store_url``."""
-    if store_url.startswith("sqlite:///"):
-        path = store_url[len("sqlite:///") :]
-        if not path:
-            raise InvalidRequest(f"store URL {store_url!r} has no path: use sqlite:///path/engine.db")
+    """The key store that lives beside the job store of ``store_url`` (same URL forms as
+    engine.serving.store.base.open_store; its options, e.g. ``?synchronous=full``, are the job
+    store's and ignored here)."""
+    parts = urlsplit(store_url)
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if parts.netloc or not path:
+            raise InvalidRequest(
+                f"store URL {store_url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
         return SqliteKeyStore(path)
-    if store_url.startswith(("redis://", "rediss://")):
+    if parts.scheme in ("redis", "rediss"):
         return RedisKeyStore(store_url)
     raise InvalidRequest(
         f"unsupported store URL {store_url!r}: use sqlite:///path/engine.db or redis://host:port/db"
