@@ -16,11 +16,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from engine.errors import InvalidRequest, Overloaded
 from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
 from engine.runtime.t5 import DecoderCache, T5Runtime
 from engine.runtime.xp import to_numpy
@@ -303,9 +306,15 @@ class ContrastiveBatch:
 
 
 def generate_contrastive(
-    runtime: T5Runtime, requests: Sequence[GenerationRequest], max_rows: int = DEFAULT_MAX_ROWS
+    runtime: T5Runtime,
+    requests: Sequence[GenerationRequest],
+    max_rows: int = DEFAULT_MAX_ROWS,
+    on_token: OnToken | None = None,
 ) -> list[Result]:
-    """Run ``requests`` to completion through one ContrastiveBatch (admitting as rows free up)."""
+    """Run ``requests`` to completion through one ContrastiveBatch (admitting as rows free up).
+
+    ``on_token(index, token id)`` sees every generated token but the EOS; True stops that request
+    (it finishes CANCELLED with the tokens so far)."""
     batch = ContrastiveBatch(runtime, max_rows=max_rows)
     results: dict[str, Result] = {}
     waiting = [(str(i), r) for i, r in enumerate(requests)]
@@ -318,4 +327,22 @@ def generate_contrastive(
         for event in batch.step():
             if event.result is not None:
                 results[event.request_id] = event.result
+            elif on_token is not None and on_token(int(event.request_id), event.token_id):
+                batch.cancel(event.request_id)
     return [results[str(i)] for i in range(len(requests))]
+
+
+# The names engine/runtime/engine.py calls.
+run_to_completion = generate_contrastive
+
+
+class _HasModel(Protocol):
+    model_dir: Path
+
+    @property
+    def device(self) -> str: ...
+
+
+def load_runtime(engine: _HasModel) -> T5Runtime:
+    """The engine's model folder on the engine's device, in float32."""
+    return T5Runtime.load(engine.model_dir, device=engine.device)

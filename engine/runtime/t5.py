@@ -240,8 +240,8 @@ class DecoderCache:
         bias[len(self) :, ..., : other.cross_bias.shape[3]] = other.cross_bias
         self.cross_bias = bias
         context = xp.zeros((len(self) + len(other), t_cap, self.context.shape[2]), dtype=self.context.dtype)
-        context[: len(self), : self.capacity] = self.context
-        context[len(self) :, : other.capacity] = other.context
+        context[: len(self), : self.context.shape[1]] = self.context
+        context[len(self) :, : other.context.shape[1]] = other.context
         self.context = context
         self.lengths = np.concatenate([self.lengths, other.lengths])
 

@@ -1,0 +1,132 @@
+"""Our T5 runtime (engine/runtime/t5.py): buckets, cache bookkeeping, greedy == CTranslate2 float32."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ctranslate2
+import numpy as np
+import pytest
+import torch
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from engine.errors import InvalidRequest, ModelError
+from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import FinishReason, GenerationRequest
+from engine.runtime.t5 import T5Runtime, relative_position_bucket
+from engine.runtime.xp import array_module
+from tests import models
+
+
+def prompts(seed: int, lengths: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Random sentencepiece ids (below the tiny models' real pieces, so CTranslate2's token
+    strings are unique) followed by EOS."""
+    rng = np.random.default_rng(seed)
+    return [(*(int(i) for i in rng.integers(3, 900, size=n)), 1) for n in lengths]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize(("buckets", "distance"), [(32, 128), (16, 20), (8, 7)])
+def test_buckets_equal_transformers(bidirectional: bool, buckets: int, distance: int) -> None:
+    rel = np.arange(-700, 700)
+    expected = T5Attention._relative_position_bucket(
+        torch.tensor(rel), bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+    ).numpy()
+    got = relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+    )
+    np.testing.assert_array_equal(got, expected)
+
+
+def ct2_greedy(model_dir: Path, inputs: list[tuple[int, ...]], max_new: int) -> list[list[int]]:
+    """CTranslate2's own float32 greedy ids (read from its step callback: exact ids)."""
+    vocab = json.loads((model_dir / "shared_vocabulary.json").read_text())
+    translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type="float32", intra_threads=2)
+    rows: list[list[int]] = [[] for _ in inputs]
+
+    def on_step(step: ctranslate2.GenerationStepResult) -> bool:
+        rows[step.batch_id].append(step.token_id)
+        return False
+
+    translator.translate_batch(
+        [[vocab[i] for i in ids] for ids in inputs],
+        beam_size=1,
+        max_decoding_length=max_new,
+        callback=on_step,
+    )
+    return [r[: r.index(1)] if 1 in r else r for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+def test_greedy_equals_ctranslate2_float32(kind: str) -> None:
+    model_dir = models.converted_model(kind, "float32")
+    runtime = T5Runtime.load(model_dir)
+    inputs = prompts(7, (3, 17, 9, 30))
+    expected = ct2_greedy(model_dir, inputs, 24)
+    # k = 1, and alpha = 0 with k > 1: both are greedy on the same decoder path.
+    for raw in ({"max_new_tokens": 24}, {"max_new_tokens": 24, "penalty_alpha": 0.0, "top_k": 4}):
+        params = DecodingParams.from_dict(raw)
+        got = generate_contrastive(runtime, [GenerationRequest(ids, params) for ids in inputs])
+        assert [list(r.token_ids) for r in got] == expected
+        for r, e in zip(got, expected, strict=True):
+            assert r.finish_reason is (FinishReason.LENGTH if len(e) == 24 else FinishReason.EOS)
+    assert any(len(e) > 10 for e in expected)  # the comparison covers real sequences, not instant EOS
+
+
+def test_cache_filter_and_concatenate_keep_each_rows_state() -> None:
+    runtime = T5Runtime.load(models.converted_model("flan", "float32"))
+    inputs = prompts(3, (4, 12, 7))
+
+    def run(cache_rows: list[int], steps: int) -> np.ndarray:
+        cache = runtime.new_cache([runtime.encode(inputs[i]) for i in cache_rows], capacity=steps + 1)
+        hidden = []
+        for t in range(steps):
+            tokens = np.array([[0 if t == 0 else 5 + t + i] for i in cache_rows])
+            out = runtime.decoder_step(cache, tokens)
+            hidden.append(out.hidden[:, 0])
+            cache.commit(out, np.zeros(len(cache_rows), dtype=np.int64))
+        return np.stack(hidden, axis=1)
+
+    alone = [run([i], 4) for i in range(3)]
+    together = run([0, 1, 2], 4)
+    for i in range(3):
+        np.testing.assert_allclose(together[i], alone[i][0], atol=1e-5)
+
+    # Join row 2 into a cache of rows 0 and 1 after two steps, then drop row 0: row states survive.
+    a = runtime.new_cache([runtime.encode(inputs[0]), runtime.encode(inputs[1])], capacity=3)
+    b = runtime.new_cache([runtime.encode(inputs[2])], capacity=6)
+    for t in range(2):
+        out = runtime.decoder_step(a, np.array([[0 if t == 0 else 5 + t], [0 if t == 0 else 6 + t]]))
+        a.commit(out, np.zeros(2, dtype=np.int64))
+    a.concatenate(b)
+    assert len(a) == 3 and a.capacity == 6 and list(a.lengths) == [2, 2, 0]
+    a.filter([1, 2])
+    assert len(a) == 2 and list(a.lengths) == [2, 0]
+    assert a.cross_k.shape[3] == max(len(inputs[1]), len(inputs[2]))  # the widest kept prompt
+    out = runtime.decoder_step(a, np.array([[5 + 2 + 1], [0]]))  # run()'s tokens for row 1, step 2
+    np.testing.assert_allclose(out.hidden[0, 0], alone[1][0, 2], atol=1e-5)
+    np.testing.assert_allclose(out.hidden[1, 0], alone[2][0, 0], atol=1e-5)
+
+
+def test_int8_folder_loads_dequantized() -> None:
+    runtime = T5Runtime.load(models.converted_model("t5", "int8"))
+    assert runtime.lm_head.dtype == np.float32
+    assert runtime.shape.output_scale == pytest.approx(64**-0.5)
+    params = DecodingParams.from_dict({"max_new_tokens": 5, "min_new_tokens": 5})
+    (result,) = generate_contrastive(runtime, [GenerationRequest(prompts(1, (6,))[0], params)])
+    assert len(result.token_ids) == 5
+
+
+def test_errors_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="engine convert"):
+        T5Runtime.load(tmp_path)
+    with pytest.raises(InvalidRequest, match="float32"):
+        T5Runtime.load(models.converted_model("flan", "float32"), dtype="float16")
+    with pytest.raises(InvalidRequest, match="device"):
+        array_module("tpu")
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(ModelError, match="CuPy"):
+            array_module("cuda")
