@@ -10,6 +10,7 @@ output under a temporary name and renamed at the end, so a failure leaves nothin
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -51,9 +52,17 @@ def prepare_output(output: Path, *, force: bool) -> None:
 
 
 def convert_model(
-    source: str, output: str | Path, quantization: str = "int8", *, force: bool = False
+    source: str,
+    output: str | Path,
+    quantization: str = "int8",
+    *,
+    force: bool = False,
+    hub_timeout_s: float = 5.0,
 ) -> Manifest:
-    """Convert a local checkpoint folder or a Hub model id; returns the written manifest."""
+    """Convert a local checkpoint folder or a Hub model id; returns the written manifest.
+
+    ``hub_timeout_s`` bounds how long an unreachable Hub is waited for before giving up.
+    """
     from engine.model import hub
 
     check_quantization(quantization)
@@ -63,7 +72,7 @@ def convert_model(
     if local.exists():
         folder = local
     elif hub.looks_like_hub_id(source):
-        folder = hub.download(source)
+        folder = hub.download(source, timeout_s=hub_timeout_s)
     else:
         raise ModelError(
             f"checkpoint folder {source} does not exist (and it is not a Hugging Face Hub model id)"
@@ -96,6 +105,7 @@ def convert_checkpoint(
         shutil.copyfile(ckpt.tokenizer.spiece, staging / TOKENIZER_NAME)
         manifest = _manifest(ckpt, source or str(folder), quantization, random_weights)
         manifest.save(staging)
+        _chmod_like_mkdir(staging)
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -103,6 +113,13 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    # mkdtemp makes the folder private (0700); the finished model folder gets the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
 
 
 def _convert_safetensors(ckpt: Checkpoint, staging: Path, quantization: str) -> None:

@@ -28,11 +28,13 @@ _ACTIVATIONS = {
 
 
 def vocabulary(ckpt: Checkpoint) -> list[str]:
-    """Token strings by id, as T5Loader lists them from Transformers' T5Tokenizer.
+    """Token strings by id: the sentencepiece pieces, then T5Tokenizer's sentinels (``<extra_id_0>``
+    has the highest id of them, as in Transformers), then placeholders up to the model's vocab_size.
 
-    The sentencepiece pieces, then the sentinels in T5Tokenizer's order (<extra_id_0> has the
-    highest id), then ``<extra_id_N>`` placeholders up to the model's vocab_size. The placeholders
-    repeat sentinel names as CTranslate2's converter does; ids, not strings, identify tokens.
+    T5Loader names the placeholders ``<extra_id_0>``, ``<extra_id_1>``, ... again, so that their
+    names repeat real sentinels' and a token string no longer tells its id; here they continue the
+    numbering (``<extra_id_100>``, ...) so that every id has its own string. Up to the sentinels
+    both lists are the same (tests/test_model_convert.py checks it).
     """
     import sentencepiece as spm
 
@@ -47,7 +49,7 @@ def vocabulary(ckpt: Checkpoint) -> list[str]:
             f"the tokenizer has {len(pieces)} pieces + {extra} sentinels = {len(tokens)} tokens, more than "
             f"config.json's vocab_size {size}: spiece.model does not belong to this checkpoint"
         )
-    tokens += [f"<extra_id_{i}>" for i in range(size - len(tokens))]
+    tokens += [f"<extra_id_{extra + i}>" for i in range(size - len(tokens))]
     return tokens
 
 
