@@ -30,7 +30,9 @@ class RealClock:
 class FakeClock:
     """Time moves only when a test calls ``advance``; sleepers wake once their deadline has passed."""
 
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
+    # Starts near zero: at today's epoch a double resolves only ~0.2 µs, too coarse for tests
+    # that step through millisecond delays.
+    def __init__(self, start: float = 1000.0) -> None:
         self._now = start
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
@@ -51,5 +53,5 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self._now += seconds
         for deadline, fut in list(self._sleepers):
-            if deadline <= self._now and not fut.done():
+            if deadline <= self._now + 1e-9 and not fut.done():
                 fut.set_result(None)

@@ -1,0 +1,213 @@
+"""The scheduler through the service with a FakeEngine: what reaches the engine, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import GenerationRequest
+from engine.serving.clock import FakeClock
+from engine.serving.jobs import JobStatus
+from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
+
+GREEDY = DecodingParams(max_new_tokens=8)
+CONTRASTIVE = DecodingParams(max_new_tokens=8, penalty_alpha=0.6, top_k=4)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), timeout=60))
+
+
+def test_concurrent_jobs_share_one_engine_call() -> None:
+    async def body() -> None:
+        engine = FakeEngine()
+        svc = await start_service(engine, max_queue_delay_ms=200.0)
+        views = await asyncio.gather(*(svc.submit("a", [f"job {i}"], GREEDY) for i in range(32)))
+        for v in views:
+            done = await svc.wait("a", v.job.id, 10)
+            assert done.job.result is not None
+            assert list(done.job.result.token_ids[0]) == expected_tokens(fake_tokenize(v.job.prompts[0]), 8)
+        assert [c.rows for c in engine.calls] == [32]
+        await svc.stop()
+
+    run(body)
+
+
+def test_the_queue_delay_is_waited_on_the_clock_then_a_partial_batch_goes() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        engine = FakeEngine()
+        svc = await start_service(engine, clock, max_queue_delay_ms=10.0)
+        a = await svc.submit("a", ["a"], GREEDY)
+        clock.advance(0.004)
+        b = await svc.submit("a", ["b"], GREEDY)
+        await asyncio.sleep(0.05)
+        assert engine.calls == []  # 4 ms of 10 ms: still waiting for companions
+        clock.advance(0.006)  # the oldest job's delay expires
+        await until(lambda: len(engine.calls) == 1)
+        assert engine.calls[0].rows == 2
+        for v in (a, b):
+            assert (await svc.wait("a", v.job.id, 10)).job.status is JobStatus.COMPLETED
+        await svc.stop()
+
+    run(body)
+
+
+def test_a_full_batch_does_not_wait_for_the_delay() -> None:
+    async def body() -> None:
+        clock = FakeClock()  # never advanced: only a full batch can go
+        engine = FakeEngine()
+        svc = await start_service(engine, clock, max_queue_delay_ms=1000.0, max_batch_size=4)
+        views = [await svc.submit("a", [f"j{i}"], GREEDY) for i in range(6)]
+        await until(lambda: len(engine.calls) == 1)
+        assert engine.calls[0].rows == 4
+        await asyncio.sleep(0.05)
+        assert len(engine.calls) == 1  # the other 2 wait for companions or the delay
+        clock.advance(1.0)
+        await until(lambda: len(engine.calls) == 2)
+        assert engine.calls[1].rows == 2
+        for v in views:
+            assert (await svc.wait("a", v.job.id, 10)).job.status is JobStatus.COMPLETED
+        await svc.stop()
+
+    run(body)
+
+
+def test_only_compatible_jobs_share_a_call() -> None:
+    async def body() -> None:
+        gate = threading.Event()
+        engine = FakeEngine(gate=gate)
+        svc = await start_service(engine)
+        await svc.submit("a", ["blocker"], DecodingParams(max_new_tokens=2, num_beams=3))
+        await until(engine.started.is_set)
+        beam = DecodingParams(max_new_tokens=8, num_beams=2)
+        sample = DecodingParams(max_new_tokens=8, do_sample=True, seed=1)
+        order = [GREEDY, beam, GREEDY, sample, beam, GREEDY, DecodingParams(max_new_tokens=100)]
+        views = [await svc.submit("a", [f"j{i}"], p) for i, p in enumerate(order)]
+        gate.set()
+        for v in views:
+            assert (await svc.wait("a", v.job.id, 10)).job.status is JobStatus.COMPLETED
+        # After the blocker: the head (greedy) takes the other greedy jobs of a similar length,
+        # then beam, then sampling, then the 100-token greedy job that was too long to join.
+        assert [c.max_new_tokens for c in engine.calls[1:]] == [(8, 8, 8), (8, 8), (8,), (100,)]
+        await svc.stop()
+
+    run(body)
+
+
+def test_a_job_with_more_prompts_than_the_batch_is_split_into_calls() -> None:
+    async def body() -> None:
+        engine = FakeEngine()
+        svc = await start_service(engine, max_batch_size=4)
+        prompts = [f"prompt {i}" for i in range(10)]
+        v = await svc.submit("a", prompts, GREEDY)
+        done = await svc.wait("a", v.job.id, 10)
+        assert [c.rows for c in engine.calls] == [4, 4, 2]
+        assert done.job.result is not None
+        assert [list(t) for t in done.job.result.token_ids] == [
+            expected_tokens(fake_tokenize(p), 8) for p in prompts
+        ]
+        await svc.stop()
+
+    run(body)
+
+
+def test_one_bad_job_fails_alone_and_its_batch_neighbours_complete() -> None:
+    async def body() -> None:
+        def boom(requests: Sequence[GenerationRequest]) -> bool:
+            return any(fake_tokenize("boom")[0] in r.input_ids for r in requests)
+
+        engine = FakeEngine(fail_when=boom)
+        svc = await start_service(engine, max_queue_delay_ms=100.0)
+        views = await asyncio.gather(*(svc.submit("a", [p], GREEDY) for p in ("ok 1", "boom", "ok 2")))
+        results = [await svc.wait("a", v.job.id, 10) for v in views]
+        assert [r.job.status for r in results] == [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.COMPLETED]
+        err = results[1].job.error
+        assert err is not None and err.code == "job_failed"
+        assert "RuntimeError: fake engine failure" in err.message and "Traceback" not in err.message
+        await svc.stop()
+
+    run(body)
+
+
+def test_contrastive_jobs_join_the_running_batch_between_steps() -> None:
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.01)
+        svc = await start_service(engine, max_batch_size=3)
+        long = DecodingParams(max_new_tokens=30, penalty_alpha=0.6, top_k=4)
+        first = await svc.submit("a", ["first"], long)
+        await until(lambda: len(engine.contrastive_steps) >= 3)
+        later = [await svc.submit("a", [f"later {i}"], CONTRASTIVE) for i in range(3)]
+        views = [first, *later]
+        for v in views:
+            done = await svc.wait("a", v.job.id, 10)
+            assert done.job.result is not None
+            n = v.job.params.max_new_tokens
+            assert list(done.job.result.token_ids[0]) == expected_tokens(fake_tokenize(v.job.prompts[0]), n)
+        steps = engine.contrastive_steps
+        assert steps[0] == 1 and max(steps) == 3  # joined while "first" ran, bounded by max_batch_size
+        assert engine.calls == []  # none went through the one-shot batch path
+        await svc.stop()
+
+    run(body)
+
+
+def test_a_cancelled_contrastive_job_leaves_at_the_next_step() -> None:
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.01)
+        svc = await start_service(engine)
+        long = DecodingParams(max_new_tokens=200, penalty_alpha=0.6, top_k=4)
+        a = await svc.submit("a", ["a"], long)
+        b = await svc.submit("a", ["b"], DecodingParams(max_new_tokens=40, penalty_alpha=0.6, top_k=4))
+        await until(lambda: len(engine.contrastive_steps) >= 2)
+        assert (await svc.cancel("a", a.job.id)).job.status is JobStatus.CANCELLED
+        steps_at_cancel = len(engine.contrastive_steps)
+        done = await svc.wait("a", b.job.id, 10)
+        assert done.job.status is JobStatus.COMPLETED
+        await until(lambda: engine.contrastive_steps[-1] <= 1)
+        # Within two steps of the cancel the batch is down to "b" alone.
+        assert all(rows == 1 for rows in engine.contrastive_steps[steps_at_cancel + 2 :])
+        assert len(engine.contrastive_steps) < 100
+        await svc.stop()
+
+    run(body)
+
+
+def test_one_engine_call_at_a_time_across_both_loops() -> None:
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.001)
+        svc = await start_service(engine, max_batch_size=4)
+        views = []
+        for i in range(12):
+            params = CONTRASTIVE if i % 2 else DecodingParams(max_new_tokens=8 + i)
+            views.append(await svc.submit("a", [f"m{i}"], params))
+        for v in views:
+            assert (await svc.wait("a", v.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert engine.concurrent_calls_seen == 1
+        assert engine.calls and engine.contrastive_steps
+        await svc.stop()
+
+    run(body)
+
+
+def test_jobs_left_running_by_a_dead_process_are_run_again_on_start() -> None:
+    async def body() -> None:
+        from engine.serving.jobs import Job
+        from engine.serving.store.sqlite import SqliteJobStore
+
+        store = SqliteJobStore(":memory:")
+        for i in range(3):
+            store.enqueue(Job(id=f"j{i}", owner="a", prompts=(f"p{i}",), params=GREEDY), 2)
+        store.claim(["j0", "j1"], 1.0)  # running in a process that then died
+        svc = await start_service(store=store)
+        for i in range(3):
+            done = await svc.wait("a", f"j{i}", 10)
+            assert done.job.status is JobStatus.COMPLETED
+            assert done.job.attempts == (2 if i < 2 else 1)
+            assert done.job.result is not None
+            assert list(done.job.result.token_ids[0]) == expected_tokens(fake_tokenize(f"p{i}"), 8)
+        await svc.stop()
+
+    run(body)
