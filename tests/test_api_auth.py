@@ -125,7 +125,17 @@ def test_keys_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_keys_create_prints_the_key_alone_on_the_last_line_of_the_command(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine", "keys", "create", "--name", "ci", "--store", f"sqlite:///{tmp_path}/e.db"],
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--store",
+            f"sqlite:///{tmp_path}/e.db",
+        ],
         capture_output=True,
         text=True,
         check=True,
