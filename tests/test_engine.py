@@ -2,135 +2,32 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from engine.errors import InvalidRequest, ModelError, PromptTooLong
-from engine.model.manifest import Manifest
 from engine.runtime.engine import Engine
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest
 
-# -- tiny models (until tests/models.py offers the same) -------------------------------------------
-
-TINY_MAX_INPUT = 48
-
-
-@dataclass(frozen=True)
-class TinyModel:
-    hf_dir: Path
-    ct2_dir: Path  # float32
-
-
-def _train_spiece(out: Path) -> None:
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    syllables = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]
-    words = [
-        rng.choice(syllables) + rng.choice(syllables) + rng.choice(["", *syllables]) for _ in range(3000)
-    ]
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=200,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        model_type="unigram",
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    (out / "spiece.model").write_bytes(model.getvalue())
-
-
-def build_tiny(root: Path, kind: str, seed: int = 0) -> TinyModel:
-    """A 2+2-layer T5 with random weights: ``flan`` (gated-GELU, untied) or ``t5`` (ReLU, tied)."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
-
-    hf_dir = root / f"hf-{kind}-{seed}"
-    hf_dir.mkdir(parents=True)
-    _train_spiece(hf_dir)
-    tokenizer = T5Tokenizer(str(hf_dir / "spiece.model"), extra_ids=0, legacy=False)
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=256,
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_heads=4,
-        num_layers=2,
-        num_decoder_layers=2,
-        feed_forward_proj="gated-gelu" if kind == "flan" else "relu",
-        tie_word_embeddings=kind != "flan",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    model = T5ForConditionalGeneration(config)
-    with torch.no_grad():
-        # Wide weights so that the tiny model's distributions are peaked, as a trained model's are.
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    tokenizer.save_pretrained(hf_dir)
-    ct2_dir = root / f"ct2-{kind}-{seed}"
-    convert_tiny(hf_dir, ct2_dir, "float32", kind)
-    return TinyModel(hf_dir, ct2_dir)
-
-
-def convert_tiny(hf_dir: Path, out: Path, quantization: str, kind: str) -> Path:
-    from ctranslate2.converters import TransformersConverter
-
-    TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
-    shutil.copy(hf_dir / "spiece.model", out / "spiece.model")
-    Manifest(
-        source=str(hf_dir),
-        quantization=quantization,
-        family="t5-v1.1" if kind == "flan" else "t5",
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        vocab_size=256,
-        feed_forward="gated-gelu" if kind == "flan" else "relu",
-        tied_embeddings=kind != "flan",
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6,
-        max_input_length=TINY_MAX_INPUT,
-        random_weights=True,
-    ).save(out)
-    return out
+# The tiny random models of tests/models.py (gated "flan" by default; the reference tests cover "t5").
 
 
 def prompts_of_lengths(engine: Engine, lengths: list[int], seed: int = 1) -> list[str]:
-    """Prompts of roughly the given token counts, from pieces of the model's own tokenizer."""
+    """Prompts of about the given numbers of words (each a token or a few)."""
     rng = random.Random(seed)
     words = ["ka", "bo", "zu", "pe", "mi", "lo", "tifudo", "kebupi", "ro", "vu", "se", "da", "ga", "no"]
     return [" ".join(rng.choice(words) for _ in range(n)) for n in lengths]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return build_tiny(tmp_path_factory.mktemp("tiny"), "flan")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny: TinyModel) -> Engine:
-    return Engine(tiny.ct2_dir, compute_type="float32", intra_threads=1)
+def engine(flan_model_dir: Path) -> Engine:
+    return Engine(flan_model_dir, compute_type="float32", intra_threads=1)
 
 
 # -- parameters and results ------------------------------------------------------------------------
@@ -187,17 +84,19 @@ def test_no_repeat_ngram_size_holds(engine: Engine) -> None:
 
 
 def test_prompt_too_long_says_by_how_much(engine: Engine) -> None:
-    long_prompt = " ".join(["kebupi tifudo"] * 40)
+    limit = engine.manifest.max_input_length
+    long_prompt = " ".join(["kebupi tifudo"] * limit)
     n = len(engine.tokenizer.encode(long_prompt))
-    assert n > TINY_MAX_INPUT
+    assert n > limit
     with pytest.raises(PromptTooLong) as err:
         engine.generate(["ka", long_prompt])
     assert f"prompt 1 is {n} tokens" in err.value.message
-    assert f"{n - TINY_MAX_INPUT} more than the model's limit of {TINY_MAX_INPUT}" in err.value.message
-    # Exactly at the limit is accepted (CTranslate2's own truncation is off).
-    ids = tuple(engine.tokenize(["ka"])[0][:1]) * (TINY_MAX_INPUT - 1) + (1,)
+    assert f"{n - limit} more than the model's limit of {limit}" in err.value.message
+    # Exactly at the limit is accepted.
+    pad = tuple(engine.tokenize(["the"])[0][:1])
+    ids = pad * (limit - 1) + (engine.manifest.eos_token_id,)
     (r,) = engine.generate_requests([GenerationRequest(ids, DecodingParams(max_new_tokens=2))])
-    assert r.usage.prompt_tokens == TINY_MAX_INPUT
+    assert r.usage.prompt_tokens == limit
 
 
 def test_bad_params_are_rejected_by_name(engine: Engine) -> None:
@@ -233,33 +132,33 @@ def test_contrastive_runs_on_the_kv_cached_decoder(engine: Engine) -> None:
     assert streamed[2] == results[2]
 
 
-def test_device_and_compute_type_errors(tiny: TinyModel) -> None:
+def test_device_and_compute_type_errors(flan_model_dir: Path) -> None:
     import ctranslate2
 
     with pytest.raises(InvalidRequest, match=r"float64.*supported: .*float32"):
-        Engine(tiny.ct2_dir, compute_type="float64")
+        Engine(flan_model_dir, compute_type="float64")
     if ctranslate2.get_cuda_device_count() == 0:
         with pytest.raises(InvalidRequest, match=r"get_cuda_device_count\(\) is 0"):
-            Engine(tiny.ct2_dir, device="cuda")
-        assert Engine(tiny.ct2_dir, device="auto").device == "cpu"
-    cpu = Engine(tiny.ct2_dir)
+            Engine(flan_model_dir, device="cuda")
+        assert Engine(flan_model_dir, device="auto").device == "cpu"
+    cpu = Engine(flan_model_dir)
     assert (cpu.device, cpu.compute_type) == ("cpu", "int8")
 
 
-def test_missing_or_broken_model_folder(tmp_path: Path, tiny: TinyModel) -> None:
+def test_missing_or_broken_model_folder(tmp_path: Path, flan_model_dir: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         Engine(tmp_path / "nope")
     with pytest.raises(ModelError, match=r"engine\.json"):
         Engine(tmp_path)
     broken = tmp_path / "broken"
-    shutil.copytree(tiny.ct2_dir, broken)
+    shutil.copytree(flan_model_dir, broken)
     (broken / "model.bin").unlink()
     with pytest.raises(ModelError, match="no CTranslate2 model"):
         Engine(broken)
-    data = json.loads((tiny.ct2_dir / "engine.json").read_text())
+    data = json.loads((flan_model_dir / "engine.json").read_text())
     (broken / "engine.json").write_text(json.dumps({**data, "vocab_size": 512}))
-    shutil.copy(tiny.ct2_dir / "model.bin", broken / "model.bin")
-    with pytest.raises(ModelError, match=r"vocabulary has 256 tokens but engine\.json says 512"):
+    shutil.copy(flan_model_dir / "model.bin", broken / "model.bin")
+    with pytest.raises(ModelError, match=r"vocabulary has 32128 tokens but engine\.json says 512"):
         Engine(broken)
 
 
@@ -399,10 +298,9 @@ def test_beam_search_reports_tokens_after_the_search(engine: Engine) -> None:
 
 
 def test_int8_against_float32_share_of_identical_sequences(
-    tiny: TinyModel, engine: Engine, tmp_path: Path
+    engine: Engine, model_dir_factory: Callable[..., Path]
 ) -> None:
-    int8_dir = convert_tiny(tiny.hf_dir, tmp_path / "int8", "int8", "flan")
-    int8 = Engine(int8_dir, compute_type="int8", intra_threads=1)
+    int8 = Engine(model_dir_factory("flan", "int8"), compute_type="int8", intra_threads=1)
     lengths = [random.Random(14).randint(2, 30) for _ in range(40)]
     prompts = prompts_of_lengths(engine, lengths, seed=14)
     ref = engine.generate(prompts, max_new_tokens=32)
