@@ -5,7 +5,8 @@ Outputs are a deterministic function of the input ids (``expected_tokens``), so 
 every job's result. Time is a cost model: each decoder step sleeps ``step_delay_s`` plus
 ``row_delay_s`` per row of the call, and a batched call runs until its longest row is done, as a
 CTranslate2 call does; so batching pays off and a long row keeps short ones waiting.
-A prompt word ``eos:N`` makes that prompt end with EOS after N tokens.
+A prompt word ``eos:N`` makes that prompt end with EOS after N tokens; the contrastive batch refuses
+prompts with the word ``reject``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import Config
-from engine.errors import PromptTooLong
+from engine.errors import InvalidRequest, Overloaded, PromptTooLong
 from engine.metrics import Metrics
 from engine.model.manifest import Manifest
 from engine.runtime.protocols import OnToken
@@ -67,6 +68,9 @@ def _word_id(word: str) -> int:
 def fake_tokenize(prompt: str) -> tuple[int, ...]:
     """One id per whitespace-separated word, then EOS."""
     return (*(_word_id(w) for w in prompt.split()), EOS)
+
+
+REJECT_ID = 2 + zlib.crc32(b"reject") % (EOS_BASE - 2)  # the contrastive batch refuses a prompt with it
 
 
 def _eos_after(input_ids: Sequence[int]) -> int | None:
@@ -155,6 +159,7 @@ class FakeEngine:
         fail_when: Callable[[Sequence[GenerationRequest]], bool] | None = None,
         max_input_length: int = 64,
         gate: threading.Event | None = None,
+        contrastive_max_rows: int = 1_000,
     ) -> None:
         self.manifest = FAKE_MANIFEST
         self.step_delay_s = step_delay_s
@@ -164,6 +169,7 @@ class FakeEngine:
         # While a gate is given and not set, every call blocks after it started: tests use it to
         # hold jobs "running" (and the rest "queued") for as long as they need.
         self.gate = gate
+        self.contrastive_max_rows = contrastive_max_rows  # add() past it: Overloaded, as the real one
         self.calls: list[FakeCall] = []
         self.contrastive_steps: list[int] = []  # rows per contrastive step
         self._lock = threading.Lock()
@@ -251,7 +257,11 @@ class FakeContrastiveBatch:
 
     def add(self, request_id: str, request: GenerationRequest) -> None:
         if request_id in self.rows:
-            raise ValueError(f"request {request_id} is already in the batch")
+            raise InvalidRequest(f"request id {request_id!r} is already in the batch")
+        if REJECT_ID in request.input_ids:
+            raise InvalidRequest("the fake contrastive decoder refuses this request")
+        if len(self.rows) >= self.engine.contrastive_max_rows:
+            raise Overloaded(f"the contrastive batch is full ({len(self.rows)} rows)")
         self.rows[request_id] = _Row(request)
 
     def cancel(self, request_id: str) -> None:

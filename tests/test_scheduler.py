@@ -211,3 +211,53 @@ def test_jobs_left_running_by_a_dead_process_are_run_again_on_start() -> None:
         await svc.stop()
 
     run(body)
+
+
+def test_contrastive_rows_wait_for_room_in_the_decoder_and_refused_jobs_fail_alone() -> None:
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.002, contrastive_max_rows=2)
+        svc = await start_service(engine, max_batch_size=8)
+        views = [await svc.submit("a", [f"c{i}"], CONTRASTIVE) for i in range(5)]
+        refused = await svc.submit("a", ["please reject me", "fine"], CONTRASTIVE)
+        for v in views:
+            done = await svc.wait("a", v.job.id, 10)
+            assert done.job.status is JobStatus.COMPLETED
+            assert done.job.result is not None
+            assert list(done.job.result.token_ids[0]) == expected_tokens(fake_tokenize(v.job.prompts[0]), 8)
+        bad = await svc.wait("a", refused.job.id, 10)
+        assert bad.job.status is JobStatus.FAILED
+        assert bad.job.error is not None and "refuses this request" in bad.job.error.message
+        assert max(engine.contrastive_steps) == 2
+        await svc.stop()
+
+    run(body)
+
+
+def test_the_loops_survive_a_store_outage() -> None:
+    from engine.errors import NotReady
+    from engine.serving.batching import Lane, QueueEntry
+    from engine.serving.store.sqlite import SqliteJobStore
+
+    class FlakyStore(SqliteJobStore):
+        failures = 2
+
+        def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
+            if self.failures:
+                self.failures -= 1
+                raise NotReady("the job store is down (test)")
+            return super().queued(lane, limit, batch_key)
+
+    async def body() -> None:
+        clock = FakeClock()
+        store = FlakyStore(":memory:")
+        svc = await start_service(store=store, clock=clock)
+        v = await svc.submit("a", ["x"], GREEDY)
+        c = await svc.submit("a", ["y"], CONTRASTIVE)
+        await until(lambda: store.failures == 0)
+        await asyncio.sleep(0.02)
+        clock.advance(1.0)  # the loops' restart delay
+        for job in (v, c):
+            assert (await svc.wait("a", job.job.id, 10)).job.status is JobStatus.COMPLETED
+        await svc.stop()
+
+    run(body)

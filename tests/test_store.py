@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import Usage
 from engine.serving.batching import Lane, batch_key_text
@@ -215,3 +215,12 @@ def test_store_urls(tmp_path: Path) -> None:
         open_store("postgres://x/y")
     full = open_store(f"sqlite:///{tmp_path}/full.db?synchronous=full")
     full.close()
+
+
+def test_a_closed_or_broken_store_is_not_ready(tmp_path: Path) -> None:
+    s = SqliteJobStore(tmp_path / "x.db")
+    s.close()
+    with pytest.raises(NotReady, match=r"job store .*x\.db failed"):
+        s.get("a")
+    with pytest.raises(NotReady):
+        s.enqueue(job(0), 1)

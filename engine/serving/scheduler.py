@@ -18,15 +18,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequest, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
-from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, plan_batch
+from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, lane_of, plan_batch
 from engine.serving.clock import Clock
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import JobStore
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # How often an idle loop looks at the store even without a wake-up (jobs recovered or enqueued
 # by another process); wake-ups from submit make the common case immediate.
 IDLE_POLL_S = 1.0
+RESTART_DELAY_S = 1.0
 
 
 def request_id(job_id: str, prompt_index: int) -> str:
@@ -251,6 +252,29 @@ class Scheduler:
 
     # -- the batch loop --------------------------------------------------------------------------
     async def run_batches(self) -> None:
+        await self._supervised(Lane.BATCH, self._batch_loop)
+
+    async def run_contrastive(self) -> None:
+        await self._supervised(Lane.CONTRASTIVE, self._contrastive_loop)
+
+    async def _supervised(self, lane: Lane, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keep a loop alive through store outages: log, put its jobs back in the queue, retry."""
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:
+                log.exception("the %s loop failed; restarting it in %.0f s", lane.value, RESTART_DELAY_S)
+            for rj in [rj for rj in self.running.values() if lane_of(rj.job.params) is lane]:
+                self.running.pop(rj.job.id, None)
+                with contextlib.suppress(EngineError):  # still down: the next start requeues it
+                    self.store.requeue(rj.job.id, rj.attempt)
+                self.events.finish(rj.job.id)
+            if not self._claiming:
+                return
+            await self.clock.sleep(RESTART_DELAY_S)
+
+    async def _batch_loop(self) -> None:
         while self._claiming:
             entries = self._candidates(Lane.BATCH)
             now = self.clock.time()
@@ -412,34 +436,47 @@ class Scheduler:
             self.metrics.request_latency.observe(max(0.0, now - job.created_at))
 
     # -- the contrastive loop --------------------------------------------------------------------
-    async def run_contrastive(self) -> None:
+    async def _contrastive_loop(self) -> None:
         batch: ContrastiveBatchLike | None = None
         active: dict[str, _ContrastiveJob] = {}
+        waiting: list[tuple[str, GenerationRequest | _Pending]] = []  # claimed rows not in the batch yet
+        cancels: list[str] = []
         while True:
             if not active:
+                batch = None  # nothing of ours is in it: start the next job on a fresh batch
+                waiting.clear()
+                cancels.clear()
                 if not self._claiming:
                     return
                 if not self.store.queued(Lane.CONTRASTIVE, 1):
                     await self._sleep(Lane.CONTRASTIVE, IDLE_POLL_S)
                     continue
-            adds = self._admit_contrastive(active) if self._claiming else []
-            leaving = [cj for cj in active.values() if cj.rj.stop]
-            cancels = [request_id(cj.rj.job.id, i) for cj in leaving for i in cj.open_rows]
-            for cj in leaving:
+            if self._claiming:
+                waiting.extend(self._admit_contrastive(active))
+            for cj in [cj for cj in active.values() if cj.rj.stop]:
                 del active[cj.rj.job.id]
+                cancels.extend(request_id(cj.rj.job.id, i) for i in cj.open_rows)
                 self._finish_contrastive_early(cj)
             if not active:
                 continue
+            live = {rid for cj in active.values() for rid in cj.request_ids()}
+            adds = [(rid, req) for rid, req in waiting if rid in live]
             try:
-                batch, events = await self.worker.run(self._contrastive_tick, batch, adds, cancels)
+                tick = await self.worker.run(self._contrastive_tick, batch, adds, cancels)
             except Exception as exc:
                 log.exception("contrastive step failed; failing the %d jobs in its batch", len(active))
                 for cj in active.values():
                     self._finish_failed(cj.rj, engine_error(exc))
                 active.clear()
-                batch = None
                 continue
-            self._on_contrastive_events(active, events)
+            batch, cancels = tick.batch, []
+            waiting = list(tick.deferred)
+            for rid, refusal in tick.rejected.items():
+                refused = active.pop(rid.rpartition(":")[0], None)
+                if refused is not None:  # this job can never run here; its other rows leave too
+                    cancels.extend(request_id(refused.rj.job.id, i) for i in refused.open_rows)
+                    self._finish_failed(refused.rj, engine_error(refusal))
+            self._on_contrastive_events(active, tick.events)
 
     def _admit_contrastive(
         self, active: dict[str, _ContrastiveJob]
@@ -477,23 +514,38 @@ class Scheduler:
         batch: ContrastiveBatchLike | None,
         adds: list[tuple[str, GenerationRequest | _Pending]],
         cancels: list[str],
-    ) -> tuple[ContrastiveBatchLike, list[TokenEvent]]:
-        """On the worker thread: join, leave, one decoder step."""
+    ) -> _Tick:
+        """On the worker thread: leave, join (rows that do not fit yet wait), one decoder step."""
         if batch is None:
             batch = self.engine.contrastive_batch()
         for rid in cancels:
             batch.cancel(rid)
+        deferred: list[tuple[str, GenerationRequest | _Pending]] = []
+        rejected: dict[str, EngineError] = {}
         for rid, req in adds:
-            if isinstance(req, _Pending):
-                req = GenerationRequest(tuple(self.engine.tokenize([req.prompt])[0]), req.params)
-            batch.add(rid, req)
+            if deferred:  # keep queue order: nothing overtakes a row that is waiting for room
+                deferred.append((rid, req))
+                continue
+            try:
+                if isinstance(req, _Pending):
+                    req = GenerationRequest(tuple(self.engine.tokenize([req.prompt])[0]), req.params)
+                batch.add(rid, req)
+            except Overloaded:
+                if not len(batch):
+                    rejected[rid] = InvalidRequest(
+                        "this request needs more rows than the contrastive decoder has; lower top_k"
+                    )
+                else:
+                    deferred.append((rid, req))
+            except EngineError as exc:
+                rejected[rid] = exc
         t0 = time.perf_counter()
         rows = len(batch)
         events = batch.step() if rows else []
         if self.metrics is not None and rows:
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(rows)
-        return batch, events
+        return _Tick(batch, events, deferred, rejected)
 
     def _on_contrastive_events(self, active: dict[str, _ContrastiveJob], events: list[TokenEvent]) -> None:
         for ev in events:
@@ -523,6 +575,16 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class _Tick:
+    """What one contrastive step on the worker gives back to the loop."""
+
+    batch: ContrastiveBatchLike
+    events: list[TokenEvent]
+    deferred: list[tuple[str, GenerationRequest | _Pending]]  # rows that did not fit yet
+    rejected: dict[str, EngineError]  # rows the decoder refused: their jobs fail
+
+
+@dataclass(frozen=True)
 class _Pending:
     """A prompt not tokenized yet (a job recovered from the store): tokenized on the worker."""
 
@@ -540,6 +602,9 @@ class _ContrastiveJob:
 
     def __post_init__(self) -> None:
         self.open_rows = set(range(len(self.rj.job.prompts)))
+
+    def request_ids(self) -> list[str]:
+        return [request_id(self.rj.job.id, i) for i in self.open_rows]
 
     def requests(self) -> list[tuple[str, GenerationRequest | _Pending]]:
         job = self.rj.job

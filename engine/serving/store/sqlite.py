@@ -7,12 +7,13 @@ queued. One connection, guarded by a lock, so that any thread may call in.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from engine.errors import NotReady
 from engine.runtime.params import DecodingParams
@@ -53,8 +54,23 @@ _JOB_COLUMNS = (
     "id, owner, prompts, params, model, status, created_at, started_at, finished_at, attempts, result, error"
 )
 _ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens"
+F = TypeVar("F", bound=Callable[..., Any])
 _Q = JobStatus.QUEUED.value
-_R = JobStatus.RUNNING.value
+
+
+def _store_errors(method: F) -> F:
+    """A database error is the store being unavailable (503 at the edges), never a stack trace."""
+
+    @functools.wraps(method)
+    def wrapper(self: SqliteJobStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise NotReady(
+                f"the job store {self.path} failed ({exc}); check its disk and permissions"
+            ) from exc
+
+    return cast(F, wrapper)
 
 
 class SqliteJobStore(JobStore):
@@ -87,6 +103,7 @@ class SqliteJobStore(JobStore):
         return self._change(sql, args) == 1
 
     # -- interface -----------------------------------------------------------------------------
+    @_store_errors
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
@@ -116,10 +133,12 @@ class SqliteJobStore(JobStore):
             job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
         )
 
+    @_store_errors
     def get(self, job_id: str) -> Job | None:
         row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return None if row is None else _job(row)
 
+    @_store_errors
     def position(self, job_id: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -133,9 +152,11 @@ class SqliteJobStore(JobStore):
     def queue_depth(self) -> int:
         return self.count(JobStatus.QUEUED)
 
+    @_store_errors
     def count(self, status: JobStatus) -> int:
         return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,))[0])
 
+    @_store_errors
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
         if batch_key is None:
             sql = (
@@ -152,6 +173,7 @@ class SqliteJobStore(JobStore):
             rows = self._db.execute(sql, args).fetchall()
         return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
+    @_store_errors
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
         if not job_ids:
             return []
@@ -182,6 +204,7 @@ class SqliteJobStore(JobStore):
                 raise
         return [_job(r) for r in rows]
 
+    @_store_errors
     def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
         return self._changed_one(
             "UPDATE jobs SET status = 'completed', finished_at = ?, result = ?"
@@ -189,6 +212,7 @@ class SqliteJobStore(JobStore):
             (now, json.dumps(_result_dict(result)), job_id, attempt),
         )
 
+    @_store_errors
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
         err = json.dumps({"code": error.code, "message": error.message})
         if attempt is None:
@@ -202,6 +226,7 @@ class SqliteJobStore(JobStore):
             (now, err, job_id, attempt),
         )
 
+    @_store_errors
     def cancel(self, job_id: str, now: float) -> Job | None:
         with self._lock:
             self._db.execute(
@@ -212,6 +237,7 @@ class SqliteJobStore(JobStore):
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
+    @_store_errors
     def requeue(self, job_id: str, attempt: int) -> bool:
         return self._changed_one(
             "UPDATE jobs SET status = 'queued', started_at = NULL"
@@ -219,6 +245,7 @@ class SqliteJobStore(JobStore):
             (job_id, attempt),
         )
 
+    @_store_errors
     def requeue_running(self) -> list[str]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -233,6 +260,7 @@ class SqliteJobStore(JobStore):
                 raise
         return ids
 
+    @_store_errors
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:
         with self._lock:
             rows = self._db.execute(
@@ -241,6 +269,7 @@ class SqliteJobStore(JobStore):
             ).fetchall()
         return [r[0] for r in rows]
 
+    @_store_errors
     def purge_expired(self, now: float, ttl_s: float) -> int:
         return self._change(
             "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
