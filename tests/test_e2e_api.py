@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.runtime.engine import Engine
-from tests.api_fakes import ServerProcess, create_key_cli, start_server
+from tests.api_fakes import ServerProcess, create_key_cli, free_port, start_server
+from tests.test_api_dashboard import dashboard_exprs, dashboard_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -314,6 +315,10 @@ def test_health_readiness_and_metrics_after_traffic(env: Env) -> None:
     assert requests.get(f"{env.server.url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{env.server.url}/readyz", timeout=10).json() == {"status": "ready"}
     seed_example(env.server.url, env.alice, "metrics please", {"max_new_tokens": 4})
+    with grpc.insecure_channel(env.server.grpc_target) as channel:
+        engine_pb2_grpc.EngineStub(channel).Generate(
+            grpc_request("x", max_new_tokens=2), metadata=(("apikey", env.alice),)
+        )
     r = requests.get(f"{env.server.url}/metrics", timeout=10)
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -334,7 +339,12 @@ def test_health_readiness_and_metrics_after_traffic(env: Env) -> None:
         assert f"\n{name}" in text, name
     assert 'engine_requests_total{code="200",route="/v1/submit"}' in text
     assert 'engine_jobs_total{status="completed"}' in text
-    assert 'route="/engine.v1.Engine/Submit"' in text
+    assert 'engine_requests_total{code="OK",route="/engine.v1.Engine/Generate"}' in text
+    series = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
+    missing = dashboard_metrics() - series
+    assert not missing, f"the dashboard queries series /metrics lacks: {missing}"
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool missing (Debian package prometheus; `make system-deps`)")
@@ -372,3 +382,54 @@ def test_a_failed_job_answers_its_poll_with_an_error_status(env: Env) -> None:
         envelope(r, 504, "timeout", "job_timeout_s=0.3")
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(env: Env) -> None:
+    """A real Prometheus (Debian's) scrapes /metrics; every query of the dashboard parses and the
+    latency quantiles have data."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus missing (Debian package prometheus; `make system-deps`)")
+    seed_example(env.server.url, env.alice, "scrape me", {"max_new_tokens": 4})
+    port = free_port()
+    config = env.tmp / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: engine\n    static_configs: [{{targets: ['127.0.0.1:{env.server.http_port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={env.tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + 60
+        up: list[Any] = []
+        while time.monotonic() < deadline:
+            try:
+                up = requests.get(f"{api}/query", params={"query": "engine_model_info"}, timeout=5).json()[
+                    "data"
+                ]["result"]
+            except (requests.ConnectionError, KeyError):
+                up = []
+            if up:
+                break
+            time.sleep(0.5)
+        assert up, "Prometheus never scraped the server"
+        time.sleep(2.5)  # a few more scrapes so that rate() has two points
+        for expr in dashboard_exprs():
+            expr = expr.replace("$__rate_interval", "1m")
+            r = requests.get(f"{api}/query", params={"query": expr}, timeout=10).json()
+            assert r["status"] == "success", (expr, r)
+        p50 = "histogram_quantile(0.5, sum by (le) (rate(engine_request_latency_seconds_bucket[1m])))"
+        assert requests.get(f"{api}/query", params={"query": p50}, timeout=10).json()["data"]["result"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,91 @@
+"""deploy/: the Grafana dashboard imports as is and queries only metrics the server exports; the
+Prometheus scrape config passes promtool."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+METRIC = re.compile(r"\bengine_[a-z_]+")
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p["targets"]]
+
+
+def dashboard_metrics() -> set[str]:
+    """Series names the dashboard queries (histograms by their _bucket/_sum/_count series)."""
+    return {m for expr in dashboard_exprs() for m in METRIC.findall(expr)}
+
+
+def exported_series(metrics: Metrics) -> set[str]:
+    names = set()
+    for family in metrics.registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names.update(family.name + s for s in suffixes)
+    return names
+
+
+def test_dashboard_is_importable_as_is() -> None:
+    d = dashboard()
+    assert d["uid"] and d["title"] and d["schemaVersion"] >= 30
+    assert d["id"] is None  # Grafana assigns it on import
+    assert [i["name"] for i in d["__inputs"]] == ["DS_PROMETHEUS"]
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in d["panels"]:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        assert p["targets"], p["title"]
+        assert {"x", "y", "w", "h"} <= set(p["gridPos"])
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+
+
+def test_dashboard_covers_what_operators_need() -> None:
+    titles = " | ".join(p["title"].lower() for p in dashboard()["panels"])
+    for words in (
+        "queue depth",
+        "jobs running",
+        "latency",
+        "queue wait",
+        "batch size",
+        "tokens/s",
+        "time per output token",
+        "errors by code",
+    ):
+        assert words in titles, words
+    exprs = "\n".join(dashboard_exprs())
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(engine_request_latency_seconds_bucket" in exprs
+
+
+def test_every_dashboard_metric_is_exported() -> None:
+    exported = exported_series(Metrics())
+    missing = dashboard_metrics() - exported
+    assert not missing, missing
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool missing (Debian package prometheus; `make system-deps`)")
+    proc = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
