@@ -325,9 +325,14 @@ def generate_contrastive(
         if not len(batch) and waiting:
             batch.add(*waiting.pop())  # raises the clear error for a request that can never fit
         for event in batch.step():
+            stop = (
+                on_token is not None
+                and event.token_id >= 0
+                and on_token(int(event.request_id), event.token_id)
+            )
             if event.result is not None:
                 results[event.request_id] = event.result
-            elif on_token is not None and on_token(int(event.request_id), event.token_id):
+            elif stop:
                 batch.cancel(event.request_id)
     return [results[str(i)] for i in range(len(requests))]
 
