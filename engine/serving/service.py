@@ -57,9 +57,6 @@ class JobService:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopping = False
-        # Only this process writes the queue, so its depth is kept in memory after one count at
-        # start: submit then costs no COUNT over 10,000 rows.
-        self._depth = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -76,9 +73,9 @@ class JobService:
         requeued = self.store.requeue_running()
         if requeued:
             log.warning("re-running %d job(s) that were running when the last process stopped", len(requeued))
-        self._depth = self.store.queue_depth()
-        if self._depth:
-            log.info("%d job(s) waiting in the queue from before the start", self._depth)
+        depth = self.store.queue_depth()
+        if depth:
+            log.info("%d job(s) waiting in the queue from before the start", depth)
         self._worker = EngineWorker()
         self._scheduler = Scheduler(
             store=self.store,
@@ -153,9 +150,10 @@ class JobService:
                 "(or leave model out)"
             )
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
-        if self._depth >= self.config.max_queue_size:
+        depth = self.store.queue_depth()
+        if depth >= self.config.max_queue_size:
             raise Overloaded(
-                f"the queue is full ({self._depth} jobs waiting, max_queue_size "
+                f"the queue is full ({depth} jobs waiting, max_queue_size "
                 f"{self.config.max_queue_size}); retry later",
                 retry_after_s=self.retry_after_s(),
             )
@@ -175,7 +173,6 @@ class JobService:
         except BaseException:
             sched.input_ids.pop(job.id, None)
             raise
-        self._depth += 1
         self._set_depth_gauge()
         sched.notify(lane_of(params))
         return JobView(job, self.store.position(job.id))
@@ -196,9 +193,7 @@ class JobService:
         if updated is None:
             raise NotFound(f"no job {job_id} for this API key")
         if updated.status is JobStatus.CANCELLED and job.status is not JobStatus.CANCELLED:
-            if job.status is JobStatus.QUEUED:
-                self._depth = max(0, self._depth - 1)
-                self._set_depth_gauge()
+            self._set_depth_gauge()
             if self._scheduler is not None:
                 self._scheduler.mark_cancelled(job_id)
                 self._scheduler.input_ids.pop(job_id, None)
@@ -244,7 +239,7 @@ class JobService:
 
     # -- helpers -------------------------------------------------------------------------------
     def queue_depth(self) -> int:
-        return self._depth
+        return self.store.queue_depth()
 
     def retry_after_s(self) -> float:
         """When a full queue is likely to have room: about one batch's time, 1 to 60 s."""
@@ -280,12 +275,11 @@ class JobService:
         return job
 
     def _on_claimed(self, count: int) -> None:
-        self._depth = max(0, self._depth - count)
         self._set_depth_gauge()
 
     def _set_depth_gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._depth)
+            self.metrics.queue_depth.set(self.store.queue_depth())
 
     async def _until(self, fut: asyncio.Future[None], timeout_s: float | None) -> None:
         if timeout_s is None:
@@ -315,7 +309,6 @@ class JobService:
             if job is None:
                 continue
             if self.store.fail(job_id, None, timeout_error(job, timeout, now, running=False), now):
-                self._depth = max(0, self._depth - 1)
                 if self._scheduler is not None:
                     self._scheduler.input_ids.pop(job_id, None)
                 if self.metrics is not None:
