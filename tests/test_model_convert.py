@@ -210,6 +210,31 @@ def test_sharded_and_bfloat16_checkpoints(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader.get(name), want)
 
 
+def test_safetensors_conversion_needs_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    """A serving machine without torch converts: both imports are made to fail in the child."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from engine.model.convert import convert_checkpoint\n"
+        "convert_checkpoint(sys.argv[1], sys.argv[2], quantization='float32')\n"
+        "assert sys.modules['torch'] is None and sys.modules['transformers'] is None\n"
+    )
+    out = tmp_path / "m"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(models.hf_checkpoint("t5")), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    input_ids = _input_ids(models.hf_checkpoint("t5"))
+    options = {"beam_size": 2, "max_decoding_length": 10}
+    assert _decode_ids(out, input_ids, **options) == _decode_ids(
+        models.converted_model("t5"), input_ids, **options
+    )
+
+
 def test_pytorch_bin_only_uses_ctranslate2_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import T5ForConditionalGeneration
 

@@ -106,7 +106,6 @@ class SafetensorsFile:
                     f"of a {self._data_len}-byte data section"
                 )
             self._entries[name] = (dtype, shape, begin, end)
-        self._map: np.memmap | None = None
 
     def names(self) -> Iterator[str]:
         return iter(self._entries)
@@ -119,11 +118,14 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
-        raw = np.asarray(self._map[begin:end])
+        count = (end - begin) // _NUMPY_DTYPES[dtype].itemsize
+        # Read, not memory-map: mapped pages would count in the process's memory next to the
+        # converted copies, and a large checkpoint would need twice its size.
+        with self.path.open("rb") as f:
+            f.seek(self._data_start + begin)
+            values = np.fromfile(f, dtype=_NUMPY_DTYPES[dtype], count=count)
+        if values.size != count:
+            raise ModelError(f"{self.path} is truncated: tensor {name!r} is incomplete")
         if dtype == "BF16":
-            words = raw.view("<u2").astype(np.uint32) << 16
-            return words.view(np.float32).reshape(shape)
-        # A copy, so that the caller's array outlives the memory map and is writable.
-        return raw.view(_NUMPY_DTYPES[dtype]).reshape(shape).astype(_NUMPY_DTYPES[dtype].newbyteorder("="))
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        return values.astype(values.dtype.newbyteorder("="), copy=False).reshape(shape)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from ctranslate2.converters import utils
 from ctranslate2.specs import common_spec, transformer_spec
 
 from engine.errors import ModelError
@@ -138,21 +137,17 @@ def _set_stack(
         _set_ffn(layer_spec.ffn, weights, shape, ffn)
 
 
-def _linear(weights: Weights, name: str, dims: tuple[int, int]) -> common_spec.LinearSpec:
-    linear = common_spec.LinearSpec()
-    linear.weight = weights.get(f"{name}.weight", dims)
-    return linear
-
-
 def _set_attention(spec: Any, weights: Weights, shape: T5Shape, prefix: str, *, self_attention: bool) -> None:
     spec.queries_scale = 1.0  # T5 folds 1/sqrt(d_kv) into the query weights
     d, inner = shape.d_model, shape.inner_dim
-    q, k, v = (_linear(weights, f"{prefix}.{n}", (inner, d)) for n in "qkv")
+    q, k, v = (weights.get(f"{prefix}.{n}.weight", (inner, d)) for n in "qkv")
+    # T5's projections have no biases, so fusing them is concatenating their weights (what
+    # ctranslate2.converters.utils.fuse_linear does; importing that package imports Transformers).
     if self_attention:
-        utils.fuse_linear(spec.linear[0], [q, k, v])
+        spec.linear[0].weight = np.concatenate([q, k, v])
     else:
-        utils.fuse_linear(spec.linear[0], [q])
-        utils.fuse_linear(spec.linear[1], [k, v])
+        spec.linear[0].weight = q
+        spec.linear[1].weight = np.concatenate([k, v])
     spec.linear[-1].weight = weights.get(f"{prefix}.o.weight", (d, inner))
 
 
