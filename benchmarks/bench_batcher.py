@@ -163,18 +163,32 @@ async def section_overhead(engine: Any, tmp: Path, jobs: int) -> dict[str, Any]:
 
 
 # -- store -----------------------------------------------------------------------------------------
+FLOOR_WORK_S = 0.0002
+
+
+def spin(seconds: float) -> float:
+    """A fixed CPU-only task timed like a submit: its tail is what the machine's load alone adds
+    (on a shared 2-core machine a thread is preempted for milliseconds now and then)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pass
+    return time.perf_counter() - t0
+
+
 async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
     gate = threading.Event()
     held = TimedEngine(engine, gate=gate)
     svc = await with_service(held, tmp / "store.db", max_queue_size=queued + 1000)
     params = DecodingParams(max_new_tokens=8)
     submit_s: list[float] = []
+    floor_s: list[float] = []
     ids = []
     for i in range(queued):
         t0 = time.perf_counter()
         view = await svc.submit("bench", [PROMPT.format(i=i)], params)
         submit_s.append(time.perf_counter() - t0)
         ids.append(view.job.id)
+        floor_s.append(spin(FLOOR_WORK_S))
     depth = svc.queue_depth()
     rng = random.Random(0)
     get_s, position_s = [], []
@@ -205,6 +219,7 @@ async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
         "get_with_position_random": stats(get_s),
         "store_position_random": stats(position_s),
         "get_with_position_last": stats(worst_s),
+        "noise_floor_spin": stats(floor_s),
     }
 
 
@@ -281,7 +296,7 @@ async def main(args: argparse.Namespace) -> int:
     sections = set(args.sections.split(","))
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
     print(f"{out['date']}  {out['machine']}", flush=True)
-    engine = None
+    engine: Any = None
     if sections & {"speedup", "overhead", "store"}:
         engine = load_engine(Path(args.model_dir))
     with tempfile.TemporaryDirectory() as d:
@@ -323,7 +338,13 @@ def print_tables(out: dict[str, Any]) -> None:
             )
     if "store" in out:
         st = out["store"]
-        for key in ("submit_all", "submit_last_1000", "get_with_position_random", "get_with_position_last"):
+        for key in (
+            "submit_all",
+            "submit_last_1000",
+            "get_with_position_random",
+            "get_with_position_last",
+            "noise_floor_spin",
+        ):
             v = st[key]
             print(
                 f"| {key} with {st['queued']} queued (p50 / p99 / max) | {v['p50_ms']:.3f} / "
