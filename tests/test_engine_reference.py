@@ -6,10 +6,15 @@ expensive part). Both layouts: "flan" (gated-GELU, untied) and "t5" (ReLU, tied,
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine.model.convert import convert_checkpoint
+from engine.runtime.ct2 import DecodeOptions
 from engine.runtime.engine import Engine
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
@@ -111,3 +116,68 @@ def test_reference_models_differ(references: dict[str, Reference]) -> None:
     assert len({tuple(ids) for ids in flan}) == len(PROMPTS)
     assert flan != references["t5"].expected["greedy"]
     assert all(len(ids) > 0 for ids in flan)
+
+
+# -- a model that emits the decoder-start id -------------------------------------------------------
+# Transformers' repetition penalty and no-repeat-ngram see the decoder-start token (pad, 0) and
+# CTranslate2's do not; trained checkpoints never emit pad, so this model is made to: its pad row
+# of the lm_head copies the most used token's row, slightly scaled up.
+
+START_CASES: list[dict[str, Any]] = [
+    {"max_new_tokens": 24, "repetition_penalty": 1.3},
+    {"max_new_tokens": 24, "no_repeat_ngram_size": 2},
+    {"max_new_tokens": 24, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
+]
+
+
+class StartEmitting:
+    def __init__(self, root: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        base = Engine(models.converted_model("flan", "float32"), compute_type="float32")
+        common = Counter(t for r in base.generate(PROMPTS, max_new_tokens=24) for t in r.token_ids)
+        token = common.most_common(1)[0][0]
+        self.hf_dir = root / "hf"
+        shutil.copytree(models.hf_checkpoint("flan"), self.hf_dir)
+        weights = load_file(self.hf_dir / "model.safetensors")
+        weights["lm_head.weight"][0] = weights["lm_head.weight"][token] * 1.05
+        save_file(weights, self.hf_dir / "model.safetensors", metadata={"format": "pt"})
+        convert_checkpoint(self.hf_dir, root / "ct2", quantization="float32", random_weights=True)
+        self.engine = Engine(root / "ct2", compute_type="float32")
+        self.input_ids = [tuple(ids) for ids in self.engine.tokenize(PROMPTS)]
+        self.expected = run_reference(
+            self.hf_dir, [{"input_ids": [list(x) for x in self.input_ids], "params": p} for p in START_CASES]
+        )
+
+
+@pytest.fixture(scope="module")
+def start_emitting(tmp_path_factory: pytest.TempPathFactory) -> StartEmitting:
+    return StartEmitting(tmp_path_factory.mktemp("start-emitting"))
+
+
+@pytest.mark.parametrize("case", range(len(START_CASES)))
+def test_processors_see_the_decoder_start_token(start_emitting: StartEmitting, case: int) -> None:
+    model, params = start_emitting, START_CASES[case]
+    expected = model.expected[case]
+    assert any(0 in ids for ids in expected), "the model must emit pad for this test to mean anything"
+    ours = [list(r.token_ids) for r in model.engine.generate(PROMPTS, **params)]
+    assert ours == expected
+    # CTranslate2 alone differs here: this is what the hand-over to our decoder fixes.
+    options = DecodeOptions.from_params(DecodingParams.from_dict(params))
+    raw = [list(h.token_ids) for h in model.engine.translator.translate(model.input_ids, options)]
+    assert raw != expected
+
+
+def test_handed_over_rows_stream_exactly_once(start_emitting: StartEmitting) -> None:
+    model = start_emitting
+    params = DecodingParams.from_dict(START_CASES[0])
+    requests = [GenerationRequest(ids, params) for ids in model.input_ids]
+    seen: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+
+    def on_token(index: int, token_id: int) -> bool:
+        seen[index].append(token_id)
+        return False
+
+    results = model.engine.generate_requests(requests, on_token)
+    assert [list(r.token_ids) for r in results] == model.expected[0]
+    assert [seen[i] for i in range(len(requests))] == model.expected[0]

@@ -185,32 +185,67 @@ class Engine:
         cancelled = [False] * len(group)
         counts = [0] * len(group)
         eos = self.manifest.eos_token_id
+        start = self.manifest.decoder_start_token_id
+        # Transformers' repetition penalty and no-repeat-ngram also see the decoder-start token,
+        # CTranslate2's do not: the two agree until the model emits that id itself. In float32,
+        # where token-exactness is the promise, such a row stops there and is finished by our own
+        # decoder, which keeps the decoder-start token in its history as Transformers does.
+        exact = (
+            params[0].strategy is Strategy.GREEDY
+            and (params[0].repetition_penalty != 1.0 or params[0].no_repeat_ngram_size > 0)
+            and self.compute_type == "float32"
+        )
+        handed_over: set[int] = set()
 
         def on_step(row: int, token_id: int) -> bool:
             if token_id == eos:
                 return False
+            if exact and token_id == start:
+                handed_over.add(row)
+                return True
             counts[row] += 1
-            stop = False
             if on_token is not None and on_token(group[row], token_id):
                 cancelled[row] = True
-                stop = True
-            return stop or counts[row] >= params[row].max_new_tokens
+                return True
+            return counts[row] >= params[row].max_new_tokens
 
         uniform = all(p.max_new_tokens == limit for p in params)
         callback: StepCallback | None = None
-        if options.beam_size == 1 and (on_token is not None or not uniform):
+        if options.beam_size == 1 and (on_token is not None or not uniform or exact):
             callback = on_step
         hyps = self.translator.translate(batch, options, on_step=callback, seed=seed)
         if options.beam_size > 1 and on_token is not None:
             for row, hyp in enumerate(hyps):
-                for token_id in hyp.token_ids:
+                for n, token_id in enumerate(hyp.token_ids, start=1):
                     if on_token(group[row], token_id):
                         cancelled[row] = True
+                        hyps[row] = replace(hyp, token_ids=hyp.token_ids[:n], ended_with_eos=False)
                         break
-        return {
-            index: self._result(requests[index], hyp, cancelled[row])
-            for row, (index, hyp) in enumerate(zip(group, hyps, strict=True))
-        }
+        results = {}
+        for row, (index, hyp) in enumerate(zip(group, hyps, strict=True)):
+            if row in handed_over:
+                results[index] = self._finish_exact(requests[index], index, counts[row], on_token)
+            else:
+                results[index] = self._result(requests[index], hyp, cancelled[row])
+        return results
+
+    def _finish_exact(
+        self, request: GenerationRequest, index: int, streamed: int, on_token: OnToken | None
+    ) -> Result:
+        """Greedy decoding of one request on our own decoder; its first ``streamed`` tokens were
+        already reported (they are the same: both decoders are exact up to there)."""
+        log.debug("request %d emitted the decoder-start id; finishing it on the exact decoder", index)
+        batch = self.contrastive_batch()
+        batch.add("0", request)
+        produced = 0
+        while True:
+            for event in batch.step():
+                if event.token_id >= 0:
+                    produced += 1
+                    if produced > streamed and on_token is not None and on_token(index, event.token_id):
+                        batch.cancel("0")
+                if event.result is not None:
+                    return event.result
 
     def _result(self, request: GenerationRequest, hyp: Hypothesis, cancelled: bool) -> Result:
         ids = hyp.token_ids[: request.params.max_new_tokens]
