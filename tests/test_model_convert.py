@@ -385,3 +385,149 @@ def test_convert_model_unreachable_hub_in_process(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelError, match="cannot be reached"):
         convert_model("google/flan-t5-small", tmp_path / "m", hub_timeout_s=1.0)
+
+
+def test_hub_id_converts_from_local_hub_cache_when_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a Hub id still converts when its files are in the Hub cache (huggingface_hub's layout)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cache"
+    commit = "0" * 40
+    repo = cache / "models--google--flan-t5-small"
+    shutil.copytree(models.hf_checkpoint("flan"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    manifest = convert_model("google/flan-t5-small", tmp_path / "m", "float32", hub_timeout_s=1.0)
+    assert (manifest.source, manifest.family, manifest.random_weights) == (
+        "google/flan-t5-small",
+        "t5-v1.1",
+        False,
+    )
+    input_ids = _input_ids(models.hf_checkpoint("flan"))
+    options = {"beam_size": 1, "max_decoding_length": 8}
+    assert _decode_ids(tmp_path / "m", input_ids, **options) == _decode_ids(
+        models.converted_model("flan"), input_ids, **options
+    )
+
+
+def _use_hub(monkeypatch: pytest.MonkeyPatch, url: str, cache: Path) -> None:
+    """Point huggingface_hub at ``url`` as HF_ENDPOINT would (it reads it at import, in two modules)."""
+    from huggingface_hub import constants, file_download
+
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+class _FakeHub:
+    """Just enough of the Hub's HTTP API for ``snapshot_download``: repo info, HEAD and GET of files."""
+
+    def __init__(self, repo_id: str, folder: Path, extra_files: dict[str, bytes]) -> None:
+        import hashlib
+        import http.server
+        import threading
+
+        self.commit = "1" * 40
+        self.files = {p.name: p.read_bytes() for p in folder.iterdir()} | extra_files
+        self.requested: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _file(self) -> tuple[str, bytes] | None:
+                prefix = f"/{repo_id}/resolve/"
+                if not self.path.startswith(prefix):
+                    return None
+                name = self.path[len(prefix) :].split("/", 1)[1]
+                return (name, hub.files[name]) if name in hub.files else None
+
+            def _headers(self, name: str, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"' + hashlib.sha1(body).hexdigest() + '"')
+                self.send_header("X-Repo-Commit", hub.commit)
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                found = self._file()
+                if found is None:
+                    self.send_error(404)
+                    return
+                self._headers(*found)
+
+            def do_GET(self) -> None:
+                if self.path.startswith(f"/api/models/{repo_id}"):
+                    siblings = [{"rfilename": n} for n in sorted(hub.files)]
+                    body = json.dumps({"id": repo_id, "sha": hub.commit, "siblings": siblings}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                found = self._file()
+                if found is None:
+                    self.send_error(404)
+                    return
+                hub.requested.append(found[0])
+                self._headers(*found)
+                self.wfile.write(found[1])
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_hub_download_fetches_only_needed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = {"tf_model.h5": b"x" * 1000, "flax_model.msgpack": b"y" * 1000, "pytorch_model.bin": b"z" * 1000}
+    hub = _FakeHub("acme/tiny-t5", models.hf_checkpoint("t5"), extra)
+    try:
+        _use_hub(monkeypatch, hub.url, tmp_path / "cache")
+        manifest = convert_model("acme/tiny-t5", tmp_path / "m", "float32", hub_timeout_s=2.0)
+    finally:
+        hub.close()
+    assert manifest.source == "acme/tiny-t5" and manifest.family == "t5"
+    assert "model.safetensors" in hub.requested and "spiece.model" in hub.requested
+    assert not set(extra) & set(hub.requested)
+    input_ids = _input_ids(models.hf_checkpoint("t5"))
+    options = {"beam_size": 1, "max_decoding_length": 8}
+    assert _decode_ids(tmp_path / "m", input_ids, **options) == _decode_ids(
+        models.converted_model("t5"), input_ids, **options
+    )
+
+
+def test_hub_download_falls_back_to_pytorch_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    hf_dir = models.hf_checkpoint("flan")
+    repo = tmp_path / "repo"
+    T5ForConditionalGeneration.from_pretrained(hf_dir).save_pretrained(repo, safe_serialization=False)
+    for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(hf_dir / name, repo / name)
+    hub = _FakeHub("acme/bin-only", repo, {})
+    try:
+        _use_hub(monkeypatch, hub.url, tmp_path / "cache")
+        convert_model("acme/bin-only", tmp_path / "m", "float32", hub_timeout_s=2.0)
+    finally:
+        hub.close()
+    assert "pytorch_model.bin" in hub.requested
+    input_ids = _input_ids(hf_dir)
+    options = {"beam_size": 1, "max_decoding_length": 8}
+    assert _decode_ids(tmp_path / "m", input_ids, **options) == _decode_ids(
+        models.converted_model("flan"), input_ids, **options
+    )
