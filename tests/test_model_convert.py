@@ -210,17 +210,21 @@ def test_sharded_and_bfloat16_checkpoints(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader.get(name), want)
 
 
-def test_safetensors_conversion_needs_neither_torch_nor_transformers(tmp_path: Path) -> None:
-    """A serving machine without torch converts: both imports are made to fail in the child."""
+def test_demo_checkpoint_and_conversion_need_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    """A serving machine without torch writes and converts a checkpoint: both imports fail in the child."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from pathlib import Path\n"
         "from engine.model.convert import convert_checkpoint\n"
-        "convert_checkpoint(sys.argv[1], sys.argv[2], quantization='float32')\n"
+        "from engine.model.demo import write_hf_checkpoint\n"
+        "from engine.model.shapes import TINY_T5\n"
+        "hf = write_hf_checkpoint(Path(sys.argv[1]), TINY_T5, 0)\n"
+        "convert_checkpoint(hf, sys.argv[2], quantization='float32')\n"
         "assert sys.modules['torch'] is None and sys.modules['transformers'] is None\n"
     )
     out = tmp_path / "m"
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(models.hf_checkpoint("t5")), str(out)],
+        [sys.executable, "-c", code, str(tmp_path / "hf"), str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -228,6 +232,9 @@ def test_safetensors_conversion_needs_neither_torch_nor_transformers(tmp_path: P
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (
+        models.hf_checkpoint("t5") / "model.safetensors"
+    ).read_bytes()
     input_ids = _input_ids(models.hf_checkpoint("t5"))
     options = {"beam_size": 2, "max_decoding_length": 10}
     assert _decode_ids(out, input_ids, **options) == _decode_ids(
