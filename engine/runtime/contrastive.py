@@ -25,7 +25,7 @@ from engine.errors import InvalidRequest, Overloaded
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
-from engine.runtime.t5 import DecoderCache, T5Runtime
+from engine.runtime.t5 import Array, DecoderCache, T5Runtime
 from engine.runtime.xp import to_numpy
 
 DEFAULT_MAX_ROWS = 256
@@ -97,6 +97,16 @@ def top_k(probs: np.ndarray, k: int) -> np.ndarray:
     at = np.flatnonzero(probs == kth)[: k - len(above)]
     chosen = np.concatenate([above, at])
     return chosen[np.lexsort((chosen, -probs[chosen]))]
+
+
+def degeneration_penalty(unit_hidden: Array, context: Array, lengths: np.ndarray) -> np.ndarray:
+    """max_j cos(g_i, C_j) per candidate [B, m]: one [m x d] by [d x t] product per sequence over
+    its unit-normalized candidates and context (positions past ``lengths[b]`` are not its context)."""
+    t = int(lengths.max())
+    cos = to_numpy(unit_hidden @ context[:, :t].swapaxes(-1, -2)).astype(np.float32, copy=False)
+    outside = np.arange(t)[None, None, :] >= lengths[:, None, None]
+    cos = np.where(outside, -np.inf, cos)
+    return np.asarray(cos.max(axis=-1), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------- batch state
@@ -202,36 +212,17 @@ class ContrastiveBatch:
         cache = self._cache
         assert cache is not None  # set whenever requests are active
         rt = self.runtime
-        xp = rt.xp
         batch = len(self._active)
         width = max(s.k for s in self._active)
 
         # 1. candidates from each sequence's processed next-step logits
-        scores = np.stack([s.logits for s in self._active if s.logits is not None])
-        for row, seq in enumerate(self._active):
-            process_logits(scores[row], seq.history, seq.params, rt.shape.eos_token_id)
-        probs = softmax_rows(scores)
-        tokens = np.empty((batch, width), dtype=np.int64)
-        cand_probs = np.zeros((batch, width), dtype=np.float32)
-        for row, seq in enumerate(self._active):
-            ids = top_k(probs[row], seq.k)
-            tokens[row, : seq.k] = ids
-            tokens[row, seq.k :] = ids[0]  # padding rows: computed, never chosen
-            cand_probs[row, : seq.k] = probs[row, ids]
-
+        tokens, cand_probs = self._candidates(width)
         # 2. one decoder step of B x width rows over the shared caches
         out = rt.decoder_step(cache, tokens)
-
-        # 3. degeneration penalty: max cosine with the context, then the contrastive score
+        # 3. the contrastive score: (1 - α) p - α max cosine with the context
         choice = np.zeros(batch, dtype=np.int64)
         if width > 1:
-            t = int(cache.lengths.max())
-            cos = xp.matmul(out.unit_hidden, cache.context[:, :t].swapaxes(-1, -2))  # [B, width, T]
-            penalty = to_numpy(cos).astype(np.float32)
-            penalty[
-                np.broadcast_to(np.arange(t)[None, None, :] >= cache.lengths[:, None, None], penalty.shape)
-            ] = -np.inf
-            degeneration = penalty.max(axis=-1)
+            degeneration = degeneration_penalty(out.unit_hidden, cache.context, cache.lengths)
             # (1 - α) is formed in double and then rounded, as torch does with a Python scalar.
             keep_p = np.array([[1.0 - s.alpha] for s in self._active], dtype=np.float32)
             alpha = np.array([[s.alpha] for s in self._active], dtype=np.float32)
@@ -263,6 +254,23 @@ class ContrastiveBatch:
         return events
 
     # ------------------------------------------------------------------ helpers
+    def _candidates(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's top-k token ids [B, width] and their probabilities (rows past a
+        sequence's own k repeat its best token and are never chosen)."""
+        batch = len(self._active)
+        scores = np.stack([s.logits for s in self._active if s.logits is not None])
+        for row, seq in enumerate(self._active):
+            process_logits(scores[row], seq.history, seq.params, self.runtime.shape.eos_token_id)
+        probs = softmax_rows(scores)
+        tokens = np.empty((batch, width), dtype=np.int64)
+        cand_probs = np.zeros((batch, width), dtype=np.float32)
+        for row, seq in enumerate(self._active):
+            ids = top_k(probs[row], seq.k)
+            tokens[row, : seq.k] = ids
+            tokens[row, seq.k :] = ids[0]
+            cand_probs[row, : seq.k] = probs[row, ids]
+        return tokens, cand_probs
+
     def _drop_cancelled(self) -> list[TokenEvent]:
         if not self._cancelled:
             return []

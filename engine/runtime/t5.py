@@ -439,11 +439,22 @@ class T5Runtime:
         return xp.matmul(h, ffn.wo)
 
     def _act(self, x: Array) -> Array:
+        """The activation, into a new array (``x`` may be a view of a larger one)."""
         xp = self.xp
         if self.shape.activation == _RELU:
             return xp.maximum(x, 0)
-        # gelu_new (tanh approximation), as Hugging Face's NewGELUActivation writes it.
-        return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * xp.power(x, 3.0))))
+        # gelu_new, Hugging Face's NewGELUActivation: 0.5 x (1 + tanh(c (x + 0.044715 x^3))), in
+        # place on one temporary (torch's pow(x, 3.0) is x * x * x; the 0.5 is an exact scaling).
+        t = x * x
+        t *= x
+        t *= self.dtype.type(0.044715)
+        t += x
+        t *= self.dtype.type(math.sqrt(2.0 / math.pi))
+        xp.tanh(t, out=t)
+        t += 1.0
+        t *= x
+        t *= 0.5
+        return t
 
     def _softmax_(self, scores: Array) -> Array:
         xp = self.xp
@@ -516,43 +527,64 @@ class T5Runtime:
         attends to that sequence's cached past (shared, not copied) plus its own new K/V entry."""
         xp, s = self.xp, self.shape
         batch, m = tokens.shape
-        h, d = s.num_heads, s.d_kv
         width = int(cache.lengths.max()) if batch else 0
         past_bias, own_bias = self._position_bias(cache.lengths, width)
         x = self.embeddings[xp.asarray(tokens.reshape(-1))]  # [B*m, d]
-        new_k = xp.empty((len(self.decoder), batch, m, h, d), dtype=self.dtype)
+        new_k = xp.empty((len(self.decoder), batch, m, s.num_heads, s.d_kv), dtype=self.dtype)
         new_v = xp.empty_like(new_k)
         for i, layer in enumerate(self.decoder):
-            qkv = (self._rms(x, layer.self_norm) @ layer.qkv).reshape(batch, m, 3, h, d)
-            new_k[i] = qkv[:, :, 1]
-            new_v[i] = qkv[:, :, 2]
-            q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # [B, H, m, D]
-            k_own = new_k[i].transpose(0, 2, 1, 3)
-            v_own = new_v[i].transpose(0, 2, 1, 3)
-            own = (q * k_own).sum(axis=-1, keepdims=True) + own_bias  # [B, H, m, 1]
-            if width:
-                past = xp.matmul(q, cache.self_k[i, :, :, :width].swapaxes(-1, -2))  # [B, H, m, T]
-                past += past_bias
-                top = xp.maximum(past.max(axis=-1, keepdims=True), own)
-                past -= top
-                xp.exp(past, out=past)
-                own = xp.exp(own - top)
-                denom = past.sum(axis=-1, keepdims=True) + own
-                attn = xp.matmul(past, cache.self_v[i, :, :, :width]) + own * v_own
-                attn /= denom
-            else:
-                attn = v_own  # a lone key: softmax weight 1
-            x = x + attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.self_out
-
-            q = (self._rms(x, layer.cross_norm) @ layer.cross_q).reshape(batch, m, h, d).transpose(0, 2, 1, 3)
-            scores = xp.matmul(q, cache.cross_k[i].swapaxes(-1, -2))  # [B, H, m, S]
-            scores += cache.cross_bias
-            attn = xp.matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
-            x = x + attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.cross_out
+            x = x + self._self_attention(x, layer, cache, i, new_k, new_v, past_bias, own_bias, width)
+            x = x + self._cross_attention(x, layer, cache, i, batch, m)
             x = x + self._ffn(x, layer.ffn)
         hidden = self._rms(x, self.decoder_norm).reshape(batch, m, s.d_model)
         unit = hidden / xp.sqrt(xp.square(hidden).sum(axis=-1, keepdims=True))
         return StepOutput(hidden, unit, new_k, new_v)
+
+    def _self_attention(
+        self,
+        x: Array,
+        layer: _DecoderLayer,
+        cache: DecoderCache,
+        i: int,
+        new_k: Array,
+        new_v: Array,
+        past_bias: Array,
+        own_bias: Array,
+        width: int,
+    ) -> Array:
+        xp = self.xp
+        _, batch, m, h, d = new_k.shape
+        qkv = (self._rms(x, layer.self_norm) @ layer.qkv).reshape(batch, m, 3, h, d)
+        new_k[i] = qkv[:, :, 1]
+        new_v[i] = qkv[:, :, 2]
+        q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # [B, H, m, D]
+        k_own = new_k[i].transpose(0, 2, 1, 3)
+        v_own = new_v[i].transpose(0, 2, 1, 3)
+        own = (q * k_own).sum(axis=-1, keepdims=True) + own_bias  # [B, H, m, 1]
+        if width:
+            # Softmax over [past keys, own key] without concatenating them.
+            past = xp.matmul(q, cache.self_k[i, :, :, :width].swapaxes(-1, -2))  # [B, H, m, T]
+            past += past_bias
+            top = xp.maximum(past.max(axis=-1, keepdims=True), own)
+            past -= top
+            xp.exp(past, out=past)
+            own = xp.exp(own - top)
+            denom = past.sum(axis=-1, keepdims=True) + own
+            attn = xp.matmul(past, cache.self_v[i, :, :, :width]) + own * v_own
+            attn /= denom
+        else:
+            attn = v_own  # a lone key: softmax weight 1
+        return attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.self_out
+
+    def _cross_attention(
+        self, x: Array, layer: _DecoderLayer, cache: DecoderCache, i: int, batch: int, m: int
+    ) -> Array:
+        xp, h, d = self.xp, self.shape.num_heads, self.shape.d_kv
+        q = (self._rms(x, layer.cross_norm) @ layer.cross_q).reshape(batch, m, h, d).transpose(0, 2, 1, 3)
+        scores = xp.matmul(q, cache.cross_k[i].swapaxes(-1, -2))  # [B, H, m, S]
+        scores += cache.cross_bias
+        attn = xp.matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
+        return attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.cross_out
 
     def logits(self, hidden: Array) -> Array:
         """lm_head on final-norm hidden states [R, d] -> [R, V] (float32)."""
