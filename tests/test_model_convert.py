@@ -184,8 +184,8 @@ def test_mt5_family_converts(tmp_path: Path) -> None:
     )
 
 
-def test_sharded_and_bfloat16_checkpoints(tmp_path: Path) -> None:
-    """Sharded safetensors (an index) and bfloat16 weights, as Transformers writes them."""
+def test_sharded_bfloat16_and_float16_checkpoints(tmp_path: Path) -> None:
+    """Sharded safetensors (an index), bfloat16 and float16 weights, as Transformers writes them."""
     import torch
     from transformers import T5ForConditionalGeneration
 
@@ -202,12 +202,22 @@ def test_sharded_and_bfloat16_checkpoints(tmp_path: Path) -> None:
     expected = _decode_ids(models.converted_model("flan"), input_ids, **options)
     assert _decode_ids(tmp_path / "out-sharded", input_ids, **options) == expected
 
-    bf16 = tmp_path / "bf16"
-    model.to(torch.bfloat16).save_pretrained(bf16)
-    reader = SafetensorsFile(bf16 / "model.safetensors")
-    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
-    want = model.state_dict()[name].float().numpy()
-    np.testing.assert_array_equal(reader.get(name), want)
+    from ctranslate2.converters import TransformersConverter
+
+    for dtype in (torch.bfloat16, torch.float16):
+        half = tmp_path / str(dtype).split(".")[-1]
+        model.to(dtype).save_pretrained(half)
+        for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(hf_dir / name, half / name)
+        name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+        want = model.state_dict()[name].float().numpy()
+        np.testing.assert_array_equal(
+            SafetensorsFile(half / "model.safetensors").get(name).astype(np.float32), want
+        )
+        ours, theirs = half.with_name(half.name + "-ours"), half.with_name(half.name + "-ct2")
+        convert_checkpoint(half, ours, quantization="float32")
+        TransformersConverter(str(half)).convert(str(theirs), quantization="float32")
+        assert _decode_ids(ours, input_ids, **options) == _decode_ids(theirs, input_ids, **options), dtype
 
 
 def test_demo_checkpoint_and_conversion_need_neither_torch_nor_transformers(tmp_path: Path) -> None:
@@ -538,3 +548,27 @@ def test_hub_download_falls_back_to_pytorch_bin(tmp_path: Path, monkeypatch: pyt
     assert _decode_ids(tmp_path / "m", input_ids, **options) == _decode_ids(
         models.converted_model("flan"), input_ids, **options
     )
+
+
+def test_vocabulary_names_every_id_once() -> None:
+    from dataclasses import replace
+
+    from engine.model.checkpoint import load_checkpoint
+    from engine.model.spec import vocabulary
+
+    ckpt = load_checkpoint(models.hf_checkpoint("flan"))
+    pieces = Tokenizer(ckpt.tokenizer.spiece).sp_vocab_size
+    tokens = vocabulary(ckpt)
+    assert len(tokens) == len(set(tokens)) == 32128
+    assert tokens[:3] == ["<pad>", "</s>", "<unk>"]
+    assert (tokens[pieces], tokens[pieces + 99], tokens[pieces + 100]) == (
+        "<extra_id_99>",
+        "<extra_id_0>",
+        "<extra_id_100>",
+    )
+    # mT5-like: room for only 28 sentinels past the pieces; they fit, named as T5Tokenizer would.
+    tight = replace(ckpt, shape=replace(ckpt.shape, vocab_size=pieces + 28))
+    tokens = vocabulary(tight)
+    assert len(tokens) == len(set(tokens)) == pieces + 28 and tokens[-1] == "<extra_id_0>"
+    with pytest.raises(ModelError, match="does not belong"):
+        vocabulary(replace(ckpt, shape=replace(ckpt.shape, vocab_size=pieces - 1)))

@@ -40,14 +40,16 @@ def vocabulary(ckpt: Checkpoint) -> list[str]:
     sp = spm.SentencePieceProcessor()
     sp.Load(str(ckpt.tokenizer.spiece))
     pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
-    extra = ckpt.tokenizer.extra_ids
-    tokens = pieces + [f"<extra_id_{extra - 1 - k}>" for k in range(extra)]
     size = ckpt.shape.vocab_size
-    if len(tokens) > size:
+    if len(pieces) > size:
         raise ModelError(
-            f"the tokenizer has {len(pieces)} pieces + {extra} sentinels = {len(tokens)} tokens, more than "
-            f"config.json's vocab_size {size}: spiece.model does not belong to this checkpoint"
+            f"spiece.model has {len(pieces)} pieces, more than config.json's vocab_size {size}: "
+            "the tokenizer does not belong to this checkpoint"
         )
+    # A checkpoint without tokenizer_config.json gets T5Tokenizer's default of 100 sentinels; mT5's
+    # vocabulary has room for fewer, so only those that fit are named as sentinels.
+    extra = min(ckpt.tokenizer.extra_ids, size - len(pieces))
+    tokens = pieces + [f"<extra_id_{extra - 1 - k}>" for k in range(extra)]
     tokens += [f"<extra_id_{extra + i}>" for i in range(size - len(tokens))]
     return tokens
 
