@@ -134,22 +134,32 @@ async def section_speedup(engine: EngineLike, tmp: Path, reps: int) -> dict[str,
 async def section_overhead(engine: Any, tmp: Path, jobs: int) -> dict[str, Any]:
     timed = TimedEngine(engine)
     params = DecodingParams(max_new_tokens=32, min_new_tokens=32)
+    from tests.fakes import FakeEngine
+
+    # The FakeEngine answers at once: its whole latency is the queue path (store, scheduler,
+    # worker thread hand-offs, result write).
+    instant = TimedEngine(engine)
+    instant.inner = FakeEngine()
     services = {
-        "delay_0ms": await with_service(timed, tmp / "overhead0.db", max_queue_delay_ms=0.0),
-        "delay_5ms": await with_service(timed, tmp / "overhead5.db", max_queue_delay_ms=5.0),
+        "delay_0ms": (timed, await with_service(timed, tmp / "overhead0.db", max_queue_delay_ms=0.0)),
+        "delay_5ms": (timed, await with_service(timed, tmp / "overhead5.db", max_queue_delay_ms=5.0)),
+        "instant_engine_delay_0ms": (
+            instant,
+            await with_service(instant, tmp / "overhead_fake.db", max_queue_delay_ms=0.0),
+        ),
     }
     overhead: dict[str, list[float]] = {k: [] for k in services}
     engine_s: dict[str, list[float]] = {k: [] for k in services}
     for i in range(jobs):
-        for name, svc in services.items():  # interleaved
+        for name, (eng, svc) in services.items():  # interleaved
             t0 = time.perf_counter()
             view = await svc.submit("bench", [PROMPT.format(i=i)], params)
             await svc.wait("bench", view.job.id)
             latency = time.perf_counter() - t0
-            call = timed.call_seconds[-1]
+            call = eng.call_seconds[-1]
             overhead[name].append(latency - call)
             engine_s[name].append(call)
-    for svc in services.values():
+    for _, svc in services.values():
         await svc.stop()
     return {
         name: {
@@ -181,22 +191,25 @@ async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
     svc = await with_service(held, tmp / "store.db", max_queue_size=queued + 1000)
     params = DecodingParams(max_new_tokens=8)
     submit_s: list[float] = []
+    submit_cpu_s: list[float] = []  # this thread's CPU time: the wall time less preemption waits
     floor_s: list[float] = []
     ids = []
     for i in range(queued):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         view = await svc.submit("bench", [PROMPT.format(i=i)], params)
         submit_s.append(time.perf_counter() - t0)
+        submit_cpu_s.append(time.thread_time() - c0)
         ids.append(view.job.id)
         floor_s.append(spin(FLOOR_WORK_S))
     depth = svc.queue_depth()
     rng = random.Random(0)
-    get_s, position_s = [], []
+    get_s, get_cpu_s, position_s = [], [], []
     for _ in range(2000):
         job_id = rng.choice(ids)
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         await svc.get("bench", job_id)
         get_s.append(time.perf_counter() - t0)
+        get_cpu_s.append(time.thread_time() - c0)
         t0 = time.perf_counter()
         svc.store.position(job_id)
         position_s.append(time.perf_counter() - t0)
@@ -216,6 +229,8 @@ async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
         "queued": depth,
         "submit_all": stats(submit_s),
         "submit_last_1000": stats(submit_s[-1000:]),
+        "submit_cpu_time": stats(submit_cpu_s),
+        "get_with_position_cpu_time": stats(get_cpu_s),
         "get_with_position_random": stats(get_s),
         "store_position_random": stats(position_s),
         "get_with_position_last": stats(worst_s),
@@ -341,7 +356,9 @@ def print_tables(out: dict[str, Any]) -> None:
         for key in (
             "submit_all",
             "submit_last_1000",
+            "submit_cpu_time",
             "get_with_position_random",
+            "get_with_position_cpu_time",
             "get_with_position_last",
             "noise_floor_spin",
         ):
