@@ -25,7 +25,9 @@ from engine.model.tokenizer import Tokenizer
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = [sys.executable, "-m", "engine"]
+# The installed console script, as users run it (python -m engine where it is not installed).
+_SCRIPT = Path(sys.executable).with_name("engine")
+ENGINE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "engine"]
 PROMPTS = [
     "Translate to German: the house is wonderful.",
     "hi",

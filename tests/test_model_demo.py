@@ -25,6 +25,8 @@ from engine.model.tokenizer import Tokenizer
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).with_name("engine")
+ENGINE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "engine"]
 
 
 def test_presets_are_flan_t5s_shapes() -> None:
@@ -123,9 +125,7 @@ def test_cli_demo_model_small(tmp_path: Path) -> None:
     out, hf = tmp_path / "demo", tmp_path / "demo-hf"
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "engine",
+            *ENGINE,
             "demo-model",
             "--output",
             str(out),
@@ -166,7 +166,7 @@ def test_cli_demo_model_small(tmp_path: Path) -> None:
     )
     assert len(result[0].hypotheses[0]) == 8
     again = subprocess.run(
-        [sys.executable, "-m", "engine", "demo-model", "--output", str(out)],
+        [*ENGINE, "demo-model", "--output", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
