@@ -6,10 +6,10 @@ rebuilt:
   .venv/bin/python scripts/build_demo_tokenizer.py            # retrain spiece from the shipped corpus
   .venv/bin/python scripts/build_demo_tokenizer.py --corpus   # also re-extract the corpus
 
-The corpus is English prose from the docstrings of CPython's standard library (PSF license),
-read with ``ast`` (nothing is imported or run). Re-extracting it on another Python version gives
-another corpus; retraining on the shipped corpus gives the shipped tokenizer byte for byte
-(``tests/test_tokenizer.py`` checks that).
+The corpus is English prose from the docstrings of CPython's standard library (PSF license, see
+engine/model/data/PSF-LICENSE.txt), read with ``ast`` (nothing is imported or run). Re-extracting
+it on another Python version gives another corpus; retraining on the shipped corpus gives the
+shipped tokenizer byte for byte (``tests/test_tokenizer.py`` checks that).
 """
 
 from __future__ import annotations
