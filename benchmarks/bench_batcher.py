@@ -4,8 +4,8 @@
             max_batch_size 1 on the same server and engine, interleaved and repeated.
   overhead  one job at a time: submit-to-result latency minus the engine call's own time.
   store     10,000 jobs queued (the engine held): submit and position-read latencies.
-  lengths   mixed max_new_tokens (8 and 96) with the FakeEngine's cost model: group all lengths,
-            cap the spread (factor 2), or only equal lengths; which keeps short jobs fast.
+  lengths   mixed max_new_tokens (half short: 8/12/16, half long: 64/96/128) with the FakeEngine's
+            cost model: group all lengths, cap the spread (factor 2), or only equal lengths.
 
 The first three use the real Engine on a FLAN-T5-small-shaped int8 demo model (random weights),
 built once under benchmarks/out/models. Figures are printed and saved to
@@ -239,6 +239,10 @@ async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
 
 
 # -- lengths (FakeEngine) --------------------------------------------------------------------------
+SHORT = (8, 12, 16)
+LONG = (64, 96, 128)
+
+
 async def lengths_run(ratio: float, seed: int, jobs: int, rate_per_s: float) -> dict[str, Any]:
     from engine.serving.batching import BatchLimits
     from tests.fakes import FakeEngine
@@ -258,14 +262,14 @@ async def lengths_run(ratio: float, seed: int, jobs: int, rate_per_s: float) -> 
         return n, time.perf_counter() - t0
 
     for i in range(jobs):
-        n = 8 if rng.random() < 0.5 else 96
+        n = rng.choice(SHORT if rng.random() < 0.5 else LONG)
         waits.append(asyncio.create_task(one(i, n)))
         await asyncio.sleep(rng.expovariate(rate_per_s))
     results = await asyncio.gather(*waits)
     makespan = time.perf_counter() - t_start
     await svc.stop()
-    short = [t for n, t in results if n == 8]
-    long = [t for n, t in results if n == 96]
+    short = [t for n, t in results if n in SHORT]
+    long = [t for n, t in results if n in LONG]
     return {
         "short_p50_s": pct(short, 50),
         "short_p90_s": pct(short, 90),
@@ -326,7 +330,7 @@ async def main(args: argparse.Namespace) -> int:
             print(f"store: {args.queued} jobs queued", flush=True)
             out["store"] = await section_store(engine, tmp, args.queued)
     if "lengths" in sections:
-        print("lengths: mixed max_new_tokens 8 / 96 (FakeEngine cost model)", flush=True)
+        print("lengths: mixed max_new_tokens 8-16 / 64-128 (FakeEngine cost model)", flush=True)
         out["lengths"] = await section_lengths(args.reps)
     out["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     OUT.mkdir(parents=True, exist_ok=True)

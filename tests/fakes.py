@@ -3,8 +3,8 @@
 
 Outputs are a deterministic function of the input ids (``expected_tokens``), so a test can check
 every job's result. Time is a cost model: each decoder step sleeps ``step_delay_s`` plus
-``row_delay_s`` per row of the call, and a batched call runs until its longest row is done, as a
-CTranslate2 call does; so batching pays off and a long row keeps short ones waiting.
+``row_delay_s`` per unfinished row, and a batched call returns when its longest row is done, as a
+CTranslate2 call does; so batching pays off, and a long row keeps short ones waiting for their results.
 A prompt word ``eos:N`` makes that prompt end with EOS after N tokens; the contrastive batch refuses
 prompts with the word ``reject``.
 """
@@ -217,7 +217,7 @@ class FakeEngine:
             results: list[Result | None] = [None] * len(rows)
             steps = 0
             while any(r is None for r in results):
-                self._sleep(len(rows))  # finished rows still cost, as in one CTranslate2 call
+                self._sleep(sum(r is None for r in results))  # finished rows drop out, as in CTranslate2
                 steps += 1
                 for i, row in enumerate(rows):
                     if results[i] is not None:

@@ -261,3 +261,35 @@ def test_the_loops_survive_a_store_outage() -> None:
         await svc.stop()
 
     run(body)
+
+
+def test_the_engine_worker_runs_calls_in_order_on_its_own_thread() -> None:
+    import pytest
+
+    from engine.serving.worker import EngineWorker
+
+    async def body() -> None:
+        worker = EngineWorker()
+        main = threading.get_ident()
+        seen: list[int] = []
+
+        def call(n: int) -> int:
+            assert threading.get_ident() != main
+            seen.append(n)
+            return n * n
+
+        assert await asyncio.gather(*(worker.run(call, n) for n in range(5))) == [0, 1, 4, 9, 16]
+        assert seen == [0, 1, 2, 3, 4]
+
+        def boom() -> None:
+            raise ValueError("engine said no")
+
+        with pytest.raises(ValueError, match="engine said no"):
+            await worker.run(boom)
+        assert await worker.run(call, 6) == 36  # still serving after a failure
+        worker.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            await worker.run(call, 7)
+        await until(lambda: not worker.alive)
+
+    run(body)
