@@ -10,11 +10,10 @@ output under a temporary name and renamed at the end, so a failure leaves nothin
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from engine.errors import InvalidRequest, ModelError
@@ -96,7 +95,9 @@ def convert_checkpoint(
     if output.resolve() == folder.resolve() or output.resolve() in folder.resolve().parents:
         raise ModelError(f"output {output} would replace the checkpoint it converts; choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    # Not mkdtemp: its folder is private (0700), and this one becomes the model folder.
+    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
         if ckpt.has_safetensors:
             _convert_safetensors(ckpt, staging, quantization)
@@ -105,7 +106,6 @@ def convert_checkpoint(
         shutil.copyfile(ckpt.tokenizer.spiece, staging / TOKENIZER_NAME)
         manifest = _manifest(ckpt, source or str(folder), quantization, random_weights)
         manifest.save(staging)
-        _chmod_like_mkdir(staging)
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -113,13 +113,6 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    # mkdtemp makes the folder private (0700); the finished model folder gets the usual mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
 
 
 def _convert_safetensors(ckpt: Checkpoint, staging: Path, quantization: str) -> None:

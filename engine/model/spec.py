@@ -107,29 +107,22 @@ def _set_stack(
     emb_spec = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
     emb_spec.weight = embeddings
     spec.scale_embeddings = False
-    first_self_attention = None
+    # T5 computes the position bias in the first layer of a stack and reuses it in the others.
+    first = spec.layer[0].self_attention
+    first.relative_attention_bias = weights.get(
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        (shape.relative_attention_num_buckets, shape.num_heads),
+    )
+    first.relative_attention_max_distance = np.dtype("int32").type(shape.relative_attention_max_distance)
     for i, layer_spec in enumerate(spec.layer):
         prefix = f"{stack}.block.{i}.layer"
         _set_attention(
             layer_spec.self_attention, weights, shape, f"{prefix}.0.SelfAttention", self_attention=True
         )
         layer_spec.self_attention.layer_norm.gamma = weights.get(f"{prefix}.0.layer_norm.weight", (d,))
-        if i == 0:
-            first_self_attention = layer_spec.self_attention
-            bias_name = f"{prefix}.0.SelfAttention.relative_attention_bias.weight"
-            layer_spec.self_attention.relative_attention_bias = weights.get(
-                bias_name, (shape.relative_attention_num_buckets, shape.num_heads)
-            )
-            layer_spec.self_attention.relative_attention_max_distance = np.dtype("int32").type(
-                shape.relative_attention_max_distance
-            )
-        else:
-            # T5 computes the position bias in the first layer and reuses it in the others.
-            assert first_self_attention is not None
-            layer_spec.self_attention.relative_attention_bias = first_self_attention.relative_attention_bias
-            layer_spec.self_attention.relative_attention_max_distance = (
-                first_self_attention.relative_attention_max_distance
-            )
+        if i > 0:
+            layer_spec.self_attention.relative_attention_bias = first.relative_attention_bias
+            layer_spec.self_attention.relative_attention_max_distance = first.relative_attention_max_distance
         if is_decoder:
             _set_attention(
                 layer_spec.attention, weights, shape, f"{prefix}.1.EncDecAttention", self_attention=False
