@@ -71,7 +71,11 @@ def convert_model(
     if local.exists():
         folder = local
     elif hub.looks_like_hub_id(source):
-        folder = hub.download(source, timeout_s=hub_timeout_s)
+        try:
+            folder = hub.download(source, timeout_s=hub_timeout_s)
+        except ModelError as exc:
+            # "models/flan-t5" may be a mistyped local path as well as a Hub id: say both.
+            raise ModelError(f"there is no local folder {source}, and {exc.message}") from exc
     else:
         raise ModelError(
             f"checkpoint folder {source} does not exist (and it is not a Hugging Face Hub model id)"
