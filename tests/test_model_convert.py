@@ -574,3 +574,16 @@ def test_vocabulary_names_every_id_once() -> None:
     assert len(tokens) == len(set(tokens)) == pieces + 28 and tokens[-1] == "<extra_id_0>"
     with pytest.raises(ModelError, match="does not belong"):
         vocabulary(replace(ckpt, shape=replace(ckpt.shape, vocab_size=pieces - 1)))
+
+
+def test_architectures_checked(tmp_path: Path) -> None:
+    for archs, ok in ((["T5EncoderModel"], False), (["T5WithLMHeadModel"], True), ([], True)):
+        hf = tmp_path / f"hf-{len(archs)}-{ok}"
+        shutil.copytree(models.hf_checkpoint("t5"), hf)
+        config = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**config, "architectures": archs}))
+        if ok:
+            assert convert_checkpoint(hf, tmp_path / f"out-{hf.name}", quantization="int8").family == "t5"
+        else:
+            with pytest.raises(ModelError, match=r"needs T5ForConditionalGeneration"):
+                convert_checkpoint(hf, tmp_path / f"out-{hf.name}", quantization="int8")

@@ -20,6 +20,8 @@ from engine.model.safetensors_io import SafetensorsFile
 from engine.model.shapes import T5Shape
 
 ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
+# Early T5 checkpoints on the Hub name the same model by its old class name.
+_LEGACY_ARCHITECTURES = {"T5WithLMHeadModel"}
 DEFAULT_MAX_INPUT_LENGTH = 512
 # Transformers writes a huge integer as model_max_length when a tokenizer has no limit.
 _SANE_MAX_LENGTH = 1_000_000
@@ -108,7 +110,7 @@ def _family(config: dict[str, Any], path: Path) -> str:
             "engine converts T5-family encoder-decoders only: original T5, T5 v1.1 / FLAN-T5 "
             "(model_type 't5') and mT5 ('mt5')"
         )
-    if archs and ARCHITECTURES[model_type] not in archs:
+    if archs and not ({ARCHITECTURES[model_type]} | _LEGACY_ARCHITECTURES) & set(archs):
         raise ModelError(
             f"{path / 'config.json'} lists architectures {archs}; engine needs "
             f"{ARCHITECTURES[model_type]} (encoder, decoder and language-model head)"
