@@ -202,9 +202,9 @@ class DecoderCache:
         if len(idx) == 0:
             return
         width = self._used_width(self.cross_bias[idx])
-        t_cap = self.capacity
-        self.self_k = self.self_k[:, idx, :, :t_cap]
-        self.self_v = self.self_v[:, idx, :, :t_cap]
+        # Fancy indexing copies: the dropped rows' memory goes with the old arrays.
+        self.self_k = self.self_k[:, idx]
+        self.self_v = self.self_v[:, idx]
         self.cross_k = self.cross_k[:, idx, :, :width]
         self.cross_v = self.cross_v[:, idx, :, :width]
         self.cross_bias = self.xp.ascontiguousarray(self.cross_bias[idx, ..., :width])
