@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime.ct2 import DecodeOptions
     from engine.runtime.engine import Engine
     from engine.runtime.params import DecodingParams
+    from engine.runtime.result import GenerationRequest
 
     paths = ensure_models()
     torch.set_num_threads(args.threads)
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = int8.tokenize([prompt])[0]
     n = args.new_tokens
     params = {"max_new_tokens": n, "min_new_tokens": n}
+    decoding = DecodingParams.from_dict(params)
     hf = None
     if not args.no_baseline:
         hf = T5ForConditionalGeneration.from_pretrained(paths["hf"], dtype=torch.float32).eval()
@@ -149,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                 return results
 
             contenders[name] = run_engine
+
+        def run_streaming(e: Engine = int8, b: int = batch) -> object:
+            # The server always streams: one Python callback per token and row.
+            requests = [GenerationRequest(prompt_ids, decoding)] * b
+            results = e.generate_requests(requests, lambda index, token_id: False)
+            assert all(len(r.token_ids) == n for r in results)
+            return results
+
+        contenders["engine int8 + on_token"] = run_streaming
         if args.explore:
             contenders.update(
                 explore_variants(

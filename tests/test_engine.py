@@ -288,10 +288,15 @@ def test_on_token_exception_propagates(engine: Engine) -> None:
 
 def test_beam_search_reports_tokens_after_the_search(engine: Engine) -> None:
     ids = engine.tokenize(prompts_of_lengths(engine, [5], seed=13))
-    request = GenerationRequest(ids[0], DecodingParams(max_new_tokens=10, num_beams=4))
+    request = GenerationRequest(ids[0], DecodingParams(max_new_tokens=10, min_new_tokens=10, num_beams=4))
     seen: list[int] = []
     (r,) = engine.generate_requests([request], lambda i, t: bool(seen.append(t)))
     assert tuple(seen) == r.token_ids
+    assert len(r.token_ids) == 10
+    # A stop request keeps what was reported before it, as in greedy.
+    (stopped,) = engine.generate_requests([request], lambda i, t: t == r.token_ids[2])
+    assert stopped.finish_reason is FinishReason.CANCELLED
+    assert stopped.token_ids == r.token_ids[: r.token_ids.index(r.token_ids[2]) + 1]
 
 
 # -- quantization ----------------------------------------------------------------------------------

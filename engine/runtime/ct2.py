@@ -7,14 +7,15 @@ a padded vocabulary repeats a string); beam search cannot take a callback and ma
 What maps one to one (checked against Transformers by tests/test_engine_reference.py):
 greedy, beam search (``num_beams``, ``length_penalty``), ``min_new_tokens`` -> ``min_decoding_length``,
 ``max_new_tokens`` -> ``max_decoding_length`` (both count the EOS, as in Transformers), and in greedy
-``repetition_penalty`` and ``no_repeat_ngram_size``. Where the two differ, and why:
+``repetition_penalty`` and ``no_repeat_ngram_size``. Where the two differ, and what is done:
 - CTranslate2 leaves the decoder-start token out of the history that ``repetition_penalty`` and
-  ``no_repeat_ngram_size`` look at; Transformers keeps it in. The outputs differ only after the
-  model emits the decoder-start id itself (pad, 0), which trained T5 checkpoints do not do.
+  ``no_repeat_ngram_size`` look at; Transformers keeps it in. The outputs differ only once the
+  model emits the decoder-start id itself (pad, 0), which trained T5 checkpoints do not do; the
+  Engine hands such greedy rows over to its own exact decoder in float32 (see engine.py).
 - In beam search CTranslate2 applies those processors (and ``min_new_tokens``) to the logits before
   its log-softmax, Transformers to the log-probabilities after it, so beam scores differ once a
   processor removes or scales a token. Beam search with processors is therefore close to, not
-  identical to, Transformers.
+  always identical to, Transformers; without processors it is identical.
 - Sampling draws from CTranslate2's own generator: reproducible for a seed, never equal to torch's.
 """
 
