@@ -1,9 +1,13 @@
-"""The SQLite job store: transitions, queue order, positions, exactly-once completion, purge."""
+"""The job stores (SQLite; Redis when a redis-server binary is installed): transitions, queue
+order, positions, exactly-once completion, recovery, purge. Both run the same tests."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +18,9 @@ from engine.runtime.params import DecodingParams
 from engine.runtime.result import Usage
 from engine.serving.batching import Lane, batch_key_text
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import open_store
+from engine.serving.store.base import JobStore, open_store
 from engine.serving.store.sqlite import SqliteJobStore
+from tests.fakes import redis_server
 
 NOW = 1_700_000_000.0
 CONTRASTIVE = DecodingParams(penalty_alpha=0.6, top_k=4)
@@ -37,14 +42,66 @@ def result(text: str = "out") -> JobResult:
     )
 
 
+class Backend:
+    """Opens stores over the same data, and simulates a crashed server coming back."""
+
+    def __init__(self, kind: str, tmp_path: Path, redis_url: str | None) -> None:
+        self.kind = kind
+        self.path = tmp_path / "sub" / "engine.db"
+        self.prefix = f"test:{uuid.uuid4().hex}:"
+        self.redis_url = redis_url
+        self.opened: list[JobStore] = []
+
+    def open(self) -> JobStore:
+        if self.kind == "sqlite":
+            s: JobStore = SqliteJobStore(self.path)
+        else:
+            from engine.serving.store.redis import RedisJobStore
+
+            assert self.redis_url is not None
+            s = RedisJobStore(self.redis_url, prefix=self.prefix, lease_s=REDIS_LEASE_S)
+        self.opened.append(s)
+        return s
+
+    def restart_after_crash(self, old: JobStore) -> JobStore:
+        """The server that ran ``old`` died; a new one starts on the same data."""
+        old.close()  # SQLite: nothing more; Redis: its leases stop being renewed
+        if self.kind == "redis":
+            time.sleep(REDIS_LEASE_S * 1.5)
+        return self.open()
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+
+
+REDIS_LEASE_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    if shutil.which("redis-server") is None:
+        yield None
+        return
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str | None) -> Iterator[Backend]:
+    if request.param == "redis" and redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    b = Backend(request.param, tmp_path, redis_url)
+    yield b
+    b.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
-    s = SqliteJobStore(tmp_path / "sub" / "engine.db")
-    yield s
-    s.close()
+def store(backend: Backend) -> JobStore:
+    return backend.open()
 
 
-def test_roundtrip_keeps_every_field(store: SqliteJobStore) -> None:
+def test_roundtrip_keeps_every_field(store: JobStore) -> None:
     params = DecodingParams(max_new_tokens=7, do_sample=True, temperature=0.5, seed=9)
     j = Job(id="a", owner="bob", prompts=("hello", "world"), params=params, created_at=NOW, model="m")
     entry = store.enqueue(j, prompt_tokens=11)
@@ -69,7 +126,7 @@ def test_database_is_in_wal_mode_and_its_folder_is_created(tmp_path: Path) -> No
     s.close()
 
 
-def test_positions_count_queued_jobs_ahead(store: SqliteJobStore) -> None:
+def test_positions_count_queued_jobs_ahead(store: JobStore) -> None:
     for i in range(5):
         store.enqueue(job(i), 3)
     assert [store.position(f"job{i}") for i in range(5)] == [0, 1, 2, 3, 4]
@@ -123,7 +180,7 @@ def test_positions_match_the_database_through_any_sequence_of_changes(tmp_path: 
     reopened.close()
 
 
-def test_queued_lists_a_lane_and_key_oldest_first(store: SqliteJobStore) -> None:
+def test_queued_lists_a_lane_and_key_oldest_first(store: JobStore) -> None:
     store.enqueue(job(0), 1)
     store.enqueue(job(1, CONTRASTIVE), 1)
     store.enqueue(job(2, DecodingParams(num_beams=2)), 1)
@@ -135,7 +192,7 @@ def test_queued_lists_a_lane_and_key_oldest_first(store: SqliteJobStore) -> None
     assert [e.job_id for e in store.queued(Lane.BATCH, 1)] == ["job0"]
 
 
-def test_claim_takes_only_queued_jobs(store: SqliteJobStore) -> None:
+def test_claim_takes_only_queued_jobs(store: JobStore) -> None:
     for i in range(3):
         store.enqueue(job(i), 1)
     store.cancel("job1", NOW)
@@ -144,10 +201,12 @@ def test_claim_takes_only_queued_jobs(store: SqliteJobStore) -> None:
     assert store.claim(["job0"], NOW) == []  # already running
 
 
-def test_completion_is_exactly_once_per_attempt(store: SqliteJobStore) -> None:
+def test_completion_is_exactly_once_per_attempt(backend: Backend, store: JobStore) -> None:
     store.enqueue(job(0), 1)
     store.claim(["job0"], NOW)
-    assert store.requeue_running() == ["job0"]  # a restart: the first worker is presumed dead
+    stale = store
+    store = backend.restart_after_crash(stale)
+    assert store.requeue_running() == ["job0"]  # the first worker is presumed dead
     [again] = store.claim(["job0"], NOW + 5)
     assert again.attempts == 2
     assert not store.complete("job0", 1, result("stale"), NOW + 6)  # the old worker's late result
@@ -157,7 +216,7 @@ def test_completion_is_exactly_once_per_attempt(store: SqliteJobStore) -> None:
     assert done is not None and done.result is not None and done.result.completion[0] == "fresh"
 
 
-def test_cancel_queued_running_and_finished(store: SqliteJobStore) -> None:
+def test_cancel_queued_running_and_finished(store: JobStore) -> None:
     for i in range(3):
         store.enqueue(job(i), 1)
     cancelled = store.cancel("job0", NOW)
@@ -173,7 +232,7 @@ def test_cancel_queued_running_and_finished(store: SqliteJobStore) -> None:
     assert store.cancel("ghost", NOW) is None
 
 
-def test_fail_needs_the_right_state(store: SqliteJobStore) -> None:
+def test_fail_needs_the_right_state(store: JobStore) -> None:
     store.enqueue(job(0), 1)
     err = JobError("timeout", "too slow")
     assert not store.fail("job0", 1, err, NOW)  # not running
@@ -186,10 +245,11 @@ def test_fail_needs_the_right_state(store: SqliteJobStore) -> None:
     assert store.fail("job1", 1, err, NOW)
 
 
-def test_requeue_running_keeps_queue_order_and_attempts(store: SqliteJobStore) -> None:
+def test_requeue_running_keeps_queue_order_and_attempts(backend: Backend, store: JobStore) -> None:
     for i in range(4):
         store.enqueue(job(i), 1)
     store.claim(["job0", "job1"], NOW)
+    store = backend.restart_after_crash(store)
     assert sorted(store.requeue_running()) == ["job0", "job1"]
     assert [e.job_id for e in store.queued(Lane.BATCH, 10)] == ["job0", "job1", "job2", "job3"]
     j = store.get("job0")
@@ -197,7 +257,7 @@ def test_requeue_running_keeps_queue_order_and_attempts(store: SqliteJobStore) -
     assert store.requeue_running() == []
 
 
-def test_requeue_one_job_after_a_shutdown(store: SqliteJobStore) -> None:
+def test_requeue_one_job_after_a_shutdown(store: JobStore) -> None:
     store.enqueue(job(0), 1)
     store.claim(["job0"], NOW)
     assert not store.requeue("job0", 2)
@@ -205,7 +265,7 @@ def test_requeue_one_job_after_a_shutdown(store: SqliteJobStore) -> None:
     assert store.position("job0") == 0 and store.queue_depth() == 1
 
 
-def test_queued_before_finds_jobs_waiting_too_long(store: SqliteJobStore) -> None:
+def test_queued_before_finds_jobs_waiting_too_long(store: JobStore) -> None:
     store.enqueue(job(0, at=NOW - 100), 1)
     store.enqueue(job(1, at=NOW - 10), 1)
     store.enqueue(job(2, at=NOW - 200), 1)
@@ -213,7 +273,7 @@ def test_queued_before_finds_jobs_waiting_too_long(store: SqliteJobStore) -> Non
     assert store.queued_before(NOW - 50) == ["job0"]
 
 
-def test_purge_removes_only_finished_jobs_past_the_ttl(store: SqliteJobStore) -> None:
+def test_purge_removes_only_finished_jobs_past_the_ttl(store: JobStore) -> None:
     for i in range(4):
         store.enqueue(job(i, at=NOW - 1000), 1)
     store.claim(["job0", "job1"], NOW - 900)
@@ -237,8 +297,12 @@ def test_store_urls(tmp_path: Path) -> None:
         open_store(f"sqlite:///{tmp_path}/x.db?journal=off")
     with pytest.raises(InvalidRequest, match="synchronous must be normal or full"):
         open_store(f"sqlite:///{tmp_path}/x.db?synchronous=off")
-    with pytest.raises(InvalidRequest, match="Redis job store is not part of this build"):
-        open_store("redis://localhost:6379/0")
+    with pytest.raises(InvalidRequest, match="unknown option"):
+        open_store("redis://127.0.0.1:1/0?ttl=3")
+    with pytest.raises(InvalidRequest, match="lease_s must be a positive number"):
+        open_store("redis://127.0.0.1:1/0?lease_s=-1")
+    with pytest.raises(NotReady, match=r"cannot reach the Redis job store at redis://127\.0\.0\.1:1/0"):
+        open_store("redis://127.0.0.1:1/0?lease_s=5")
     with pytest.raises(InvalidRequest, match="not supported"):
         open_store("postgres://x/y")
     full = open_store(f"sqlite:///{tmp_path}/full.db?synchronous=full")
@@ -252,3 +316,63 @@ def test_a_closed_or_broken_store_is_not_ready(tmp_path: Path) -> None:
         s.get("a")
     with pytest.raises(NotReady):
         s.enqueue(job(0), 1)
+
+
+def test_redis_servers_share_one_queue_and_take_over_a_dead_servers_jobs(redis_url: str | None) -> None:
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    from engine.serving.store.redis import RedisJobStore
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    a = RedisJobStore(redis_url, prefix=prefix, lease_s=REDIS_LEASE_S)
+    b = RedisJobStore(redis_url, prefix=prefix, lease_s=REDIS_LEASE_S)
+    try:
+        for i in range(3):
+            a.enqueue(job(i), 1)
+        assert b.queue_depth() == 3 and b.position("job2") == 2
+        assert [j.id for j in a.claim(["job0"], NOW)] == ["job0"]
+        assert [j.id for j in b.claim(["job0", "job1"], NOW)] == ["job1"]  # never twice
+        time.sleep(REDIS_LEASE_S * 2)
+        assert b.requeue_running() == []  # both alive: their leases are renewed
+        assert a.get("job0").status is JobStatus.RUNNING  # type: ignore[union-attr]
+        a.close()  # server a dies with job0
+        deadline = time.monotonic() + 10
+        while b.get("job0").status is not JobStatus.QUEUED:  # type: ignore[union-attr]
+            b.requeue_running()
+            assert time.monotonic() < deadline, "job0 was never requeued"
+            time.sleep(0.05)
+        [again] = b.claim(["job0"], NOW)
+        assert again.attempts == 2
+        assert b.complete("job0", 2, result("b"), NOW)
+        assert not b.complete("job0", 1, result("a, late"), NOW)
+        assert b.complete("job1", 1, result(), NOW)
+        assert b.count(JobStatus.COMPLETED) == 2 and b.count(JobStatus.RUNNING) == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_job_service_runs_on_redis(redis_url: str | None) -> None:
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import asyncio
+
+    from engine.serving.store.redis import RedisJobStore
+    from tests.fakes import expected_tokens, fake_tokenize, start_service
+
+    async def body() -> None:
+        store = RedisJobStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+        svc = await start_service(store=store, max_queue_delay_ms=20.0)
+        views = [await svc.submit("a", [f"p {i}"], DecodingParams(max_new_tokens=6)) for i in range(5)]
+        assert [v.queue_position for v in views] == [0, 1, 2, 3, 4]
+        contrastive = await svc.submit(
+            "a", ["c"], DecodingParams(max_new_tokens=4, penalty_alpha=0.5, top_k=3)
+        )
+        for v in [*views, contrastive]:
+            done = await svc.wait("a", v.job.id, 10)
+            assert done.job.status is JobStatus.COMPLETED and done.job.result is not None
+            n = v.job.params.max_new_tokens
+            assert list(done.job.result.token_ids[0]) == expected_tokens(fake_tokenize(v.job.prompts[0]), n)
+        await svc.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

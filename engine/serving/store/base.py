@@ -10,10 +10,12 @@ from the event loop.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from engine.errors import InvalidRequest
+from engine.runtime.result import Usage
 from engine.serving.batching import Lane, QueueEntry
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 
@@ -86,7 +88,8 @@ class JobStore(abc.ABC):
 def open_store(url: str) -> JobStore:
     """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``;
     option ``?synchronous=full`` fsyncs every commit (default ``normal``: a commit survives a
-    process crash, and only a power loss can lose the last ones)."""
+    process crash, and only a power loss can lose the last ones). Or ``redis://host:port/db``
+    (options ``lease_s``, ``prefix``) for several servers sharing one queue."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         from engine.serving.store.sqlite import SqliteJobStore
@@ -111,11 +114,57 @@ def open_store(url: str) -> JobStore:
                 f"store URL {url!r}: synchronous must be normal or full, got {synchronous!r}"
             )
         return SqliteJobStore(path, synchronous=synchronous)
-    if parts.scheme == "redis":
-        raise InvalidRequest(
-            f"store URL {url!r}: the Redis job store is not part of this build yet; "
-            "use sqlite:///./data/engine.db"
-        )
+    if parts.scheme in ("redis", "rediss"):
+        from engine.serving.store.redis import DEFAULT_LEASE_S, DEFAULT_PREFIX, RedisJobStore
+
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = sorted(set(options) - {"lease_s", "prefix"})
+        if unknown:
+            raise InvalidRequest(
+                f"store URL {url!r}: unknown option(s) {', '.join(unknown)}; known: lease_s, prefix"
+            )
+        try:
+            lease_s = float(options.get("lease_s", DEFAULT_LEASE_S))
+        except ValueError:
+            lease_s = -1.0
+        if not lease_s > 0:
+            raise InvalidRequest(f"store URL {url!r}: lease_s must be a positive number of seconds")
+        # The client gets the URL without our options (redis-py would reject them).
+        client_url = parts._replace(query="").geturl()
+        return RedisJobStore(client_url, prefix=options.get("prefix", DEFAULT_PREFIX), lease_s=lease_s)
     raise InvalidRequest(
         f"store URL {url!r} is not supported; use sqlite:///path/engine.db (or redis://host:port/db)"
     )
+
+
+# -- JSON forms of results and errors, shared by the stores ---------------------------------------
+def encode_result(result: JobResult) -> str:
+    return json.dumps(
+        {
+            "completion": list(result.completion),
+            "token_ids": [list(t) for t in result.token_ids],
+            "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
+            "finish_reasons": list(result.finish_reasons),
+            "usages": [[u.prompt_tokens, u.completion_tokens] for u in result.usages],
+        }
+    )
+
+
+def decode_result(text: str) -> JobResult:
+    r = json.loads(text)
+    return JobResult(
+        completion=tuple(r["completion"]),
+        token_ids=tuple(tuple(t) for t in r["token_ids"]),
+        usage=Usage(*r["usage"]),
+        finish_reasons=tuple(r["finish_reasons"]),
+        usages=tuple(Usage(*u) for u in r["usages"]),
+    )
+
+
+def encode_error(error: JobError) -> str:
+    return json.dumps({"code": error.code, "message": error.message})
+
+
+def decode_error(text: str) -> JobError:
+    e = json.loads(text)
+    return JobError(code=e["code"], message=e["message"])

@@ -21,10 +21,9 @@ from typing import Any, TypeVar, cast
 
 from engine.errors import NotReady
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import Usage
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore
+from engine.serving.store.base import JobStore, decode_error, decode_result, encode_error, encode_result
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -265,12 +264,12 @@ class SqliteJobStore(JobStore):
         return self._changed_one(
             "UPDATE jobs SET status = 'completed', finished_at = ?, result = ?"
             " WHERE id = ? AND status = 'running' AND attempts = ?",
-            (now, json.dumps(_result_dict(result)), job_id, attempt),
+            (now, encode_result(result), job_id, attempt),
         )
 
     @_store_errors
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
-        err = json.dumps({"code": error.code, "message": error.message})
+        err = encode_error(error)
         if attempt is None:
             with self._lock:
                 changed = self._db.execute(
@@ -365,32 +364,8 @@ class SqliteJobStore(JobStore):
                 self._db.close()
 
 
-def _result_dict(result: JobResult) -> dict[str, Any]:
-    return {
-        "completion": list(result.completion),
-        "token_ids": [list(t) for t in result.token_ids],
-        "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
-        "finish_reasons": list(result.finish_reasons),
-        "usages": [[u.prompt_tokens, u.completion_tokens] for u in result.usages],
-    }
-
-
 def _job(row: Sequence[Any]) -> Job:
     (job_id, owner, prompts, params, model, status, created, started, finished, attempts, result, error) = row
-    res = None
-    if result is not None:
-        r = json.loads(result)
-        res = JobResult(
-            completion=tuple(r["completion"]),
-            token_ids=tuple(tuple(t) for t in r["token_ids"]),
-            usage=Usage(*r["usage"]),
-            finish_reasons=tuple(r["finish_reasons"]),
-            usages=tuple(Usage(*u) for u in r["usages"]),
-        )
-    err = None
-    if error is not None:
-        e = json.loads(error)
-        err = JobError(code=e["code"], message=e["message"])
     return Job(
         id=job_id,
         owner=owner,
@@ -402,6 +377,6 @@ def _job(row: Sequence[Any]) -> Job:
         finished_at=finished,
         attempts=attempts,
         model=model,
-        result=res,
-        error=err,
+        result=None if result is None else decode_result(result),
+        error=None if error is None else decode_error(error),
     )

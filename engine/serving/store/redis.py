@@ -1,0 +1,423 @@
+"""The job store in Redis, for several server processes sharing one queue.
+
+Every transition is one Lua script, so it is atomic across servers: ``claim`` takes only QUEUED
+jobs (two servers never run the same job), ``complete`` only finishes a RUNNING job of the given
+attempt. Keys, under a prefix (default ``engine:jobs:``):
+
+- ``job:<id>``: a hash with the job (params, result and error as JSON, like the SQLite columns);
+- ``queued`` (all lanes), ``lane:<lane>``, ``key:<lane>:<batch key>``, scored by the queue ``seq``:
+  positions are a ZRANK and the queue's head a ZRANGE, O(log n) with 10,000 jobs queued;
+- ``created``: queued jobs by submission time (job_timeout_s);
+- ``running``: running jobs by lease deadline; ``done:<status>``: finished jobs by finish time.
+
+Running jobs hold a lease (``lease_s``, renewed by a thread of this store for the jobs it claimed).
+A server that dies stops renewing, and any server puts its jobs back in the queue once the lease
+has run out. So unlike SQLite (one process per file, which requeues everything it finds running at
+start), ``requeue_running`` only takes expired leases: a restarted server picks its own earlier
+jobs up within ``lease_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+from engine.errors import InvalidRequest, NotReady
+from engine.runtime.params import DecodingParams
+from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
+from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+from engine.serving.store.base import JobStore, decode_error, decode_result, encode_error, encode_result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "engine:jobs:"
+DEFAULT_LEASE_S = 30.0
+
+# Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
+_LUA_HELPERS = """
+local P = ARGV[1]
+local function unqueue(id, lane, key)
+  redis.call('ZREM', P..'queued', id)
+  redis.call('ZREM', P..'lane:'..lane, id)
+  redis.call('ZREM', P..'key:'..lane..':'..key, id)
+  redis.call('ZREM', P..'created', id)
+end
+local function requeue(id)
+  local j = P..'job:'..id
+  local f = redis.call('HMGET', j, 'seq', 'lane', 'batch_key', 'created_at')
+  redis.call('HSET', j, 'status', 'queued')
+  redis.call('HDEL', j, 'started_at')
+  redis.call('ZREM', P..'running', id)
+  redis.call('ZADD', P..'queued', f[1], id)
+  redis.call('ZADD', P..'lane:'..f[2], f[1], id)
+  redis.call('ZADD', P..'key:'..f[2]..':'..f[3], f[1], id)
+  redis.call('ZADD', P..'created', f[4], id)
+end
+"""
+
+# ARGV: prefix, id, then field/value pairs of the job hash (lane, batch_key, created_at among them)
+_ENQUEUE = """
+local id = ARGV[2]
+local seq = redis.call('INCR', P..'seq')
+local j = P..'job:'..id
+if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', j, 'seq', seq, unpack(fields))
+local f = redis.call('HMGET', j, 'lane', 'batch_key', 'created_at')
+redis.call('ZADD', P..'queued', seq, id)
+redis.call('ZADD', P..'lane:'..f[1], seq, id)
+redis.call('ZADD', P..'key:'..f[1]..':'..f[2], seq, id)
+redis.call('ZADD', P..'created', f[3], id)
+return seq
+"""
+
+# ARGV: prefix, now, lease deadline, ids...
+_CLAIM = """
+local claimed = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local j = P..'job:'..id
+  local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+  if f[1] == 'queued' then
+    unqueue(id, f[2], f[3])
+    redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
+    redis.call('HINCRBY', j, 'attempts', 1)
+    redis.call('ZADD', P..'running', ARGV[3], id)
+    claimed[#claimed + 1] = id
+  end
+end
+return claimed
+"""
+
+# ARGV: prefix, id, attempt, now, field, value: RUNNING of this attempt -> COMPLETED or FAILED
+_FINISH_RUNNING = """
+local id = ARGV[2]
+local j = P..'job:'..id
+local f = redis.call('HMGET', j, 'status', 'attempts')
+if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
+local status = ARGV[5] == 'result' and 'completed' or 'failed'
+redis.call('HSET', j, 'status', status, 'finished_at', ARGV[4], ARGV[5], ARGV[6])
+redis.call('ZREM', P..'running', id)
+redis.call('ZADD', P..'done:'..status, ARGV[4], id)
+return 1
+"""
+
+# ARGV: prefix, id, now, error: QUEUED -> FAILED
+_FAIL_QUEUED = """
+local id = ARGV[2]
+local j = P..'job:'..id
+local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+if f[1] ~= 'queued' then return 0 end
+unqueue(id, f[2], f[3])
+redis.call('HSET', j, 'status', 'failed', 'finished_at', ARGV[3], 'error', ARGV[4])
+redis.call('ZADD', P..'done:failed', ARGV[3], id)
+return 1
+"""
+
+# ARGV: prefix, id, now: QUEUED or RUNNING -> CANCELLED
+_CANCEL = """
+local id = ARGV[2]
+local j = P..'job:'..id
+local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+if f[1] == 'queued' then
+  unqueue(id, f[2], f[3])
+elseif f[1] == 'running' then
+  redis.call('ZREM', P..'running', id)
+else
+  return 0
+end
+redis.call('HSET', j, 'status', 'cancelled', 'finished_at', ARGV[3])
+redis.call('ZADD', P..'done:cancelled', ARGV[3], id)
+return 1
+"""
+
+# ARGV: prefix, id, attempt: RUNNING of this attempt -> QUEUED at its old place
+_REQUEUE = """
+local j = P..'job:'..ARGV[2]
+local f = redis.call('HMGET', j, 'status', 'attempts')
+if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
+requeue(ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, now: every running job whose lease ran out -> QUEUED
+_REQUEUE_EXPIRED = """
+local ids = redis.call('ZRANGEBYSCORE', P..'running', '-inf', ARGV[2])
+local out = {}
+for _, id in ipairs(ids) do
+  if redis.call('HGET', P..'job:'..id, 'status') == 'running' then
+    requeue(id)
+    out[#out + 1] = id
+  else
+    redis.call('ZREM', P..'running', id)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, deadline, ids...: extend the leases of jobs still running
+_RENEW = """
+for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', ARGV[2], ARGV[i]) end
+return 1
+"""
+
+# ARGV: prefix, cutoff: delete finished jobs older than cutoff
+_PURGE = """
+local n = 0
+for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
+  local set = P..'done:'..status
+  local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2])
+  for _, id in ipairs(ids) do
+    redis.call('DEL', P..'job:'..id)
+    n = n + 1
+  end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', '('..ARGV[2])
+end
+return n
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _store_errors(method: F) -> F:
+    """Redis unreachable or failing is the store being unavailable (503 at the edges)."""
+
+    def wrapper(self: RedisJobStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except self._redis_errors as exc:
+            raise NotReady(f"the Redis job store at {self.url} failed ({exc}); is Redis running?") from exc
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return cast(F, wrapper)
+
+
+class RedisJobStore(JobStore):
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, lease_s: float = DEFAULT_LEASE_S) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - redis is a dependency of the dev extra
+            raise InvalidRequest(
+                "a redis:// store needs the redis client: pip install 'flan-t5-engine[redis]'"
+            ) from exc
+        self.url = url
+        self.prefix = prefix
+        self.lease_s = lease_s
+        self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+        self._r: Any = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5.0)
+        try:
+            self._r.ping()
+        except redis.RedisError as exc:
+            raise NotReady(f"cannot reach the Redis job store at {url} ({exc}); is Redis running?") from exc
+        self._scripts = {
+            name: self._r.register_script(_LUA_HELPERS + body)
+            for name, body in (
+                ("enqueue", _ENQUEUE),
+                ("claim", _CLAIM),
+                ("finish", _FINISH_RUNNING),
+                ("fail_queued", _FAIL_QUEUED),
+                ("cancel", _CANCEL),
+                ("requeue", _REQUEUE),
+                ("requeue_expired", _REQUEUE_EXPIRED),
+                ("renew", _RENEW),
+                ("purge", _PURGE),
+            )
+        }
+        self._mine: set[str] = set()  # jobs this store claimed and still runs: their leases renew
+        self._mine_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self._leases = threading.Thread(target=self._lease_loop, name="redis-leases", daemon=True)
+        self._leases.start()
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](keys=[], args=[self.prefix, *args])
+
+    def _k(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- leases --------------------------------------------------------------------------------
+    def _lease_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                with self._mine_lock:
+                    mine = list(self._mine)
+                if mine:
+                    self._run("renew", time.time() + self.lease_s, *mine)
+                requeued = self._run("requeue_expired", time.time())
+                if requeued:
+                    log.warning("requeued %d job(s) whose server stopped renewing its lease", len(requeued))
+            except self._redis_errors as exc:
+                log.warning("lease renewal at %s failed (%s); retrying", self.url, exc)
+
+    def _release(self, job_id: str) -> None:
+        with self._mine_lock:
+            self._mine.discard(job_id)
+
+    # -- interface -----------------------------------------------------------------------------
+    @_store_errors
+    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        lane = lane_of(job.params)
+        key = batch_key_text(job.params)
+        fields: dict[str, Any] = {
+            "owner": job.owner,
+            "prompts": json.dumps(list(job.prompts)),
+            "params": json.dumps(job.params.to_dict()),
+            "status": JobStatus.QUEUED.value,
+            "lane": lane.value,
+            "batch_key": key,
+            "num_prompts": len(job.prompts),
+            "prompt_tokens": prompt_tokens,
+            "max_new_tokens": job.params.max_new_tokens,
+            "created_at": repr(job.created_at),
+            "attempts": job.attempts,
+        }
+        if job.model is not None:
+            fields["model"] = job.model
+        flat = [x for kv in fields.items() for x in kv]
+        seq = int(self._run("enqueue", job.id, *flat))
+        return QueueEntry(
+            job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
+        )
+
+    @_store_errors
+    def get(self, job_id: str) -> Job | None:
+        data = self._r.hgetall(self._k(f"job:{job_id}"))
+        return _job(job_id, data) if data else None
+
+    @_store_errors
+    def position(self, job_id: str) -> int:
+        rank = self._r.zrank(self._k("queued"), job_id)
+        return 0 if rank is None else int(rank)
+
+    @_store_errors
+    def queue_depth(self) -> int:
+        return int(self._r.zcard(self._k("queued")))
+
+    @_store_errors
+    def count(self, status: JobStatus) -> int:
+        if status is JobStatus.QUEUED:
+            return self.queue_depth()
+        if status is JobStatus.RUNNING:
+            return int(self._r.zcard(self._k("running")))
+        return int(self._r.zcard(self._k(f"done:{status.value}")))
+
+    @_store_errors
+    def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
+        zset = self._k(f"lane:{lane.value}" if batch_key is None else f"key:{lane.value}:{batch_key}")
+        ids = self._r.zrange(zset, 0, limit - 1)
+        if not ids:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(
+                self._k(f"job:{job_id}"),
+                "seq",
+                "created_at",
+                "lane",
+                "batch_key",
+                "num_prompts",
+                "prompt_tokens",
+                "max_new_tokens",
+            )
+        out = []
+        for job_id, f in zip(ids, pipe.execute(), strict=True):
+            if f[0] is None:  # claimed or purged between the two calls
+                continue
+            out.append(
+                QueueEntry(job_id, int(f[0]), float(f[1]), Lane(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]))
+            )
+        return out
+
+    @_store_errors
+    def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
+        if not job_ids:
+            return []
+        claimed = self._run("claim", repr(now), time.time() + self.lease_s, *job_ids)
+        if not claimed:
+            return []
+        with self._mine_lock:
+            self._mine.update(claimed)
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in claimed:
+            pipe.hgetall(self._k(f"job:{job_id}"))
+        jobs = [(int(d["seq"]), _job(i, d)) for i, d in zip(claimed, pipe.execute(), strict=True) if d]
+        return [job for _, job in sorted(jobs, key=lambda sj: sj[0])]
+
+    @_store_errors
+    def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
+        self._release(job_id)
+        return bool(self._run("finish", job_id, attempt, repr(now), "result", encode_result(result)))
+
+    @_store_errors
+    def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
+        if attempt is None:
+            return bool(self._run("fail_queued", job_id, repr(now), encode_error(error)))
+        self._release(job_id)
+        return bool(self._run("finish", job_id, attempt, repr(now), "error", encode_error(error)))
+
+    @_store_errors
+    def cancel(self, job_id: str, now: float) -> Job | None:
+        self._run("cancel", job_id, repr(now))
+        self._release(job_id)
+        return self.get(job_id)
+
+    @_store_errors
+    def requeue(self, job_id: str, attempt: int) -> bool:
+        self._release(job_id)
+        return bool(self._run("requeue", job_id, attempt))
+
+    @_store_errors
+    def requeue_running(self) -> list[str]:
+        return list(self._run("requeue_expired", time.time()))
+
+    @_store_errors
+    def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        return list(self._r.zrangebyscore(self._k("created"), "-inf", f"({cutoff!r}", start=0, num=limit))
+
+    @_store_errors
+    def purge_expired(self, now: float, ttl_s: float) -> int:
+        return int(self._run("purge", repr(now - ttl_s)))
+
+    def ping(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            return bool(self._r.ping())
+        except self._redis_errors:
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._leases is not threading.current_thread():
+            self._leases.join(timeout=5)
+        self._r.close()
+
+
+def _job(job_id: str, d: dict[str, str]) -> Job:
+    def opt_float(name: str) -> float | None:
+        return float(d[name]) if name in d else None
+
+    return Job(
+        id=job_id,
+        owner=d["owner"],
+        prompts=tuple(json.loads(d["prompts"])),
+        params=DecodingParams(**json.loads(d["params"])),
+        status=JobStatus(d["status"]),
+        created_at=float(d["created_at"]),
+        started_at=opt_float("started_at"),
+        finished_at=opt_float("finished_at"),
+        attempts=int(d["attempts"]),
+        model=d.get("model"),
+        result=decode_result(d["result"]) if "result" in d else None,
+        error=decode_error(d["error"]) if "error" in d else None,
+    )
