@@ -376,3 +376,30 @@ def test_the_job_service_runs_on_redis(redis_url: str | None) -> None:
         await svc.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: str | None) -> None:
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import asyncio
+
+    from engine.runtime.result import FinishReason
+    from engine.serving.store.redis import RedisJobStore
+    from tests.fakes import FakeEngine, start_service, until
+
+    async def body() -> None:
+        prefix = f"test:{uuid.uuid4().hex}:"
+        engine_a = FakeEngine(step_delay_s=0.01)
+        a = await start_service(engine_a, store=RedisJobStore(redis_url, prefix=prefix))
+        b = await start_service(FakeEngine(), store=RedisJobStore(redis_url, prefix=prefix))
+        view = await a.submit("alice", ["long"], DecodingParams(max_new_tokens=500))
+        await until(engine_a.started.is_set)
+        cancelled = await b.cancel("alice", view.job.id)  # through server b
+        assert cancelled.job.status is JobStatus.CANCELLED
+        await until(lambda: bool(engine_a.calls), timeout_s=10)  # a's call ends early
+        assert engine_a.calls[0].finish_reasons == (FinishReason.CANCELLED,)
+        assert engine_a.calls[0].steps < 500
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

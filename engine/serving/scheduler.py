@@ -236,6 +236,16 @@ class Scheduler:
         if rj is not None:
             rj.cancelled = True
 
+    def sync_cancellations(self) -> None:
+        """A job cancelled through another server sharing the store (Redis) stops here too."""
+        for rj in list(self.running.values()):
+            if rj.stop:
+                continue
+            job = self.store.get(rj.job.id)
+            if job is not None and job.status is JobStatus.CANCELLED:
+                rj.cancelled = True
+                self.events.finish(rj.job.id)
+
     def expire_running(self, now: float) -> list[RunningJob]:
         """Fail running jobs past their deadline at once (the engine drops them at its next token)."""
         expired = []

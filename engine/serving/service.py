@@ -318,6 +318,7 @@ class JobService:
         self._set_depth_gauge()
         if self._scheduler is not None:
             self._scheduler.expire_running(now)
+            self._scheduler.sync_cancellations()
 
     async def _purge_results(self) -> None:
         ttl = self.config.result_ttl_s
