@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from engine.api.client import InProcessClient
-from engine.api.rest import create_app
+from engine.api.rest import ResponseResponse, SubmitResponse, create_app
 from tests.api_fakes import FakeStack, fake_stack
 
 pytestmark = pytest.mark.anyio
@@ -69,7 +69,9 @@ async def test_seed_flow_submit_then_poll(http: httpx.AsyncClient, stack: FakeSt
     assert r.json()["success"] is True
     assert data["queuePosition"] == "0"
     assert data["responseUrl"] == f"http://testserver:8080/v1/response/{data['id']}"
+    SubmitResponse.model_validate(r.json())
     r = await poll(http, data["id"], stack.alice)
+    ResponseResponse.model_validate(r.json())
     out = r.json()["data"]
     assert out == {
         "id": data["id"],
@@ -186,7 +188,9 @@ async def test_invalid_bodies_and_params_answer_422_in_the_envelope(
             r = await http.post("/v1/submit", json=body, headers=key)
         assert_error(r, 422, "invalid_request", *words)
     r = await http.get("/v1/response/abc?wait=-1", headers=key)
-    assert_error(r, 422, "invalid_request", "wait")
+    assert_error(r, 422, "invalid_request", "wait must be between 0 and 30 seconds, got -1")
+    r = await http.get("/v1/response/abc?wait=soon", headers=key)
+    assert_error(r, 422, "invalid_request", "wait must be a number of seconds", "'soon'")
 
 
 async def test_prompt_too_long_is_413(http: httpx.AsyncClient, stack: FakeStack) -> None:

@@ -13,17 +13,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
 from engine.api.grpc_service import MAX_WAIT_S, PB_TO_STATUS, params_to_struct
 from engine.api.pb import engine_pb2
+from engine.errors import EngineError, InvalidRequest
 from engine.metrics import Metrics
 from engine.serving.jobs import JobError, JobStatus
 
@@ -134,6 +135,57 @@ def error_response(reply: ErrorReply) -> JSONResponse:
     return JSONResponse(reply.envelope(), status_code=reply.status.http, headers=headers)
 
 
+KEY_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "apiKey",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Your API key",
+    },
+    {
+        "name": "Authorization",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Alternative to apiKey: Bearer <key>",
+    },
+]
+WAIT_PARAMETER: dict[str, Any] = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0},
+    "description": "Long poll: hold the answer up to this many seconds until the job is done.",
+}
+
+
+def request_key(request: Request) -> str | None:
+    return api_key_from(request.headers.get("apikey"), request.headers.get("authorization"))
+
+
+def parse_wait(raw: str | None) -> float:
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"wait must be a number of seconds between 0 and {MAX_WAIT_S:g}, got {raw!r}"
+        ) from None
+
+
+def parse_submit_body(raw: bytes) -> SubmitBody:
+    """Validate the body as FastAPI would, raising its RequestValidationError (same messages)."""
+    if not raw.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        return SubmitBody.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
 def api_key_from(api_key: str | None, authorization: str | None) -> str | None:
     if api_key:
         return api_key.strip()
@@ -144,23 +196,31 @@ def api_key_from(api_key: str | None, authorization: str | None) -> str | None:
     return None
 
 
-def response_data(job: Any) -> ResponseData:
+def response_data(job: Any) -> dict[str, Any]:
+    """The ``data`` of ResponseResponse. Built as a dict and sent as is: the hot path of polling
+    skips pydantic's response validation (the schema tests keep the shapes honest)."""
     status = PB_TO_STATUS[job.status]
     completion = None
     usage = None
     if status is JobStatus.COMPLETED and job.HasField("result"):
         completion = list(job.result.completion)
         u = job.result.usage
-        usage = UsageModel(
-            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
-        )
-    return ResponseData(
-        id=job.id,
-        status=status.value,
-        queuePosition=str(job.queue_position),
-        completion=completion,
-        usage=usage,
-    )
+        usage = {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+        }
+    return {
+        "id": job.id,
+        "status": status.value,
+        "queuePosition": str(job.queue_position),
+        "completion": completion,
+        "usage": usage,
+    }
+
+
+def success(data: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"success": True, "data": data})
 
 
 def failed_job_reply(job: Any) -> ErrorReply:
@@ -185,7 +245,7 @@ def validation_message(exc: RequestValidationError) -> str:
             messages.append(
                 f"unknown field {'.'.join(loc)!r} in the body; supported: {', '.join(BODY_FIELDS)}"
             )
-        elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
+        elif kind in ("model_attributes_type", "model_type") or (kind == "dict_type" and not loc):
             messages.append("the request body must be a JSON object with prompt and params")
         elif loc and loc[0] == "prompt":
             messages.append("prompt must be a string or an array of strings")
@@ -274,6 +334,10 @@ def create_app(
     async def _api_failure(request: Request, exc: ApiFailure) -> JSONResponse:
         return error_response(exc.reply)
 
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(reply_for_exception(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(reply_for_code("invalid_request", validation_message(exc)))
@@ -301,28 +365,37 @@ def create_app(
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return error_response(reply_for_exception(exc))
 
+    # The three job routes take the raw Request and parse headers, query and body themselves: with
+    # FastAPI's Header/Query/body injection a poll cost 0.37 ms of CPU against 0.15 ms now, and a
+    # burst of polls and submits after each batch queues on the one event loop. openapi_extra keeps
+    # /openapi.json describing exactly what they accept.
     @app.post(
         "/v1/submit",
         response_model=SubmitResponse,
         responses=ERROR_RESPONSES,
         summary="Queue a generation job",
+        openapi_extra={
+            "parameters": KEY_PARAMETERS,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitBody"}}},
+            },
+        },
     )
-    async def submit(
-        body: SubmitBody,
-        request: Request,
-        api_key: str | None = Header(default=None, alias="apiKey", description="Your API key"),
-        authorization: str | None = Header(default=None, description="Alternative: Bearer <key>"),
-    ) -> SubmitResponse:
+    async def submit(request: Request) -> JSONResponse:
+        body = parse_submit_body(await request.body())
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         message = engine_pb2.SubmitRequest(
             prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
         )
-        job = await client.submit(api_key_from(api_key, authorization), message)
+        job = await client.submit(request_key(request), message)
         base = (public_url or str(request.base_url)).rstrip("/")
-        return SubmitResponse(
-            data=SubmitData(
-                id=job.id, responseUrl=f"{base}/v1/response/{job.id}", queuePosition=str(job.queue_position)
-            )
+        return success(
+            {
+                "id": job.id,
+                "responseUrl": f"{base}/v1/response/{job.id}",
+                "queuePosition": str(job.queue_position),
+            }
         )
 
     @app.get(
@@ -330,38 +403,27 @@ def create_app(
         response_model=ResponseResponse,
         responses=ERROR_RESPONSES,
         summary="Poll a job; a failed job answers with an error status",
+        openapi_extra={"parameters": [*KEY_PARAMETERS, WAIT_PARAMETER]},
     )
-    async def response(
-        job_id: str,
-        wait: float = Query(
-            default=0.0,
-            ge=0.0,
-            le=MAX_WAIT_S,
-            description="Long poll: hold the answer up to this many seconds until the job is done.",
-        ),
-        api_key: str | None = Header(default=None, alias="apiKey"),
-        authorization: str | None = Header(default=None),
-    ) -> ResponseResponse | JSONResponse:
+    async def response(job_id: str, request: Request) -> JSONResponse:
+        wait = parse_wait(request.query_params.get("wait"))
         job = await client.get_result(
-            api_key_from(api_key, authorization), engine_pb2.GetResultRequest(id=job_id, wait_s=wait)
+            request_key(request), engine_pb2.GetResultRequest(id=job_id, wait_s=wait)
         )
         if PB_TO_STATUS[job.status] is JobStatus.FAILED:
             return error_response(failed_job_reply(job))
-        return ResponseResponse(data=response_data(job))
+        return success(response_data(job))
 
     @app.delete(
         "/v1/response/{job_id}",
         response_model=ResponseResponse,
         responses=ERROR_RESPONSES,
         summary="Cancel a queued or running job",
+        openapi_extra={"parameters": KEY_PARAMETERS},
     )
-    async def cancel(
-        job_id: str,
-        api_key: str | None = Header(default=None, alias="apiKey"),
-        authorization: str | None = Header(default=None),
-    ) -> ResponseResponse:
-        job = await client.cancel(api_key_from(api_key, authorization), engine_pb2.CancelRequest(id=job_id))
-        return ResponseResponse(data=response_data(job))
+    async def cancel(job_id: str, request: Request) -> JSONResponse:
+        job = await client.cancel(request_key(request), engine_pb2.CancelRequest(id=job_id))
+        return success(response_data(job))
 
     @app.get("/v1/info", response_model=InfoResponse, summary="What this server serves")
     async def info() -> InfoResponse:
@@ -406,5 +468,16 @@ def create_app(
             PLAYGROUND_DIR / name, media_type=allowed[name], headers={"Cache-Control": "no-cache"}
         )
 
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = base_openapi()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault(
+            "SubmitBody", SubmitBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -44,7 +44,11 @@ class _HttpServer(uvicorn.Server):
 
 
 def serve(config: Config) -> int:
-    return asyncio.run(_serve(config))
+    try:
+        import uvloop  # uvicorn[standard] brings it; uvicorn itself would pick it too
+    except ImportError:
+        return asyncio.run(_serve(config))
+    return uvloop.run(_serve(config))
 
 
 def _resolve_model(cfg: Config) -> tuple[Config, bool]:

@@ -39,7 +39,10 @@ class Tokenizer:
         return [*self._sp.EncodeAsIds(text), self.eos_id]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [[*ids, self.eos_id] for ids in self._sp.EncodeAsIds(list(texts))]
+        # One call per text: sentencepiece's list form starts a thread pool on every call (68 us
+        # against 4 us for one short prompt on an idle machine; over 1 ms when the cores are busy
+        # with decoding), and the server tokenizes on its event loop.
+        return [[*self._sp.EncodeAsIds(text), self.eos_id] for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         # Ids past the sentencepiece vocabulary (T5's padded <extra_id_N> range) are dropped, as
