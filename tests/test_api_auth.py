@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -143,3 +144,26 @@ def test_keys_create_prints_the_key_alone_on_the_last_line_of_the_command(tmp_pa
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ek_")
     assert "shown only once" in proc.stderr
+
+
+def test_redis_key_store(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    from tests.fakes import redis_server
+
+    with redis_server(tmp_path) as url:
+        store = open_key_store(url)
+        key = create_key(store, "alice", now=7.0)
+        with pytest.raises(InvalidRequest, match="exists"):
+            create_key(store, "alice")
+        assert [(k.name, k.created_at) for k in store.list()] == [("alice", 7.0)]
+        assert store.count() == 1
+        auth = Authenticator(store)
+        assert auth.authenticate(key) == "alice"
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(key + "x")
+        assert store.remove("alice") and not store.remove("alice")
+        with pytest.raises(Unauthenticated):
+            Authenticator(store).authenticate(key)
+        create_key(store, "alice")  # the name is free again
+        store.close()
