@@ -433,3 +433,25 @@ def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(env: En
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_serve_with_a_redis_store(env: Env, offline: Engine) -> None:
+    """Jobs and keys in Redis (for many machines): `engine keys create --store redis://...`, then the
+    seed's flow."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    from tests.fakes import redis_server
+
+    with redis_server(env.tmp) as url:
+        key = create_key_cli(url, "erin")
+        server = start_server(["--model", str(env.model_dir), "--store", url], env.tmp / "redis.log")
+        try:
+            _, out = seed_example(server.url, key, "Hello from Redis", {"max_new_tokens": 8})
+            assert out["completion"] == [offline.generate(["Hello from Redis"], max_new_tokens=8)[0].text]
+            envelope(
+                requests.get(f"{server.url}/v1/response/nope", headers={"apiKey": env.alice}, timeout=10),
+                401,
+                "unauthenticated",
+            )
+        finally:
+            assert server.stop() == 0, server.log()
