@@ -8,14 +8,14 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import Usage
+from engine.runtime.result import TokenEvent, Usage
 from engine.serving.batching import Lane, batch_key_text
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import JobStore, open_store
@@ -403,3 +403,42 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: s
         await b.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_wait_and_stream_on_one_server_for_a_job_another_server_runs(redis_url: str | None) -> None:
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import asyncio
+
+    from engine.serving.store.redis import RedisJobStore
+    from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
+
+    async def body() -> None:
+        prefix = f"test:{uuid.uuid4().hex}:"
+        runner = await start_service(
+            FakeEngine(step_delay_s=0.01), store=RedisJobStore(redis_url, prefix=prefix)
+        )
+        # The other server has a gated engine: it never runs anything itself.
+        import threading
+
+        idle = await start_service(
+            FakeEngine(gate=threading.Event()), store=RedisJobStore(redis_url, prefix=prefix)
+        )
+        idle._scheduler.stop_claiming()  # type: ignore[union-attr]
+        view = await runner.submit("alice", ["shared"], DecodingParams(max_new_tokens=50))
+        waited, streamed = await asyncio.gather(
+            idle.wait("alice", view.job.id, timeout_s=20),
+            _collect(idle.stream("alice", view.job.id)),
+        )
+        want = expected_tokens(fake_tokenize("shared"), 50)
+        assert waited.job.status is JobStatus.COMPLETED
+        assert waited.job.result is not None and list(waited.job.result.token_ids[0]) == want
+        assert [ev.result.token_ids for ev in streamed if ev.result] == [tuple(want)]
+        await runner.stop()
+        await idle.stop(drain_timeout_s=0)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+async def _collect(events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+    return [ev async for ev in events]

@@ -9,12 +9,13 @@ the interface of /work/briefs/service-interface.md: ``model_name`` (what ``model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from engine.config import Config
-from engine.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
@@ -27,6 +28,10 @@ from engine.serving.store.base import JobStore
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
+
+# wait() and stream() also look at the store this often (real seconds), for jobs that another
+# server sharing the store (Redis) runs: this process hears no events of those.
+STORE_POLL_S = 1.0
 
 
 class JobService:
@@ -109,11 +114,12 @@ class JobService:
         loops = self._tasks[:2]
         _done, pending = await asyncio.wait(loops, timeout=drain_timeout_s)
         if pending:
-            log.warning(
-                "drain timeout (%.1f s): stopping %d running job(s) and putting them back in the queue",
-                drain_timeout_s,
-                len(sched.running),
-            )
+            if sched.running:
+                log.warning(
+                    "drain timeout (%.1f s): stopping %d running job(s) and putting them back in the queue",
+                    drain_timeout_s,
+                    len(sched.running),
+                )
             sched.abort_running()
             # The engine stops each row at its next token; give it a moment, then requeue directly.
             _done, pending = await asyncio.wait(loops, timeout=5.0)
@@ -121,7 +127,9 @@ class JobService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for rj in list(sched.running.values()):
-            self.store.requeue(rj.job.id, rj.attempt)
+            # A store that is down now requeues them at the next start (requeue_running).
+            with contextlib.suppress(EngineError):
+                self.store.requeue(rj.job.id, rj.attempt)
         sched.running.clear()
         self.events.finish_all()
         if self._worker is not None:
@@ -211,7 +219,7 @@ class JobService:
             try:
                 job = self._owned(owner, job_id)  # it may have finished before the waiter existed
                 if not job.status.terminal:
-                    await self._until(fut, timeout_s)
+                    await self._until_terminal(job_id, fut, timeout_s)
             finally:
                 self.events.discard_waiter(job_id, fut)
         return await self.get(owner, job_id)
@@ -229,11 +237,27 @@ class JobService:
                 for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
                     yield ev
                 return
-            while True:
-                event = await q.get()
-                if event is None:
-                    return
-                yield event
+            getter: asyncio.Future[TokenEvent | None] | None = None
+            try:
+                while True:
+                    if getter is None:
+                        getter = asyncio.ensure_future(q.get())
+                    done, _ = await asyncio.wait({getter}, timeout=STORE_POLL_S)
+                    if not done:
+                        # Finished on another server sharing the store: no local events come.
+                        job = self._owned(owner, job_id)
+                        if job.status.terminal:
+                            for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
+                                yield ev
+                            return
+                        continue
+                    event, getter = getter.result(), None
+                    if event is None:
+                        return
+                    yield event
+            finally:
+                if getter is not None:
+                    getter.cancel()
         finally:
             self.events.unsubscribe(job_id, q)
 
@@ -281,15 +305,25 @@ class JobService:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.store.queue_depth())
 
-    async def _until(self, fut: asyncio.Future[None], timeout_s: float | None) -> None:
-        if timeout_s is None:
-            await asyncio.shield(fut)
-            return
-        sleeper = asyncio.ensure_future(self.clock.sleep(timeout_s))
+    async def _until_terminal(self, job_id: str, fut: asyncio.Future[None], timeout_s: float | None) -> None:
+        """Until this process ends the job (``fut``), the store says it ended (another server
+        sharing the store ran it), or ``timeout_s`` passes on the clock."""
+        waits: set[asyncio.Future[None]] = {fut}
+        sleeper = None
+        if timeout_s is not None:
+            sleeper = asyncio.ensure_future(self.clock.sleep(timeout_s))
+            waits.add(sleeper)
         try:
-            await asyncio.wait({fut, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(waits, timeout=STORE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    return
+                job = self.store.get(job_id)
+                if job is None or job.status.terminal:
+                    return
         finally:
-            sleeper.cancel()
+            if sleeper is not None:
+                sleeper.cancel()
 
     # -- periodic tasks ------------------------------------------------------------------------
     async def _sweep_timeouts(self) -> None:
