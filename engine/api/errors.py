@@ -47,6 +47,8 @@ STATUS_BY_CODE: dict[str, Status] = {
     "internal": Status(500, grpc.StatusCode.INTERNAL),
 }
 INTERNAL = STATUS_BY_CODE["internal"]
+# Reasons a finished job keeps as its poll's status; any other reason answers 500 job_failed.
+JOB_ERROR_CODES = frozenset({"invalid_request", "prompt_too_long", "timeout", "job_failed"})
 
 # For a remote gRPC server that sent no error-code (e.g. a proxy in between): the usual code.
 _CODE_BY_GRPC: dict[grpc.StatusCode, str] = {
@@ -112,8 +114,11 @@ def reply_for_job_error(error: JobError | None) -> ErrorReply:
     """What polling a failed job answers: the 4xx that applies or a 5xx with the reason."""
     if error is None:
         return reply_for_code("job_failed", "the job failed without a recorded reason")
-    code = error.code if error.code in STATUS_BY_CODE else "job_failed"
-    return reply_for_code(code, f"the job failed: {error.message}")
+    if error.code in JOB_ERROR_CODES:
+        return reply_for_code(error.code, f"the job failed: {error.message}")
+    # Any other reason (engine error, a full batch, ...) is final for this job: a 500 with the
+    # reason, never a 429/503 that would tell a client to poll again.
+    return reply_for_code("job_failed", f"the job failed ({error.code}): {error.message}")
 
 
 def reply_for_rpc_error(code: grpc.StatusCode, details: str | None, trailers: dict[str, str]) -> ErrorReply:
