@@ -455,3 +455,20 @@ def test_serve_with_a_redis_store(env: Env, offline: Engine) -> None:
             )
         finally:
             assert server.stop() == 0, server.log()
+
+
+def test_serve_without_a_model_falls_back_to_the_demo_model_loudly(tmp_path: Path) -> None:
+    """`make serve` on a machine without a model or the Hub: the random-weight demo model, said
+    loudly in the log and in /v1/info (the playground's banner reads it)."""
+    server = start_server([], tmp_path / "default.log", timeout_s=600)
+    try:
+        log = server.log()
+        assert "SERVING THE DEMO MODEL: ITS WEIGHTS ARE RANDOM." in log
+        assert "DEMO MODEL WITH RANDOM WEIGHTS" in log.split(" ready: ", 1)[1]
+        assert "no API keys yet" in log
+        info = requests.get(f"{server.url}/v1/info", timeout=10).json()
+        assert info["randomWeights"] is True and info["model"] == "flan-t5-small-demo"
+        assert (tmp_path / "models" / "flan-t5-small-demo" / "engine.json").is_file()
+        assert (tmp_path / "data" / "engine.db").is_file()  # the default store, relative to the cwd
+    finally:
+        assert server.stop() == 0, server.log()
