@@ -3,7 +3,8 @@
   speedup   32 concurrent greedy jobs of 32 new tokens, batcher (max_batch_size 32) against
             max_batch_size 1 on the same server and engine, interleaved and repeated.
   overhead  one job at a time: submit-to-result latency minus the engine call's own time.
-  store     10,000 jobs queued (the engine held): submit and position-read latencies.
+  store     10,000 jobs queued (the engine held): submit and position-read latencies (SQLite);
+  store_redis  the same on the Redis store, against a throwaway local redis-server (if installed).
   lengths   mixed max_new_tokens (half short: 8/12/16, half long: 64/96/128) with the FakeEngine's
             cost model: group all lengths, cap the spread (factor 2), or only equal lengths.
 
@@ -11,7 +12,8 @@ The first three use the real Engine on a FLAN-T5-small-shaped int8 demo model (r
 built once under benchmarks/out/models. Figures are printed and saved to
 benchmarks/out/bench_batcher.json.
 
-    .venv/bin/python benchmarks/bench_batcher.py [--sections speedup,overhead,store,lengths] [--reps 3]
+    .venv/bin/python benchmarks/bench_batcher.py [--sections speedup,overhead,store,store_redis,lengths]
+        [--reps 3]
 """
 
 from __future__ import annotations
@@ -185,10 +187,16 @@ def spin(seconds: float) -> float:
     return time.perf_counter() - t0
 
 
-async def section_store(engine: Any, tmp: Path, queued: int) -> dict[str, Any]:
+async def section_store(engine: Any, tmp: Path, queued: int, redis_url: str | None = None) -> dict[str, Any]:
     gate = threading.Event()
     held = TimedEngine(engine, gate=gate)
-    svc = await with_service(held, tmp / "store.db", max_queue_size=queued + 1000)
+    if redis_url is None:
+        svc = await with_service(held, tmp / "store.db", max_queue_size=queued + 1000)
+    else:
+        from engine.serving.store.redis import RedisJobStore
+
+        svc = JobService(Config(max_queue_size=queued + 1000), RedisJobStore(redis_url), held)
+        await svc.start()
     params = DecodingParams(max_new_tokens=8)
     submit_s: list[float] = []
     submit_cpu_s: list[float] = []  # this thread's CPU time: the wall time less preemption waits
@@ -329,6 +337,17 @@ async def main(args: argparse.Namespace) -> int:
         if "store" in sections:
             print(f"store: {args.queued} jobs queued", flush=True)
             out["store"] = await section_store(engine, tmp, args.queued)
+        if "store_redis" in sections:
+            import shutil
+
+            from tests.fakes import redis_server
+
+            if shutil.which("redis-server") is None:
+                print("store_redis: skipped, redis-server is not installed", flush=True)
+            else:
+                print(f"store_redis: {args.queued} jobs queued in a local redis-server", flush=True)
+                with redis_server(tmp) as url:
+                    out["store_redis"] = await section_store(engine, tmp, args.queued, url)
     if "lengths" in sections:
         print("lengths: mixed max_new_tokens 8-16 / 64-128 (FakeEngine cost model)", flush=True)
         out["lengths"] = await section_lengths(args.reps)
@@ -355,8 +374,10 @@ def print_tables(out: dict[str, Any]) -> None:
                 f"| queue path over engine time, {name} (p50 / p90; engine p50 {o['engine_p50_ms']:.0f} ms) "
                 f"| {o['overhead_p50_ms']:.2f} / {o['overhead_p90_ms']:.2f} ms | <= 5 ms p50 |"
             )
-    if "store" in out:
-        st = out["store"]
+    for section in ("store", "store_redis"):
+        if section not in out:
+            continue
+        st = out[section]
         for key in (
             "submit_all",
             "submit_last_1000",
@@ -368,7 +389,7 @@ def print_tables(out: dict[str, Any]) -> None:
         ):
             v = st[key]
             print(
-                f"| {key} with {st['queued']} queued (p50 / p99 / max) | {v['p50_ms']:.3f} / "
+                f"| {section}: {key} with {st['queued']} queued (p50 / p99 / max) | {v['p50_ms']:.3f} / "
                 f"{v['p99_ms']:.3f} / {v['max_ms']:.2f} ms | < 2 ms p99 |"
             )
     if "lengths" in out:
@@ -390,7 +411,7 @@ def print_tables(out: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="speedup,overhead,store,lengths")
+    p.add_argument("--sections", default="speedup,overhead,store,store_redis,lengths")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--overhead-jobs", type=int, default=30)
     p.add_argument("--queued", type=int, default=10_000)
