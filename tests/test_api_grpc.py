@@ -289,3 +289,21 @@ async def test_rest_shim_with_an_unreachable_grpc_server() -> None:
         assert r.json()["error"]["code"] == "not_ready"
         assert (await http.get("/readyz")).status_code == 503
     await client.close()
+
+
+def test_generated_code_is_current_and_imports_our_package() -> None:
+    import subprocess
+    import sys
+
+    from engine.api import protogen
+
+    assert protogen.is_current()
+    grpc_module = (protogen.OUT_DIR / "engine" / "v1" / "engine_pb2_grpc.py").read_text()
+    assert "from engine.pb.engine.v1 import engine_pb2" in grpc_module
+    assert "from engine.v1 import" not in grpc_module
+    check = subprocess.run(
+        [sys.executable, str(protogen.ROOT / "scripts" / "gen_proto.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr

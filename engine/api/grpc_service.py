@@ -387,9 +387,11 @@ class GrpcServer:
         try:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise NotReady(f"cannot listen for gRPC on {address}: {exc}") from exc
+            raise NotReady(
+                f"cannot listen for gRPC on {address} ({exc}); choose another with --grpc-port"
+            ) from exc
         if self.port == 0:
-            raise NotReady(f"cannot listen for gRPC on {address} (in use?)")
+            raise NotReady(f"cannot listen for gRPC on {address} (in use?); choose another with --grpc-port")
         self._sync: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
