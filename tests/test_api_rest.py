@@ -94,6 +94,13 @@ async def test_prompt_array_bearer_and_missing_or_empty_params(
         assert r.status_code == 200, r.text
         out = (await poll(http, r.json()["data"]["id"], stack.alice)).json()["data"]
         assert out["completion"] == ["ONE", "TWO", ""]
+    # JSON labelled as a form (what `curl -d` sends) is still JSON.
+    r = await http.post(
+        "/v1/submit",
+        content=b'{"prompt": "curl"}',
+        headers={**auth, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 200, r.text
     # max_new_tokens reaches the service as an int.
     r = await http.post(
         "/v1/submit", json={"prompt": "abcdef", "params": {"max_new_tokens": 3}}, headers=auth

@@ -288,13 +288,6 @@ class RequestMetrics:
             self._observe(scope, status)
             return
 
-        if scope["method"] == "POST" and b"json" not in dict(scope.get("headers") or ()).get(
-            b"content-type", b""
-        ):
-            # The body is JSON whatever the client declared: `curl -d '{...}'` sends it as a form.
-            headers = [(k, v) for k, v in scope.get("headers") or () if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -383,6 +376,7 @@ def create_app(
         },
     )
     async def submit(request: Request) -> JSONResponse:
+        # The body is read as JSON whatever Content-Type says: `curl -d '{...}'` labels it a form.
         body = parse_submit_body(await request.body())
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         message = engine_pb2.SubmitRequest(
