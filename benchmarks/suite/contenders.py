@@ -1,0 +1,250 @@
+"""The things a run times. Each handles ``requests`` requests of one cell and returns what it saw:
+per-request latencies, the wall time of the whole cell, and the generated tokens counted from the
+answers (a contender that generated fewer tokens than asked shows it; nothing is assumed).
+
+- ``Server``: `engine serve` as a subprocess on free loopback ports with its own temporary store
+  and a key made by `engine keys create`; requests go through REST (submit, then long poll) from
+  benchmarks/loadgen.py's closed loop, ``concurrency`` clients.
+- ``EngineOnly``: ``Engine.generate_requests`` in this process, ``concurrency`` requests per call.
+- ``Ct2Direct``: ``ctranslate2.Translator.translate_batch`` with the options the engine passes.
+- ``Transformers``: generate() in a .venv-ref subprocess (hf_timer.py), one request at a time,
+  float32 on CPU, with the faster of 1 and all cores as torch's thread count (``pick_threads``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.suite.matrix import Target
+from benchmarks.suite.workloads import Prompt
+
+ROOT = Path(__file__).resolve().parents[2]
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+HF_TIMER = ROOT / "benchmarks" / "suite" / "hf_timer.py"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    latencies_s: tuple[float, ...]  # successful requests only
+    duration_s: float
+    new_tokens: int
+    failures: tuple[str, ...]
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------- the server
+class Server:
+    """`engine serve` on ``target``'s device and compute type; ``max_batch_size`` None keeps the
+    server's default batcher."""
+
+    def __init__(self, model_dir: Path, target: Target, *, max_batch_size: int | None = None) -> None:
+        from tests.api_fakes import create_key_cli, start_server
+
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-suite-"))
+        store = f"sqlite:///{self.workdir}/engine.db"
+        self.key = create_key_cli(store, "bench")
+        args = [
+            "--model",
+            str(model_dir),
+            "--store",
+            store,
+            "--device",
+            target.device,
+            "--compute-type",
+            target.compute_type,
+            "--rate-limit-per-minute",
+            "0",  # the load generator is one key sending thousands of requests
+        ]
+        if max_batch_size is not None:
+            args += ["--max-batch-size", str(max_batch_size)]
+        self.process = start_server(args, self.workdir / "server.log", timeout_s=600.0)
+        self.url = self.process.url
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        return asyncio.run(self._run(prompts, params, requests, concurrency))
+
+    async def _run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        from benchmarks.loadgen import Outcome, closed_loop, raw_submit_and_poll
+
+        used = prompts[: min(len(prompts), requests)]
+        # One keep-alive pool per prompt (loadgen sends one body per pool); connections open lazily.
+        pools = [
+            raw_submit_and_poll(
+                self.url, self.key, {"prompt": p.text, "params": params}, concurrency=concurrency
+            )
+            for p in used
+        ]
+
+        async def one(i: int) -> Outcome:
+            return await pools[i % len(pools)][0](i)
+
+        try:
+            outcomes = await closed_loop(one, concurrency=concurrency, total=requests)
+        finally:
+            for _, close in pools:
+                await close()
+        duration = max(o.end for o in outcomes) - min(o.start for o in outcomes)
+        failures = [f"{o.status}: {o.error}" for o in outcomes if not o.ok]
+        ok = [o for o in outcomes if o.ok]
+        tokens, missing = await self._count_tokens([o.job_id for o in ok if o.job_id])
+        return CellResult(tuple(o.latency_s for o in ok), duration, tokens, tuple(failures + missing))
+
+    async def _count_tokens(self, job_ids: list[str]) -> tuple[int, list[str]]:
+        """The completion tokens each finished job's usage reports (read after the timing)."""
+        import httpx
+
+        total, problems = 0, []
+        async with httpx.AsyncClient(base_url=self.url, timeout=60.0) as client:
+            for job_id in job_ids:
+                r = await client.get(f"/v1/response/{job_id}", headers={"apiKey": self.key})
+                usage = r.json().get("data", {}).get("usage") if r.status_code == 200 else None
+                if usage is None:
+                    problems.append(f"{job_id}: no usage in its answer (HTTP {r.status_code})")
+                else:
+                    total += int(usage["completion_tokens"])
+        return total, problems
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.process.log()[-chars:]
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+# ---------------------------------------------------------------------------------- engine-only
+class EngineOnly:
+    def __init__(self, model_dir: Path, target: Target) -> None:
+        from engine.runtime.engine import Engine
+
+        self.engine = Engine(model_dir, device=target.device, compute_type=target.compute_type)
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        from engine.runtime.params import DecodingParams
+        from engine.runtime.result import GenerationRequest
+
+        decoding = DecodingParams.from_dict(params)
+        latencies: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for chunk in _chunks(requests, concurrency):
+            batch = [GenerationRequest(prompts[i % len(prompts)].ids, decoding) for i in chunk]
+            t0 = time.perf_counter()
+            results = self.engine.generate_requests(batch)
+            latencies += [time.perf_counter() - t0] * len(batch)
+            tokens += sum(len(r.token_ids) for r in results)
+        return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
+
+
+# ---------------------------------------------------------------------------------- CTranslate2
+class Ct2Direct:
+    def __init__(self, model_dir: Path, target: Target) -> None:
+        import ctranslate2
+
+        from engine.runtime.ct2 import load_vocabulary
+
+        self.vocab = load_vocabulary(model_dir)
+        self.translator = ctranslate2.Translator(
+            str(model_dir), device=target.device, compute_type=target.compute_type
+        )
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        from engine.runtime.ct2 import DecodeOptions
+        from engine.runtime.params import DecodingParams
+
+        kwargs = DecodeOptions.from_params(DecodingParams.from_dict(params)).kwargs()
+        sources = [[self.vocab[i] for i in p.ids] for p in prompts]
+        latencies: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for chunk in _chunks(requests, concurrency):
+            t0 = time.perf_counter()
+            out = self.translator.translate_batch([sources[i % len(sources)] for i in chunk], **kwargs)
+            latencies += [time.perf_counter() - t0] * len(chunk)
+            for r in out:
+                hyp = r.hypotheses[0]
+                tokens += len(hyp) - (1 if hyp and hyp[-1] == "</s>" else 0)
+        return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
+
+
+# ---------------------------------------------------------------------------------- Transformers
+class Transformers:
+    """Transformers 4.55.x (.venv-ref) kept alive in a subprocess so its runs interleave with ours."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        if not REF_PYTHON.is_file():
+            raise RuntimeError(f"{REF_PYTHON} is missing: run `make ref` for the Transformers baseline")
+        self.proc = subprocess.Popen(
+            [str(REF_PYTHON), str(HF_TIMER), str(hf_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = self._read()
+        self.threads = int(self.info["threads"])
+        self.thread_trials: dict[int, float] = {}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Transformers timer ({HF_TIMER.name}) exited; see its stderr above")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def _call(self, ids: Sequence[int], params: dict[str, Any], threads: int) -> tuple[float, int]:
+        assert self.proc.stdin is not None
+        request = {"input_ids": [list(ids)], "params": params, "threads": threads}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        return float(answer["seconds"]), int(answer["lengths"][0])
+
+    def pick_threads(
+        self, ids: Sequence[int], params: dict[str, Any], choices: Sequence[int], tries: int = 2
+    ) -> int:
+        """Keep the thread count that runs ``params`` fastest (best of ``tries`` each)."""
+        for threads in dict.fromkeys(choices):
+            self.thread_trials[threads] = min(self._call(ids, params, threads)[0] for _ in range(tries))
+        self.threads = min(self.thread_trials, key=lambda t: self.thread_trials[t])
+        return self.threads
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        del concurrency  # one at a time: that is the baseline
+        latencies: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for i in range(requests):
+            seconds, generated = self._call(prompts[i % len(prompts)].ids, params, self.threads)
+            latencies.append(seconds)
+            tokens += generated
+        return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,49 @@
+"""Times Transformers' generate() for the suite; run with .venv-ref's Python (Transformers 4.55.x,
+which still has contrastive search). Never imported by the project: the suite starts it as a
+subprocess and talks JSON lines over stdin/stdout, so its runs interleave with ours.
+
+    python hf_timer.py HF_DIR
+    <- {"ready": true, "transformers": "...", "torch": "...", "threads": n}
+    -> {"input_ids": [[...]], "params": {...}, "threads": n}   (threads optional)
+    <- {"seconds": s, "lengths": [new tokens per row]}
+
+``threads`` sets torch's intra-op threads for that call: on a busy 2-core machine one thread can
+be ten times faster than two (every parallel region waits for a thread that is not scheduled),
+so the suite tries both at warm-up and keeps the faster, giving the baseline its best setting.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    import torch
+    import transformers
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+    hello = {"ready": True, "transformers": transformers.__version__, "torch": torch.__version__}
+    print(json.dumps({**hello, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "threads" in request:
+            torch.set_num_threads(int(request["threads"]))
+        rows = request["input_ids"]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows])
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, **request["params"])
+        seconds = time.perf_counter() - start
+        # Rows start with the decoder-start token. The suite sends one row per call, so there is
+        # no padding after an early EOS to subtract.
+        lengths = [len(row) - 1 for row in out.tolist()]
+        print(json.dumps({"seconds": seconds, "lengths": lengths}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""A run: for each shape, start every contender once, warm each up, then time every job of the
+plan in rounds, the order rotated each round so that no contender always runs first (or right after
+the heaviest one). Every measurement is written as JSON the moment it is taken, so an interrupted
+run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.common import cores
+from benchmarks.suite import contenders as c
+from benchmarks.suite.figures import Measurement
+from benchmarks.suite.machine import describe, measure_bandwidth
+from benchmarks.suite.matrix import STRATEGIES, Job, Kind, Plan
+from benchmarks.suite.plots import plot_shape
+from benchmarks.suite.report import figures_json, issue_checks, render, summary_table
+from benchmarks.suite.workloads import ModelSet, Prompt, ensure_models, make_prompts
+
+WARMUP_TOKENS = 4
+THREAD_PROBE_TOKENS = 16
+
+
+class Contender(Protocol):
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> c.CellResult: ...
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    out_dir: Path
+    report: Path
+    summary: str
+    failed_requests: int
+
+
+def rotated(jobs: Sequence[Job], round_: int, rounds: int) -> list[Job]:
+    """The jobs starting at a different place each round (evenly spread over the rounds)."""
+    if not jobs:
+        return []
+    shift = (round_ * len(jobs) // max(1, rounds)) % len(jobs)
+    return [*jobs[shift:], *jobs[:shift]]
+
+
+def _who(job: Job) -> tuple[Kind, str | None]:
+    return job.kind, None if job.target is None else job.target.name
+
+
+@contextlib.contextmanager
+def open_contenders(
+    plan: Plan, jobs: Sequence[Job], models: ModelSet
+) -> Iterator[dict[tuple[Kind, str | None], Contender]]:
+    """Every contender the jobs need, started once; servers and subprocesses stopped on the way out."""
+    opened: dict[tuple[Kind, str | None], Contender] = {}
+    servers: list[c.Server] = []
+    hf: c.Transformers | None = None
+    try:
+        for job in jobs:
+            who = _who(job)
+            if who in opened:
+                continue
+            if job.kind is Kind.HF:
+                hf = c.Transformers(models.hf_dir)
+                opened[who] = hf
+                continue
+            assert job.target is not None
+            folder = models.folder(job.target.model_quantization)
+            if job.kind in (Kind.SERVER, Kind.SERVER_B1):
+                server = c.Server(
+                    folder, job.target, max_batch_size=1 if job.kind is Kind.SERVER_B1 else None
+                )
+                servers.append(server)
+                opened[who] = server
+            elif job.kind is Kind.ENGINE:
+                opened[who] = c.EngineOnly(folder, job.target)
+            else:
+                opened[who] = c.Ct2Direct(folder, job.target)
+        yield opened
+    finally:
+        for server in servers:
+            if server.stop() != 0:
+                print(f"a server exited with an error; its log ends with:\n{server.log_tail()}", flush=True)
+        if hf is not None:
+            hf.stop()
+
+
+def measure(
+    contender: Contender, job: Job, round_: int, plan: Plan, prompts: Sequence[Prompt]
+) -> Measurement:
+    params = job.strategy.request_params(plan.new_tokens)
+    try:
+        result = contender.run(prompts, params, plan.requests, job.concurrency)
+    except Exception as exc:
+        return Measurement.of(
+            job,
+            round_,
+            requests=plan.requests,
+            latencies_s=(),
+            duration_s=0.0,
+            new_tokens=0,
+            failures=(f"{type(exc).__name__}: {exc}",),
+        )
+    return Measurement.of(
+        job,
+        round_,
+        requests=plan.requests,
+        latencies_s=result.latencies_s,
+        duration_s=result.duration_s,
+        new_tokens=result.new_tokens,
+        failures=result.failures,
+    )
+
+
+def run(plan: Plan, out_dir: Path, *, command: str, progress: bool = True) -> RunOutput:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    machine = describe(measure_bandwidth())
+    _write(out_dir / "machine.json", machine)
+    _write(out_dir / "plan.json", _plan_dict(plan))
+    measurements: list[Measurement] = []
+    notes: list[str] = []
+    total = sum(len(plan.jobs(shape)) for shape in plan.shapes) * plan.rounds
+    with tqdm(total=total, disable=not progress, unit="cell", dynamic_ncols=True) as bar:
+        for shape in plan.shapes:
+            bar.set_description(f"{shape}: models")
+            models = ensure_models(shape, {t.model_quantization for t in plan.targets})
+            prompts = make_prompts(
+                models.folder(plan.targets[0].model_quantization), min(plan.requests, 16), plan.prompt_tokens
+            )
+            _write(out_dir / f"prompts-{shape}.json", [{"text": p.text, "ids": list(p.ids)} for p in prompts])
+            jobs = plan.jobs(shape)
+            bar.set_description(f"{shape}: starting")
+            with open_contenders(plan, jobs, models) as opened:
+                bar.set_description(f"{shape}: warm-up")
+                warmed: set[tuple[tuple[Kind, str | None], str]] = set()
+                hf = opened.get((Kind.HF, None))
+                if isinstance(hf, c.Transformers):
+                    probe = STRATEGIES["greedy"].request_params(THREAD_PROBE_TOKENS)
+                    hf.pick_threads(prompts[0].ids, probe, (1, cores()))
+                    trials = ", ".join(
+                        f"{t} thread(s) {s * 1000:.0f} ms" for t, s in hf.thread_trials.items()
+                    )
+                    notes.append(
+                        f"{shape}: Transformers {hf.info['transformers']} (torch {hf.info['torch']}) runs with "
+                        f"{hf.threads} torch thread(s), the faster at warm-up ({trials}; greedy, "
+                        f"{THREAD_PROBE_TOKENS} tokens, best of 2)"
+                    )
+                for job in jobs:
+                    if (_who(job), job.strategy.name) not in warmed:
+                        warmed.add((_who(job), job.strategy.name))
+                        opened[_who(job)].run(prompts[:1], job.strategy.request_params(WARMUP_TOKENS), 1, 1)
+                for round_ in range(plan.rounds):
+                    for job in rotated(jobs, round_, plan.rounds):
+                        bar.set_description(
+                            f"r{round_ + 1} {shape} {job.strategy.name} c{job.concurrency} {job.contender}"
+                        )
+                        m = measure(opened[_who(job)], job, round_, plan, prompts)
+                        measurements.append(m)
+                        _write(runs_dir / f"{job.key}-r{round_}.json", _measurement_dict(m))
+                        bar.update(1)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    plots = [
+        str(plot_shape(plan, shape, measurements, out_dir / f"plot-{shape}.png").relative_to(out_dir))
+        for shape in plan.shapes
+    ]
+    report = out_dir / "report.md"
+    report.write_text(
+        render(
+            run_id=out_dir.name,
+            command=command,
+            plan=plan,
+            machine=machine,
+            load_before=load_before,
+            load_after=load_after,
+            measurements=measurements,
+            plots=plots,
+            notes=notes,
+        )
+    )
+    checks = issue_checks(plan, measurements)
+    _write(
+        out_dir / "summary.json",
+        {
+            "run_id": out_dir.name,
+            "command": command,
+            "load_before": load_before,
+            "load_after": load_after,
+            "machine": machine,
+            "notes": notes,
+            "issue_targets": [{**asdict(ch), "verdict": ch.verdict} for ch in checks],
+            "figures": figures_json(measurements),
+        },
+    )
+    failed = sum(m.requests - m.ok for m in measurements)
+    return RunOutput(out_dir, report, summary_table(checks), failed)
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    d = asdict(plan)
+    d["baselines"] = sorted(k.value for k in plan.baselines)
+    return d
+
+
+def _measurement_dict(m: Measurement) -> dict[str, Any]:
+    d = asdict(m)
+    d["kind"] = m.kind.value
+    d["requests_per_s"] = m.requests_per_s
+    d["tokens_per_s"] = m.tokens_per_s
+    return d
+
+
+def _write(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
