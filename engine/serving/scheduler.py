@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,10 @@ from engine.errors import EngineError, InvalidRequest, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
-from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.result import GenerationRequest, Result, TokenEvent, Usage
 from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, lane_of, plan_batch
 from engine.serving.clock import Clock
+from engine.serving.events import JobEvents, TokenForwarder, final_events, request_id
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.worker import EngineWorker
@@ -38,84 +38,6 @@ log = logging.getLogger(__name__)
 # by another process); wake-ups from submit make the common case immediate.
 IDLE_POLL_S = 1.0
 RESTART_DELAY_S = 1.0
-
-
-def request_id(job_id: str, prompt_index: int) -> str:
-    return f"{job_id}:{prompt_index}"
-
-
-class JobEvents:
-    """Per-job token events on the event loop: a replay buffer plus subscriber queues, and
-    waiters for the job's end. A channel lives while its job runs and is dropped at the end."""
-
-    @dataclass
-    class _Channel:
-        events: list[TokenEvent] = field(default_factory=list)
-        queues: list[asyncio.Queue[TokenEvent | None]] = field(default_factory=list)
-        waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def __init__(self) -> None:
-        self._channels: dict[str, JobEvents._Channel] = {}
-
-    def _channel(self, job_id: str) -> _Channel:
-        ch = self._channels.get(job_id)
-        if ch is None:
-            ch = self._channels[job_id] = JobEvents._Channel()
-        return ch
-
-    def publish(self, job_id: str, events: Sequence[TokenEvent]) -> None:
-        ch = self._channel(job_id)
-        ch.events.extend(events)
-        for q in ch.queues:
-            for ev in events:
-                q.put_nowait(ev)
-
-    def subscribe(self, job_id: str) -> asyncio.Queue[TokenEvent | None]:
-        """A queue that first replays the job's events so far; ``None`` marks the end."""
-        ch = self._channel(job_id)
-        q: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
-        for ev in ch.events:
-            q.put_nowait(ev)
-        ch.queues.append(q)
-        return q
-
-    def unsubscribe(self, job_id: str, q: asyncio.Queue[TokenEvent | None]) -> None:
-        ch = self._channels.get(job_id)
-        if ch is not None and q in ch.queues:
-            ch.queues.remove(q)
-            self._drop_if_idle(job_id, ch)
-
-    def waiter(self, job_id: str) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._channel(job_id).waiters.append(fut)
-        return fut
-
-    def discard_waiter(self, job_id: str, fut: asyncio.Future[None]) -> None:
-        ch = self._channels.get(job_id)
-        if ch is not None and fut in ch.waiters:
-            ch.waiters.remove(fut)
-            self._drop_if_idle(job_id, ch)
-
-    def finish(self, job_id: str, final: Sequence[TokenEvent] = ()) -> None:
-        """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters."""
-        ch = self._channels.pop(job_id, None)
-        if ch is None:
-            return
-        for q in ch.queues:
-            for ev in final:
-                q.put_nowait(ev)
-            q.put_nowait(None)
-        for fut in ch.waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def finish_all(self) -> None:
-        for job_id in list(self._channels):
-            self.finish(job_id)
-
-    def _drop_if_idle(self, job_id: str, ch: _Channel) -> None:
-        if not ch.queues and not ch.waiters and not ch.events:
-            self._channels.pop(job_id, None)
 
 
 @dataclass
@@ -154,37 +76,6 @@ def engine_error(exc: BaseException) -> JobError:
     if isinstance(exc, EngineError):
         return JobError(code=exc.code, message=exc.message)
     return JobError(code="job_failed", message=f"the engine failed on this job ({type(exc).__name__}: {exc})")
-
-
-class TokenForwarder:
-    """Collects token events on the worker thread; flushes them to the event loop at most once per
-    loop iteration, so a batch of 32 rows x 32 tokens costs a few wake-ups, not a thousand."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: JobEvents) -> None:
-        self._loop = loop
-        self._events = events
-        self._lock = threading.Lock()
-        self._pending: list[tuple[str, TokenEvent]] = []
-        self._scheduled = False
-
-    def push(self, job_id: str, event: TokenEvent) -> None:
-        with self._lock:
-            self._pending.append((job_id, event))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # loop closed: the process is ending
-            self._loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-            self._scheduled = False
-        by_job: dict[str, list[TokenEvent]] = {}
-        for job_id, ev in pending:
-            by_job.setdefault(job_id, []).append(ev)
-        for job_id, evs in by_job.items():
-            self._events.publish(job_id, evs)
 
 
 class Scheduler:
@@ -640,20 +531,3 @@ def job_result(results: Sequence[Result]) -> JobResult:
         finish_reasons=tuple(r.finish_reason.value for r in results),
         usages=usages,
     )
-
-
-def final_events(job_id: str, results: Sequence[Result]) -> list[TokenEvent]:
-    return [TokenEvent(request_id(job_id, i), -1, r) for i, r in enumerate(results)]
-
-
-def stored_final_events(job: Job) -> list[TokenEvent]:
-    """The final events of a job that completed earlier, rebuilt from the store."""
-    res = job.result
-    if res is None:
-        return []
-    events = []
-    for i, text in enumerate(res.completion):
-        usage = res.usages[i] if i < len(res.usages) else Usage(0, len(res.token_ids[i]))
-        reason = FinishReason(res.finish_reasons[i]) if i < len(res.finish_reasons) else FinishReason.LENGTH
-        events.append(TokenEvent(request_id(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
-    return events

@@ -22,8 +22,9 @@ from engine.runtime.protocols import EngineLike
 from engine.runtime.result import TokenEvent
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
+from engine.serving.events import JobEvents, stored_final_events
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
-from engine.serving.scheduler import JobEvents, Scheduler, stored_final_events, timeout_error
+from engine.serving.scheduler import Scheduler, timeout_error
 from engine.serving.store.base import JobStore
 from engine.serving.worker import EngineWorker
 

@@ -1,0 +1,143 @@
+"""Token events on their way from the engine's worker thread to ``JobService.stream``.
+
+``TokenForwarder`` collects them on the worker thread and hands them to the event loop in
+coalesced flushes; ``JobEvents`` keeps, per running job, a replay buffer, the subscribers' queues
+and the waiters for its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.runtime.result import FinishReason, Result, TokenEvent, Usage
+from engine.serving.jobs import Job
+
+
+def request_id(job_id: str, prompt_index: int) -> str:
+    return f"{job_id}:{prompt_index}"
+
+
+class JobEvents:
+    """Per-job token events on the event loop: a replay buffer plus subscriber queues, and
+    waiters for the job's end. A channel lives while its job runs and is dropped at the end."""
+
+    @dataclass
+    class _Channel:
+        events: list[TokenEvent] = field(default_factory=list)
+        queues: list[asyncio.Queue[TokenEvent | None]] = field(default_factory=list)
+        waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __init__(self) -> None:
+        self._channels: dict[str, JobEvents._Channel] = {}
+
+    def _channel(self, job_id: str) -> _Channel:
+        ch = self._channels.get(job_id)
+        if ch is None:
+            ch = self._channels[job_id] = JobEvents._Channel()
+        return ch
+
+    def publish(self, job_id: str, events: Sequence[TokenEvent]) -> None:
+        ch = self._channel(job_id)
+        ch.events.extend(events)
+        for q in ch.queues:
+            for ev in events:
+                q.put_nowait(ev)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue[TokenEvent | None]:
+        """A queue that first replays the job's events so far; ``None`` marks the end."""
+        ch = self._channel(job_id)
+        q: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        for ev in ch.events:
+            q.put_nowait(ev)
+        ch.queues.append(q)
+        return q
+
+    def unsubscribe(self, job_id: str, q: asyncio.Queue[TokenEvent | None]) -> None:
+        ch = self._channels.get(job_id)
+        if ch is not None and q in ch.queues:
+            ch.queues.remove(q)
+            self._drop_if_idle(job_id, ch)
+
+    def waiter(self, job_id: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._channel(job_id).waiters.append(fut)
+        return fut
+
+    def discard_waiter(self, job_id: str, fut: asyncio.Future[None]) -> None:
+        ch = self._channels.get(job_id)
+        if ch is not None and fut in ch.waiters:
+            ch.waiters.remove(fut)
+            self._drop_if_idle(job_id, ch)
+
+    def finish(self, job_id: str, final: Sequence[TokenEvent] = ()) -> None:
+        """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters."""
+        ch = self._channels.pop(job_id, None)
+        if ch is None:
+            return
+        for q in ch.queues:
+            for ev in final:
+                q.put_nowait(ev)
+            q.put_nowait(None)
+        for fut in ch.waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def finish_all(self) -> None:
+        for job_id in list(self._channels):
+            self.finish(job_id)
+
+    def _drop_if_idle(self, job_id: str, ch: _Channel) -> None:
+        if not ch.queues and not ch.waiters and not ch.events:
+            self._channels.pop(job_id, None)
+
+
+class TokenForwarder:
+    """Collects token events on the worker thread; flushes them to the event loop at most once per
+    loop iteration, so a batch of 32 rows x 32 tokens costs a few wake-ups, not a thousand."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: JobEvents) -> None:
+        self._loop = loop
+        self._events = events
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, TokenEvent]] = []
+        self._scheduled = False
+
+    def push(self, job_id: str, event: TokenEvent) -> None:
+        with self._lock:
+            self._pending.append((job_id, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # loop closed: the process is ending
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        by_job: dict[str, list[TokenEvent]] = {}
+        for job_id, ev in pending:
+            by_job.setdefault(job_id, []).append(ev)
+        for job_id, evs in by_job.items():
+            self._events.publish(job_id, evs)
+
+
+def final_events(job_id: str, results: Sequence[Result]) -> list[TokenEvent]:
+    return [TokenEvent(request_id(job_id, i), -1, r) for i, r in enumerate(results)]
+
+
+def stored_final_events(job: Job) -> list[TokenEvent]:
+    """The final events of a job that completed earlier, rebuilt from the store."""
+    res = job.result
+    if res is None:
+        return []
+    events = []
+    for i, text in enumerate(res.completion):
+        usage = res.usages[i] if i < len(res.usages) else Usage(0, len(res.token_ids[i]))
+        reason = FinishReason(res.finish_reasons[i]) if i < len(res.finish_reasons) else FinishReason.LENGTH
+        events.append(TokenEvent(request_id(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
+    return events
