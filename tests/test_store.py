@@ -324,15 +324,16 @@ def test_redis_servers_share_one_queue_and_take_over_a_dead_servers_jobs(redis_u
     from engine.serving.store.redis import RedisJobStore
 
     prefix = f"test:{uuid.uuid4().hex}:"
-    a = RedisJobStore(redis_url, prefix=prefix, lease_s=REDIS_LEASE_S)
-    b = RedisJobStore(redis_url, prefix=prefix, lease_s=REDIS_LEASE_S)
+    lease_s = 1.0  # renewed every 0.33 s: a loaded machine must not delay a renewal past the lease
+    a = RedisJobStore(redis_url, prefix=prefix, lease_s=lease_s)
+    b = RedisJobStore(redis_url, prefix=prefix, lease_s=lease_s)
     try:
         for i in range(3):
             a.enqueue(job(i), 1)
         assert b.queue_depth() == 3 and b.position("job2") == 2
         assert [j.id for j in a.claim(["job0"], NOW)] == ["job0"]
         assert [j.id for j in b.claim(["job0", "job1"], NOW)] == ["job1"]  # never twice
-        time.sleep(REDIS_LEASE_S * 2)
+        time.sleep(lease_s * 1.5)
         assert b.requeue_running() == []  # both alive: their leases are renewed
         assert a.get("job0").status is JobStatus.RUNNING  # type: ignore[union-attr]
         a.close()  # server a dies with job0
