@@ -184,6 +184,13 @@ async def test_invalid_bodies_and_params_answer_422_in_the_envelope(
         ({"prompt": "x", "params": {"penalty_alpha": 1.5}}, ("penalty_alpha",)),
         ({"prompt": "x", "params": {"do_sample": 1}}, ("do_sample must be true or false, got 1",)),
         ({"prompt": "x", "params": {"top_k": True}}, ("top_k must be an integer",)),
+        (
+            b'{"prompt": "x", "params": {"max_new_tokens": 1e400}}',
+            ("max_new_tokens must be an integer, got inf",),
+        ),
+        (b'{"prompt": "x", "params": {"temperature": NaN}}', ("temperature must be greater than 0",)),
+        (b'{"prompt": "x", "params": {"seed": [1, {"a": null}]}}', ("seed must be an integer",)),
+        (b'{"prompt": "\\ud800"}', ("not valid JSON",)),
         ({"prompt": "x", "model": "google/flan-t5-xxl"}, ("not served here", "fake/flan-t5")),
         ({"prompt": []}, ("at least one prompt",)),
         ({"prompt": ["a"] * 65}, ("at most 64 prompts",)),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -93,13 +93,23 @@ class ServiceLike(Protocol):
 
 def params_from_struct(params: struct_pb2.Struct, *, max_new_tokens_limit: int) -> DecodingParams:
     """Validate the client's params exactly as sent (unknown names and bad values by name)."""
-    raw: dict[str, Any] = json_format.MessageToDict(params)
+    raw: dict[str, Any] = {name: _plain(value) for name, value in params.items()}
     # Struct carries every number as a double; integral ones go back to int so that messages
     # quote what the client wrote ("got 1", not "got 1.0").
     for name, value in raw.items():
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
             raw[name] = int(value)
     return DecodingParams.from_dict(raw, max_new_tokens_limit=max_new_tokens_limit)
+
+
+def _plain(value: Any) -> Any:
+    """A Struct value as plain Python. Not json_format.MessageToDict: it raises on NaN and
+    infinity, which JSON parsers accept and DecodingParams rejects by name."""
+    if isinstance(value, struct_pb2.Struct):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [_plain(v) for v in value]
+    return value
 
 
 def params_to_struct(params: dict[str, Any] | None) -> struct_pb2.Struct:
