@@ -342,3 +342,67 @@ async def test_openapi_describes_the_real_schemas(http: httpx.AsyncClient) -> No
     assert {"get", "delete"} <= set(spec["paths"]["/v1/response/{job_id}"])
     params = {p["name"] for p in submit["parameters"]}
     assert "apiKey" in params
+
+
+WEIRD_VALUES: list[str] = [
+    "null",
+    "true",
+    "false",
+    "0",
+    "-1",
+    "1.5",
+    "1e308",
+    "-1e400",
+    "NaN",
+    "Infinity",
+    "18446744073709551616",
+    '""',
+    '"x"',
+    '"64"',
+    "[]",
+    "[1, 2]",
+    '["a", null]',
+    "{}",
+    '{"a": {"b": [1]}}',
+    '"' + "z" * 3000 + '"',
+]
+
+
+async def test_no_odd_value_anywhere_gets_a_5xx(tmp_path: Path) -> None:
+    """Every field, every parameter, every odd JSON value: an answer in the envelope, never a 5xx."""
+    stack = fake_stack(str(tmp_path / "k.db"), max_queue_size=10**6)
+    stack.service.pause()  # accepted jobs stay queued: this test is about the edge
+    app = create_app(InProcessClient(stack.servicer), stack.metrics)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    key = {"apiKey": stack.alice, "Content-Type": "application/json"}
+    names = [
+        "max_new_tokens",
+        "min_new_tokens",
+        "top_k",
+        "penalty_alpha",
+        "num_beams",
+        "length_penalty",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "seed",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "bogus",
+    ]
+    bodies = [f'{{"prompt": {v}}}' for v in WEIRD_VALUES]
+    bodies += [f'{{"prompt": "x", "model": {v}}}' for v in WEIRD_VALUES]
+    bodies += [f'{{"prompt": "x", "params": {v}}}' for v in WEIRD_VALUES]
+    bodies += [f'{{"prompt": "x", "params": {{"{n}": {v}}}}}' for n in names for v in WEIRD_VALUES]
+    accepted = 0
+    for body in bodies:
+        r = await http.post("/v1/submit", content=body.encode(), headers=key)
+        assert r.status_code < 500, (body[:80], r.text)
+        if r.status_code != 200:
+            assert set(r.json()) == {"success", "error"}, r.text
+        else:
+            accepted += 1
+    assert accepted >= 15  # the valid values went all the way through the service
+    await http.aclose()
+    await stack.service.close()
+    stack.keys.close()
