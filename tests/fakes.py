@@ -27,7 +27,7 @@ from engine.config import Config
 from engine.errors import InvalidRequest, Overloaded, PromptTooLong
 from engine.metrics import Metrics
 from engine.model.manifest import Manifest
-from engine.runtime.protocols import OnToken
+from engine.runtime.protocols import EngineLike, OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
 from engine.serving.clock import Clock
 from engine.serving.service import JobService
@@ -96,7 +96,7 @@ def _token(input_ids: Sequence[int], step: int) -> int:
 
 
 async def start_service(
-    engine: FakeEngine | None = None,
+    engine: EngineLike | None = None,
     clock: Clock | None = None,
     store: JobStore | None = None,
     metrics: Metrics | None = None,

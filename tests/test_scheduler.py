@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
@@ -291,5 +292,32 @@ def test_the_engine_worker_runs_calls_in_order_on_its_own_thread() -> None:
         with pytest.raises(RuntimeError, match="stopped"):
             await worker.run(call, 7)
         await until(lambda: not worker.alive)
+
+    run(body)
+
+
+def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_model_dir: Path) -> None:
+    """Batched greedy (mixed lengths) and continuous contrastive through JobService, on a tiny
+    converted model, against the same engine called directly one prompt at a time."""
+    from engine.runtime.engine import Engine
+
+    engine = Engine(flan_model_dir, compute_type="float32", intra_threads=1)
+    prompts = ["ka bo zu", "pe mi lo tifudo", "kebupi ro", "vu se da ga no", "ka ka bo"]
+    cases = [
+        *((p, DecodingParams(max_new_tokens=6 + i)) for i, p in enumerate(prompts)),
+        *((p, DecodingParams(max_new_tokens=5, penalty_alpha=0.6, top_k=3)) for p in prompts[:3]),
+    ]
+
+    async def body() -> None:
+        svc = await start_service(engine, max_queue_delay_ms=50.0)
+        views = await asyncio.gather(*(svc.submit("a", [p], params) for p, params in cases))
+        for (prompt, params), view in zip(cases, views, strict=True):
+            done = await svc.wait("a", view.job.id, 60)
+            assert done.job.status is JobStatus.COMPLETED, done.job.error
+            [alone] = engine.generate([prompt], **params.to_dict())
+            assert done.job.result is not None
+            assert done.job.result.token_ids[0] == alone.token_ids
+            assert done.job.result.completion[0] == alone.text
+        await svc.stop()
 
     run(body)
