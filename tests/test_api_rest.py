@@ -406,3 +406,13 @@ async def test_no_odd_value_anywhere_gets_a_5xx(tmp_path: Path) -> None:
     await http.aclose()
     await stack.service.close()
     stack.keys.close()
+
+
+async def test_public_url_sets_the_response_url(stack: FakeStack) -> None:
+    app = create_app(InProcessClient(stack.servicer), stack.metrics, public_url="https://api.example.com/")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://10.0.0.5:8080"
+    ) as http:
+        r = await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": stack.alice})
+    job_id = r.json()["data"]["id"]
+    assert r.json()["data"]["responseUrl"] == f"https://api.example.com/v1/response/{job_id}"
