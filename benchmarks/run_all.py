@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=OUT_DIR, help="where the run's folder goes (default benchmarks/out)"
     )
+    p.add_argument(
+        "--models", type=Path, default=OUT_DIR / "models", help="where model folders are built and reused"
+    )
     p.add_argument("--run-id", default=None, help="the run's folder name (default: UTC time and preset)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped {skipped.what}: {skipped.reason}", flush=True)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     command = f"benchmarks/run_all.py {argv_text}".strip()
-    result = run(plan, out_dir, command=command, progress=not args.no_progress)
+    result = run(plan, out_dir, command=command, models=args.models, progress=not args.no_progress)
     print()
     print(result.summary)
     print()

@@ -50,8 +50,9 @@ def plot_shape(plan: Plan, shape: str, measurements: Sequence[Measurement], path
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
-        latency_ax.set_title(f"{shape}, {strategy.name}")
-        throughput_ax.legend(fontsize=7)
+        latency_ax.set_title(f"{shape}, {strategy.name}" + ("" if mine else " (not measured)"))
+        if throughput_ax.get_legend_handles_labels()[0]:
+            throughput_ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

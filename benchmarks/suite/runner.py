@@ -21,7 +21,7 @@ from benchmarks.suite.machine import describe, measure_bandwidth
 from benchmarks.suite.matrix import STRATEGIES, Job, Kind, Plan
 from benchmarks.suite.plots import plot_shape
 from benchmarks.suite.report import figures_json, issue_checks, render, summary_table
-from benchmarks.suite.workloads import ModelSet, Prompt, ensure_models, make_prompts
+from benchmarks.suite.workloads import MODELS, ModelSet, Prompt, ensure_models, make_prompts
 
 WARMUP_TOKENS = 4
 THREAD_PROBE_TOKENS = 16
@@ -118,7 +118,9 @@ def measure(
     )
 
 
-def run(plan: Plan, out_dir: Path, *, command: str, progress: bool = True) -> RunOutput:
+def run(
+    plan: Plan, out_dir: Path, *, command: str, models: Path = MODELS, progress: bool = True
+) -> RunOutput:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     runs_dir = out_dir / "runs"
@@ -133,7 +135,7 @@ def run(plan: Plan, out_dir: Path, *, command: str, progress: bool = True) -> Ru
     with tqdm(total=total, disable=not progress, unit="cell", dynamic_ncols=True) as bar:
         for shape in plan.shapes:
             bar.set_description(f"{shape}: models")
-            models = ensure_models(shape, {t.model_quantization for t in plan.targets})
+            models = ensure_models(shape, {t.model_quantization for t in plan.targets}, models=models)
             prompts = make_prompts(
                 models.folder(plan.targets[0].model_quantization), min(plan.requests, 16), plan.prompt_tokens
             )

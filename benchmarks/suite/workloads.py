@@ -31,18 +31,17 @@ class ModelSet:
         return self.folders[quantization]
 
 
-def model_root(shape: str, seed: int = 0) -> Path:
-    return MODELS / f"demo-{shape}-seed{seed}"
+def model_root(shape: str, seed: int = 0, models: Path = MODELS) -> Path:
+    return models / f"demo-{shape}-seed{seed}"
 
 
-def ensure_models(
-    shape: str, quantizations: set[str], *, root: Path | None = None, seed: int = 0
-) -> ModelSet:
-    """The checkpoint of ``shape`` and its conversions (built when missing; ~1 min for small)."""
+def ensure_models(shape: str, quantizations: set[str], *, models: Path = MODELS, seed: int = 0) -> ModelSet:
+    """The checkpoint of ``shape`` and its conversions under ``models`` (built when missing; about
+    a minute for small on 2 cores)."""
     from engine.model.convert import convert_checkpoint
     from engine.model.demo import build_demo_model, write_hf_checkpoint
 
-    base = root if root is not None else model_root(shape, seed)
+    base = model_root(shape, seed, models)
     hf = base / "hf"
     folders = {q: base / q for q in sorted(quantizations)}
     if not (hf / "config.json").is_file() or not (hf / "model.safetensors").is_file():
