@@ -135,14 +135,16 @@ def run(
     with tqdm(total=total, disable=not progress, unit="cell", dynamic_ncols=True) as bar:
         for shape in plan.shapes:
             bar.set_description(f"{shape}: models")
-            models = ensure_models(shape, {t.model_quantization for t in plan.targets}, models=models)
+            model_set = ensure_models(shape, {t.model_quantization for t in plan.targets}, models=models)
             prompts = make_prompts(
-                models.folder(plan.targets[0].model_quantization), min(plan.requests, 16), plan.prompt_tokens
+                model_set.folder(plan.targets[0].model_quantization),
+                min(plan.requests, 16),
+                plan.prompt_tokens,
             )
             _write(out_dir / f"prompts-{shape}.json", [{"text": p.text, "ids": list(p.ids)} for p in prompts])
             jobs = plan.jobs(shape)
             bar.set_description(f"{shape}: starting")
-            with open_contenders(plan, jobs, models) as opened:
+            with open_contenders(plan, jobs, model_set) as opened:
                 bar.set_description(f"{shape}: warm-up")
                 warmed: set[tuple[tuple[Kind, str | None], str]] = set()
                 hf = opened.get((Kind.HF, None))
