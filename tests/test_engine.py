@@ -99,6 +99,25 @@ def test_prompt_too_long_says_by_how_much(engine: Engine) -> None:
     assert r.usage.prompt_tokens == limit
 
 
+def test_no_silent_truncation_past_1024_tokens(tmp_path: Path, flan_model_dir: Path) -> None:
+    # CTranslate2 cuts inputs at 1024 tokens unless told otherwise; a model whose limit is higher
+    # must see the whole prompt: two prompts that differ only after token 1024 answer differently.
+    folder = tmp_path / "long"
+    shutil.copytree(flan_model_dir, folder)
+    manifest = json.loads((folder / "engine.json").read_text())
+    (folder / "engine.json").write_text(json.dumps({**manifest, "max_input_length": 2048}))
+    long_engine = Engine(folder, compute_type="float32", intra_threads=1)
+    (word,) = long_engine.tokenize(["the"])[0][:1]
+    (other,) = long_engine.tokenize(["house"])[0][:1]
+    base = (word,) * 1100
+    tail = (other,) * 20
+    a = GenerationRequest((*base, *tail, 1), DecodingParams(max_new_tokens=16))
+    b = GenerationRequest((*base, *tail[:-10], *(word,) * 10, 1), DecodingParams(max_new_tokens=16))
+    ra, rb = long_engine.generate_requests([a, b])
+    assert ra.usage.prompt_tokens == 1121
+    assert ra.token_ids != rb.token_ids
+
+
 def test_bad_params_are_rejected_by_name(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match=r"unknown parameter.*beams"):
         engine.generate(["ka"], beams=2)
