@@ -63,3 +63,35 @@ def test_open_loop_sends_at_the_rate_whatever_the_answers() -> None:
     starts = sorted(o.start for o in outcomes)
     assert starts[-1] - starts[0] < 1.5  # ~0.2 s of arrivals at 200/s, far less than 40 x 0.2 s
     assert elapsed < 3.0
+
+
+def test_raw_client_resends_once_on_a_keep_alive_connection_the_server_closed() -> None:
+    from benchmarks.loadgen import RawHttp
+
+    async def main() -> list[int]:
+        connections = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()  # as a server whose keep-alive timeout expired, without saying so
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = RawHttp("127.0.0.1", port)
+        statuses = []
+        for _ in range(3):
+            status, body = await client.request("GET", "/", {})
+            assert body == b"ok"
+            statuses.append(status)
+            await asyncio.sleep(0.01)
+        await client.close()
+        server.close()
+        await server.wait_closed()
+        assert connections == 3
+        return statuses
+
+    assert asyncio.run(main()) == [200, 200, 200]
