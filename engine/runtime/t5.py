@@ -33,6 +33,7 @@ _RELU = 0
 _GELU_TANH = 1
 # Added to masked attention scores, as Hugging Face does (finfo.min, not -inf: no NaN rows).
 _NEG = float(np.finfo(np.float32).min)
+LINEAR_BLOCK_ROWS = 256
 _SUPPORTED_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
 
 
@@ -94,27 +95,27 @@ class _Norm:
 @dataclass(frozen=True)
 class _FFN:
     norm: _Norm
-    wi: Array  # [d, 2F] gated (wi_0 | wi_1) or [d, F]
-    wo: Array  # [F, d]
+    wi: Array  # [2F, d] gated (wi_0 over wi_1) or [F, d]
+    wo: Array  # [d, F]
 
 
 @dataclass(frozen=True)
 class _EncoderLayer:
     attn_norm: _Norm
-    qkv: Array  # [d, 3 * inner]
-    out: Array  # [inner, d]
+    qkv: Array  # [3 * inner, d]
+    out: Array  # [d, inner]
     ffn: _FFN
 
 
 @dataclass(frozen=True)
 class _DecoderLayer:
     self_norm: _Norm
-    qkv: Array  # [d, 3 * inner]
-    self_out: Array  # [inner, d]
+    qkv: Array  # [3 * inner, d]
+    self_out: Array  # [d, inner]
     cross_norm: _Norm
-    cross_q: Array  # [d, inner]
-    cross_kv: Array  # [d, 2 * inner]
-    cross_out: Array  # [inner, d]
+    cross_q: Array  # [inner, d]
+    cross_kv: Array  # [2 * inner, d]
+    cross_out: Array  # [d, inner]
     ffn: _FFN
 
 
@@ -297,7 +298,7 @@ class T5Runtime:
         self.decoder = decoder
         self.decoder_norm = decoder_norm
         self._dec_bias_table = decoder_bias_table  # [num_buckets, H] (host)
-        self.lm_head = lm_head  # [d, V]
+        self.lm_head = lm_head  # [V, d]
         self._dec_bias_by_distance: Array | None = None
 
     # ------------------------------------------------------------------ loading
@@ -337,8 +338,8 @@ class T5Runtime:
         def dev(a: np.ndarray) -> Array:
             return xp.asarray(np.ascontiguousarray(a, dtype=np_dtype))
 
-        def lin(name: str) -> np.ndarray:  # stored [out, in]; we multiply x @ W.T
-            return mf.float32(f"{name}/weight").T
+        def lin(name: str) -> np.ndarray:  # [out, in], as stored; see _linear
+            return mf.float32(f"{name}/weight")
 
         def norm(name: str) -> _Norm:
             return _Norm(dev(mf.float32(f"{name}/gamma")))
@@ -377,7 +378,7 @@ class T5Runtime:
 
         def ffn(prefix: str) -> _FFN:
             if gated:
-                wi = np.concatenate([lin(f"{prefix}/linear_0"), lin(f"{prefix}/linear_0_noact")], axis=1)
+                wi = np.concatenate([lin(f"{prefix}/linear_0"), lin(f"{prefix}/linear_0_noact")], axis=0)
             else:
                 wi = lin(f"{prefix}/linear_0")
             return _FFN(norm(f"{prefix}/layer_norm"), dev(wi), dev(lin(f"{prefix}/linear_1")))
@@ -422,21 +423,36 @@ class T5Runtime:
         )
 
     # ------------------------------------------------------------------ pieces
+    def _linear(self, x: Array, weight: Array) -> Array:
+        """x [R, in] times weight [out, in] (CTranslate2's layout) -> [R, out].
+
+        On CPU the product runs as weight @ x.T in blocks of LINEAR_BLOCK_ROWS weight rows: with
+        few rows of x (a decoder step has B*k), OpenBLAS otherwise packs the whole weight matrix
+        into a buffer per call, reading and writing it again; a block's packing stays in L2.
+        Measured on this project's 2-core Xeon (1 thread): 1.2x-2.2x faster for 1 to 32 rows."""
+        if self.xp is not np:
+            return x @ weight.T
+        out_t = np.empty((weight.shape[0], x.shape[0]), dtype=x.dtype)
+        x_t = x.T
+        rows = LINEAR_BLOCK_ROWS
+        for start in range(0, weight.shape[0], rows):
+            np.matmul(weight[start : start + rows], x_t, out=out_t[start : start + rows])
+        return np.ascontiguousarray(out_t.T)
+
     def _rms(self, x: Array, norm: _Norm) -> Array:
         xp = self.xp
         var = xp.mean(xp.square(x), axis=-1, keepdims=True)
         return (x / xp.sqrt(var + self.shape.eps)) * norm.gamma
 
     def _ffn(self, x: Array, ffn: _FFN) -> Array:
-        xp = self.xp
-        h = self._rms(x, ffn.norm) @ ffn.wi
+        h = self._linear(self._rms(x, ffn.norm), ffn.wi)
         if self.shape.gated:
             f = self.shape.d_ff
             gate, lin = h[..., :f], h[..., f:]
             h = self._act(gate) * lin
         else:
             h = self._act(h)
-        return xp.matmul(h, ffn.wo)
+        return self._linear(h, ffn.wo)
 
     def _act(self, x: Array) -> Array:
         """The activation, into a new array (``x`` may be a view of a larger one)."""
@@ -487,14 +503,18 @@ class T5Runtime:
         )
         x = self.embeddings[xp.asarray(ids)]  # [S, d]
         for layer in self.encoder:
-            qkv = (self._rms(x, layer.attn_norm) @ layer.qkv).reshape(n, 3, h, d).transpose(1, 2, 0, 3)
+            qkv = (
+                self._linear(self._rms(x, layer.attn_norm), layer.qkv)
+                .reshape(n, 3, h, d)
+                .transpose(1, 2, 0, 3)
+            )
             scores = xp.matmul(qkv[0], qkv[1].swapaxes(-1, -2))  # [H, S, S]
             scores += bias
             attn = xp.matmul(self._softmax_(scores), qkv[2])  # [H, S, D]
-            x = x + attn.transpose(1, 0, 2).reshape(n, h * d) @ layer.out
+            x = x + self._linear(attn.transpose(1, 0, 2).reshape(n, h * d), layer.out)
             x = x + self._ffn(x, layer.ffn)
         enc = self._rms(x, self.encoder_norm)
-        kv = xp.stack([enc @ layer.cross_kv for layer in self.decoder])  # [L, S, 2*inner]
+        kv = xp.stack([self._linear(enc, layer.cross_kv) for layer in self.decoder])  # [L, S, 2*inner]
         kv = kv.reshape(len(self.decoder), n, 2, h, d).transpose(2, 0, 3, 1, 4)  # [2, L, H, S, D]
         return EncoderOutput(xp.ascontiguousarray(kv[0]), xp.ascontiguousarray(kv[1]))
 
@@ -554,7 +574,7 @@ class T5Runtime:
     ) -> Array:
         xp = self.xp
         _, batch, m, h, d = new_k.shape
-        qkv = (self._rms(x, layer.self_norm) @ layer.qkv).reshape(batch, m, 3, h, d)
+        qkv = self._linear(self._rms(x, layer.self_norm), layer.qkv).reshape(batch, m, 3, h, d)
         new_k[i] = qkv[:, :, 1]
         new_v[i] = qkv[:, :, 2]
         q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # [B, H, m, D]
@@ -574,23 +594,27 @@ class T5Runtime:
             attn /= denom
         else:
             attn = v_own  # a lone key: softmax weight 1
-        return attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.self_out
+        return self._linear(attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d), layer.self_out)
 
     def _cross_attention(
         self, x: Array, layer: _DecoderLayer, cache: DecoderCache, i: int, batch: int, m: int
     ) -> Array:
         xp, h, d = self.xp, self.shape.num_heads, self.shape.d_kv
-        q = (self._rms(x, layer.cross_norm) @ layer.cross_q).reshape(batch, m, h, d).transpose(0, 2, 1, 3)
+        q = (
+            self._linear(self._rms(x, layer.cross_norm), layer.cross_q)
+            .reshape(batch, m, h, d)
+            .transpose(0, 2, 1, 3)
+        )
         scores = xp.matmul(q, cache.cross_k[i].swapaxes(-1, -2))  # [B, H, m, S]
         scores += cache.cross_bias
         attn = xp.matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
-        return attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d) @ layer.cross_out
+        return self._linear(attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d), layer.cross_out)
 
     def logits(self, hidden: Array) -> Array:
         """lm_head on final-norm hidden states [R, d] -> [R, V] (float32)."""
         if self.shape.output_scale is not None:
             hidden = hidden * self.dtype.type(self.shape.output_scale)
-        return hidden @ self.lm_head
+        return self._linear(hidden, self.lm_head)
 
 
 def _count_layers(mf: ModelFile, stack: str) -> int:
