@@ -46,6 +46,10 @@ NEW_TOKENS = 64
 PROMPT_TOKENS = 100
 PARAMS = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
 MODELS = OUT_DIR / "models"
+OURS = "ours contrastive (2 BLAS threads)"
+OURS_1T = "ours contrastive (1 BLAS thread)"
+HF = "transformers 4.55 contrastive (2 threads)"
+GREEDY = "ctranslate2 int8 greedy (2 threads)"
 
 
 def build_models() -> tuple[Path, Path]:
@@ -125,23 +129,30 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
     """Wrap the runtime's step parts with timers (instance attributes shadow the methods)."""
     patched: list[tuple[Any, str]] = []
 
-    def wrap(owner: Any, name: str, part: str) -> None:
+    in_step = [False]  # the encoder calls _ffn too: count decoder parts only inside a step
+
+    def wrap(owner: Any, name: str, part: str, decoder_part: bool = False) -> None:
         inner: Callable[..., Any] = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if decoder_part and not in_step[0]:
+                return inner(*args, **kwargs)
             start = time.perf_counter()
+            if name == "decoder_step":
+                in_step[0] = True
             try:
                 return inner(*args, **kwargs)
             finally:
+                in_step[0] = in_step[0] and name != "decoder_step"
                 seconds[part] += time.perf_counter() - start
 
         setattr(owner, name, timed)
         patched.append((owner, name))
 
     wrap(runtime, "encode", "encoder (+ cross K/V)")
-    wrap(runtime, "_self_attention", "self-attention (qkv, o)")
-    wrap(runtime, "_cross_attention", "cross-attention (q, o)")
-    wrap(runtime, "_ffn", "feed-forward")
+    wrap(runtime, "_self_attention", "self-attention (qkv, o)", decoder_part=True)
+    wrap(runtime, "_cross_attention", "cross-attention (q, o)", decoder_part=True)
+    wrap(runtime, "_ffn", "feed-forward", decoder_part=True)
     wrap(runtime, "logits", "lm_head")
     wrap(contrastive, "degeneration_penalty", "degeneration penalty")
     wrap(ContrastiveBatch, "_candidates", "processors + softmax + top-k")
@@ -232,64 +243,77 @@ def main() -> None:
         hf.run(data[1][:1], {**PARAMS, "max_new_tokens": 4, "min_new_tokens": 4})
 
         times: dict[tuple[str, int], list[float]] = defaultdict(list)
+
+        def ours_one_thread(batch: list[list[int]]) -> float:
+            # OpenBLAS's threads spin-wait; on a machine busy with other work one thread can win.
+            with threadpool_limits(limits=1, user_api="blas"):
+                return ours(runtime, batch)
+
         contenders: list[tuple[str, Callable[[list[list[int]]], float]]] = [
-            ("ours contrastive", lambda batch: ours(runtime, batch)),
-            ("transformers contrastive", lambda batch: hf.run(batch, PARAMS)),
-            ("ctranslate2 int8 greedy", lambda batch: ct2_greedy(translator, vocab, batch)),
+            (OURS, lambda batch: ours(runtime, batch)),
+            (OURS_1T, ours_one_thread),
+            (HF, lambda batch: hf.run(batch, PARAMS)),
+            (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch)),
         ]
         for r in range(args.rounds):
-            order = contenders[r % 3 :] + contenders[: r % 3]  # rotate who goes first
+            shift = r % len(contenders)
+            order = contenders[shift:] + contenders[:shift]  # rotate who goes first
             for b in batches:
                 for name, run in order:
                     times[(name, b)].append(run(data[b]))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         hf.close()
 
-        parts = {b: breakdown(runtime, data[b]) for b in batches}
+        parts = {(2, b): breakdown(runtime, data[b]) for b in batches}
+        with threadpool_limits(limits=1, user_api="blas"):
+            parts.update({(1, b): breakdown(runtime, data[b]) for b in batches})
     gbs = bandwidth_gbs()
     weights = step_weight_bytes(runtime)
     floor_ms = sum(weights.values()) / (gbs * 1e9) * 1e3
 
+    def ratio(b: int, num: str, den: str) -> float:
+        return statistics.median(n / d for n, d in zip(times[(num, b)], times[(den, b)], strict=True))
+
     rows = []
     for b in batches:
         med = {name: statistics.median(times[(name, b)]) for name, _ in contenders}
-        ratio_hf = statistics.median(
-            h / o
-            for h, o in zip(
-                times[("transformers contrastive", b)], times[("ours contrastive", b)], strict=True
-            )
-        )
-        ratio_greedy = statistics.median(
-            o / g
-            for o, g in zip(
-                times[("ours contrastive", b)], times[("ctranslate2 int8 greedy", b)], strict=True
-            )
-        )
         rows.append(
             {
                 "batch": b,
                 **{f"{k} s": v for k, v in med.items()},
-                "speedup vs transformers": ratio_hf,
-                "ours / greedy": ratio_greedy,
+                "HF / ours": ratio(b, HF, OURS),
+                "HF / ours 1t": ratio(b, HF, OURS_1T),
+                "ours / greedy": ratio(b, OURS, GREEDY),
+                "ours 1t / greedy": ratio(b, OURS_1T, GREEDY),
             }
         )
 
     print()
-    print(
-        f"{'batch':>5} {'ours s':>8} {'HF 4.55 s':>10} {'CT2 greedy s':>13} {'HF / ours':>10} {'ours / greedy':>14}"
-    )
+    print("median seconds per run (64 new tokens per sequence); ratios are medians of per-round ratios")
+    head = [
+        "batch",
+        "ours",
+        "ours 1t",
+        "HF 4.55",
+        "CT2 greedy",
+        "HF/ours",
+        "HF/ours 1t",
+        "ours/greedy",
+        "1t/greedy",
+    ]
+    print("".join(f"{h:>12}" for h in head))
     for row in rows:
-        print(
-            f"{row['batch']:>5} {row['ours contrastive s']:>8.3f} {row['transformers contrastive s']:>10.3f} "
-            f"{row['ctranslate2 int8 greedy s']:>13.3f} {row['speedup vs transformers']:>9.2f}x "
-            f"{row['ours / greedy']:>13.2f}x"
-        )
+        cells = [f"{row['batch']}"] + [f"{row[f'{n} s']:.3f}" for n in (OURS, OURS_1T, HF, GREEDY)]
+        cells += [
+            f"{row[k]:.2f}x" for k in ("HF / ours", "HF / ours 1t", "ours / greedy", "ours 1t / greedy")
+        ]
+        print("".join(f"{c:>12}" for c in cells))
     print()
-    print("per step, ms (instrumented pass; 64 steps; parts of the decoder step are inside its total)")
-    names = list(parts[batches[0]])
-    print(f"{'part':<48}" + "".join(f"{'batch ' + str(b):>12}" for b in batches))
-    for name in names:
-        print(f"{name:<48}" + "".join(f"{parts[b][name]:>12.2f}" for b in batches))
+    print("per step, ms (one instrumented run each; 64 steps; the decoder step's parts are inside its total)")
+    columns = [(t, b) for t in (2, 1) for b in batches]
+    print(f"{'part':<48}" + "".join(f"{f'b{b}, {t} thr':>12}" for t, b in columns))
+    for name in parts[columns[0]]:
+        print(f"{name:<48}" + "".join(f"{parts[c][name]:>12.2f}" for c in columns))
     print()
     print(
         f"floor: {sum(weights.values()) / 1e6:.1f} MB of float32 weights per step (decoder "
@@ -308,7 +332,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "raw_seconds": {f"{name} b{b}": v for (name, b), v in times.items()},
                 "table": rows,
-                "parts_ms_per_step": {str(b): p for b, p in parts.items()},
+                "parts_ms_per_step": {f"batch {b}, {t} threads": p for (t, b), p in parts.items()},
                 "bandwidth_gbs": gbs,
                 "step_weight_bytes": weights,
                 "floor_ms_per_step": floor_ms,
