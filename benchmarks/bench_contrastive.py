@@ -149,7 +149,7 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
         setattr(owner, name, timed)
         patched.append((owner, name))
 
-    wrap(runtime, "encode", "encoder (+ cross K/V)")
+    wrap(runtime, "encode_batch", "encoder (+ cross K/V)")
     wrap(runtime, "_self_attention", "self-attention (qkv, o)", decoder_part=True)
     wrap(runtime, "_cross_attention", "cross-attention (q, o)", decoder_part=True)
     wrap(runtime, "_ffn", "feed-forward", decoder_part=True)

@@ -130,3 +130,16 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
     if importlib.util.find_spec("cupy") is None:
         with pytest.raises(ModelError, match="CuPy"):
             array_module("cuda")
+
+
+def test_batched_encoder_equals_one_prompt_at_a_time() -> None:
+    runtime = T5Runtime.load(models.converted_model("t5", "float32"))
+    inputs = prompts(5, (2, 31, 9))
+    together = runtime.encode_batch(inputs)
+    for ids, enc in zip(inputs, together, strict=True):
+        alone = runtime.encode(ids)
+        assert enc.keys.shape == alone.keys.shape == (2, 4, len(ids), 16)
+        np.testing.assert_allclose(enc.keys, alone.keys, atol=1e-5)
+        np.testing.assert_allclose(enc.values, alone.values, atol=1e-5)
+    with pytest.raises(InvalidRequest, match="at least one token"):
+        runtime.encode_batch([(5, 1), ()])

@@ -298,7 +298,7 @@ class ContrastiveBatch:
         append their rows to the running batch."""
         rt = self.runtime
         joining, self._pending = self._pending, []
-        encoded = [rt.encode(s.request.input_ids) for s in joining]
+        encoded = rt.encode_batch([s.request.input_ids for s in joining])
         cache = rt.new_cache(encoded, capacity=max(s.params.max_new_tokens for s in joining) + 1)
         start = np.full((len(joining), 1), rt.shape.decoder_start_token_id, dtype=np.int64)
         out = rt.decoder_step(cache, start)

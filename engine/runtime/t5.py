@@ -485,16 +485,26 @@ class T5Runtime:
 
     # ------------------------------------------------------------------ encoder
     def encode(self, input_ids: Sequence[int]) -> EncoderOutput:
-        """Run the encoder on one prompt (no padding) and precompute every decoder layer's
-        cross-attention K/V from its output."""
+        """Run the encoder on one prompt and precompute every decoder layer's cross-attention K/V."""
+        return self.encode_batch([input_ids])[0]
+
+    def encode_batch(self, prompts: Sequence[Sequence[int]]) -> list[EncoderOutput]:
+        """The encoder for several prompts at once (right-padded, padded keys masked, as
+        Transformers does for a batch), so its products run on B*S rows; each prompt's
+        cross-attention K/V for every decoder layer, cut to its own length."""
         xp, s = self.xp, self.shape
-        if len(input_ids) == 0:
-            raise InvalidRequest("a prompt must have at least one token")
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if int(ids.min()) < 0 or int(ids.max()) >= s.vocab_size:
-            raise InvalidRequest(f"token ids must be in [0, {s.vocab_size}), got {int(ids.max())}")
-        n = len(ids)
+        for ids in prompts:
+            if len(ids) == 0:
+                raise InvalidRequest("a prompt must have at least one token")
+            if min(ids) < 0 or max(ids) >= s.vocab_size:
+                raise InvalidRequest(f"token ids must be in [0, {s.vocab_size})")
+        batch, n = len(prompts), max(len(ids) for ids in prompts)
         h, d = s.num_heads, s.d_kv
+        padded = np.zeros((batch, n), dtype=np.int64)
+        key_mask = np.zeros((batch, 1, 1, n), dtype=np.float32)
+        for b, ids in enumerate(prompts):
+            padded[b, : len(ids)] = ids
+            key_mask[b, ..., len(ids) :] = _NEG
         pos = np.arange(n)
         buckets = relative_position_bucket(
             pos[None, :] - pos[:, None],
@@ -502,25 +512,32 @@ class T5Runtime:
             num_buckets=s.num_buckets,
             max_distance=s.max_distance,
         )
-        bias = xp.asarray(
-            np.ascontiguousarray(self._enc_bias_table[buckets].transpose(2, 0, 1)), dtype=self.dtype
-        )
-        x = self.embeddings[xp.asarray(ids)]  # [S, d]
+        # [B, H, S, S]: relative position bias plus the padding mask of the keys.
+        bias = xp.asarray(self._enc_bias_table[buckets].transpose(2, 0, 1)[None] + key_mask, dtype=self.dtype)
+        x = self.embeddings[xp.asarray(padded.reshape(-1))]  # [B*S, d]
         for layer in self.encoder:
             qkv = (
                 self._linear(self._rms(x, layer.attn_norm), layer.qkv)
-                .reshape(n, 3, h, d)
-                .transpose(1, 2, 0, 3)
-            )
-            scores = xp.matmul(qkv[0], qkv[1].swapaxes(-1, -2))  # [H, S, S]
+                .reshape(batch, n, 3, h, d)
+                .transpose(2, 0, 3, 1, 4)
+            )  # [3, B, H, S, D]
+            scores = xp.matmul(qkv[0], qkv[1].swapaxes(-1, -2))  # [B, H, S, S]
             scores += bias
-            attn = xp.matmul(self._softmax_(scores), qkv[2])  # [H, S, D]
-            x = x + self._linear(attn.transpose(1, 0, 2).reshape(n, h * d), layer.out)
+            attn = xp.matmul(self._softmax_(scores), qkv[2])  # [B, H, S, D]
+            x = x + self._linear(attn.transpose(0, 2, 1, 3).reshape(batch * n, h * d), layer.out)
             x = x + self._ffn(x, layer.ffn)
         enc = self._rms(x, self.encoder_norm)
-        kv = xp.stack([self._linear(enc, layer.cross_kv) for layer in self.decoder])  # [L, S, 2*inner]
-        kv = kv.reshape(len(self.decoder), n, 2, h, d).transpose(2, 0, 3, 1, 4)  # [2, L, H, S, D]
-        return EncoderOutput(xp.ascontiguousarray(kv[0]), xp.ascontiguousarray(kv[1]))
+        kv = xp.stack([self._linear(enc, layer.cross_kv) for layer in self.decoder])  # [L, B*S, 2*inner]
+        kv = kv.reshape(len(self.decoder), batch, n, 2, h, d).transpose(
+            3, 1, 0, 4, 2, 5
+        )  # [2, B, L, H, S, D]
+        return [
+            EncoderOutput(
+                xp.ascontiguousarray(kv[0, b, :, :, : len(ids)]),
+                xp.ascontiguousarray(kv[1, b, :, :, : len(ids)]),
+            )
+            for b, ids in enumerate(prompts)
+        ]
 
     # ------------------------------------------------------------------ decoder
     def new_cache(self, encoded: Sequence[EncoderOutput], capacity: int) -> DecoderCache:
