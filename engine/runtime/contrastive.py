@@ -247,7 +247,7 @@ class ContrastiveBatch:
             events.append(TokenEvent(seq.request_id, token))
             keep.append(row)
         if keep:
-            logits = to_numpy(rt.logits(chosen_hidden[np.asarray(keep)])).astype(np.float32, copy=False)
+            logits = to_numpy(rt.logits(chosen_hidden[rt.xp.asarray(keep)])).astype(np.float32, copy=False)
             for i, row in enumerate(keep):
                 self._active[row].logits = logits[i]
         self._retain(keep)

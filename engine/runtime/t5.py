@@ -198,10 +198,11 @@ class DecoderCache:
 
     def filter(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (in that order); frees the others' memory at once."""
-        idx = np.asarray(keep, dtype=np.int64)
-        self.lengths = self.lengths[idx]
-        if len(idx) == 0:
+        host = np.asarray(keep, dtype=np.int64)
+        self.lengths = self.lengths[host]
+        if len(host) == 0:
             return
+        idx = self.xp.asarray(host)  # device arrays take device indices
         width = self._used_width(self.cross_bias[idx])
         # Fancy indexing copies: the dropped rows' memory goes with the old arrays.
         self.self_k = self.self_k[:, idx]
@@ -249,16 +250,16 @@ class DecoderCache:
     def commit(self, step: StepOutput, choice: np.ndarray) -> Array:
         """Keep each sequence's chosen row of a step (copy-on-select): its K/V entries and its
         normalized hidden state. Returns the chosen rows' hidden states [B, d]."""
-        batch = np.arange(len(self))
         if int(self.lengths.max()) >= self.capacity:
             raise ValueError("decoder cache is full: a sequence ran past its max_new_tokens")
-        pos = self.lengths
+        xp = self.xp
+        batch, pos, choice = xp.arange(len(self)), xp.asarray(self.lengths), xp.asarray(choice)
         # Advanced indices split by slices go first: the target view is [B, L, H, D].
         self.self_k[:, batch, :, pos, :] = step.new_k[:, batch, choice].swapaxes(0, 1)
         self.self_v[:, batch, :, pos, :] = step.new_v[:, batch, choice].swapaxes(0, 1)
         chosen = step.hidden[batch, choice]
         self.context[batch, pos] = step.unit_hidden[batch, choice]
-        self.lengths = pos + 1
+        self.lengths = self.lengths + 1
         return chosen
 
 
