@@ -11,7 +11,7 @@ server (`engine serve`, REST, closed loop) per target, engine-only (Engine.gener
 and the baselines: Transformers one request at a time (.venv-ref), CTranslate2 called directly,
 and our server at --max-batch-size 1. Output in benchmarks/out/<run-id>/: report.md (summary with
 the issue's targets, tables, floor, plots), summary.json, machine.json, plan.json, runs/*.json,
-plot-<shape>.png. CUDA targets run when CTranslate2 sees a GPU and are skipped with a note otherwise.
+plot-<shape>.png, logs/ (the servers' logs). CUDA targets run when CTranslate2 sees a GPU and are skipped with a note otherwise.
 """
 
 from __future__ import annotations

@@ -303,4 +303,5 @@ def test_tiny_run_through_the_real_server(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "## tiny, greedy" in report and "Transformers 4.55" in report
     assert (out / "plot-tiny.png").is_file()
+    assert "ready: REST" in (out / "logs" / "tiny-server-cpu-int8.log").read_text()
     assert run_all.main(["--shapes", "tiny", "--out", str(tmp_path / "out"), "--run-id", "smoke"]) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -122,8 +123,14 @@ class Server:
     def log_tail(self, chars: int = 3000) -> str:
         return self.process.log()[-chars:]
 
-    def stop(self) -> int:
-        return self.process.stop()
+    def stop(self, keep_log: Path | None = None) -> int:
+        """Stop the server, copy its log to ``keep_log`` and remove its temporary store."""
+        code = self.process.stop()
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.process.log_path, keep_log)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
 
 
 # ---------------------------------------------------------------------------------- engine-only

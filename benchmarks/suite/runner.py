@@ -55,11 +55,11 @@ def _who(job: Job) -> tuple[Kind, str | None]:
 
 @contextlib.contextmanager
 def open_contenders(
-    plan: Plan, jobs: Sequence[Job], models: ModelSet
+    plan: Plan, jobs: Sequence[Job], models: ModelSet, logs: Path
 ) -> Iterator[dict[tuple[Kind, str | None], Contender]]:
     """Every contender the jobs need, started once; servers and subprocesses stopped on the way out."""
     opened: dict[tuple[Kind, str | None], Contender] = {}
-    servers: list[c.Server] = []
+    servers: list[tuple[str, c.Server]] = []
     hf: c.Transformers | None = None
     try:
         for job in jobs:
@@ -76,7 +76,7 @@ def open_contenders(
                 server = c.Server(
                     folder, job.target, max_batch_size=1 if job.kind is Kind.SERVER_B1 else None
                 )
-                servers.append(server)
+                servers.append((f"{models.shape}-{job.contender.replace(' ', '-')}", server))
                 opened[who] = server
             elif job.kind is Kind.ENGINE:
                 opened[who] = c.EngineOnly(folder, job.target)
@@ -84,9 +84,10 @@ def open_contenders(
                 opened[who] = c.Ct2Direct(folder, job.target)
         yield opened
     finally:
-        for server in servers:
-            if server.stop() != 0:
-                print(f"a server exited with an error; its log ends with:\n{server.log_tail()}", flush=True)
+        for name, server in servers:
+            tail = server.log_tail()
+            if server.stop(keep_log=logs / f"{name}.log") != 0:
+                print(f"a server exited with an error; its log ends with:\n{tail}", flush=True)
         if hf is not None:
             hf.stop()
 
@@ -144,7 +145,7 @@ def run(
             _write(out_dir / f"prompts-{shape}.json", [{"text": p.text, "ids": list(p.ids)} for p in prompts])
             jobs = plan.jobs(shape)
             bar.set_description(f"{shape}: starting")
-            with open_contenders(plan, jobs, model_set) as opened:
+            with open_contenders(plan, jobs, model_set, out_dir / "logs") as opened:
                 bar.set_description(f"{shape}: warm-up")
                 warmed: set[tuple[tuple[Kind, str | None], str]] = set()
                 hf = opened.get((Kind.HF, None))
