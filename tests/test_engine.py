@@ -226,6 +226,32 @@ def test_mixed_strategies_in_one_call(engine: Engine) -> None:
     assert together == alone
 
 
+def test_thread_layout() -> None:
+    from engine.runtime.ct2 import cpu_count, thread_layout
+
+    assert thread_layout(1, 0) == (max(1, cpu_count()), 1)
+    assert thread_layout(4, 0) == (max(4, cpu_count()), 1)
+    assert thread_layout(1, 2) == (1, 2)
+    assert thread_layout(3, 1) == (3, 1)
+
+
+def test_batch_split_across_workers_changes_nothing(engine: Engine, flan_model_dir: Path) -> None:
+    # inter_threads=2 with automatic intra threads: at least two workers, every batch split.
+    split = Engine(flan_model_dir, compute_type="float32", inter_threads=2)
+    assert split.translator.inter_threads >= 2 and split.translator.intra_threads == 1
+    ids = engine.tokenize(prompts_of_lengths(engine, [2, 25, 7, 40, 3], seed=15))
+    for params in (
+        [DecodingParams(max_new_tokens=n) for n in (3, 20, 9, 20, 14)],
+        [DecodingParams(max_new_tokens=12, num_beams=3)] * 5,
+        [DecodingParams(max_new_tokens=16, repetition_penalty=1.3, no_repeat_ngram_size=2)] * 5,
+    ):
+        requests = [GenerationRequest(x, p) for x, p in zip(ids, params, strict=True)]
+        streamed: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+        results = split.generate_requests(requests, lambda i, t, seen=streamed: bool(seen[i].append(t)))
+        assert results == engine.generate_requests(requests)
+        assert [tuple(streamed[i]) for i in range(len(requests))] == [r.token_ids for r in results]
+
+
 # -- sampling --------------------------------------------------------------------------------------
 
 

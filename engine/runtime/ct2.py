@@ -88,6 +88,21 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def thread_layout(inter_threads: int, intra_threads: int) -> tuple[int, int]:
+    """(workers, OpenMP threads per worker). ``intra_threads`` 0 (automatic) means one
+    single-threaded worker per core, and ``translate`` splits a batch across the workers.
+
+    Measured on 2 cores (benchmarks/RESULTS.md, "Greedy decoding"): a decoder step's products have
+    a handful of rows, which two OpenMP threads share badly (their barriers cost more than the
+    second core gives); two workers of one thread, each decoding half the batch, were 1.3x to 1.8x
+    faster at batch 2 to 32 and as fast at batch 1. CTranslate2 shares the weights between CPU
+    workers, so this costs no second copy of the model.
+    """
+    if intra_threads == 0:
+        return max(inter_threads, cpu_count()), 1
+    return inter_threads, intra_threads
+
+
 def seed32(seed: int) -> int:
     """CTranslate2 seeds with an unsigned 32-bit integer; fold the 64-bit request seed into it."""
     return (seed ^ (seed >> 32)) & 0xFFFFFFFF
@@ -185,8 +200,7 @@ class CT2Translator:
             raise InvalidRequest(
                 f"inter_threads must be >= 1 and intra_threads >= 0, got {inter_threads} and {intra_threads}"
             )
-        self.inter_threads = inter_threads
-        self.intra_threads = intra_threads or cpu_count()
+        self.inter_threads, self.intra_threads = thread_layout(inter_threads, intra_threads)
         self.eos_id = eos_id
         self.vocabulary = load_vocabulary(self.model_dir)
         self._token_to_id: dict[str, int] = {}
@@ -263,6 +277,11 @@ class CT2Translator:
         on_step: StepCallback | None,
     ) -> list[Hypothesis]:
         kwargs = options.kwargs()
+        if self.inter_threads > 1 and len(source) > 1:
+            # One sub-batch per worker, run in parallel; CTranslate2 groups rows of similar length,
+            # returns results in input order and reports callback rows by their index in ``source``.
+            kwargs["max_batch_size"] = -(-len(source) // self.inter_threads)
+            kwargs["batch_type"] = "examples"
         if options.beam_size > 1:
             results = self._call(translator, source, kwargs)
             return [self._from_tokens(r.hypotheses[0]) for r in results]
