@@ -7,8 +7,10 @@ process, interleaved round by round; wall-time medians, CPU-time medians (steadi
 machine) and the median of per-round speedups are printed and saved to
 benchmarks/out/bench_greedy.json. Targets: int8 >= 2.5x Transformers at batch 1, >= 2x at batch 8.
 
-``--explore`` adds CTranslate2 variants (threads, inter-op split, compute types) used to decide
-the engine's settings; they call CTranslate2 directly with the options the engine uses.
+``--explore`` adds CTranslate2 variants (thread layouts, scores, compute types) used to decide
+the engine's settings; they call CTranslate2 directly with the options the engine uses. The
+engine's own layout (intra_threads 0 = automatic) is one single-threaded worker per core with
+each batch split across the workers.
 
   .venv/bin/python benchmarks/bench_greedy.py [--repeats 5] [--batch-sizes 1 8] [--explore]
 """
@@ -101,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = ensure_models()
     torch.set_num_threads(args.threads)
+    # The engine's automatic layout (intra_threads 0): one single-threaded worker per core.
     engines = {
-        "engine int8": Engine(paths["int8"], compute_type="int8", intra_threads=args.threads),
-        "engine float32": Engine(paths["float32"], compute_type="float32", intra_threads=args.threads),
+        "engine int8": Engine(
+            paths["int8"], compute_type="int8", inter_threads=args.threads, intra_threads=1
+        ),
+        "engine float32": Engine(
+            paths["float32"], compute_type="float32", inter_threads=args.threads, intra_threads=1
+        ),
     }
     int8 = engines["engine int8"]
     prompt = prompt_of(int8.tokenize, args.prompt_tokens)
@@ -237,22 +244,24 @@ def explore_variants(
     def add(name: str, translator: Any, **extra: Any) -> None:
         variants[name] = lambda: translator.translate_batch(source, **{**kwargs, **extra})
 
-    add(
-        "ct2 int8 (engine options)",
-        ctranslate2.Translator(str(paths["int8"]), compute_type="int8", intra_threads=threads),
-    )
-    add("ct2 int8 intra=1", ctranslate2.Translator(str(paths["int8"]), compute_type="int8", intra_threads=1))
-    add(
-        "ct2 int8 +scores",
-        ctranslate2.Translator(str(paths["int8"]), compute_type="int8", intra_threads=threads),
-        return_scores=True,
-    )
-    add("ct2 int16", ctranslate2.Translator(str(paths["int8"]), compute_type="int16", intra_threads=threads))
-    if batch >= 2 and threads >= 2:
-        split = ctranslate2.Translator(
-            str(paths["int8"]), compute_type="int8", intra_threads=1, inter_threads=threads
+    def translator(compute_type: str, workers: int, per_worker: int) -> Any:
+        return ctranslate2.Translator(
+            str(paths["int8"]), compute_type=compute_type, inter_threads=workers, intra_threads=per_worker
         )
-        add(f"ct2 int8 inter={threads} intra=1 split", split, max_batch_size=(batch + threads - 1) // threads)
+
+    one_worker = translator("int8", 1, threads)
+    split = -(-batch // threads)
+    add(f"ct2 int8, 1 worker x {threads} threads", one_worker)
+    add(f"ct2 int8, 1 worker x {threads} threads, +scores", one_worker, return_scores=True)
+    add("ct2 int8, 1 worker x 1 thread", translator("int8", 1, 1))
+    add(
+        f"ct2 int8, {threads} workers x 1 thread, split", translator("int8", threads, 1), max_batch_size=split
+    )
+    add(
+        f"ct2 int16, {threads} workers x 1 thread, split",
+        translator("int16", threads, 1),
+        max_batch_size=split,
+    )
     return variants
 
 
