@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,6 +27,7 @@ from engine.config import Config
 from engine.runtime.params import DecodingParams
 from engine.serving.jobs import JobResult, JobStatus
 from engine.serving.service import JobService
+from engine.serving.store.base import Completion
 from engine.serving.store.sqlite import SqliteJobStore
 from tests.fakes import FakeEngine
 
@@ -40,10 +42,21 @@ class LoggingStore(SqliteJobStore):
     def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
         ok = super().complete(job_id, attempt, result, now)
         if ok:
-            self._log.write(f"{job_id} {attempt} {os.getpid()}\n")
-            self._log.flush()
-            os.fsync(self._log.fileno())
+            self._logged([job_id], [attempt])
         return ok
+
+    def complete_many(self, completions: Sequence[Completion], now: float) -> list[bool]:
+        oks = super().complete_many(completions, now)
+        done = [c for c, ok in zip(completions, oks, strict=True) if ok]
+        self._logged([c.job_id for c in done], [c.attempt for c in done])
+        return oks
+
+    def _logged(self, job_ids: list[str], attempts: list[int]) -> None:
+        if not job_ids:
+            return
+        self._log.write("".join(f"{j} {a} {os.getpid()}\n" for j, a in zip(job_ids, attempts, strict=True)))
+        self._log.flush()
+        os.fsync(self._log.fileno())
 
 
 def emit(**fields: object) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -257,6 +258,43 @@ def test_wait_with_a_timeout_returns_the_job_as_it_is() -> None:
         assert not still.job.status.terminal
         gate.set()
         assert (await svc.wait("a", v.job.id)).job.status is JobStatus.COMPLETED
+        await svc.stop()
+
+    run(body)
+
+
+def test_a_batch_completes_in_one_store_call_and_waiters_answer_without_reading_it_back() -> None:
+    """What the REST long poll relies on: the jobs a batch finished are stored together, and a
+    waiter gets the job exactly as it was stored, without another read of the store."""
+
+    class CountingStore(SqliteJobStore):
+        gets = 0
+        batches: ClassVar[list[int]] = []
+
+        def get(self, job_id: str):  # type: ignore[no-untyped-def]
+            self.gets += 1
+            return super().get(job_id)
+
+        def complete_many(self, completions, now):  # type: ignore[no-untyped-def]
+            self.batches.append(len(completions))
+            return super().complete_many(completions, now)
+
+    async def body() -> None:
+        gate = threading.Event()
+        store = CountingStore(":memory:")
+        svc = await start_service(FakeEngine(gate=gate), store=store, max_queue_delay_ms=50.0)
+        views = await asyncio.gather(*(svc.submit("a", [f"p{i}"], P8) for i in range(5)))
+        waits = [asyncio.ensure_future(svc.wait("a", v.job.id, 10)) for v in views]
+        await asyncio.sleep(0.1)
+        gets_before = store.gets
+        gate.set()
+        done = await asyncio.gather(*waits)
+        assert store.gets == gets_before  # no read back once the batch ended
+        assert store.batches == [5]
+        for view in done:
+            stored = store.get(view.job.id)
+            assert view.job == stored and view.job.status is JobStatus.COMPLETED
+            assert view.queue_position == 0
         await svc.stop()
 
     run(body)

@@ -18,7 +18,7 @@ from engine.runtime.params import DecodingParams
 from engine.runtime.result import TokenEvent, Usage
 from engine.serving.batching import Lane, batch_key_text
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore, open_store
+from engine.serving.store.base import Completion, JobStore, open_store
 from engine.serving.store.sqlite import SqliteJobStore
 from tests.fakes import redis_server
 
@@ -214,6 +214,41 @@ def test_completion_is_exactly_once_per_attempt(backend: Backend, store: JobStor
     assert not store.complete("job0", 2, result("twice"), NOW + 8)
     done = store.get("job0")
     assert done is not None and done.result is not None and done.result.completion[0] == "fresh"
+
+
+def test_a_finished_batch_completes_together_and_each_job_still_exactly_once(store: JobStore) -> None:
+    for i in range(4):
+        store.enqueue(job(i), 1)
+    store.claim(["job0", "job1", "job2"], NOW)
+    store.cancel("job1", NOW)
+    batch = [Completion(f"job{i}", 1, result(f"r{i}")) for i in range(4)]
+    batch.append(Completion("job2", 2, result("wrong attempt")))
+    # job1 was cancelled, job3 never ran, job2's second entry names an attempt that never was.
+    assert store.complete_many(batch, NOW + 3) == [True, False, True, False, False]
+    for i, status in enumerate(
+        [JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.COMPLETED, JobStatus.QUEUED]
+    ):
+        got = store.get(f"job{i}")
+        assert got is not None and got.status is status
+    done = store.get("job2")
+    assert done is not None and done.result == result("r2") and done.finished_at == NOW + 3
+    assert store.complete_many([], NOW) == []
+
+
+def test_a_failing_batch_completion_changes_nothing(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "engine.db")
+    for i in range(2):
+        store.enqueue(job(i), 1)
+    store.claim(["job0", "job1"], NOW)
+
+    class Unencodable(JobResult):
+        pass
+
+    bad = Unencodable(completion=(object(),), token_ids=((1,),), usage=Usage(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        store.complete_many([Completion("job0", 1, result()), Completion("job1", 1, bad)], NOW)
+    assert store.count(JobStatus.RUNNING) == 2  # both still running: the supervisor requeues them
+    store.close()
 
 
 def test_cancel_queued_running_and_finished(store: JobStore) -> None:

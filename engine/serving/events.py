@@ -29,7 +29,9 @@ class JobEvents:
     class _Channel:
         events: list[TokenEvent] = field(default_factory=list)
         queues: list[asyncio.Queue[TokenEvent | None]] = field(default_factory=list)
-        waiters: list[asyncio.Future[None]] = field(default_factory=list)
+        # A waiter's result is the job as it ended here (None when this process only knows that
+        # it ended, e.g. cancelled or failed elsewhere: the waiter then reads the store).
+        waiters: list[asyncio.Future[Job | None]] = field(default_factory=list)
 
     def __init__(self) -> None:
         self._channels: dict[str, JobEvents._Channel] = {}
@@ -62,19 +64,21 @@ class JobEvents:
             ch.queues.remove(q)
             self._drop_if_idle(job_id, ch)
 
-    def waiter(self, job_id: str) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def waiter(self, job_id: str) -> asyncio.Future[Job | None]:
+        fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._channel(job_id).waiters.append(fut)
         return fut
 
-    def discard_waiter(self, job_id: str, fut: asyncio.Future[None]) -> None:
+    def discard_waiter(self, job_id: str, fut: asyncio.Future[Job | None]) -> None:
         ch = self._channels.get(job_id)
         if ch is not None and fut in ch.waiters:
             ch.waiters.remove(fut)
             self._drop_if_idle(job_id, ch)
 
-    def finish(self, job_id: str, final: Sequence[TokenEvent] = ()) -> None:
-        """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters."""
+    def finish(self, job_id: str, final: Sequence[TokenEvent] = (), job: Job | None = None) -> None:
+        """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters.
+        ``job`` is the job exactly as it was stored at its end: waiters answer from it instead of
+        reading it back from the store."""
         ch = self._channels.pop(job_id, None)
         if ch is None:
             return
@@ -84,7 +88,7 @@ class JobEvents:
             q.put_nowait(None)
         for fut in ch.waiters:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(job)
 
     def finish_all(self) -> None:
         for job_id in list(self._channels):

@@ -29,7 +29,7 @@ from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntr
 from engine.serving.clock import Clock
 from engine.serving.events import JobEvents, TokenForwarder, final_events, request_id
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore
+from engine.serving.store.base import Completion, JobStore
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,7 @@ class Scheduler:
         self.batch_seconds_ewma = (
             elapsed if not self.batch_seconds_ewma else 0.8 * self.batch_seconds_ewma + 0.2 * elapsed
         )
-        for rj, job_results in zip(batch, results, strict=True):
-            self._finish(rj, job_results, elapsed)
+        self._finish_batch(list(zip(batch, results, strict=True)), elapsed)
 
     def _generate(self, batch: list[RunningJob]) -> list[list[Result]]:
         """On the worker thread: tokenize what submit did not, run, split results back per job."""
@@ -289,24 +288,38 @@ class Scheduler:
 
     # -- finishing -------------------------------------------------------------------------------
     def _finish(self, rj: RunningJob, results: Sequence[Result], gen_seconds: float) -> None:
-        job = rj.job
+        self._finish_batch([(rj, results)], gen_seconds)
+
+    def _finish_batch(
+        self, finished: Sequence[tuple[RunningJob, Sequence[Result]]], gen_seconds: float
+    ) -> None:
+        """Store a finished engine call's jobs: the completed ones in one store transaction (one
+        commit per batch, not per job), then wake their waiters with the job as stored."""
         now = self.clock.time()
-        self.running.pop(job.id, None)
+        done: list[tuple[RunningJob, Sequence[Result], JobResult]] = []
+        for rj, results in finished:
+            if rj.cancelled or (rj.aborted and rj.stopped_rows) or rj.timed_out:
+                self._finish_stopped(rj, now)
+            else:
+                done.append((rj, results, job_result(results)))
+        if not done:
+            return
         try:
-            if rj.cancelled:
-                return  # the store already says CANCELLED, and the service counted it
-            if rj.aborted and rj.stopped_rows:
-                self.store.requeue(job.id, rj.attempt)
-                return
-            if rj.timed_out:
-                error = timeout_error(job, self.job_timeout_s, now, running=True)
-                if self.store.fail(job.id, rj.attempt, error, now):
-                    self._observe_end(job, JobStatus.FAILED, now)
-                return
-            result = job_result(results)
-            if not self.store.complete(job.id, rj.attempt, result, now):
+            stored = self.store.complete_many(
+                [Completion(rj.job.id, rj.attempt, result) for rj, _, result in done], now
+            )
+        except BaseException:
+            # Still in ``running``: the loop's supervisor puts them back in the queue.
+            for rj, _, _ in done:
+                self.events.finish(rj.job.id)
+            raise
+        for (rj, results, result), ok in zip(done, stored, strict=True):
+            job = rj.job
+            self.running.pop(job.id, None)
+            if not ok:
                 log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
-                return
+                self.events.finish(job.id)
+                continue
             self._observe_end(job, JobStatus.COMPLETED, now)
             if self.metrics is not None:
                 completion = result.usage.completion_tokens
@@ -314,7 +327,24 @@ class Scheduler:
                 self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
                 if completion:
                     self.metrics.time_per_output_token.observe(gen_seconds / completion)
-            self.events.finish(job.id, final_events(job.id, results))
+            ended = job.with_status(JobStatus.COMPLETED, finished_at=now, result=result)
+            self.events.finish(job.id, final_events(job.id, results), ended)
+        if self.metrics is not None:
+            self.metrics.jobs_running.set(len(self.running))
+
+    def _finish_stopped(self, rj: RunningJob, now: float) -> None:
+        """A job the scheduler stopped before its end: cancelled, shut down, or timed out."""
+        job = rj.job
+        self.running.pop(job.id, None)
+        try:
+            if rj.cancelled:
+                return  # the store already says CANCELLED, and the service counted it
+            if rj.aborted and rj.stopped_rows:
+                self.store.requeue(job.id, rj.attempt)
+                return
+            error = timeout_error(job, self.job_timeout_s, now, running=True)
+            if self.store.fail(job.id, rj.attempt, error, now):
+                self._observe_end(job, JobStatus.FAILED, now)
         finally:
             self.events.finish(job.id)
             if self.metrics is not None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
@@ -214,15 +215,17 @@ class JobService:
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView:
         """Once the job is terminal, or after ``timeout_s`` (then it is returned as it is)."""
-        job = self._owned(owner, job_id)
-        if not job.status.terminal:
-            fut = self.events.waiter(job_id)
-            try:
-                job = self._owned(owner, job_id)  # it may have finished before the waiter existed
-                if not job.status.terminal:
-                    await self._until_terminal(job_id, fut, timeout_s)
-            finally:
-                self.events.discard_waiter(job_id, fut)
+        # The waiter exists before the store is read, so an end between the two is not missed.
+        fut = self.events.waiter(job_id)
+        try:
+            job = self._owned(owner, job_id)
+            if job.status.terminal:
+                return JobView(job, 0)
+            ended = await self._until_terminal(job_id, fut, timeout_s)
+        finally:
+            self.events.discard_waiter(job_id, fut)
+        if ended is not None and ended.owner == owner:
+            return JobView(ended, 0)  # as stored at its end: no read back
         return await self.get(owner, job_id)
 
     async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
@@ -306,10 +309,13 @@ class JobService:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.store.queue_depth())
 
-    async def _until_terminal(self, job_id: str, fut: asyncio.Future[None], timeout_s: float | None) -> None:
+    async def _until_terminal(
+        self, job_id: str, fut: asyncio.Future[Job | None], timeout_s: float | None
+    ) -> Job | None:
         """Until this process ends the job (``fut``), the store says it ended (another server
-        sharing the store ran it), or ``timeout_s`` passes on the clock."""
-        waits: set[asyncio.Future[None]] = {fut}
+        sharing the store ran it), or ``timeout_s`` passes on the clock. Returns the ended job
+        when this process ended it and handed it over, else None (the caller reads the store)."""
+        waits: set[asyncio.Future[Any]] = {fut}
         sleeper = None
         if timeout_s is not None:
             sleeper = asyncio.ensure_future(self.clock.sleep(timeout_s))
@@ -317,11 +323,13 @@ class JobService:
         try:
             while True:
                 done, _ = await asyncio.wait(waits, timeout=STORE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if fut in done:
+                    return fut.result()
                 if done:
-                    return
+                    return None
                 job = self.store.get(job_id)
                 if job is None or job.status.terminal:
-                    return
+                    return None
         finally:
             if sleeper is not None:
                 sleeper.cancel()

@@ -12,12 +12,22 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from engine.errors import InvalidRequest
 from engine.runtime.result import Usage
 from engine.serving.batching import Lane, QueueEntry
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One job's result, for ``JobStore.complete_many``."""
+
+    job_id: str
+    attempt: int
+    result: JobResult
 
 
 class JobStore(abc.ABC):
@@ -51,6 +61,12 @@ class JobStore(abc.ABC):
     def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
         """RUNNING (this attempt) -> COMPLETED. False when it no longer is (cancelled, re-run):
         a stale worker's late result is dropped, so each job completes exactly once."""
+
+    def complete_many(self, completions: Sequence[Completion], now: float) -> list[bool]:
+        """``complete`` for each of a finished batch's jobs; a store that can makes it one
+        transaction (one commit per batch instead of one per job). Returns ``complete``'s answer
+        per job, in order."""
+        return [self.complete(c.job_id, c.attempt, c.result, now) for c in completions]
 
     @abc.abstractmethod
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:

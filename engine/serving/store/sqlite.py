@@ -23,7 +23,14 @@ from engine.errors import NotReady
 from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore, decode_error, decode_result, encode_error, encode_result
+from engine.serving.store.base import (
+    Completion,
+    JobStore,
+    decode_error,
+    decode_result,
+    encode_error,
+    encode_result,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -266,6 +273,29 @@ class SqliteJobStore(JobStore):
             " WHERE id = ? AND status = 'running' AND attempts = ?",
             (now, encode_result(result), job_id, attempt),
         )
+
+    @_store_errors
+    def complete_many(self, completions: Sequence[Completion], now: float) -> list[bool]:
+        if not completions:
+            return []
+        rows = [(now, encode_result(c.result), c.job_id, c.attempt) for c in completions]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = [
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'completed', finished_at = ?, result = ?"
+                        " WHERE id = ? AND status = 'running' AND attempts = ?",
+                        row,
+                    ).rowcount
+                    == 1
+                    for row in rows
+                ]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return changed
 
     @_store_errors
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
