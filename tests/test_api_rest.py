@@ -10,9 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from engine.api.client import InProcessClient
-from engine.api.rest import ResponseResponse, SubmitResponse, create_app
+from engine.api.rest import EngineApp, ResponseResponse, SubmitResponse, create_app
 from tests.api_fakes import FakeStack, fake_stack
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +87,7 @@ async def test_prompt_array_bearer_and_missing_or_empty_params(
     http: httpx.AsyncClient, stack: FakeStack
 ) -> None:
     auth = {"Authorization": f"Bearer {stack.alice}"}
+    params: object
     for params in ({}, None, "absent"):
         body: dict[str, Any] = {"prompt": ["one", "two", ""]}
         if params != "absent":
@@ -149,10 +151,10 @@ async def test_auth_errors(http: httpx.AsyncClient, stack: FakeStack) -> None:
     job_id = r.json()["data"]["id"]
     assert_error(await http.get(f"/v1/response/{job_id}"), 401, "unauthenticated")
     # Another key's job is indistinguishable from an unknown one.
-    r = assert_error(
+    err = assert_error(
         await http.get(f"/v1/response/{job_id}", headers={"apiKey": stack.bob}), 404, "not_found"
     )
-    assert job_id in r["error"]["message"]
+    assert job_id in err["error"]["message"]
     assert_error(await http.delete(f"/v1/response/{job_id}", headers={"apiKey": stack.bob}), 404, "not_found")
     assert_error(await http.get("/v1/response/nope", headers={"apiKey": stack.alice}), 404, "not_found")
 
@@ -416,3 +418,62 @@ async def test_public_url_sets_the_response_url(stack: FakeStack) -> None:
         r = await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": stack.alice})
     job_id = r.json()["data"]["id"]
     assert r.json()["data"]["responseUrl"] == f"https://api.example.com/v1/response/{job_id}"
+
+
+async def test_the_direct_job_routes_answer_exactly_as_the_router_would(
+    stack: FakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EngineApp sends submit/poll/cancel straight to their handlers; with that switched off the
+    same requests go through FastAPI's router and middlewares. Both must answer the same."""
+    direct = create_app(InProcessClient(stack.servicer), stack.metrics)
+    routed = create_app(InProcessClient(stack.servicer), stack.metrics)
+    assert isinstance(routed, EngineApp) and direct.hot is not None
+    routed.hot = None
+    alice = {"apiKey": stack.alice}
+    requests: list[tuple[str, str, dict[str, str], bytes | None]] = [
+        ("POST", "/v1/submit", alice, b'{"prompt": "hi", "params": {"max_new_tokens": 4}}'),
+        ("POST", "/v1/submit", {"Authorization": f"Bearer {stack.alice}"}, b'{"prompt": ["a", "b"]}'),
+        ("POST", "/v1/submit", {}, b'{"prompt": "hi"}'),
+        ("POST", "/v1/submit", alice, b'{"prompt": "hi"'),
+        ("POST", "/v1/submit", alice, b""),
+        ("POST", "/v1/submit", alice, b'{"prompt": "hi", "extra": 1}'),
+        ("POST", "/v1/submit", alice, b'{"prompt": "hi", "params": {"top_k": "many"}}'),
+        ("POST", "/v1/submit", alice, b'{"prompt": "' + b"x" * 60 + b'"}'),
+        ("GET", "/v1/response/nope", alice, None),
+        ("GET", "/v1/response/nope?wait=abc", alice, None),
+        ("GET", "/v1/response/nope?wait=99", alice, None),
+        ("DELETE", "/v1/response/nope", alice, None),
+        ("GET", "/v1/response/", alice, None),
+        ("GET", "/v1/response/a/b", alice, None),
+        ("PUT", "/v1/response/a", alice, None),
+        ("POST", "/v1/submit/", alice, b'{"prompt": "hi"}'),
+    ]
+
+    async def answers(app: FastAPI) -> list[tuple[int, str, str | None]]:
+        out = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver:8080") as client:
+            for method, url, headers, body in requests:
+                r = await client.request(method, url, headers=headers, content=body)
+                text = r.text
+                if r.status_code == 200 and url == "/v1/submit":
+                    data = r.json()["data"]
+                    text = text.replace(data["id"], "ID")
+                    # the job's own id and place differ between the two runs; the rest must not
+                    job = await client.get(f"/v1/response/{data['id']}?wait=5", headers=alice)
+                    text += " | " + job.text.replace(data["id"], "ID")
+                out.append((r.status_code, text, r.headers.get("retry-after")))
+        return out
+
+    assert await answers(direct) == await answers(routed)
+
+    async def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(stack.service, "get", boom)
+    for app in (direct, routed):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver:8080") as client:
+            r = await client.get("/v1/response/x", headers=alice)
+        assert_error(r, 500, "internal", "server log")
+        assert "secret" not in r.text
