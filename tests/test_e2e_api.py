@@ -119,6 +119,33 @@ def test_prompt_array_and_default_params(env: Env, offline: Engine) -> None:
     assert r.json()["data"]["completion"] == expected
 
 
+def test_contrastive_prompts_beyond_the_decoders_rows_all_complete(env: Env, offline: Engine) -> None:
+    """32 prompts at top_k 50 need 1,600 decoder rows, the contrastive decoder has 256: the
+    prompts join the running batch as rows free up, and every one completes as if run alone."""
+    prompts = [f"Question {i}: what comes after {i}?" for i in range(32)]
+    params = {"max_new_tokens": 3, "top_k": 50, "penalty_alpha": 0.6}
+    r = requests.post(
+        f"{env.server.url}/v1/submit",
+        headers={"apiKey": env.bob},
+        json={"prompt": prompts, "params": params},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    url = f"{r.json()['data']['responseUrl']}?wait=30"
+    deadline = time.monotonic() + 120
+    while True:
+        r = requests.get(url, headers={"apiKey": env.bob}, timeout=60)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        if data["status"] != "running" and data["status"] != "queued":
+            break
+        assert time.monotonic() < deadline, data
+    assert data["status"] == "completed"
+    assert len(data["completion"]) == 32
+    for i in (0, 7, 31):  # first, one that had to wait for room, last
+        assert data["completion"][i] == offline.generate([prompts[i]], **params)[0].text
+
+
 def envelope(r: requests.Response, status: int, code: str, *words: str) -> None:
     assert r.status_code == status, r.text
     body = r.json()

@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import GenerationRequest
+from engine.runtime.protocols import ContrastiveBatchLike
+from engine.runtime.result import GenerationRequest, TokenEvent
 from engine.serving.clock import FakeClock
 from engine.serving.jobs import JobStatus
 from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
@@ -321,3 +322,64 @@ def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_mo
         await svc.stop()
 
     run(body)
+
+
+def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_free_up(
+    flan_model_dir: Path,
+) -> None:
+    """32 prompts at top_k 50 need 1,600 decoder rows; the decoder has 256 (5 prompts at a time).
+    The job is accepted and completes: its prompts wait for room instead of failing the job."""
+    from engine.runtime.contrastive import DEFAULT_MAX_ROWS
+    from engine.runtime.engine import Engine
+    from engine.runtime.params import MAX_TOP_K
+
+    # No single prompt can need more rows than the decoder has, so admission never has to
+    # refuse one at submit; raising MAX_TOP_K past the decoder's rows would need that check.
+    assert MAX_TOP_K <= DEFAULT_MAX_ROWS
+
+    engine = Engine(flan_model_dir, compute_type="float32", intra_threads=1)
+    sizes: list[int] = []  # requests in the decoder at each step
+
+    class WatchedBatch:
+        def __init__(self, inner: ContrastiveBatchLike) -> None:
+            self.inner = inner
+
+        def add(self, request_id: str, request: GenerationRequest) -> None:
+            self.inner.add(request_id, request)
+
+        def cancel(self, request_id: str) -> None:
+            self.inner.cancel(request_id)
+
+        def step(self) -> list[TokenEvent]:
+            sizes.append(len(self.inner))
+            return self.inner.step()
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+    class Watched:
+        manifest = engine.manifest
+        tokenize = staticmethod(engine.tokenize)
+        generate_requests = staticmethod(engine.generate_requests)
+
+        def contrastive_batch(self) -> WatchedBatch:
+            return WatchedBatch(engine.contrastive_batch())
+
+    watched = Watched()
+    params = DecodingParams(max_new_tokens=3, penalty_alpha=0.6, top_k=50)
+    prompts = [f"ka bo {i} zu" for i in range(32)]
+
+    async def body() -> None:
+        svc = await start_service(watched, max_prompts_per_request=64)
+        view = await svc.submit("a", prompts, params)
+        done = await svc.wait("a", view.job.id, 60)
+        assert done.job.status is JobStatus.COMPLETED, done.job.error
+        assert done.job.result is not None and len(done.job.result.token_ids) == 32
+        for i in (0, 5, 31):  # in the first group, the first to wait for room, the last
+            [alone] = engine.generate([prompts[i]], **params.to_dict())
+            assert done.job.result.token_ids[i] == alone.token_ids
+        await svc.stop()
+
+    run(body)
+    assert max(sizes) == DEFAULT_MAX_ROWS // 50  # the decoder was full, never over-full
+    assert sum(1 for s in sizes if s) >= 32 // (DEFAULT_MAX_ROWS // 50) * 3  # several rounds of joins
