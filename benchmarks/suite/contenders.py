@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -71,6 +73,7 @@ class Server:
             args += ["--max-batch-size", str(max_batch_size)]
         self.process = start_server(args, self.workdir / "server.log", timeout_s=600.0)
         self.url = self.process.url
+        self.paused = False
 
     def run(
         self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
@@ -120,11 +123,24 @@ class Server:
                     total += int(usage["completion_tokens"])
         return total, problems
 
+    def pause(self) -> None:
+        """SIGSTOP: an idle `engine serve` still spends CPU (its loops poll), which would be taken
+        from whichever contender is being timed; a stopped one spends none."""
+        if self.process.proc.poll() is None and not self.paused:
+            os.kill(self.process.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            os.kill(self.process.proc.pid, signal.SIGCONT)
+            self.paused = False
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.process.log()[-chars:]
 
     def stop(self, keep_log: Path | None = None) -> int:
         """Stop the server, copy its log to ``keep_log`` and remove its temporary store."""
+        self.resume()  # a stopped process would not act on SIGTERM
         code = self.process.stop()
         if keep_log is not None:
             keep_log.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,18 @@ def open_contenders(
             hf.stop()
 
 
+def only_running(
+    opened: dict[tuple[Kind, str | None], Contender], who: tuple[Kind, str | None] | None
+) -> None:
+    """Resume the server ``who`` (None: every server) and pause every other one."""
+    for key, contender in opened.items():
+        if isinstance(contender, c.Server):
+            if who is None or key == who:
+                contender.resume()
+            else:
+                contender.pause()
+
+
 def measure(
     contender: Contender, job: Job, round_: int, plan: Plan, prompts: Sequence[Prompt]
 ) -> Measurement:
@@ -164,8 +176,10 @@ def run(
                     if (_who(job), job.strategy.name) not in warmed:
                         warmed.add((_who(job), job.strategy.name))
                         opened[_who(job)].run(prompts[:1], job.strategy.request_params(WARMUP_TOKENS), 1, 1)
+                only_running(opened, (Kind.HF, None))  # every server paused
                 for round_ in range(plan.rounds):
                     for job in rotated(jobs, round_, plan.rounds):
+                        only_running(opened, _who(job))
                         bar.set_description(
                             f"r{round_ + 1} {shape} {job.strategy.name} c{job.concurrency} {job.contender}"
                         )
