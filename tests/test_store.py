@@ -478,3 +478,24 @@ def test_wait_and_stream_on_one_server_for_a_job_another_server_runs(redis_url: 
 
 async def _collect(events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
     return [ev async for ev in events]
+
+
+def test_the_stored_params_are_the_params_own_dict() -> None:
+    from engine.serving.store.sqlite import _params_dict
+
+    params = DecodingParams(
+        max_new_tokens=9,
+        min_new_tokens=2,
+        top_k=7,
+        penalty_alpha=0.25,
+        num_beams=3,
+        length_penalty=0.5,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        seed=11,
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=3,
+    )
+    assert _params_dict(params) == params.to_dict()
+    assert _params_dict(DecodingParams()) == DecodingParams().to_dict()

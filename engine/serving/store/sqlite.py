@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -176,7 +177,7 @@ class SqliteJobStore(JobStore):
             job.id,
             job.owner,
             json.dumps(list(job.prompts)),
-            json.dumps(job.params.to_dict()),
+            json.dumps(_params_dict(job.params)),
             job.model,
             _Q,
             lane.value,
@@ -392,6 +393,15 @@ class SqliteJobStore(JobStore):
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._db.close()
+
+
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(DecodingParams))
+
+
+def _params_dict(params: DecodingParams) -> dict[str, Any]:
+    """``params.to_dict()`` without ``dataclasses.asdict``'s deep copy (every field is a
+    scalar): a sixth of an enqueue's CPU."""
+    return {name: getattr(params, name) for name in _PARAM_FIELDS}
 
 
 def _job(row: Sequence[Any]) -> Job:
