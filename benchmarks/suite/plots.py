@@ -23,6 +23,9 @@ def plot_shape(plan: Plan, shape: str, measurements: Sequence[Measurement], path
     import matplotlib.pyplot as plt
 
     figures = [f for f in aggregate(measurements) if f.shape == shape]
+    # One colour per contender in every panel, so a line is the same thing across strategies.
+    names = sorted({f.contender for f in figures if f.kind is not Kind.HF})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
     columns = len(plan.strategies)
     fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
     for col, strategy in enumerate(plan.strategies):
@@ -36,8 +39,11 @@ def plot_shape(plan: Plan, shape: str, measurements: Sequence[Measurement], path
             points.sort(key=lambda f: f.concurrency)
             xs = [f.concurrency for f in points]
             style = STYLE[points[0].kind]
-            latency_ax.plot(xs, [f.p50_ms for f in points], style, marker="o", label=name)
-            throughput_ax.plot(xs, [f.tokens_per_s for f in points], style, marker="o", label=name)
+            colour = colours[name]
+            latency_ax.plot(xs, [f.p50_ms for f in points], style, color=colour, marker="o", label=name)
+            throughput_ax.plot(
+                xs, [f.tokens_per_s for f in points], style, color=colour, marker="o", label=name
+            )
         for f in mine:
             if f.kind is Kind.HF:
                 latency_ax.axhline(f.p50_ms, color="grey", linewidth=1, label="transformers (one at a time)")
