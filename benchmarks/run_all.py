@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=Path, default=OUT_DIR / "models", help="where model folders are built and reused"
     )
     p.add_argument("--run-id", default=None, help="the run's folder name (default: UTC time and preset)")
+    p.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="only rebuild RUN_DIR's report from its saved JSON (an interrupted run keeps what it measured)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -65,8 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ctranslate2
 
     from benchmarks.suite.contenders import REF_PYTHON
-    from benchmarks.suite.runner import run
+    from benchmarks.suite.runner import rebuild_report, run
 
+    if args.report_from is not None:
+        if not (args.report_from / "plan.json").is_file():
+            print(f"error: {args.report_from} is not a run folder (no plan.json)", file=sys.stderr)
+            return 2
+        rebuilt = rebuild_report(args.report_from)
+        print(rebuilt.summary)
+        print(f"report: {rebuilt.report}")
+        return 0
     try:
         plan = build_plan(
             args.preset,

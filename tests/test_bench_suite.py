@@ -305,3 +305,13 @@ def test_tiny_run_through_the_real_server(tmp_path: Path) -> None:
     assert (out / "plot-tiny.png").is_file()
     assert "ready: REST" in (out / "logs" / "tiny-server-cpu-int8.log").read_text()
     assert run_all.main(["--shapes", "tiny", "--out", str(tmp_path / "out"), "--run-id", "smoke"]) == 2
+    # The report rebuilt from the saved JSON alone has the same tables.
+    (out / "report.md").unlink()
+    assert run_all.main(["--report-from", str(out)]) == 0
+    rebuilt = (out / "report.md").read_text()
+    assert (
+        rebuilt.split("## tiny, greedy")[1].split("## Floor")[0]
+        == report.split("## tiny, greedy")[1].split("## Floor")[0]
+    )
+    assert "report rebuilt from 6 saved measurements (rounds 1 of 1)" in rebuilt
+    assert run_all.main(["--report-from", str(tmp_path)]) == 2  # not a run folder

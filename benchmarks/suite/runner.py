@@ -18,7 +18,7 @@ from benchmarks.common import cores
 from benchmarks.suite import contenders as c
 from benchmarks.suite.figures import Measurement
 from benchmarks.suite.machine import describe, measure_bandwidth
-from benchmarks.suite.matrix import STRATEGIES, Job, Kind, Plan
+from benchmarks.suite.matrix import STRATEGIES, Job, Kind, Plan, Skipped, Strategy, Target
 from benchmarks.suite.plots import plot_shape
 from benchmarks.suite.report import figures_json, issue_checks, render, summary_table
 from benchmarks.suite.workloads import MODELS, ModelSet, Prompt, ensure_models, make_prompts
@@ -142,6 +142,7 @@ def run(
     machine = describe(measure_bandwidth())
     _write(out_dir / "machine.json", machine)
     _write(out_dir / "plan.json", _plan_dict(plan))
+    _write(out_dir / "run.json", {"command": command, "load_before": load_before})
     measurements: list[Measurement] = []
     notes: list[str] = []
     total = sum(len(plan.jobs(shape)) for shape in plan.shapes) * plan.rounds
@@ -172,6 +173,7 @@ def run(
                         f"{hf.threads} torch thread(s), the faster at warm-up ({trials}; greedy, "
                         f"{THREAD_PROBE_TOKENS} tokens, best of 2)"
                     )
+                    _write(out_dir / "notes.json", notes)
                 for job in jobs:
                     if (_who(job), job.strategy.name) not in warmed:
                         warmed.add((_who(job), job.strategy.name))
@@ -187,10 +189,34 @@ def run(
                         measurements.append(m)
                         _write(runs_dir / f"{job.key}-r{round_}.json", _measurement_dict(m))
                         bar.update(1)
-    load_after = [round(x, 2) for x in os.getloadavg()]
+    return write_report(
+        plan,
+        out_dir,
+        command=command,
+        machine=machine,
+        load_before=load_before,
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        measurements=measurements,
+        notes=notes,
+    )
+
+
+def write_report(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    command: str,
+    machine: dict[str, Any],
+    load_before: Sequence[float],
+    load_after: Sequence[float],
+    measurements: Sequence[Measurement],
+    notes: Sequence[str],
+) -> RunOutput:
+    """report.md, the plots and summary.json from what was measured."""
+    shapes = [shape for shape in plan.shapes if any(m.shape == shape for m in measurements)]
     plots = [
         str(plot_shape(plan, shape, measurements, out_dir / f"plot-{shape}.png").relative_to(out_dir))
-        for shape in plan.shapes
+        for shape in shapes
     ]
     report = out_dir / "report.md"
     report.write_text(
@@ -212,16 +238,76 @@ def run(
         {
             "run_id": out_dir.name,
             "command": command,
-            "load_before": load_before,
-            "load_after": load_after,
+            "load_before": list(load_before),
+            "load_after": list(load_after),
             "machine": machine,
-            "notes": notes,
+            "notes": list(notes),
             "issue_targets": [{**asdict(ch), "verdict": ch.verdict} for ch in checks],
             "figures": figures_json(measurements),
         },
     )
     failed = sum(m.requests - m.ok for m in measurements)
     return RunOutput(out_dir, report, summary_table(checks), failed)
+
+
+def rebuild_report(out_dir: Path) -> RunOutput:
+    """The report of a run folder from its JSON files alone: for a run that was interrupted (its
+    measurements are written as they are taken) or to re-render an old run."""
+    plan = load_plan(json.loads((out_dir / "plan.json").read_text()))
+    machine = json.loads((out_dir / "machine.json").read_text())
+    run_info = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+    notes = json.loads((out_dir / "notes.json").read_text()) if (out_dir / "notes.json").is_file() else []
+    measurements = [
+        load_measurement(json.loads(p.read_text())) for p in sorted((out_dir / "runs").glob("*.json"))
+    ]
+    if not measurements:
+        raise RuntimeError(f"{out_dir / 'runs'} holds no measurement")
+    rounds_done = sorted({m.round for m in measurements})
+    notes = [
+        *notes,
+        f"report rebuilt from {len(measurements)} saved measurements (rounds {', '.join(str(r + 1) for r in rounds_done)} "
+        f"of {plan.rounds}); cells missing from a round were not measured in it",
+    ]
+    return write_report(
+        plan,
+        out_dir,
+        command=run_info.get("command", f"benchmarks/run_all.py --preset {plan.preset} (see plan.json)"),
+        machine=machine,
+        load_before=run_info.get("load_before", machine.get("load_average_1_5_15", [])),
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        measurements=measurements,
+        notes=notes,
+    )
+
+
+def load_plan(d: dict[str, Any]) -> Plan:
+    def strategy(s: dict[str, Any]) -> Strategy:
+        return Strategy(s["name"], tuple((k, v) for k, v in s["params"]), s["on_ctranslate2"])
+
+    return Plan(
+        preset=d["preset"],
+        shapes=tuple(d["shapes"]),
+        strategies=tuple(strategy(s) for s in d["strategies"]),
+        concurrency=tuple(d["concurrency"]),
+        targets=tuple(Target(**t) for t in d["targets"]),
+        requests=d["requests"],
+        rounds=d["rounds"],
+        engine_concurrency=tuple(d["engine_concurrency"]),
+        b1_concurrency=tuple(d["b1_concurrency"]),
+        hf_strategies=tuple(strategy(s) for s in d["hf_strategies"]),
+        baselines=frozenset(Kind(k) for k in d["baselines"]),
+        new_tokens=d["new_tokens"],
+        prompt_tokens=d["prompt_tokens"],
+        skipped=tuple(Skipped(**s) for s in d["skipped"]),
+    )
+
+
+def load_measurement(d: dict[str, Any]) -> Measurement:
+    fields = {k: v for k, v in d.items() if k not in ("requests_per_s", "tokens_per_s")}
+    fields["kind"] = Kind(fields["kind"])
+    fields["latencies_s"] = tuple(fields["latencies_s"])
+    fields["failures"] = tuple(fields["failures"])
+    return Measurement(**fields)
 
 
 def _plan_dict(plan: Plan) -> dict[str, Any]:
