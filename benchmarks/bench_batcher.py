@@ -144,6 +144,10 @@ async def section_overhead(engine: Any, tmp: Path, jobs: int) -> dict[str, Any]:
     instant.inner = FakeEngine()
     services = {
         "delay_0ms": (timed, await with_service(timed, tmp / "overhead0.db", max_queue_delay_ms=0.0)),
+        "delay_2ms_default": (
+            timed,
+            await with_service(timed, tmp / "overhead2.db", max_queue_delay_ms=Config().max_queue_delay_ms),
+        ),
         "delay_5ms": (timed, await with_service(timed, tmp / "overhead5.db", max_queue_delay_ms=5.0)),
         "instant_engine_delay_0ms": (
             instant,

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt + new tokens per engine call (default 16384)",
     )
     g.add_argument(
-        "--max-queue-delay-ms", type=float, default=None, help="longest wait for a fuller batch (default 5)"
+        "--max-queue-delay-ms", type=float, default=None, help="longest wait for a fuller batch (default 2)"
     )
     g.add_argument("--max-queue-size", type=int, default=None, help="queued jobs before 429 (default 10000)")
     g.add_argument(
