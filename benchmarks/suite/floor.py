@@ -46,7 +46,7 @@ def weight_bytes(target: Target, strategy: Strategy) -> int:
     """Bytes per weight for this target and strategy: contrastive search runs on our own decoder,
     which keeps float32 weights, float16 on CUDA for the float16 compute types (as Engine loads it)."""
     if not strategy.on_ctranslate2:
-        return 2 if target.is_cuda and "float16" in target.compute_type else 4
+        return 2 if target.is_cuda and target.compute_type in ("float16", "int8_float16") else 4
     return WEIGHT_BYTES[target.compute_type]
 
 

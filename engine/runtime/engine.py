@@ -270,7 +270,10 @@ class Engine:
             if self._contrastive_runtime is None:
                 from engine.runtime.t5 import T5Runtime
 
-                dtype = "float16" if self.device == "cuda" and "float16" in self.compute_type else "float32"
+                # CuPy has no bfloat16: bfloat16 compute types run our decoder in float32, since
+                # bfloat16 weights can exceed float16's range.
+                half = self.compute_type in ("float16", "int8_float16")
+                dtype = "float16" if self.device == "cuda" and half else "float32"
                 self._contrastive_runtime = T5Runtime.load(self.model_dir, device=self.device, dtype=dtype)
             return self._contrastive_runtime
 
