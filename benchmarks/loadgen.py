@@ -176,6 +176,34 @@ class RawHttp:
             self._writer = None
 
 
+Send = Callable[[str, str, "bytes | None"], Awaitable[tuple[int, bytes]]]
+
+
+async def _submit_and_poll(
+    send: Send, payload: bytes, interval: float | None, timeout_s: float, start: float, wall: float
+) -> Outcome:
+    """The seed's flow over any transport: ``send(method, path, body) -> (status, raw body)``."""
+    status, raw = await send("POST", "/v1/submit", payload)
+    if status != 200:
+        return Outcome(start, time.perf_counter(), str(status), False, error=raw[:200].decode())
+    job_id = json.loads(raw)["data"]["id"]
+    path = f"/v1/response/{job_id}" + ("?wait=30" if interval is None else "")
+    polls = 0
+    while time.perf_counter() < start + timeout_s:
+        status, raw = await send("GET", path, None)
+        polls += 1
+        if status != 200:
+            return Outcome(start, time.perf_counter(), str(status), False, job_id, raw[:200].decode(), polls)
+        got = json.loads(raw)["data"]
+        if got["completion"] is not None:
+            return Outcome(start, time.perf_counter(), "200", True, job_id, None, polls, wall, time.time())
+        if got["status"] == "cancelled":
+            return Outcome(start, time.perf_counter(), "cancelled", False, job_id, None, polls)
+        if interval:
+            await asyncio.sleep(interval)
+    return Outcome(start, time.perf_counter(), "client-timeout", False, job_id, None, polls)
+
+
 def raw_submit_and_poll(
     url: str,
     key: str,
@@ -201,30 +229,12 @@ def raw_submit_and_poll(
         start = time.perf_counter()  # before waiting for a free connection: open-loop arrivals queue here
         wall = time.time()
         conn = await pool.get()
+
+        async def send(method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
+            return await conn.request(method, path, headers, data or b"")
+
         try:
-            status, raw = await conn.request("POST", "/v1/submit", headers, payload)
-            if status != 200:
-                return Outcome(start, time.perf_counter(), str(status), False, error=raw[:200].decode())
-            job_id = json.loads(raw)["data"]["id"]
-            path = f"/v1/response/{job_id}" + ("?wait=30" if interval is None else "")
-            polls = 0
-            while time.perf_counter() < start + timeout_s:
-                status, raw = await conn.request("GET", path, headers)
-                polls += 1
-                if status != 200:
-                    return Outcome(
-                        start, time.perf_counter(), str(status), False, job_id, raw[:200].decode(), polls
-                    )
-                got = json.loads(raw)["data"]
-                if got["completion"] is not None:
-                    return Outcome(
-                        start, time.perf_counter(), "200", True, job_id, None, polls, wall, time.time()
-                    )
-                if got["status"] == "cancelled":
-                    return Outcome(start, time.perf_counter(), "cancelled", False, job_id, None, polls)
-                if interval:
-                    await asyncio.sleep(interval)
-            return Outcome(start, time.perf_counter(), "client-timeout", False, job_id, None, polls)
+            return await _submit_and_poll(send, payload, interval, timeout_s, start, wall)
         except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
             await conn.close()
             return Outcome(start, time.perf_counter(), "EXCEPTION", False, error=repr(exc)[:200])
@@ -275,38 +285,20 @@ def rest_submit_and_poll(
 ) -> RequestFn:
     """The seed's flow: POST /v1/submit, then GET the responseUrl until ``completion`` is set or
     the status is an error. ``poll`` is "long" (GET ?wait=30) or a sleep in seconds between polls."""
-    headers = {"apiKey": key}
+    headers = {"apiKey": key, "Content-Type": "application/json"}
+    payload = json.dumps(body).encode()
     interval = None if poll == "long" else float(poll)
 
     async def run(_: int) -> Outcome:
         start = time.perf_counter()
         wall = time.time()
+
+        async def send(method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
+            r = await client.request(method, path, content=data, headers=headers)
+            return r.status_code, r.content
+
         try:
-            r = await client.post("/v1/submit", json=body, headers=headers)
-            if r.status_code != 200:
-                return Outcome(start, time.perf_counter(), str(r.status_code), False, error=r.text[:200])
-            data = r.json()["data"]
-            job_id = data["id"]
-            url = f"/v1/response/{job_id}" + ("?wait=30" if interval is None else "")
-            polls = 0
-            deadline = start + timeout_s
-            while time.perf_counter() < deadline:
-                r = await client.get(url, headers=headers)
-                polls += 1
-                if r.status_code != 200:
-                    return Outcome(
-                        start, time.perf_counter(), str(r.status_code), False, job_id, r.text[:200], polls
-                    )
-                got = r.json()["data"]
-                if got["completion"] is not None:
-                    return Outcome(
-                        start, time.perf_counter(), "200", True, job_id, None, polls, wall, time.time()
-                    )
-                if got["status"] == "cancelled":
-                    return Outcome(start, time.perf_counter(), "cancelled", False, job_id, None, polls)
-                if interval:
-                    await asyncio.sleep(interval)
-            return Outcome(start, time.perf_counter(), "client-timeout", False, job_id, None, polls)
+            return await _submit_and_poll(send, payload, interval, timeout_s, start, wall)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             return Outcome(start, time.perf_counter(), "EXCEPTION", False, error=repr(exc)[:200])
 
