@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # type: ignore[imp
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
-from engine.runtime import contrastive  # noqa: E402
+from engine.runtime import contrastive, qlinear  # noqa: E402
 from engine.runtime.contrastive import ContrastiveBatch, generate_contrastive  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -46,8 +46,9 @@ NEW_TOKENS = 64
 PROMPT_TOKENS = 100
 PARAMS = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
 MODELS = OUT_DIR / "models"
-OURS = "ours contrastive (2 BLAS threads)"
-OURS_1T = "ours contrastive (1 BLAS thread)"
+OURS = "ours contrastive (2 threads)"
+OURS_1T = "ours contrastive (1 thread)"
+OURS_NUMPY = "ours contrastive, numpy/OpenBLAS only (2 threads)"
 HF = "transformers 4.55 contrastive (2 threads)"
 GREEDY = "ctranslate2 int8 greedy (2 threads)"
 
@@ -207,14 +208,42 @@ def bandwidth_gbs() -> tuple[float, float]:
     return 2 * a.nbytes / best(lambda: np.copyto(b, a)) / 1e9, a.nbytes / best(lambda: row @ weights.T) / 1e9
 
 
-def step_weight_bytes(runtime: T5Runtime) -> dict[str, int]:
+def step_weight_bytes(runtime: T5Runtime, stored: bool) -> dict[str, int]:
     """Weights one contrastive step reads: every decoder weight except the cross-attention K/V
-    projection (applied once per prompt), and the lm_head once."""
+    projection (applied once per prompt), and the lm_head once; as stored (int8, what the
+    small-batch kernel reads) or dequantized to float32 (what OpenBLAS reads)."""
+
+    def size(layer: qlinear.Linear) -> int:
+        return int(layer.stored.nbytes if stored else layer.dense.nbytes)
+
     decoder = 0
     for layer in runtime.decoder:
         arrays = (layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.ffn.wi, layer.ffn.wo)
-        decoder += sum(int(a.nbytes) for a in arrays)
-    return {"decoder": decoder, "lm_head": int(runtime.lm_head.nbytes)}
+        decoder += sum(size(a) for a in arrays)
+    return {"decoder": decoder, "lm_head": size(runtime.lm_head)}
+
+
+@contextmanager
+def threads(runtime: T5Runtime, n: int) -> Iterator[None]:
+    """n threads for OpenBLAS and for the compiled kernel."""
+    before = runtime.threads
+    runtime.threads = n
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        runtime.threads = before
+
+
+@contextmanager
+def numpy_only() -> Iterator[None]:
+    """The runtime as it was before the compiled kernel: dequantized float32 weights, OpenBLAS."""
+    kernel = qlinear._KERNEL
+    qlinear._KERNEL = None
+    try:
+        yield
+    finally:
+        qlinear._KERNEL = kernel
 
 
 # ---------------------------------------------------------------------- main
@@ -229,7 +258,8 @@ def main() -> None:
 
     int8_dir, hf_dir = build_models()
     info = machine()
-    runtime = T5Runtime.load(int8_dir)
+    runtime = T5Runtime.load(int8_dir, threads=THREADS)
+    info["contrastive_kernel"] = qlinear.kernel_status()
     vocab = json.loads((int8_dir / "shared_vocabulary.json").read_text())
     translator = ctranslate2.Translator(
         str(int8_dir), device="cpu", compute_type="int8", intra_threads=THREADS
@@ -252,13 +282,18 @@ def main() -> None:
         times: dict[tuple[str, int], list[float]] = defaultdict(list)
 
         def ours_one_thread(batch: list[list[int]]) -> float:
-            # OpenBLAS's threads spin-wait; on a machine busy with other work one thread can win.
-            with threadpool_limits(limits=1, user_api="blas"):
+            # Threads spin-wait; on a machine busy with other work one thread can win.
+            with threads(runtime, 1):
+                return ours(runtime, batch)
+
+        def ours_numpy(batch: list[list[int]]) -> float:
+            with numpy_only():
                 return ours(runtime, batch)
 
         contenders: list[tuple[str, Callable[[list[list[int]]], float]]] = [
             (OURS, lambda batch: ours(runtime, batch)),
             (OURS_1T, ours_one_thread),
+            (OURS_NUMPY, ours_numpy),
             (HF, lambda batch: hf.run(batch, PARAMS)),
             (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch)),
         ]
@@ -272,12 +307,14 @@ def main() -> None:
         hf.close()
 
         parts = {(2, b): breakdown(runtime, data[b]) for b in batches}
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threads(runtime, 1):
             parts.update({(1, b): breakdown(runtime, data[b]) for b in batches})
     with threadpool_limits(limits=THREADS, user_api="blas"):
         gbs, read_gbs = bandwidth_gbs()
-    weights = step_weight_bytes(runtime)
+    weights = step_weight_bytes(runtime, stored=True)
+    weights_f32 = step_weight_bytes(runtime, stored=False)
     floor_ms = sum(weights.values()) / (gbs * 1e9) * 1e3
+    floor_f32_ms = sum(weights_f32.values()) / (gbs * 1e9) * 1e3
 
     def ratio(b: int, num: str, den: str) -> float:
         return statistics.median(n / d for n, d in zip(times[(num, b)], times[(den, b)], strict=True))
@@ -291,6 +328,7 @@ def main() -> None:
                 **{f"{k} s": v for k, v in med.items()},
                 "HF / ours": ratio(b, HF, OURS),
                 "HF / ours 1t": ratio(b, HF, OURS_1T),
+                "numpy-only / ours": ratio(b, OURS_NUMPY, OURS),
                 "ours / greedy": ratio(b, OURS, GREEDY),
                 "ours 1t / greedy": ratio(b, OURS_1T, GREEDY),
             }
@@ -302,19 +340,22 @@ def main() -> None:
         "batch",
         "ours",
         "ours 1t",
+        "numpy only",
         "HF 4.55",
         "CT2 greedy",
         "HF/ours",
         "HF/ours 1t",
+        "numpy/ours",
         "ours/greedy",
         "1t/greedy",
     ]
     print("".join(f"{h:>12}" for h in head))
     for row in rows:
-        cells = [f"{row['batch']}"] + [f"{row[f'{n} s']:.3f}" for n in (OURS, OURS_1T, HF, GREEDY)]
-        cells += [
-            f"{row[k]:.2f}x" for k in ("HF / ours", "HF / ours 1t", "ours / greedy", "ours 1t / greedy")
+        cells = [f"{row['batch']}"] + [
+            f"{row[f'{n} s']:.3f}" for n in (OURS, OURS_1T, OURS_NUMPY, HF, GREEDY)
         ]
+        keys = ("HF / ours", "HF / ours 1t", "numpy-only / ours", "ours / greedy", "ours 1t / greedy")
+        cells += [f"{row[k]:.2f}x" for k in keys]
         print("".join(f"{c:>12}" for c in cells))
     print()
     print("per step, ms (one instrumented run each; 64 steps; the decoder step's parts are inside its total)")
@@ -324,10 +365,11 @@ def main() -> None:
         print(f"{name:<48}" + "".join(f"{parts[c][name]:>12.2f}" for c in columns))
     print()
     print(
-        f"floor: {sum(weights.values()) / 1e6:.1f} MB of float32 weights per step (decoder "
-        f"{weights['decoder'] / 1e6:.1f} MB + lm_head {weights['lm_head'] / 1e6:.1f} MB) / {gbs:.1f} GB/s "
-        f"measured copy bandwidth = {floor_ms:.2f} ms per step (a one-row product streams weights at "
-        f"{read_gbs:.1f} GB/s)"
+        f"floor: {sum(weights.values()) / 1e6:.1f} MB of weights per step as the kernel reads them "
+        f"(decoder {weights['decoder'] / 1e6:.1f} MB + lm_head {weights['lm_head'] / 1e6:.1f} MB) / "
+        f"{gbs:.1f} GB/s measured copy bandwidth = {floor_ms:.2f} ms per step; dequantized to float32 "
+        f"(the numpy-only path) {sum(weights_f32.values()) / 1e6:.1f} MB = {floor_f32_ms:.2f} ms "
+        f"(a one-row product streams weights at {read_gbs:.1f} GB/s)"
     )
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     out = OUT_DIR / "bench_contrastive.json"

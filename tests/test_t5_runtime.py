@@ -13,6 +13,7 @@ import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from engine.errors import InvalidRequest, ModelError
+from engine.model.weights import read_model_file
 from engine.runtime.contrastive import generate_contrastive
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest
@@ -111,9 +112,12 @@ def test_cache_filter_and_concatenate_keep_each_rows_state() -> None:
     np.testing.assert_allclose(out.hidden[1, 0], alone[2][0, 0], atol=1e-5)
 
 
-def test_int8_folder_loads_dequantized() -> None:
-    runtime = T5Runtime.load(models.converted_model("t5", "int8"))
-    assert runtime.lm_head.dtype == np.float32
+def test_int8_folder_keeps_int8_weights_and_their_dequantized_copy() -> None:
+    folder = models.converted_model("t5", "int8")
+    runtime = T5Runtime.load(folder)
+    mf = read_model_file(folder)
+    assert runtime.lm_head.stored.dtype == np.int8  # what the small-batch kernel reads
+    np.testing.assert_array_equal(runtime.lm_head.dense, mf.float32("decoder/projection/weight"))
     assert runtime.shape.output_scale == pytest.approx(64**-0.5)
     params = DecodingParams.from_dict({"max_new_tokens": 5, "min_new_tokens": 5})
     (result,) = generate_contrastive(runtime, [GenerationRequest(prompts(1, (6,))[0], params)])

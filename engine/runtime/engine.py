@@ -83,6 +83,7 @@ class Engine:
                 f"than the model's vocabulary of {self.manifest.vocab_size}; re-run `engine convert`"
             )
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.intra_threads = intra_threads
         self._contrastive_runtime: T5Runtime | None = None
         self._contrastive_lock = threading.Lock()
         if self.manifest.random_weights:
@@ -274,7 +275,13 @@ class Engine:
                 # bfloat16 weights can exceed float16's range.
                 half = self.compute_type in ("float16", "int8_float16")
                 dtype = "float16" if self.device == "cuda" and half else "float32"
-                self._contrastive_runtime = T5Runtime.load(self.model_dir, device=self.device, dtype=dtype)
+                self._contrastive_runtime = T5Runtime.load(
+                    self.model_dir, device=self.device, dtype=dtype, threads=self.intra_threads
+                )
+                if self.device == "cpu":
+                    from engine.runtime.qlinear import kernel_status
+
+                    log.info("contrastive decoder: %s", kernel_status())
             return self._contrastive_runtime
 
     def _run_contrastive(

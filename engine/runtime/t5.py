@@ -25,6 +25,7 @@ import numpy as np
 from engine.errors import InvalidRequest, ModelError
 from engine.model.manifest import Manifest
 from engine.model.weights import ModelFile, read_model_file
+from engine.runtime.qlinear import Linear, default_threads
 from engine.runtime.xp import array_module, to_numpy
 
 Array = Any  # numpy.ndarray or cupy.ndarray: the code below uses the operations both share
@@ -33,7 +34,6 @@ _RELU = 0
 _GELU_TANH = 1
 # Added to masked attention scores, as Hugging Face does (finfo.min, not -inf: no NaN rows).
 _NEG = float(np.finfo(np.float32).min)
-LINEAR_BLOCK_ROWS = 1024
 _SUPPORTED_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
 
 
@@ -288,8 +288,10 @@ class T5Runtime:
         decoder_norm: _Norm,
         decoder_bias_table: np.ndarray,
         lm_head: Array,
+        threads: int = 1,
     ) -> None:
         self.shape = shape
+        self.threads = threads  # for the compiled small-batch kernel (qlinear); BLAS has its own
         self.xp = xp
         self.dtype = dtype
         self.embeddings = embeddings  # [V, d], shared by encoder and decoder inputs
@@ -304,12 +306,16 @@ class T5Runtime:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> T5Runtime:
+    def load(
+        cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32", threads: int = 0
+    ) -> T5Runtime:
+        """``threads``: threads of the CPU kernel per product (0: one per core this process may use)."""
         manifest = Manifest.load(model_dir)
         return cls.from_model_file(
             read_model_file(model_dir),
             device=device,
             dtype=dtype,
+            threads=threads,
             eps=manifest.layer_norm_epsilon,
             eos_token_id=manifest.eos_token_id,
             decoder_start_token_id=manifest.decoder_start_token_id,
@@ -325,7 +331,10 @@ class T5Runtime:
         eps: float = 1e-6,
         eos_token_id: int = 1,
         decoder_start_token_id: int = 0,
+        threads: int = 0,
     ) -> T5Runtime:
+        if threads < 0:
+            raise InvalidRequest(f"threads must be >= 0 (0: one per core), got {threads}")
         if dtype not in _SUPPORTED_DTYPES.get(device, ()):
             raise InvalidRequest(
                 f"the contrastive runtime computes in {' or '.join(_SUPPORTED_DTYPES.get(device, ('?',)))} "
@@ -339,8 +348,19 @@ class T5Runtime:
         def dev(a: np.ndarray) -> Array:
             return xp.asarray(np.ascontiguousarray(a, dtype=np_dtype))
 
-        def lin(name: str) -> np.ndarray:  # [out, in], as stored; see _linear
-            return mf.float32(f"{name}/weight")
+        def lin(*names: str) -> Any:
+            """The [out, in] weights of ``names`` stacked along out: a ``Linear`` on CPU (int8 kept
+            with its scales for the small-batch kernel), a dequantized device array on CUDA."""
+            stored = [mf.raw(f"{n}/weight") for n in names]
+            if xp is np and all(w.dtype == np.int8 for w in stored):
+                scales = [mf.scale_of(f"{n}/weight") for n in names]
+                if any(sc is None for sc in scales):
+                    raise ModelError(f"an int8 weight among {names} has no scale")
+                return Linear.from_stored(
+                    np.concatenate(stored), np.concatenate([sc for sc in scales if sc is not None])
+                )
+            dense = np.concatenate([mf.float32(f"{n}/weight") for n in names])
+            return Linear.from_stored(dense, None) if xp is np else dev(dense)
 
         def norm(name: str) -> _Norm:
             return _Norm(dev(mf.float32(f"{name}/gamma")))
@@ -378,17 +398,14 @@ class T5Runtime:
         )
 
         def ffn(prefix: str) -> _FFN:
-            if gated:
-                wi = np.concatenate([lin(f"{prefix}/linear_0"), lin(f"{prefix}/linear_0_noact")], axis=0)
-            else:
-                wi = lin(f"{prefix}/linear_0")
-            return _FFN(norm(f"{prefix}/layer_norm"), dev(wi), dev(lin(f"{prefix}/linear_1")))
+            wi = lin(f"{prefix}/linear_0", f"{prefix}/linear_0_noact") if gated else lin(f"{prefix}/linear_0")
+            return _FFN(norm(f"{prefix}/layer_norm"), wi, lin(f"{prefix}/linear_1"))
 
         encoder = [
             _EncoderLayer(
                 attn_norm=norm(f"encoder/layer_{i}/self_attention/layer_norm"),
-                qkv=dev(lin(f"encoder/layer_{i}/self_attention/linear_0")),
-                out=dev(lin(f"encoder/layer_{i}/self_attention/linear_1")),
+                qkv=lin(f"encoder/layer_{i}/self_attention/linear_0"),
+                out=lin(f"encoder/layer_{i}/self_attention/linear_1"),
                 ffn=ffn(f"encoder/layer_{i}/ffn"),
             )
             for i in range(n_enc)
@@ -396,12 +413,12 @@ class T5Runtime:
         decoder = [
             _DecoderLayer(
                 self_norm=norm(f"decoder/layer_{i}/self_attention/layer_norm"),
-                qkv=dev(lin(f"decoder/layer_{i}/self_attention/linear_0")),
-                self_out=dev(lin(f"decoder/layer_{i}/self_attention/linear_1")),
+                qkv=lin(f"decoder/layer_{i}/self_attention/linear_0"),
+                self_out=lin(f"decoder/layer_{i}/self_attention/linear_1"),
                 cross_norm=norm(f"decoder/layer_{i}/attention/layer_norm"),
-                cross_q=dev(lin(f"decoder/layer_{i}/attention/linear_0")),
-                cross_kv=dev(lin(f"decoder/layer_{i}/attention/linear_1")),
-                cross_out=dev(lin(f"decoder/layer_{i}/attention/linear_2")),
+                cross_q=lin(f"decoder/layer_{i}/attention/linear_0"),
+                cross_kv=lin(f"decoder/layer_{i}/attention/linear_1"),
+                cross_out=lin(f"decoder/layer_{i}/attention/linear_2"),
                 ffn=ffn(f"decoder/layer_{i}/ffn"),
             )
             for i in range(n_dec)
@@ -420,29 +437,17 @@ class T5Runtime:
             decoder=decoder,
             decoder_norm=norm("decoder/layer_norm"),
             decoder_bias_table=mf.float32("decoder/layer_0/self_attention/relative_attention_bias"),
-            lm_head=dev(lin("decoder/projection")),
+            lm_head=lin("decoder/projection"),
+            threads=threads or default_threads(),
         )
 
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: Array, weight: Array) -> Array:
-        """x [R, in] times weight [out, in] (CTranslate2's layout) -> [R, out].
-
-        On CPU, one row is a plain GEMV (OpenBLAS threads it and streams the weights at memory
-        bandwidth). Several rows run as weight @ x.T in blocks of LINEAR_BLOCK_ROWS weight rows:
-        as one product OpenBLAS's GEMM packs the whole weight matrix into a buffer per call,
-        reading and writing it again, while a block's packing stays in cache. Measured ad hoc on
-        this project's 2-core Xeon with 2 BLAS threads: blocks made the lm_head for 8 rows 2.2x
-        faster, and 1024-row blocks beat 256-row ones by 15% on a whole batch-1 contrastive run
-        (with 1 BLAS thread, 256 rows do better)."""
-        rows = x.shape[0]
-        if self.xp is not np or rows == 1:
-            return x @ weight.T
-        block = LINEAR_BLOCK_ROWS
-        out_t = np.empty((weight.shape[0], rows), dtype=x.dtype)
-        x_t = x.T
-        for start in range(0, weight.shape[0], block):
-            np.matmul(weight[start : start + block], x_t, out=out_t[start : start + block])
-        return np.ascontiguousarray(out_t.T)
+        """x [R, in] times weight [out, in] (CTranslate2's layout) -> [R, out]: on CPU a ``Linear``
+        (the compiled small-batch kernel or OpenBLAS, see qlinear.py), on CUDA a device array."""
+        if isinstance(weight, Linear):
+            return weight(x, self.threads)
+        return x @ weight.T
 
     def _rms(self, x: Array, norm: _Norm) -> Array:
         xp = self.xp

@@ -1,0 +1,259 @@
+/* Small-batch linear layers for the contrastive runtime: out[M, N] = x[M, K] . W[N, K]^T / scale[N].
+
+Why this exists (see engine/runtime/qlinear.py for the Python side): a contrastive step multiplies
+only B*k rows (4 at batch 1) by every weight matrix. numpy has no int8 (or float16) product, so
+the runtime used to dequantize int8 weights to float32 and call OpenBLAS, which reads 4x the
+bytes CTranslate2 reads and packs the weights on every call; measured, 4-row products ran at about
+8 GB/s, a third of this machine's bandwidth. Here the weights stay int8 (or float32) as
+CTranslate2 stores them, [N, K] row-major, and are converted to float32 in registers: the
+activations stay float32, so the result equals x . (W / scale) up to the order of the float sums
+(weight-only quantization; nothing is rounded that the dequantized path does not round).
+
+Register blocking: a tile of MR (<= 4) activation rows x 4 weight rows keeps 16 AVX-512
+accumulators; each 16-wide slice of a weight row is converted once and used by all MR rows.
+Tiles of weight rows are split across OpenMP threads. Built with AVX-512F/BW target attributes
+and dispatched at run time; `available()` says whether the CPU has them (otherwise the Python
+side keeps numpy). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define NR 4
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+TARGET static inline __m512 load_w16(const void *w, int is_int8, Py_ssize_t k, __mmask16 mask) {
+    if (is_int8) {
+        __m128i q = _mm_maskz_loadu_epi8(mask, (const int8_t *)w + k);
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
+}
+
+/* One tile: MR activation rows (a compile-time constant after inlining) x NR weight rows. */
+TARGET static inline __attribute__((always_inline)) void tile(
+    const int MR, const float *x, Py_ssize_t K, const char *w, Py_ssize_t w_row_bytes, int is_int8,
+    Py_ssize_t nr, const float *scale, float *out, Py_ssize_t ldo) {
+    __m512 acc[4][NR];
+    const char *wr[NR];
+    for (int r = 0; r < NR; r++) {
+        wr[r] = w + (r < nr ? r : nr - 1) * w_row_bytes; /* a short tile repeats its last row */
+        for (int i = 0; i < MR; i++) acc[i][r] = _mm512_setzero_ps();
+    }
+    Py_ssize_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wf[NR];
+        for (int r = 0; r < NR; r++) wf[r] = load_w16(wr[r], is_int8, k, 0xFFFF);
+        for (int i = 0; i < MR; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * K + k);
+            for (int r = 0; r < NR; r++) acc[i][r] = _mm512_fmadd_ps(xv, wf[r], acc[i][r]);
+        }
+    }
+    if (k < K) {
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wf[NR];
+        for (int r = 0; r < NR; r++) wf[r] = load_w16(wr[r], is_int8, k, mask);
+        for (int i = 0; i < MR; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * K + k);
+            for (int r = 0; r < NR; r++) acc[i][r] = _mm512_fmadd_ps(xv, wf[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < nr; r++) {
+            float s = _mm512_reduce_add_ps(acc[i][r]);
+            out[i * ldo + r] = scale ? s / scale[r] : s;
+        }
+}
+
+TARGET static void linear_avx512(const float *x, Py_ssize_t M, Py_ssize_t K, const char *w, int is_int8,
+                                 Py_ssize_t N, const float *scale, float *out, int threads) {
+    const Py_ssize_t row_bytes = K * (is_int8 ? 1 : 4);
+    const Py_ssize_t tiles = (N + NR - 1) / NR;
+    /* Threads only pay off on work that outlasts waking them (~several microseconds). */
+    const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (Py_ssize_t t = 0; t < tiles; t++) {
+        const Py_ssize_t n0 = t * NR;
+        const Py_ssize_t nr = N - n0 < NR ? N - n0 : NR;
+        const char *wt = w + n0 * row_bytes;
+        const float *st = scale ? scale + n0 : NULL;
+        Py_ssize_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) tile(4, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N);
+        switch (M - m0) {
+            case 3: tile(3, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
+            case 2: tile(2, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
+            case 1: tile(1, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
+            default: break;
+        }
+    }
+}
+
+
+/* ---- int8 weights x int16 activations (AVX512-VNNI VPDPWSSD: 32 products per instruction) ----
+   Each activation row is quantized to int16 with its own scale (max |x| -> 32767: a relative error
+   of about 1.5e-5 of the row's largest value, far below int8's 4e-3). Weights are only
+   sign-extended, not converted to float, so each uop does 2x to 3x the products of the float path. Integer sums cannot overflow: a lane adds K/16 products of at most
+   32767 * 127, and lanes are flushed to float every VNNI_CHUNK of K. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
+#define VNNI_CHUNK 4096
+
+VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni(
+    const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *w, Py_ssize_t K,
+    Py_ssize_t nr, const float *scale, float *out, Py_ssize_t ldo) {
+    __m512 total[4][NR];
+    const int8_t *wr[NR];
+    for (int r = 0; r < NR; r++) {
+        wr[r] = w + (r < nr ? r : nr - 1) * K;
+        for (int i = 0; i < MR; i++) total[i][r] = _mm512_setzero_ps();
+    }
+    for (Py_ssize_t c0 = 0; c0 < K; c0 += VNNI_CHUNK) {
+        const Py_ssize_t c1 = c0 + VNNI_CHUNK < K ? c0 + VNNI_CHUNK : K;
+        __m512i acc[4][NR];
+        for (int i = 0; i < MR; i++)
+            for (int r = 0; r < NR; r++) acc[i][r] = _mm512_setzero_si512();
+        for (Py_ssize_t k = c0; k < c1; k += 32) {
+            const Py_ssize_t left = c1 - k;
+            const __mmask32 mask = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
+            __m512i wv[NR];
+            for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr[r] + k));
+            for (int i = 0; i < MR; i++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xq + i * Kp + k));
+                for (int r = 0; r < NR; r++) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], xv, wv[r]);
+            }
+        }
+        for (int i = 0; i < MR; i++)
+            for (int r = 0; r < NR; r++) total[i][r] = _mm512_add_ps(total[i][r], _mm512_cvtepi32_ps(acc[i][r]));
+    }
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < nr; r++) out[i * ldo + r] = _mm512_reduce_add_ps(total[i][r]) * sx[i] / scale[r];
+}
+
+/* xq: M rows of Kp (K rounded up to 32, zero padded) int16; sx: M scales. */
+static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq, float *sx) {
+    for (Py_ssize_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float amax = 0.0f;
+        for (Py_ssize_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+        const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
+        const float inv = 1.0f / s;
+        for (Py_ssize_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(row[k] * inv);
+        for (Py_ssize_t k = K; k < Kp; k++) xq[m * Kp + k] = 0;
+        sx[m] = s;
+    }
+}
+
+VNNI_TARGET static void linear_vnni(const int16_t *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M, Py_ssize_t K,
+                                    const int8_t *w, Py_ssize_t N, const float *scale, float *out, int threads) {
+    const Py_ssize_t tiles = (N + NR - 1) / NR;
+    const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (Py_ssize_t t = 0; t < tiles; t++) {
+        const Py_ssize_t n0 = t * NR;
+        const Py_ssize_t nr = N - n0 < NR ? N - n0 : NR;
+        const int8_t *wt = w + n0 * K;
+        const float *st = scale + n0;
+        Py_ssize_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) tile_vnni(4, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * N + n0, N);
+        switch (M - m0) {
+            case 3: tile_vnni(3, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * N + n0, N); break;
+            case 2: tile_vnni(2, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * N + n0, N); break;
+            case 1: tile_vnni(1, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * N + n0, N); break;
+            default: break;
+        }
+    }
+}
+
+static int cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+static int vnni_ok(void) { return cpu_ok() && __builtin_cpu_supports("avx512vnni"); }
+
+static PyObject *py_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(cpu_ok());
+}
+
+static PyObject *py_vnni_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(vnni_ok());
+}
+
+/* linear(x, w, scale_or_None, out, M, K, N, mode, threads): buffers are C-contiguous, checked
+   (dtypes and shapes) by engine/runtime/qlinear.py; sizes are re-checked here against the bytes.
+   mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights x int16 activations. */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer x, w, out, scale = {0};
+    PyObject *scale_obj;
+    Py_ssize_t M, K, N;
+    int mode, threads;
+    if (!PyArg_ParseTuple(args, "y*y*Ow*nnnii", &x, &w, &scale_obj, &out, &M, &K, &N, &mode, &threads))
+        return NULL;
+    const int is_int8 = mode != 0;
+    int has_scale = scale_obj != Py_None;
+    if (has_scale && PyObject_GetBuffer(scale_obj, &scale, PyBUF_SIMPLE) < 0) goto fail;
+    if (mode < 0 || mode > 2 || (is_int8 && !has_scale)) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: mode must be 0 (float32) or 1, 2 (int8, with a scale)");
+        goto fail;
+    }
+    if (!(mode == 2 ? vnni_ok() : cpu_ok())) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks the AVX-512 extensions this mode needs");
+        goto fail;
+    }
+    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 ||
+        w.len != N * K * (is_int8 ? 1 : 4) || (has_scale && scale.len != N * 4)) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
+        goto fail;
+    }
+    if (mode == 2) {
+        const Py_ssize_t Kp = (K + 31) / 32 * 32;
+        int16_t *xq = aligned_alloc(64, (size_t)((M * Kp * 2 + 63) / 64 * 64));
+        float *sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+        if (!xq || !sx) {
+            free(xq);
+            free(sx);
+            PyErr_NoMemory();
+            goto fail;
+        }
+        Py_BEGIN_ALLOW_THREADS quantize_rows((const float *)x.buf, M, K, Kp, xq, sx);
+        linear_vnni(xq, Kp, sx, M, K, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
+        Py_END_ALLOW_THREADS free(xq);
+        free(sx);
+    } else {
+        Py_BEGIN_ALLOW_THREADS linear_avx512((const float *)x.buf, M, K, (const char *)w.buf, is_int8, N,
+                                             has_scale ? (const float *)scale.buf : NULL, (float *)out.buf,
+                                             threads);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    if (has_scale) PyBuffer_Release(&scale);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    if (has_scale && scale.obj) PyBuffer_Release(&scale);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"available", py_available, METH_NOARGS, "Whether this CPU can run the kernels (AVX-512F/BW/DQ/VL)."},
+    {"vnni_available", py_vnni_available, METH_NOARGS, "Whether this CPU has AVX512-VNNI too (mode 2)."},
+    {"linear", py_linear, METH_VARARGS, "out[M, N] = x[M, K] . w[N, K]^T (/ scale[N]); see qlinear.py."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qlinear", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__qlinear(void) { return PyModule_Create(&module); }

@@ -1,0 +1,125 @@
+"""Linear layers of the CPU contrastive runtime: a compiled small-batch kernel, or numpy.
+
+A contrastive step multiplies few rows (B x k: 4 at batch 1) by every decoder weight matrix, then
+one row per sequence by the lm_head. OpenBLAS is poor at that shape (it packs the whole weight
+matrix per call and reads float32 weights: 4x the bytes of an int8 folder). ``_qlinear`` (C,
+AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 stores them (int8
+rows with their scales, or float32) and converts them in registers, with float32 activations:
+the result is x . (W / scale) up to the order of the float sums. For many rows (the encoder, or
+large batches) BLAS on the dequantized matrix is faster, so a ``Linear`` keeps both and picks by
+row count (``KERNEL_MAX_ROWS``, measured: benchmarks/RESULTS.md, "Contrastive kernels").
+
+``ENGINE_QLINEAR=0`` turns the kernel off (numpy only); ``kernel_status()`` says which is in use
+and why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from engine.errors import InvalidRequest
+
+# Above this many rows, OpenBLAS on the float32 copy wins (it reaches 55-75 GMAC/s on 2 cores at
+# 32 rows, the kernel ~20-36: it is built for bandwidth-bound small products, not for compute).
+KERNEL_MAX_ROWS = 32
+# OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
+# packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
+BLAS_BLOCK_ROWS = 1024
+
+
+def _load_kernel() -> tuple[ModuleType | None, str]:
+    if os.environ.get("ENGINE_QLINEAR", "1") == "0":
+        return None, "off (ENGINE_QLINEAR=0)"
+    try:
+        from engine.runtime import _qlinear  # type: ignore[attr-defined]
+    except ImportError:
+        return None, "not built (no C compiler at install?): numpy/OpenBLAS only"
+    if not _qlinear.available():
+        return None, "this CPU lacks AVX-512 F/BW/DQ/VL: numpy/OpenBLAS only"
+    if not _qlinear.vnni_available():
+        return _qlinear, "AVX-512 small-batch kernel (no VNNI: int8 weights converted to float)"
+    return _qlinear, "AVX-512 small-batch kernel, int8 weights x int16 activations with VNNI"
+
+
+_KERNEL, _KERNEL_STATUS = _load_kernel()
+_VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
+# The kernel's modes (see _qlinear.c): float32 weights; int8 weights converted to float32; int8
+# weights times int16-quantized activations (VNNI).
+MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16 = 0, 1, 2
+
+
+def kernel_status() -> str:
+    """Which path small products take, in words (logged when a runtime loads)."""
+    return _KERNEL_STATUS
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Linear:
+    """One weight matrix in CTranslate2's layout [out, in]: ``stored`` is int8 (with ``scale``,
+    float32 [out]: W = stored / scale) or float32 (``scale`` None); ``dense`` is the float32 matrix
+    for BLAS (the same array as ``stored`` when that is float32)."""
+
+    stored: np.ndarray
+    scale: np.ndarray | None
+    dense: np.ndarray
+
+    @classmethod
+    def from_stored(cls, stored: np.ndarray, scale: np.ndarray | None) -> Linear:
+        if stored.ndim != 2:
+            raise InvalidRequest(f"a linear weight must be 2-D, got shape {stored.shape}")
+        if stored.dtype == np.int8:
+            if scale is None or scale.shape != (stored.shape[0],):
+                raise InvalidRequest("an int8 weight needs one float scale per output row")
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
+            dense = stored.astype(np.float32)
+            dense /= scale.reshape(-1, 1)
+            return cls(np.ascontiguousarray(stored), scale, dense)
+        dense = np.ascontiguousarray(stored, dtype=np.float32)
+        return cls(dense, None, dense)
+
+    @property
+    def mode(self) -> int:
+        if self.scale is None:
+            return MODE_FLOAT32
+        return MODE_INT8_INT16 if _VNNI else MODE_INT8_FLOAT
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.dense.shape
+        return rows, cols
+
+    def __call__(self, x: np.ndarray, threads: int = 1, kernel: bool = True) -> np.ndarray:
+        """x [R, in] float32 -> [R, out] float32."""
+        rows = x.shape[0]
+        n, k = self.dense.shape
+        if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.empty((rows, n), dtype=np.float32)
+            _KERNEL.linear(x, self.stored, self.scale, out, rows, k, n, self.mode, threads)
+            return out
+        return blas_linear(x, self.dense)
+
+
+def blas_linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [R, in] times weight [out, in] with OpenBLAS.
+
+    One row is a plain GEMV (OpenBLAS threads it and streams the weights at memory bandwidth).
+    Several rows run as weight @ x.T in blocks of BLAS_BLOCK_ROWS weight rows: as one product
+    OpenBLAS packs the whole weight matrix into a buffer per call, reading and writing it again,
+    while a block's packing stays in cache."""
+    rows = x.shape[0]
+    if rows == 1:
+        return x @ weight.T
+    out_t = np.empty((weight.shape[0], rows), dtype=x.dtype)
+    x_t = x.T
+    for start in range(0, weight.shape[0], BLAS_BLOCK_ROWS):
+        np.matmul(weight[start : start + BLAS_BLOCK_ROWS], x_t, out=out_t[start : start + BLAS_BLOCK_ROWS])
+    return np.ascontiguousarray(out_t.T)

@@ -1,0 +1,17 @@
+"""The one compiled part: engine/runtime/_qlinear.c, small-batch int8/float32 linear layers for the
+contrastive runtime (see that file for why). It is optional: without a C compiler, or on a CPU
+without AVX-512, the runtime keeps its numpy path (engine/runtime/qlinear.py says which is used)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "engine.runtime._qlinear",
+            sources=["engine/runtime/_qlinear.c"],
+            extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,130 @@
+"""The compiled small-batch linear kernel (engine/runtime/_qlinear.c) against float64 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.errors import InvalidRequest
+from engine.runtime import qlinear
+from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.params import DecodingParams
+from engine.runtime.qlinear import KERNEL_MAX_ROWS, Linear, blas_linear
+from engine.runtime.result import GenerationRequest
+from engine.runtime.t5 import T5Runtime
+from tests import models
+
+kernel = qlinear._KERNEL
+needs_kernel = pytest.mark.skipif(kernel is None, reason=f"kernel: {qlinear.kernel_status()}")
+MODES = [qlinear.MODE_FLOAT32, qlinear.MODE_INT8_FLOAT] + ([qlinear.MODE_INT8_INT16] if qlinear._VNNI else [])
+# Relative to the largest output: float32 sums in another order (~1e-7 * sqrt(K)), or int16
+# activations (1 / 32767 of each row's largest value).
+TOLERANCE = {qlinear.MODE_FLOAT32: 2e-6, qlinear.MODE_INT8_FLOAT: 2e-6, qlinear.MODE_INT8_INT16: 2e-4}
+
+
+def _case(rng: np.random.Generator, m: int, n: int, k: int, mode: int) -> tuple[np.ndarray, ...]:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if mode == qlinear.MODE_FLOAT32:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        return x, w, None, w.astype(np.float64)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    scale = rng.uniform(20, 200, n).astype(np.float32)
+    return x, wq, scale, wq.astype(np.float64) / scale.astype(np.float64)[:, None]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "m,n,k",
+    # tails everywhere: rows not a multiple of the 4-row tile, outputs not a multiple of 4, inputs
+    # not a multiple of 16/32; a K beyond the VNNI flush chunk (4096); sizes that take the threads
+    [
+        (1, 1, 1),
+        (2, 3, 5),
+        (3, 5, 17),
+        (5, 7, 33),
+        (4, 8, 16),
+        (9, 13, 100),
+        (1, 6, 4500),
+        (33, 70, 64),
+        (4, 1030, 512),
+    ],
+)
+def test_kernel_matches_float64(mode: int, threads: int, m: int, n: int, k: int) -> None:
+    assert kernel is not None
+    x, w, scale, exact = _case(np.random.default_rng(m * 1000 + n + k), m, n, k, mode)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    kernel.linear(x, w, scale, out, m, k, n, mode, threads)
+    ref = x.astype(np.float64) @ exact.T
+    assert np.abs(out - ref).max() <= TOLERANCE[mode] * np.abs(ref).max()
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI, reason="no AVX512-VNNI")
+def test_int16_path_cannot_overflow() -> None:
+    """The largest activations times the largest weights over a long row: integer lanes are
+    flushed to float before they can wrap."""
+    assert kernel is not None
+    k = 9000
+    x = np.full((1, k), -3.0, dtype=np.float32)
+    w = np.full((2, k), 127, dtype=np.int8)
+    out = np.empty((1, 2), dtype=np.float32)
+    kernel.linear(x, w, np.ones(2, dtype=np.float32), out, 1, k, 2, qlinear.MODE_INT8_INT16, 1)
+    np.testing.assert_allclose(out, -3.0 * 127 * k, rtol=1e-6)
+
+
+@needs_kernel
+def test_kernel_rejects_mismatched_buffers() -> None:
+    assert kernel is not None
+    x = np.zeros((2, 8), dtype=np.float32)
+    w = np.zeros((3, 8), dtype=np.int8)
+    out = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="sizes"):
+        kernel.linear(x, w, np.ones(3, dtype=np.float32), out, 2, 8, 4, 1, 1)
+    with pytest.raises(ValueError, match="mode"):
+        kernel.linear(x, w, None, out, 2, 8, 3, 1, 1)  # int8 without a scale
+
+
+def test_linear_picks_the_kernel_for_few_rows_and_blas_for_many() -> None:
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-127, 128, (40, 24), dtype=np.int8)
+    scale = rng.uniform(20, 200, 40).astype(np.float32)
+    layer = Linear.from_stored(wq, scale)
+    np.testing.assert_array_equal(layer.dense, wq.astype(np.float32) / scale[:, None])
+    many = rng.standard_normal((KERNEL_MAX_ROWS + 1, 24)).astype(np.float32)
+    np.testing.assert_array_equal(layer(many), blas_linear(many, layer.dense))
+    few = many[:3]
+    ref = few @ layer.dense.T
+    assert np.abs(layer(few) - ref).max() <= 2e-4 * np.abs(ref).max()
+    np.testing.assert_array_equal(layer(few, kernel=False), blas_linear(few, layer.dense))
+
+
+def test_linear_validates_its_weights() -> None:
+    with pytest.raises(InvalidRequest, match="scale"):
+        Linear.from_stored(np.zeros((4, 3), dtype=np.int8), None)
+    with pytest.raises(InvalidRequest, match="2-D"):
+        Linear.from_stored(np.zeros(4, dtype=np.float32), None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+def test_int8_runtime_with_kernel_tracks_the_numpy_path(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same int8 folder, kernel vs dequantized BLAS: the decoder's hidden states agree closely, so
+    contrastive search (which compares them) sees the same model."""
+    folder = models.converted_model(kind, "int8")
+    prompt = tuple(range(5, 17))
+    params = DecodingParams.from_dict({"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 8})
+
+    def hidden_and_ids(runtime: T5Runtime) -> tuple[np.ndarray, tuple[int, ...]]:
+        cache = runtime.new_cache([runtime.encode(prompt)], capacity=4)
+        step = runtime.decoder_step(cache, np.array([[0, 5, 9, 11]]))
+        (result,) = generate_contrastive(runtime, [GenerationRequest(prompt, params)])
+        return step.hidden, result.token_ids
+
+    with_kernel = hidden_and_ids(T5Runtime.load(folder))
+    monkeypatch.setattr(qlinear, "_KERNEL", None)
+    without = hidden_and_ids(T5Runtime.load(folder))
+    scale = np.abs(without[0]).max()
+    assert np.abs(with_kernel[0] - without[0]).max() <= 1e-3 * scale
+    assert len(with_kernel[1]) == len(without[1]) == 8
