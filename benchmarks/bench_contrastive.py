@@ -14,6 +14,7 @@ bandwidth (the floor). Printed, and saved to benchmarks/out/bench_contrastive.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -237,11 +238,13 @@ def threads(runtime: T5Runtime, n: int) -> Iterator[None]:
 
 @contextmanager
 def numpy_only() -> Iterator[None]:
-    """The runtime as it was before the compiled kernel: dequantized float32 weights, OpenBLAS."""
+    """The runtime as it was before the compiled kernel: dequantized float32 weights, OpenBLAS
+    with 2 threads."""
     kernel = qlinear._KERNEL
     qlinear._KERNEL = None
     try:
-        yield
+        with threadpool_limits(limits=THREADS, user_api="blas"):
+            yield
     finally:
         qlinear._KERNEL = kernel
 
@@ -266,7 +269,9 @@ def main() -> None:
     )
     hf = Transformers(hf_dir)
     info["transformers_reference"] = hf.info["transformers"]
-    with threadpool_limits(limits=THREADS, user_api="blas"):
+    # BLAS threads: the runtime's own policy (qlinear.single_threaded_blas); the numpy-only and
+    # 1-thread contenders set theirs.
+    with contextlib.nullcontext():
         info["blas"] = [
             {k: v for k, v in pool.items() if k in ("internal_api", "architecture", "num_threads", "version")}
             for pool in threadpool_info()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from engine.errors import InvalidRequest
 
@@ -55,6 +56,19 @@ MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16 = 0, 1, 2
 def kernel_status() -> str:
     """Which path small products take, in words (logged when a runtime loads)."""
     return _KERNEL_STATUS
+
+
+def single_threaded_blas() -> str:
+    """Set OpenBLAS (numpy's BLAS) to one thread for the whole process, and say what was done.
+
+    OpenBLAS's idle workers busy-wait for a long time after each multi-threaded call (2^28 cycles
+    by default), so after the encoder they occupied the second core while the decoder's kernel
+    wanted it: measured on a 2-core machine, 4-row products took 151 us instead of 71 us. The
+    runtime's parallelism comes from the kernel's own threads; BLAS keeps the large-row products
+    (the encoder, big batches), where one thread costs a few percent. A serving process gains too:
+    CTranslate2's workers no longer share cores with spinning BLAS threads."""
+    threadpool_limits(limits=1, user_api="blas")
+    return "OpenBLAS limited to 1 thread (the kernel has its own)"
 
 
 def default_threads() -> int:

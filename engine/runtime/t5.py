@@ -25,6 +25,7 @@ import numpy as np
 from engine.errors import InvalidRequest, ModelError
 from engine.model.manifest import Manifest
 from engine.model.weights import ModelFile, read_model_file
+from engine.runtime import qlinear
 from engine.runtime.qlinear import Linear, default_threads
 from engine.runtime.xp import array_module, to_numpy
 
@@ -344,6 +345,8 @@ class T5Runtime:
             raise ModelError(f"model.bin holds a {mf.spec_name}, not a T5 encoder-decoder")
         xp = array_module(device)
         np_dtype = np.dtype(dtype)
+        if xp is np and qlinear._KERNEL is not None:
+            qlinear.single_threaded_blas()
 
         def dev(a: np.ndarray) -> Array:
             return xp.asarray(np.ascontiguousarray(a, dtype=np_dtype))
