@@ -128,3 +128,17 @@ def test_int8_runtime_with_kernel_tracks_the_numpy_path(kind: str, monkeypatch: 
     scale = np.abs(without[0]).max()
     assert np.abs(with_kernel[0] - without[0]).max() <= 1e-3 * scale
     assert len(with_kernel[1]) == len(without[1]) == 8
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_a_row_of_zeros_gives_zeros(mode: int) -> None:
+    """A zero row has no scale to quantize by (max |x| = 0): its outputs are exactly 0."""
+    assert kernel is not None
+    x, w, scale, exact = _case(np.random.default_rng(7), 3, 9, 40, mode)
+    x[1] = 0.0
+    out = np.full((3, 9), np.nan, dtype=np.float32)
+    kernel.linear(x, w, scale, out, 3, 40, 9, mode, 1)
+    assert np.all(out[1] == 0.0)
+    ref = x.astype(np.float64) @ exact.T
+    assert np.abs(out - ref).max() <= TOLERANCE[mode] * np.abs(ref).max()

@@ -18,7 +18,6 @@ side keeps numpy). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -145,16 +144,29 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni(
         for (int r = 0; r < nr; r++) out[i * ldo + r] = _mm512_reduce_add_ps(total[i][r]) * sx[i] / scale[r];
 }
 
-/* xq: M rows of Kp (K rounded up to 32, zero padded) int16; sx: M scales. */
-static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq, float *sx) {
+/* xq: M rows of Kp (K rounded up to 32, zero padded) int16; sx: M scales. Rounds to nearest even
+   (the default MXCSR mode, as lrintf), saturating. */
+VNNI_TARGET static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq,
+                                      float *sx) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        float amax = 0.0f;
-        for (Py_ssize_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+        int16_t *dst = xq + m * Kp;
+        __m512 vmax = _mm512_setzero_ps();
+        for (Py_ssize_t k = 0; k < K; k += 16) {
+            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mask, row + k), absmask));
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
         const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
-        const float inv = 1.0f / s;
-        for (Py_ssize_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(row[k] * inv);
-        for (Py_ssize_t k = K; k < Kp; k++) xq[m * Kp + k] = 0;
+        const __m512 inv = _mm512_set1_ps(1.0f / s);
+        for (Py_ssize_t k = 0; k < Kp; k += 16) {
+            /* beyond K the masked load gives zeros: the padding the VNNI loop reads */
+            const Py_ssize_t left = K - k;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
+            _mm256_storeu_si256((__m256i *)(dst + k), _mm512_cvtsepi32_epi16(q));
+        }
         sx[m] = s;
     }
 }
