@@ -142,3 +142,14 @@ def test_a_row_of_zeros_gives_zeros(mode: int) -> None:
     assert np.all(out[1] == 0.0)
     ref = x.astype(np.float64) @ exact.T
     assert np.abs(out - ref).max() <= TOLERANCE[mode] * np.abs(ref).max()
+
+
+def test_many_rows_split_over_threads_equal_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With OpenBLAS on one thread, many rows are shared out over threads: the same numbers."""
+    rng = np.random.default_rng(3)
+    layer = Linear.from_stored(rng.standard_normal((50, 24)).astype(np.float32), None)
+    x = rng.standard_normal((qlinear.SPLIT_MIN_ROWS + 37, 24)).astype(np.float32)
+    monkeypatch.setattr(qlinear, "_blas_single_threaded", True)
+    for threads in (2, 3):
+        split = layer(x, threads=threads)
+        np.testing.assert_allclose(split, x @ layer.dense.T, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,10 @@ and why.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -30,6 +33,9 @@ KERNEL_MAX_ROWS = 32
 # OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
 # packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
 BLAS_BLOCK_ROWS = 1024
+# From this many rows, with OpenBLAS on one thread, products split their rows over the runtime's
+# threads (the encoder: a 100-token prompt is 100 rows).
+SPLIT_MIN_ROWS = 64
 
 
 def _load_kernel() -> tuple[ModuleType | None, str]:
@@ -67,8 +73,13 @@ def single_threaded_blas() -> str:
     runtime's parallelism comes from the kernel's own threads; BLAS keeps the large-row products
     (the encoder, big batches), where one thread costs a few percent. A serving process gains too:
     CTranslate2's workers no longer share cores with spinning BLAS threads."""
+    global _blas_single_threaded
     threadpool_limits(limits=1, user_api="blas")
+    _blas_single_threaded = True
     return "OpenBLAS limited to 1 thread (the kernel has its own)"
+
+
+_blas_single_threaded = False
 
 
 def default_threads() -> int:
@@ -119,7 +130,37 @@ class Linear:
             out = np.empty((rows, n), dtype=np.float32)
             _KERNEL.linear(x, self.stored, self.scale, out, rows, k, n, self.mode, threads)
             return out
+        if _blas_single_threaded and threads > 1 and rows >= SPLIT_MIN_ROWS:
+            return _split_rows(x, self.dense, threads)
         return blas_linear(x, self.dense)
+
+
+def _split_rows(x: np.ndarray, weight: np.ndarray, threads: int) -> np.ndarray:
+    """Many rows (the encoder, big batches) on single-threaded OpenBLAS: a share of the rows per
+    thread, this one included. The helper threads sleep between calls (no busy-waiting: the
+    reason OpenBLAS runs on one thread, see single_threaded_blas)."""
+    rows = x.shape[0]
+    out = np.empty((rows, weight.shape[0]), dtype=np.float32)
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    pool = _row_pool(threads - 1)
+    futures = [
+        pool.submit(np.matmul, x[a:b], weight.T, out=out[a:b]) for a, b in itertools.pairwise(bounds[1:])
+    ]
+    np.matmul(x[: bounds[1]], weight.T, out=out[: bounds[1]])
+    for future in futures:
+        future.result()
+    return out
+
+
+def _row_pool(workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-blas-rows")
+        return _pools[workers]
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
 
 
 def blas_linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
