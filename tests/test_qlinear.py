@@ -92,7 +92,7 @@ def test_linear_picks_the_kernel_for_few_rows_and_blas_for_many() -> None:
     scale = rng.uniform(20, 200, 40).astype(np.float32)
     layer = Linear.from_stored(wq, scale)
     np.testing.assert_array_equal(layer.dense, wq.astype(np.float32) / scale[:, None])
-    many = rng.standard_normal((KERNEL_MAX_ROWS + 1, 24)).astype(np.float32)
+    many = rng.standard_normal((KERNEL_MAX_ROWS[layer.mode] + 1, 24)).astype(np.float32)
     np.testing.assert_array_equal(layer(many), blas_linear(many, layer.dense))
     few = many[:3]
     ref = few @ layer.dense.T

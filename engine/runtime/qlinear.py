@@ -4,10 +4,11 @@ A contrastive step multiplies few rows (B x k: 4 at batch 1) by every decoder we
 one row per sequence by the lm_head. OpenBLAS is poor at that shape (it packs the whole weight
 matrix per call and reads float32 weights: 4x the bytes of an int8 folder). ``_qlinear`` (C,
 AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 stores them (int8
-rows with their scales, or float32) and converts them in registers, with float32 activations:
-the result is x . (W / scale) up to the order of the float sums. For many rows (the encoder, or
-large batches) BLAS on the dequantized matrix is faster, so a ``Linear`` keeps both and picks by
-row count (``KERNEL_MAX_ROWS``, measured: benchmarks/RESULTS.md, "Contrastive kernels").
+rows with their scales, or float32) and converts them in registers. Activations stay float32, or
+with AVX512-VNNI are quantized to int16 per row (error at most ~1/32767 of a row's largest value,
+where CTranslate2's int8 GEMMs quantize to int8): the result is x . (W / scale) up to that and the
+order of the float sums. For many rows (the encoder) BLAS on the dequantized matrix is faster, so
+a ``Linear`` keeps both and picks by row count (``KERNEL_MAX_ROWS``, measured).
 
 ``ENGINE_QLINEAR=0`` turns the kernel off (numpy only); ``kernel_status()`` says which is in use
 and why.
@@ -27,9 +28,13 @@ from threadpoolctl import threadpool_limits
 
 from engine.errors import InvalidRequest
 
-# Above this many rows, OpenBLAS on the float32 copy wins (it reaches 55-75 GMAC/s on 2 cores at
-# 32 rows, the kernel ~20-36: it is built for bandwidth-bound small products, not for compute).
-KERNEL_MAX_ROWS = 32
+# Up to how many rows the kernel runs a product; above, OpenBLAS on the float32 copy. Measured
+# in whole contrastive runs on the 2-core Xeon (FLAN-T5-small int8, k = 4): with VNNI the kernel
+# beat OpenBLAS at every decoder size tried (batch 16 = 64 rows: 2.8-3.5 s vs 4.8-6.2 s; batch
+# 32 = 128 rows: 6.2-6.7 s vs 7.7-8.6 s) since OpenBLAS reads 4x the bytes; converting int8 or
+# float32 weights to float it computes at a third of VNNI's rate, and hot-cache OpenBLAS is
+# faster from 32 rows. A prompt's encoder (100+ rows a prompt) mostly stays on OpenBLAS.
+KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 256}  # by mode: float32, int8 as float, int8 x int16 (VNNI)
 # OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
 # packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
 BLAS_BLOCK_ROWS = 1024
@@ -125,7 +130,7 @@ class Linear:
         """x [R, in] float32 -> [R, out] float32."""
         rows = x.shape[0]
         n, k = self.dense.shape
-        if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS:
+        if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[self.mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
             _KERNEL.linear(x, self.stored, self.scale, out, rows, k, n, self.mode, threads)
