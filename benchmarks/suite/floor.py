@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from benchmarks.suite.matrix import SMOKE_SHAPE, Strategy, Target
 from engine.model.shapes import TINY_FLAN, T5Shape, preset
+from engine.runtime import qlinear
 
 # Bytes per weight as each compute type stores it; int8 keeps one float scale per row (ignored:
 # under 0.1 % of the bytes for these shapes).
@@ -43,10 +44,15 @@ def weights_per_step(shape: T5Shape) -> int:
 
 
 def weight_bytes(target: Target, strategy: Strategy) -> int:
-    """Bytes per weight for this target and strategy: contrastive search runs on our own decoder,
-    which keeps float32 weights, float16 on CUDA for the float16 compute types (as Engine loads it)."""
+    """Bytes per weight for this target and strategy. Contrastive search runs on our own decoder:
+    on CPU its compiled kernel reads an int8 folder's weights as stored (engine/runtime/qlinear.py;
+    float32 without the kernel); on CUDA it holds float16 for the float16 compute types, else
+    float32 (as Engine loads it)."""
     if not strategy.on_ctranslate2:
-        return 2 if target.is_cuda and target.compute_type in ("float16", "int8_float16") else 4
+        if target.is_cuda:
+            return 2 if target.compute_type in ("float16", "int8_float16") else 4
+        int8 = target.compute_type.startswith("int8")
+        return 1 if int8 and qlinear.kernel_available() else 4
     return WEIGHT_BYTES[target.compute_type]
 
 

@@ -64,6 +64,10 @@ _VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
 MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16 = 0, 1, 2
 
 
+def kernel_available() -> bool:
+    return _KERNEL is not None
+
+
 def kernel_status() -> str:
     """Which path small products take, in words (logged when a runtime loads)."""
     return _KERNEL_STATUS
