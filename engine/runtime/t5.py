@@ -454,7 +454,13 @@ class T5Runtime:
 
     def _rms(self, x: Array, norm: _Norm) -> Array:
         xp = self.xp
-        var = xp.mean(xp.square(x), axis=-1, keepdims=True)
+        if xp is np:
+            # np.mean's own arithmetic (the same pairwise sum, then a division by the count)
+            # without its Python wrapper: 24 calls a step, about 4% of a batch-1 run.
+            var = np.square(x).sum(axis=-1, keepdims=True)
+            var /= x.shape[-1]
+        else:
+            var = xp.mean(xp.square(x), axis=-1, keepdims=True)
         return (x / xp.sqrt(var + self.shape.eps)) * norm.gamma
 
     def _ffn(self, x: Array, ffn: _FFN) -> Array:
