@@ -22,6 +22,9 @@ class Config:
     compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
     inter_threads: int = 1
     intra_threads: int = 0  # 0: one per core
+    # The engine's threads under SCHED_BATCH (Linux), so that they never delay the event loop
+    # when they wake (engine/serving/worker.py). ENGINE_BATCH_SCHEDULING=0 turns it off.
+    batch_scheduling: bool = True
     # transports
     http_host: str = "127.0.0.1"
     http_port: int = 8080

@@ -76,9 +76,11 @@ async def _serve(cfg: Config) -> int:
     from engine.runtime.engine import Engine
     from engine.serving.service import JobService
     from engine.serving.store.base import open_store
+    from engine.serving.worker import run_in_new_thread
 
     cfg, random_weights = await asyncio.to_thread(_resolve_model, cfg)
-    engine = await asyncio.to_thread(Engine.from_config, cfg)
+    # Loaded on a thread of its own: CTranslate2's workers inherit its scheduling policy.
+    engine = await run_in_new_thread(Engine.from_config, cfg, batch_scheduling=cfg.batch_scheduling)
     store = open_store(cfg.store_url)
     keys = open_key_store(cfg.store_url)
     if not cfg.auth_disabled and keys.count() == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.runtime.result import FinishReason, Result, TokenEvent, Usage
@@ -35,6 +35,15 @@ class JobEvents:
 
     def __init__(self) -> None:
         self._channels: dict[str, JobEvents._Channel] = {}
+        # Jobs that a stream subscribes to. Read by TokenForwarder on the engine's threads (a set
+        # lookup is atomic under the GIL); changed only on the event loop.
+        self.watched: set[str] = set()
+        # Hands over token events that the forwarder holds back (see TokenForwarder); called on
+        # the event loop before anything reads a replay buffer.
+        self._drain: Callable[[], None] = lambda: None
+
+    def attach(self, drain: Callable[[], None]) -> None:
+        self._drain = drain
 
     def _channel(self, job_id: str) -> _Channel:
         ch = self._channels.get(job_id)
@@ -51,6 +60,10 @@ class JobEvents:
 
     def subscribe(self, job_id: str) -> asyncio.Queue[TokenEvent | None]:
         """A queue that first replays the job's events so far; ``None`` marks the end."""
+        # Watched first, then drained: a token pushed in between is either in the drain or
+        # schedules its own flush, never held back.
+        self.watched.add(job_id)
+        self._drain()
         ch = self._channel(job_id)
         q: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
         for ev in ch.events:
@@ -62,6 +75,8 @@ class JobEvents:
         ch = self._channels.get(job_id)
         if ch is not None and q in ch.queues:
             ch.queues.remove(q)
+            if not ch.queues:
+                self.watched.discard(job_id)
             self._drop_if_idle(job_id, ch)
 
     def waiter(self, job_id: str) -> asyncio.Future[Job | None]:
@@ -80,6 +95,7 @@ class JobEvents:
         ``job`` is the job exactly as it was stored at its end: waiters answer from it instead of
         reading it back from the store."""
         ch = self._channels.pop(job_id, None)
+        self.watched.discard(job_id)
         if ch is None:
             return
         for q in ch.queues:
@@ -100,8 +116,14 @@ class JobEvents:
 
 
 class TokenForwarder:
-    """Collects token events on the worker thread; flushes them to the event loop at most once per
-    loop iteration, so a batch of 32 rows x 32 tokens costs a few wake-ups, not a thousand."""
+    """Collects token events on the engine's threads and hands them to the event loop.
+
+    Only a job that a stream watches (``JobEvents.watched``) wakes the loop, at most once per loop
+    iteration: a batch of 32 rows x 16 tokens used to cost the loop several hundred wake-ups per
+    second, each one a GIL hand-over from CTranslate2's threads, while nobody listened (REST
+    clients and unary gRPC calls only want the end). Events of unwatched jobs wait here until a
+    stream subscribes (``drain``) or the engine call ends (``drop_unwatched``).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, events: JobEvents) -> None:
         self._loop = loop
@@ -109,20 +131,37 @@ class TokenForwarder:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, TokenEvent]] = []
         self._scheduled = False
+        events.attach(self.drain)
 
     def push(self, job_id: str, event: TokenEvent) -> None:
         with self._lock:
             self._pending.append((job_id, event))
-            if self._scheduled:
+            if self._scheduled or job_id not in self._events.watched:
                 return
             self._scheduled = True
         with contextlib.suppress(RuntimeError):  # loop closed: the process is ending
             self._loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """On the event loop: publish every event held so far."""
         with self._lock:
             pending, self._pending = self._pending, []
             self._scheduled = False
+        self._publish(pending)
+
+    def drop_unwatched(self) -> None:
+        """On the event loop, once an engine call has ended: publish what watched jobs still have
+        here and forget the rest (their jobs end now; nobody asked for their tokens)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        watched = self._events.watched
+        self._publish([(job_id, ev) for job_id, ev in pending if job_id in watched])
+
+    def _publish(self, pending: list[tuple[str, TokenEvent]]) -> None:
         by_job: dict[str, list[TokenEvent]] = {}
         for job_id, ev in pending:
             by_job.setdefault(job_id, []).append(ev)

@@ -7,8 +7,9 @@
   queued contrastive jobs (up to max_batch_size rows) and removes cancelled or timed-out ones.
 
 Both loops share one EngineWorker, so there is one engine call at a time per device. Token events
-are forwarded from the worker thread to the event loop in coalesced flushes (not one loop wake-up
-per token) and published on ``JobEvents`` for ``JobService.stream``.
+of the jobs that a stream watches are forwarded from the engine's threads to the event loop in
+coalesced flushes (not one loop wake-up per token) and published on ``JobEvents`` for
+``JobService.stream``; nobody else wakes the loop per token.
 """
 
 from __future__ import annotations
@@ -230,7 +231,10 @@ class Scheduler:
     async def _run_batch(self, batch: list[RunningJob]) -> None:
         start = time.perf_counter()
         try:
-            results = await self.worker.run(self._generate, batch)
+            try:
+                results = await self.worker.run(self._generate, batch)
+            finally:
+                self._forwarder.drop_unwatched()
         except Exception as exc:
             if len(batch) > 1:
                 # One bad job must not fail its neighbours: run each alone to find it.

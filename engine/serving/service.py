@@ -83,7 +83,7 @@ class JobService:
         depth = self.store.queue_depth()
         if depth:
             log.info("%d job(s) waiting in the queue from before the start", depth)
-        self._worker = EngineWorker()
+        self._worker = EngineWorker(batch_scheduling=self.config.batch_scheduling)
         self._scheduler = Scheduler(
             store=self.store,
             engine=self.engine,
