@@ -219,6 +219,24 @@ def response_data(job: Any) -> dict[str, Any]:
     }
 
 
+_BASE_URLS: dict[tuple[Any, ...], str] = {}
+
+
+def base_url(request: Request) -> str:
+    """``str(request.base_url)`` without its trailing slash, remembered per scheme, Host header,
+    server address and root path: Starlette parses and rebuilds the URL on every call, a few
+    percent of the event loop's time per submit at 50 clients."""
+    scope = request.scope
+    host = next((v for k, v in scope["headers"] if k == b"host"), None)
+    key = (scope.get("scheme"), host, scope.get("server"), scope.get("root_path", ""))
+    url = _BASE_URLS.get(key)
+    if url is None:
+        if len(_BASE_URLS) >= 1024:  # Host is the client's to choose: keep the memory bounded
+            _BASE_URLS.clear()
+        url = _BASE_URLS[key] = str(request.base_url).rstrip("/")
+    return url
+
+
 def success(data: dict[str, Any]) -> JSONResponse:
     return JSONResponse({"success": True, "data": data})
 
@@ -391,6 +409,8 @@ def create_app(
         redoc_url=None,
     )
 
+    public_base = public_url.rstrip("/") if public_url else None
+
     @app.exception_handler(ApiFailure)
     async def _api_failure(request: Request, exc: ApiFailure) -> JSONResponse:
         return error_response(exc.reply)
@@ -464,7 +484,7 @@ def create_app(
             prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
         )
         job = await client.submit(request_key(request), message)
-        base = (public_url or str(request.base_url)).rstrip("/")
+        base = public_base or base_url(request)
         return success(
             {
                 "id": job.id,
