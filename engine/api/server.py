@@ -10,6 +10,7 @@ running batch finish (or requeues it), then both servers close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from contextlib import nullcontext, suppress
@@ -103,6 +104,10 @@ async def _serve(cfg: Config) -> int:
     )
     metrics.model_info.labels(model=info.model, device=info.device, compute_type=info.compute_type).set(1)
     servicer = EngineServicer(service, auth, info, metrics=metrics, decode=engine.tokenizer.decode)
+    # Everything loaded so far lives as long as the process: out of the collector's sight, a full
+    # collection no longer walks it (50-70 ms pauses of the event loop under load, every few
+    # seconds, before).
+    gc.freeze()
     grpc_server: GrpcServer | None = None
     http: _HttpServer | None = None
     http_task: asyncio.Task[None] | None = None

@@ -186,13 +186,12 @@ class SqliteJobStore(JobStore):
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
-        lane = lane_of(job.params)
-        key = batch_key_text(job.params)
+        params_json, lane, key = _params_columns(job.params)
         row = (
             job.id,
             job.owner,
             json.dumps(list(job.prompts)),
-            json.dumps(_params_dict(job.params)),
+            params_json,
             job.model,
             _Q,
             lane.value,
@@ -435,6 +434,13 @@ def _params_dict(params: DecodingParams) -> dict[str, Any]:
     """``params.to_dict()`` without ``dataclasses.asdict``'s deep copy (every field is a
     scalar): a sixth of an enqueue's CPU."""
     return {name: getattr(params, name) for name in _PARAM_FIELDS}
+
+
+@functools.lru_cache(maxsize=256)
+def _params_columns(params: DecodingParams) -> tuple[str, Lane, str]:
+    """(params as JSON, lane, batch key text): the same for every job with these params, and
+    clients tend to send the same few, so each submit need not encode them again."""
+    return json.dumps(_params_dict(params)), lane_of(params), batch_key_text(params)
 
 
 def _job(row: Sequence[Any]) -> Job:
