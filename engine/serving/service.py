@@ -64,6 +64,7 @@ class JobService:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopping = False
+        self._commit: asyncio.Future[None] | None = None  # the shared commit of waiting submits
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -179,13 +180,38 @@ class JobService:
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
         try:
-            self.store.enqueue(job, sum(len(ids) for ids in input_ids))
+            self.store.enqueue_deferred(job, sum(len(ids) for ids in input_ids))
+            position = self.store.position(job.id)
+            self._set_depth_gauge()
+            sched.notify(lane_of(params))
+            await self._committed()
+            if self.store.lost(job.id):
+                raise NotReady("the job store could not save the job; retry in a moment")
         except BaseException:
             sched.input_ids.pop(job.id, None)
             raise
-        self._set_depth_gauge()
-        sched.notify(lane_of(params))
-        return JobView(job, self.store.position(job.id))
+        return JobView(job, position)
+
+    async def _committed(self) -> None:
+        """Until the submits enqueued so far are durable: one commit for all the submits that the
+        event loop takes in before it gets to it (a burst of 32 after each finished batch paid 32
+        commits, a third of each submit's time, while the rest of the burst waited)."""
+        fut = self._commit
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = self._commit = loop.create_future()
+            loop.call_soon(self._commit_now)
+        await asyncio.shield(fut)  # one submit's cancellation must not cancel the others' wait
+
+    def _commit_now(self) -> None:
+        fut, self._commit = self._commit, None
+        assert fut is not None
+        try:
+            self.store.commit_deferred()
+        except Exception as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
 
     async def get(self, owner: str, job_id: str) -> JobView:
         job = self._owned(owner, job_id)

@@ -35,6 +35,23 @@ class JobStore(abc.ABC):
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
         """Write a QUEUED job durably; it goes to the back of the queue."""
 
+    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
+        arrive together share one commit. The job is queued at once (positions, depth, claims
+        see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
+        False: a submit is answered only then. Stores whose every write is durable at once keep
+        this default."""
+        return self.enqueue(job, prompt_tokens)
+
+    def commit_deferred(self) -> None:
+        """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are
+        reported by ``lost`` and this raises NotReady."""
+        return None  # every write of this store is durable at once
+
+    def lost(self, job_id: str) -> bool:
+        """Whether a deferred enqueue of ``job_id`` failed to commit (asked once per job)."""
+        return False
+
     @abc.abstractmethod
     def get(self, job_id: str) -> Job | None: ...
 

@@ -149,6 +149,8 @@ class SqliteJobStore(JobStore):
         except sqlite3.Error as exc:
             raise NotReady(f"cannot open the job store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        self._group: list[str] = []  # deferred enqueues in the open transaction
+        self._lost: set[str] = set()  # deferred enqueues whose commit failed
         self._closed = False
         self._stop_checkpoints = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -172,12 +174,25 @@ class SqliteJobStore(JobStore):
             con.close()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _end_group(self) -> None:
+        """With the lock held: commit the deferred enqueues, before anything else writes (their
+        transaction is open on this connection). On failure they leave the queue and are lost."""
+        if not self._group:
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._end_group_failed()
+            raise
+        self._group = []
+
     def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
     def _change(self, sql: str, args: Sequence[Any]) -> int:
         with self._lock:
+            self._end_group()
             return self._db.execute(sql, args).rowcount
 
     def _changed_one(self, sql: str, args: Sequence[Any]) -> bool:
@@ -186,6 +201,47 @@ class SqliteJobStore(JobStore):
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        with self._lock:
+            self._end_group()
+            return self._insert(job, prompt_tokens)
+
+    @_store_errors
+    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        with self._lock:
+            if not self._group:
+                self._db.execute("BEGIN")
+            try:
+                entry = self._insert(job, prompt_tokens)
+            except BaseException:
+                # Whatever SQLite kept of the open transaction, none of it is trusted now.
+                self._group.append(job.id)
+                self._end_group_failed()
+                raise
+            self._group.append(job.id)
+            return entry
+
+    def _end_group_failed(self) -> None:
+        group, self._group = self._group, []
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        for job_id in group:
+            self._queue.remove(job_id)
+        self._lost.update(group)
+
+    @_store_errors
+    def commit_deferred(self) -> None:
+        with self._lock:
+            self._end_group()
+
+    def lost(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._lost:
+                self._lost.discard(job_id)
+                return True
+            return False
+
+    def _insert(self, job: Job, prompt_tokens: int) -> QueueEntry:
+        """With the lock held: the INSERT, and the job's place in the in-memory queue."""
         params_json, lane, key = _params_columns(job.params)
         row = (
             job.id,
@@ -202,15 +258,14 @@ class SqliteJobStore(JobStore):
             job.created_at,
             job.attempts,
         )
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
-                " prompt_tokens, max_new_tokens, created_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-            seq = int(cur.lastrowid or 0)
-            stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
-            self._queue.add(job.id, seq, stored)
+        cur = self._db.execute(
+            "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
+            " prompt_tokens, max_new_tokens, created_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            row,
+        )
+        seq = int(cur.lastrowid or 0)
+        stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
+        self._queue.add(job.id, seq, stored)
         return QueueEntry(
             job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
         )
@@ -259,6 +314,7 @@ class SqliteJobStore(JobStore):
             return []
         marks = ",".join("?" * len(job_ids))
         with self._lock:
+            self._end_group()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 ids = [
@@ -313,6 +369,7 @@ class SqliteJobStore(JobStore):
             return []
         rows = [(now, encode_result(c.result), c.job_id, c.attempt) for c in completions]
         with self._lock:
+            self._end_group()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 changed = [
@@ -335,6 +392,7 @@ class SqliteJobStore(JobStore):
         err = encode_error(error)
         if attempt is None:
             with self._lock:
+                self._end_group()
                 changed = self._db.execute(
                     "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status = 'queued'",
                     (now, err, job_id),
@@ -351,6 +409,7 @@ class SqliteJobStore(JobStore):
     @_store_errors
     def cancel(self, job_id: str, now: float) -> Job | None:
         with self._lock:
+            self._end_group()
             self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?"
                 " WHERE id = ? AND status IN ('queued', 'running')",
@@ -363,6 +422,7 @@ class SqliteJobStore(JobStore):
     @_store_errors
     def requeue(self, job_id: str, attempt: int) -> bool:
         with self._lock:
+            self._end_group()
             row = self._db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL"
                 " WHERE id = ? AND status = 'running' AND attempts = ? RETURNING seq",
@@ -375,6 +435,7 @@ class SqliteJobStore(JobStore):
     @_store_errors
     def requeue_running(self) -> list[str]:
         with self._lock:
+            self._end_group()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute("SELECT id, seq FROM jobs WHERE status = 'running'").fetchall()
@@ -421,6 +482,8 @@ class SqliteJobStore(JobStore):
             self._checkpointer.join(timeout=5)
         with self._lock:
             if not self._closed:
+                with contextlib.suppress(sqlite3.Error):
+                    self._end_group()
                 self._closed = True
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
