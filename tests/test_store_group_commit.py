@@ -21,7 +21,9 @@ from tests.fakes import FakeEngine, start_service, until
 
 
 def job(i: int) -> Job:
-    return Job(id=f"g-{i:03d}", owner="alice", prompts=(f"p{i}",), params=DecodingParams(), created_at=10.0 + i)
+    return Job(
+        id=f"g-{i:03d}", owner="alice", prompts=(f"p{i}",), params=DecodingParams(), created_at=10.0 + i
+    )
 
 
 def on_disk(path: Path) -> list[str]:
