@@ -317,6 +317,8 @@ class Scheduler:
             for rj, _, _ in done:
                 self.events.finish(rj.job.id)
             raise
+        completed: list[tuple[Job, JobResult]] = []
+        watched = self.events.watched
         for (rj, results, result), ok in zip(done, stored, strict=True):
             job = rj.job
             self.running.pop(job.id, None)
@@ -324,15 +326,20 @@ class Scheduler:
                 log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
                 self.events.finish(job.id)
                 continue
-            self._observe_end(job, JobStatus.COMPLETED, now)
-            if self.metrics is not None:
-                completion = result.usage.completion_tokens
-                self.metrics.generated_tokens.inc(completion)
-                self.metrics.prompt_tokens.inc(result.usage.prompt_tokens)
-                if completion:
-                    self.metrics.time_per_output_token.observe(gen_seconds / completion)
             ended = job.with_status(JobStatus.COMPLETED, finished_at=now, result=result)
-            self.events.finish(job.id, final_events(job.id, results), ended)
+            # Only a stream wants the final events; a long poll answers from ``ended``.
+            self.events.finish(job.id, final_events(job.id, results) if job.id in watched else (), ended)
+            completed.append((job, result))
+        if self.metrics is not None and completed:
+            # Counters once per batch: every finished batch's clients wait for this loop.
+            m = self.metrics
+            m.jobs.labels(status=JobStatus.COMPLETED.value).inc(len(completed))
+            m.generated_tokens.inc(sum(r.usage.completion_tokens for _, r in completed))
+            m.prompt_tokens.inc(sum(r.usage.prompt_tokens for _, r in completed))
+            for job, result in completed:
+                m.request_latency.observe(max(0.0, now - job.created_at))
+                if result.usage.completion_tokens:
+                    m.time_per_output_token.observe(gen_seconds / result.usage.completion_tokens)
         if self.metrics is not None:
             self.metrics.jobs_running.set(len(self.running))
 
