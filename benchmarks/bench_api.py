@@ -52,6 +52,7 @@ from benchmarks.loadgen import (  # noqa: E402
     percentile,
     raw_submit_and_poll,
     rest_submit_and_poll,
+    run_client,
     summarize,
 )
 
@@ -333,7 +334,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=500, help="jobs per mode per round")
     p.add_argument("--append-results", action="store_true", help="append a section to benchmarks/RESULTS.md")
     args = p.parse_args()
-    report = asyncio.run(run(args))
+    report = run_client(run(args))
     text = render(report)
     print()
     print(text)

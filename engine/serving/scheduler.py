@@ -192,11 +192,14 @@ class Scheduler:
                 await self._run_batch(jobs)
 
     def _candidates(self, lane: Lane) -> list[QueueEntry]:
-        head = self.store.queued(lane, 1)
-        if not head:
-            return []
         window = max(64, 4 * self.limits.max_batch_size)
-        return self.store.queued(lane, window, head[0].batch_key)
+        entries = self.store.queued(lane, window)
+        if not entries:
+            return []
+        key = entries[0].batch_key
+        if all(e.batch_key == key for e in entries):
+            return entries  # the usual case: one read, not two, before a batch can start
+        return self.store.queued(lane, window, key)
 
     async def _sleep(self, lane: Lane, seconds: float) -> None:
         """Until ``seconds`` pass on the clock or a new job of this lane arrives."""
