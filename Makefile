@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
 
-.PHONY: install ref serve test lint typecheck proto bench clean system-deps
+.PHONY: install ref serve test test-cuda lint typecheck proto bench clean system-deps
 
 # (Re)install when .venv is missing or pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c
@@ -41,6 +41,10 @@ test: $(STAMP) $(REF_STAMP) system-deps
 	$(BIN)/ruff check engine tests scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine (pip install -e '.[cuda]'): the tests that CI skips for want of a GPU.
+test-cuda: $(STAMP)
+	$(BIN)/python -m pytest -m cuda $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine tests scripts benchmarks

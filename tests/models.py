@@ -12,10 +12,14 @@ Folders live under one temporary directory per process, removed at exit; treat t
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import tempfile
 import threading
 from pathlib import Path
+
+import ctranslate2
+import numpy as np
 
 from engine.model.convert import convert_checkpoint
 from engine.model.demo import write_hf_checkpoint
@@ -69,3 +73,33 @@ def converted_model(kind: str = "flan", quantization: str = "float32", seed: int
                 force=True,
             )
         return path
+
+
+def prompts(seed: int, lengths: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Random sentencepiece ids (below the tiny models' real pieces, so CTranslate2's token
+    strings are unique) followed by EOS."""
+    rng = np.random.default_rng(seed)
+    return [(*(int(i) for i in rng.integers(3, 900, size=n)), 1) for n in lengths]
+
+
+def ct2_greedy(
+    model_dir: Path, inputs: list[tuple[int, ...]], max_new: int, device: str = "cpu"
+) -> list[list[int]]:
+    """CTranslate2's own float32 greedy ids on ``device`` (read from its step callback: exact ids)."""
+    vocab = json.loads((model_dir / "shared_vocabulary.json").read_text())
+    translator = ctranslate2.Translator(
+        str(model_dir), device=device, compute_type="float32", intra_threads=2
+    )
+    rows: list[list[int]] = [[] for _ in inputs]
+
+    def on_step(step: ctranslate2.GenerationStepResult) -> bool:
+        rows[step.batch_id].append(step.token_id)
+        return False
+
+    translator.translate_batch(
+        [[vocab[i] for i in ids] for ids in inputs],
+        beam_size=1,
+        max_decoding_length=max_new,
+        callback=on_step,
+    )
+    return [r[: r.index(1)] if 1 in r else r for r in rows]

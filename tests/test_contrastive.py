@@ -24,11 +24,13 @@ from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent
 from engine.runtime.t5 import T5Runtime
 from tests import models
+from tests.gpu import needs_cupy
 
 
-@pytest.fixture(scope="module")
-def runtime() -> T5Runtime:
-    return T5Runtime.load(models.converted_model("flan", "float32"))
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cupy])])
+def runtime(request: pytest.FixtureRequest) -> T5Runtime:
+    """The continuous-batching tests run on numpy, and on CuPy where a GPU is seen."""
+    return T5Runtime.load(models.converted_model("flan", "float32"), device=request.param)
 
 
 def prompt(seed: int, n: int) -> tuple[int, ...]:

@@ -233,6 +233,9 @@ def test_thread_layout() -> None:
     assert thread_layout(4, 0) == (max(4, cpu_count()), 1)
     assert thread_layout(1, 2) == (1, 2)
     assert thread_layout(3, 1) == (3, 1)
+    # On CUDA a worker is a model replica on the GPU: one unless asked, never one per core.
+    assert thread_layout(1, 0, "cuda") == (1, 1)
+    assert thread_layout(2, 0, "cuda") == (2, 1)
 
 
 def test_batch_split_across_workers_changes_nothing(engine: Engine, flan_model_dir: Path) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
-import ctranslate2
 import numpy as np
 import pytest
 import torch
@@ -20,13 +18,7 @@ from engine.runtime.result import FinishReason, GenerationRequest
 from engine.runtime.t5 import T5Runtime, relative_position_bucket
 from engine.runtime.xp import array_module
 from tests import models
-
-
-def prompts(seed: int, lengths: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Random sentencepiece ids (below the tiny models' real pieces, so CTranslate2's token
-    strings are unique) followed by EOS."""
-    rng = np.random.default_rng(seed)
-    return [(*(int(i) for i in rng.integers(3, 900, size=n)), 1) for n in lengths]
+from tests.models import ct2_greedy, prompts
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -40,25 +32,6 @@ def test_buckets_equal_transformers(bidirectional: bool, buckets: int, distance:
         rel, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
     )
     np.testing.assert_array_equal(got, expected)
-
-
-def ct2_greedy(model_dir: Path, inputs: list[tuple[int, ...]], max_new: int) -> list[list[int]]:
-    """CTranslate2's own float32 greedy ids (read from its step callback: exact ids)."""
-    vocab = json.loads((model_dir / "shared_vocabulary.json").read_text())
-    translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type="float32", intra_threads=2)
-    rows: list[list[int]] = [[] for _ in inputs]
-
-    def on_step(step: ctranslate2.GenerationStepResult) -> bool:
-        rows[step.batch_id].append(step.token_id)
-        return False
-
-    translator.translate_batch(
-        [[vocab[i] for i in ids] for ids in inputs],
-        beam_size=1,
-        max_decoding_length=max_new,
-        callback=on_step,
-    )
-    return [r[: r.index(1)] if 1 in r else r for r in rows]
 
 
 @pytest.mark.parametrize("kind", ["flan", "t5"])

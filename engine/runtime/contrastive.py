@@ -109,6 +109,19 @@ def degeneration_penalty(unit_hidden: Array, context: Array, lengths: np.ndarray
     return np.asarray(cos.max(axis=-1), dtype=np.float32)
 
 
+def contrastive_scores(
+    cand_probs: np.ndarray, degeneration: np.ndarray, alphas: Sequence[float], ks: Sequence[int]
+) -> np.ndarray:
+    """(1 - α) p - α max-cosine per candidate [B, width]; a row's candidates past its own k get -inf."""
+    # (1 - α) is formed in double and then rounded, as torch does with a Python scalar.
+    keep_p = np.array([[1.0 - a] for a in alphas], dtype=np.float32)
+    alpha = np.array([[a] for a in alphas], dtype=np.float32)
+    score = keep_p * cand_probs - alpha * degeneration
+    for row, k in enumerate(ks):
+        score[row, k:] = -np.inf
+    return score
+
+
 # ---------------------------------------------------------------------- batch state
 @dataclass
 class _Active:
@@ -223,13 +236,10 @@ class ContrastiveBatch:
         choice = np.zeros(batch, dtype=np.int64)
         if width > 1:
             degeneration = degeneration_penalty(out.unit_hidden, cache.context, cache.lengths)
-            # (1 - α) is formed in double and then rounded, as torch does with a Python scalar.
-            keep_p = np.array([[1.0 - s.alpha] for s in self._active], dtype=np.float32)
-            alpha = np.array([[s.alpha] for s in self._active], dtype=np.float32)
-            score = keep_p * cand_probs - alpha * degeneration
-            for row, seq in enumerate(self._active):
-                score[row, seq.k :] = -np.inf
-            choice = score.argmax(axis=-1)
+            alphas = [s.alpha for s in self._active]
+            choice = contrastive_scores(cand_probs, degeneration, alphas, [s.k for s in self._active]).argmax(
+                axis=-1
+            )
 
         # 4. keep the chosen rows; the lm_head runs for the sequences that go on
         chosen_hidden = cache.commit(out, choice)

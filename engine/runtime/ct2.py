@@ -88,9 +88,11 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def thread_layout(inter_threads: int, intra_threads: int) -> tuple[int, int]:
-    """(workers, OpenMP threads per worker). ``intra_threads`` 0 (automatic) means one
-    single-threaded worker per core, and ``translate`` splits a batch across the workers.
+def thread_layout(inter_threads: int, intra_threads: int, device: str = "cpu") -> tuple[int, int]:
+    """(workers, OpenMP threads per worker). On CPU, ``intra_threads`` 0 (automatic) means one
+    single-threaded worker per core, and ``translate`` splits a batch across the workers. On CUDA
+    a worker is a model replica on the GPU and the batch should stay whole: ``inter_threads``
+    workers (1 by default) of one host thread each.
 
     Measured on 2 cores (benchmarks/RESULTS.md, "Greedy decoding"): a decoder step's products have
     a handful of rows, which two OpenMP threads share badly (their barriers cost more than the
@@ -99,7 +101,7 @@ def thread_layout(inter_threads: int, intra_threads: int) -> tuple[int, int]:
     workers, so this costs no second copy of the model.
     """
     if intra_threads == 0:
-        return max(inter_threads, cpu_count()), 1
+        return (inter_threads if device == "cuda" else max(inter_threads, cpu_count())), 1
     return inter_threads, intra_threads
 
 
@@ -200,7 +202,7 @@ class CT2Translator:
             raise InvalidRequest(
                 f"inter_threads must be >= 1 and intra_threads >= 0, got {inter_threads} and {intra_threads}"
             )
-        self.inter_threads, self.intra_threads = thread_layout(inter_threads, intra_threads)
+        self.inter_threads, self.intra_threads = thread_layout(inter_threads, intra_threads, self.device)
         self.eos_id = eos_id
         self.vocabulary = load_vocabulary(self.model_dir)
         self._token_to_id: dict[str, int] = {}
