@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from engine.errors import InvalidRequest, ModelError
 from engine.model.weights import read_model_file
+from engine.runtime import t5 as t5_module
 from engine.runtime.contrastive import generate_contrastive
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest
@@ -120,3 +122,36 @@ def test_batched_encoder_equals_one_prompt_at_a_time() -> None:
         np.testing.assert_allclose(enc.values, alone.values, atol=1e-5)
     with pytest.raises(InvalidRequest, match="at least one token"):
         runtime.encode_batch([(5, 1), ()])
+
+
+@pytest.fixture
+def numpy_as_cupy(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A stand-in for CuPy: numpy under another module object, so that T5Runtime takes its CUDA
+    code path (plain device arrays, no compiled kernel, float16 allowed) on a machine without a GPU."""
+    fake = ModuleType("cupy")
+    fake.__dict__.update({k: v for k, v in np.__dict__.items() if not k.startswith("__")})
+    monkeypatch.setattr(t5_module, "array_module", lambda device: np if device == "cpu" else fake)
+    return fake
+
+
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+def test_cuda_code_path_gives_the_cpu_ids(kind: str, numpy_as_cupy: ModuleType) -> None:
+    """The CUDA path's logic, checked on CI without a GPU (test_cuda.py checks it with real CuPy)."""
+    folder = models.converted_model(kind, "float32")
+    cpu, cuda = T5Runtime.load(folder), T5Runtime.load(folder, device="cuda")
+    assert cuda.xp is numpy_as_cupy and cpu.xp is np
+    params = DecodingParams.from_dict({"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 12})
+    requests = [GenerationRequest(ids, params) for ids in prompts(11, (5, 19, 8))]
+    assert generate_contrastive(cuda, requests) == generate_contrastive(cpu, requests)
+
+
+def test_float16_masks_stay_in_range(numpy_as_cupy: ModuleType) -> None:
+    """Padding masks are float16's own minimum, not float32's (which casts to -inf with an overflow
+    warning, an error under this suite's filterwarnings)."""
+    runtime = T5Runtime.load(models.converted_model("flan", "float16"), device="cuda", dtype="float16")
+    assert runtime.dtype == np.float16
+    params = DecodingParams.from_dict(
+        {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 8, "min_new_tokens": 8}
+    )
+    results = generate_contrastive(runtime, [GenerationRequest(ids, params) for ids in prompts(12, (3, 21))])
+    assert [len(r.token_ids) for r in results] == [8, 8]

@@ -33,8 +33,14 @@ Array = Any  # numpy.ndarray or cupy.ndarray: the code below uses the operations
 
 _RELU = 0
 _GELU_TANH = 1
-# Added to masked attention scores, as Hugging Face does (finfo.min, not -inf: no NaN rows).
-_NEG = float(np.finfo(np.float32).min)
+
+
+def _mask_value(dtype: Any) -> float:
+    """Added to masked attention scores, as Hugging Face does: the compute dtype's finfo.min, not
+    -inf (no NaN rows), and never past what the dtype holds (float16 would cast it to -inf)."""
+    return float(np.finfo(dtype).min)
+
+
 _SUPPORTED_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
 
 
@@ -184,7 +190,7 @@ class DecoderCache:
         for b, enc in enumerate(encoded):
             cross_k[:, b, :, : enc.length] = enc.keys
             cross_v[:, b, :, : enc.length] = enc.values
-            bias[b, ..., enc.length :] = _NEG
+            bias[b, ..., enc.length :] = _mask_value(dtype)
         context = xp.zeros((batch, capacity, d_model), dtype=dtype)
         return cls(
             xp,
@@ -238,7 +244,11 @@ class DecoderCache:
         self.self_v = join(self.self_v, other.self_v, t_cap)
         self.cross_k = join(self.cross_k, other.cross_k, width)
         self.cross_v = join(self.cross_v, other.cross_v, width)
-        bias = xp.full((len(self) + len(other), 1, 1, width), _NEG, dtype=self.cross_bias.dtype)
+        bias = xp.full(
+            (len(self) + len(other), 1, 1, width),
+            _mask_value(self.cross_bias.dtype),
+            dtype=self.cross_bias.dtype,
+        )
         bias[: len(self), ..., : self.cross_bias.shape[3]] = self.cross_bias
         bias[len(self) :, ..., : other.cross_bias.shape[3]] = other.cross_bias
         self.cross_bias = bias
@@ -519,7 +529,7 @@ class T5Runtime:
         key_mask = np.zeros((batch, 1, 1, n), dtype=np.float32)
         for b, ids in enumerate(prompts):
             padded[b, : len(ids)] = ids
-            key_mask[b, ..., len(ids) :] = _NEG
+            key_mask[b, ..., len(ids) :] = _mask_value(self.dtype)
         pos = np.arange(n)
         buckets = relative_position_bucket(
             pos[None, :] - pos[:, None],
@@ -527,8 +537,11 @@ class T5Runtime:
             num_buckets=s.num_buckets,
             max_distance=s.max_distance,
         )
-        # [B, H, S, S]: relative position bias plus the padding mask of the keys.
-        bias = xp.asarray(self._enc_bias_table[buckets].transpose(2, 0, 1)[None] + key_mask, dtype=self.dtype)
+        # [B, H, S, S]: relative position bias plus the padding mask of the keys (kept in the dtype's range).
+        host_bias = np.maximum(
+            self._enc_bias_table[buckets].transpose(2, 0, 1)[None] + key_mask, _mask_value(self.dtype)
+        )
+        bias = xp.asarray(host_bias, dtype=self.dtype)
         x = self.embeddings[xp.asarray(padded.reshape(-1))]  # [B*S, d]
         for layer in self.encoder:
             qkv = (
@@ -571,7 +584,7 @@ class T5Runtime:
         table = self._dec_bias_by_distance
         dist = lengths[:, None] - np.arange(width)[None, :]  # [B, width]
         past = table[np.clip(dist, 0, None)]  # [B, width, H]
-        past[dist <= 0] = _NEG
+        past[dist <= 0] = _mask_value(self.dtype)
         past_bias = self.xp.asarray(
             np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :]), dtype=self.dtype
         )
