@@ -238,11 +238,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for mode in order:
                     outcomes = await closed_loop(fns[mode], concurrency=args.concurrency, total=args.jobs)
                     results[mode].extend(outcomes)
-                    s = summarize(outcomes)
-                    rounds.append({"round": r, "mode": mode, "summary": asdict(s)})
+                    round_summary = summarize(outcomes)
+                    rounds.append({"round": r, "mode": mode, "summary": asdict(round_summary)})
                     print(
-                        f"round {r} {mode:<10} {s.requests} jobs, {s.server_errors} 5xx, "
-                        f"p50 {s.p50_ms:.1f} ms, {s.throughput_per_s:.1f} jobs/s",
+                        f"round {r} {mode:<10} {round_summary.requests} jobs, {round_summary.server_errors} 5xx, "
+                        f"p50 {round_summary.p50_ms:.1f} ms, {round_summary.throughput_per_s:.1f} jobs/s",
                         flush=True,
                     )
             await close_long()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ctranslate2  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # type: ignore[import-untyped]  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402

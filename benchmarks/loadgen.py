@@ -110,7 +110,8 @@ def summarize(outcomes: Sequence[Outcome]) -> Summary:
     )
 
 
-RequestFn = Callable[[int], Awaitable[Outcome]]
+# A coroutine function (not any awaitable): open_loop makes a task of each request.
+RequestFn = Callable[[int], Coroutine[Any, Any, Outcome]]
 T = TypeVar("T")
 
 
@@ -276,7 +277,7 @@ async def closed_loop(fn: RequestFn, *, concurrency: int, total: int) -> list[Ou
 async def open_loop(fn: RequestFn, *, rate_per_s: float, total: int, seed: int = 0) -> list[Outcome]:
     """Requests arrive as a Poisson process of ``rate_per_s``, whatever the server's pace."""
     rng = random.Random(seed)
-    tasks = []
+    tasks: list[asyncio.Task[Outcome]] = []
     next_at = time.perf_counter()
     for i in range(total):
         delay = next_at - time.perf_counter()

@@ -74,7 +74,7 @@ def extract_corpus() -> str:
             ),
         ]
         for node in nodes:
-            doc = ast.get_docstring(node)  # type: ignore[arg-type]
+            doc = ast.get_docstring(node)
             if not doc:
                 continue
             for para in _paragraphs(doc):

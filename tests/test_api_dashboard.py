@@ -35,7 +35,7 @@ def dashboard_metrics() -> set[str]:
 
 
 def exported_series(metrics: Metrics) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for family in metrics.registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
         names.update(family.name + s for s in suffixes)

@@ -108,6 +108,7 @@ def test_seed_python_example(env: Env, offline: Engine) -> None:
 def test_prompt_array_and_default_params(env: Env, offline: Engine) -> None:
     prompts = ["Translate to German: good morning", "What is the capital of France?", ""]
     expected = [r.text for r in offline.generate(prompts)]  # defaults: 64 new tokens, greedy
+    params: dict[str, Any] | None
     for params in ({}, None):
         _, out = seed_example(env.server.url, env.alice, prompts, params)
         assert out["completion"] == expected
@@ -224,7 +225,7 @@ def test_every_error_in_the_envelope(env: Env) -> None:
 
 def test_rate_limit_answers_429_with_retry_after(env: Env) -> None:
     url = f"{env.server.url}/v1/submit"
-    body = {"prompt": "x", "params": {"max_new_tokens": 1}}
+    body: dict[str, Any] = {"prompt": "x", "params": {"max_new_tokens": 1}}
     codes = [requests.post(url, json=body, headers={"apiKey": env.carol}, timeout=10) for _ in range(41)]
     assert [r.status_code for r in codes[:40]] == [200] * 40
     envelope(codes[40], 429, "overloaded", "rate limit of 40 requests per minute")

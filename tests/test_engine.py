@@ -126,7 +126,7 @@ def test_bad_params_are_rejected_by_name(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match="max_new_tokens must be between 1 and 512"):
         engine.generate(["ka"], max_new_tokens=513)
     with pytest.raises(InvalidRequest, match="list of strings"):
-        engine.generate("ka")  # type: ignore[arg-type]
+        engine.generate("ka")  # a str is a Sequence[str] to mypy: only the runtime check catches it
 
 
 def test_contrastive_runs_on_the_kv_cached_decoder(engine: Engine) -> None:
@@ -250,7 +250,11 @@ def test_batch_split_across_workers_changes_nothing(engine: Engine, flan_model_d
     ):
         requests = [GenerationRequest(x, p) for x, p in zip(ids, params, strict=True)]
         streamed: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-        results = split.generate_requests(requests, lambda i, t, seen=streamed: bool(seen[i].append(t)))
+
+        def on_token(i: int, t: int, seen: dict[int, list[int]] = streamed) -> None:
+            seen[i].append(t)
+
+        results = split.generate_requests(requests, on_token)
         assert results == engine.generate_requests(requests)
         assert [tuple(streamed[i]) for i in range(len(requests))] == [r.token_ids for r in results]
 
@@ -338,7 +342,11 @@ def test_beam_search_reports_tokens_after_the_search(engine: Engine) -> None:
     ids = engine.tokenize(prompts_of_lengths(engine, [5], seed=13))
     request = GenerationRequest(ids[0], DecodingParams(max_new_tokens=10, min_new_tokens=10, num_beams=4))
     seen: list[int] = []
-    (r,) = engine.generate_requests([request], lambda i, t: bool(seen.append(t)))
+
+    def on_token(index: int, token_id: int) -> None:
+        seen.append(token_id)
+
+    (r,) = engine.generate_requests([request], on_token)
     assert tuple(seen) == r.token_ids
     assert len(r.token_ids) == 10
     # A stop request keeps what was reported before it, as in greedy.

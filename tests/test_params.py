@@ -5,6 +5,7 @@ from engine.runtime.params import DecodingParams, Strategy
 
 
 def test_missing_or_empty_params_are_the_defaults() -> None:
+    raw: dict[str, object] | None
     for raw in (None, {}):
         p = DecodingParams.from_dict(raw)
         assert p.max_new_tokens == 64

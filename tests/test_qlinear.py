@@ -22,7 +22,9 @@ MODES = [qlinear.MODE_FLOAT32, qlinear.MODE_INT8_FLOAT] + ([qlinear.MODE_INT8_IN
 TOLERANCE = {qlinear.MODE_FLOAT32: 2e-6, qlinear.MODE_INT8_FLOAT: 2e-6, qlinear.MODE_INT8_INT16: 2e-4}
 
 
-def _case(rng: np.random.Generator, m: int, n: int, k: int, mode: int) -> tuple[np.ndarray, ...]:
+def _case(
+    rng: np.random.Generator, m: int, n: int, k: int, mode: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     x = rng.standard_normal((m, k)).astype(np.float32)
     if mode == qlinear.MODE_FLOAT32:
         w = rng.standard_normal((n, k)).astype(np.float32)

@@ -4,7 +4,7 @@ starts late still replays every token from the first."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from engine.runtime.params import DecodingParams
@@ -13,8 +13,18 @@ from engine.serving.events import JobEvents, TokenForwarder
 from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(test())
+
+
+def queued_token_ids(q: asyncio.Queue[TokenEvent | None]) -> list[int]:
+    """Drain what the queue holds now: token events only (None would be the end of the stream)."""
+    ids = []
+    for _ in range(q.qsize()):
+        ev = q.get_nowait()
+        assert ev is not None, "the stream ended early"
+        ids.append(ev.token_id)
+    return ids
 
 
 class CountingLoop:
@@ -51,16 +61,16 @@ def test_a_watched_job_wakes_the_loop_once_per_flush_and_gets_every_token_in_ord
         fwd.push("other", TokenEvent("other:0", 99))
         assert loop.wakeups == []
         q = events.subscribe("w")  # drains what was held back, then replays it
-        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [10]
+        assert queued_token_ids(q) == [10]
         for token in (11, 12, 13):
             fwd.push("w", TokenEvent("w:0", token))
         assert len(loop.wakeups) == 1  # coalesced: one flush per loop iteration
         loop.wakeups.pop()()
-        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [11, 12, 13]
+        assert queued_token_ids(q) == [11, 12, 13]
         fwd.push("w", TokenEvent("w:0", 14))
         fwd.push("other", TokenEvent("other:0", 100))
         fwd.drop_unwatched()  # the call ended before the scheduled flush ran: nothing is lost
-        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [14]
+        assert queued_token_ids(q) == [14]
         loop.wakeups.pop()()  # the late flush finds nothing more
         assert q.empty()
         events.unsubscribe("w", q)

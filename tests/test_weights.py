@@ -23,15 +23,15 @@ def _ct2_convert(hf_dir: Path, out: Path, quantization: str) -> dict[str, object
     spec = converter._load()  # the same steps convert() runs before writing
     spec.validate()
     spec.optimize(quantization=quantization)
-    out: dict[str, object] = {}
+    variables: dict[str, object] = {}
     for name, value in spec.variables(ordered=True):
         if isinstance(value, str):
-            out[name] = value
+            variables[name] = value
         elif value.dtype == "bfloat16":  # numpy has no bfloat16: compare its exact float32 widening
-            out[name] = np.asarray(value.to("float32").numpy())
+            variables[name] = np.asarray(value.to("float32").numpy())
         else:
-            out[name] = np.asarray(value.numpy())
-    return out
+            variables[name] = np.asarray(value.numpy())
+    return variables
 
 
 @pytest.mark.parametrize("kind", ["flan", "t5"])
