@@ -40,8 +40,9 @@ NEW_TOKENS = 64
 PROMPT_TOKENS = 100
 CONTRASTIVE = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
 GREEDY = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
-OURS = "ours contrastive (CuPy float16)"
-OURS_GREEDY = "ours greedy (CuPy float16)"
+OURS = "ours contrastive (CuPy float16, CUDA graphs)"
+OURS_EAGER = "ours contrastive (CuPy float16, eager)"
+OURS_GREEDY = "ours greedy (CuPy float16, CUDA graphs)"
 HF = "transformers 4.55 contrastive (float16)"
 CT2 = "ctranslate2 greedy (float16)"
 
@@ -182,11 +183,15 @@ def main() -> None:
     for size in args.sizes.split(","):
         folder, hf_dir = models(size)
         runtime = T5Runtime.load(folder, device="cuda", dtype="float16")
+        runtime.use_cuda_graphs(True)
+        eager = T5Runtime.load(folder, device="cuda", dtype="float16")
+        eager.use_cuda_graphs(False)
         translator = ctranslate2.Translator(str(folder), device="cuda", compute_type="float16")
         vocab = json.loads((folder / "shared_vocabulary.json").read_text())
         hf = Transformers(args.hf_python, hf_dir) if args.hf_python else None
         contenders: dict[str, Callable[[list[list[int]]], float]] = {
             OURS: functools.partial(ours, runtime, raw=CONTRASTIVE),
+            OURS_EAGER: functools.partial(ours, eager, raw=CONTRASTIVE),
             OURS_GREEDY: functools.partial(ours, runtime, raw=GREEDY),
             CT2: functools.partial(ct2_greedy, translator, vocab),
         }
@@ -203,7 +208,14 @@ def main() -> None:
             print(f"{size}: round {r + 1}/{args.rounds} done", flush=True)
         medians = {name: {b: statistics.median(t[b]) for b in batches} for name, t in times.items()}
         parts = {b: breakdown(runtime, prompts(b)) for b in batches}
-        report["sizes"][size] = {"seconds": times, "medians": medians, "breakdown": parts}
+        eager_parts = {b: breakdown(eager, prompts(b)) for b in batches}
+        report["sizes"][size] = {
+            "seconds": times,
+            "medians": medians,
+            "breakdown": parts,
+            "breakdown_eager": eager_parts,
+            "graphs": runtime.graph_status(),
+        }
         if hf is not None:
             report["transformers"] = hf.info.get("transformers")
             hf.close()
@@ -213,12 +225,20 @@ def main() -> None:
         print(f"{'contender':44s}" + "".join(f"{'b' + str(b):>10s}" for b in batches))
         for name in contenders:
             print(f"{name:44s}" + "".join(f"{medians[name][b]:9.3f}s" for b in batches))
-        for label, num, den in (("Transformers / ours", HF, OURS), ("ours / CTranslate2 greedy", OURS, CT2)):
+        print(f"CUDA graphs: {runtime.graph_status()}")
+        for label, num, den in (
+            ("Transformers / ours", HF, OURS),
+            ("eager / graphs", OURS_EAGER, OURS),
+            ("ours / CTranslate2 greedy", OURS, CT2),
+        ):
             if num in medians and den in medians:
                 print(f"{label:44s}" + "".join(f"{medians[num][b] / medians[den][b]:9.2f}x" for b in batches))
-        print("per step of our contrastive run (ms, with a sync around each part):")
-        for part in parts[batches[0]]:
-            print(f"  {part:42s}" + "".join(f"{parts[b][part] * 1000 / NEW_TOKENS:9.2f} " for b in batches))
+        for title, table in (("graphs", parts), ("eager", eager_parts)):
+            print(f"per step of our contrastive run, {title} (ms, with a sync around each part):")
+            for part in table[batches[0]]:
+                print(
+                    f"  {part:42s}" + "".join(f"{table[b][part] * 1000 / NEW_TOKENS:9.2f} " for b in batches)
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"saved {args.out}")

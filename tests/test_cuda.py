@@ -90,6 +90,23 @@ def test_contrastive_on_cupy_equals_numpy_or_differs_at_a_near_tie(
     assert all(gap < NEAR_TIE for *_, gap in differing), differing
 
 
+@needs_cupy
+def test_decoder_steps_replay_a_checked_cuda_graph(runtimes: tuple[T5Runtime, T5Runtime]) -> None:
+    """The tests above ran through graphs, not only eager steps: captured, checked, replayed."""
+    cpu, gpu = runtimes
+    raw = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 16, "min_new_tokens": 16}
+    requests = [GenerationRequest(ids, DecodingParams.from_dict(raw)) for ids in prompts(21, (6, 25, 11))]
+    before = gpu._graphs.replays if gpu._graphs is not None else 0
+    on_gpu = generate_contrastive(gpu, requests)
+    status = gpu.graph_status()
+    assert status.startswith("on ("), status
+    assert gpu._graphs is not None and gpu._graphs.replays >= before + 10 and gpu._graphs.captures >= 1
+    assert on_gpu == generate_contrastive(cpu, requests)
+    eager = T5Runtime.load(models.converted_model("flan", "float32"), device="cuda")
+    eager.use_cuda_graphs(False)
+    assert eager.graph_status() == "off"
+
+
 @needs_gpu
 @pytest.mark.parametrize("kind", ["flan", "t5"])
 def test_cupy_greedy_equals_ctranslate2_on_cuda(kind: str) -> None:

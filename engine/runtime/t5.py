@@ -14,11 +14,12 @@ decoder positions, S encoder positions.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from engine.model.weights import ModelFile, read_model_file
 from engine.runtime import qlinear
 from engine.runtime.qlinear import Linear, default_threads
 from engine.runtime.xp import array_module, to_numpy
+
+if TYPE_CHECKING:
+    from engine.runtime.cuda_graphs import DecoderGraphs, Gemm
 
 Array = Any  # numpy.ndarray or cupy.ndarray: the code below uses the operations both share
 
@@ -314,6 +318,10 @@ class T5Runtime:
         self._dec_bias_table = decoder_bias_table  # [num_buckets, H] (host)
         self.lm_head = lm_head  # [V, d]
         self._dec_bias_by_distance: Array | None = None
+        # Set only while a CUDA graph of the decoder step is captured (engine/runtime/cuda_graphs.py).
+        self._gemm: Gemm | None = None
+        self._graphs: DecoderGraphs | None = None  # see use_cuda_graphs()
+        self._own_bias: Array | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -322,7 +330,7 @@ class T5Runtime:
     ) -> T5Runtime:
         """``threads``: threads of the CPU kernel per product (0: one per core this process may use)."""
         manifest = Manifest.load(model_dir)
-        return cls.from_model_file(
+        runtime = cls.from_model_file(
             read_model_file(model_dir),
             device=device,
             dtype=dtype,
@@ -331,6 +339,9 @@ class T5Runtime:
             eos_token_id=manifest.eos_token_id,
             decoder_start_token_id=manifest.decoder_start_token_id,
         )
+        if device == "cuda" and os.environ.get("ENGINE_CUDA_GRAPHS", "1") != "0":
+            runtime.use_cuda_graphs(True)
+        return runtime
 
     @classmethod
     def from_model_file(
@@ -454,13 +465,44 @@ class T5Runtime:
             threads=threads or default_threads(),
         )
 
+    # ------------------------------------------------------------------ CUDA graphs
+    def use_cuda_graphs(self, on: bool) -> None:
+        """On CUDA, replay a captured decoder step instead of launching its ~500 operations one by
+        one (engine/runtime/cuda_graphs.py). ``ENGINE_CUDA_GRAPHS=0`` turns it off at load."""
+        if not on:
+            if self._graphs is not None:
+                self._graphs.release()
+            self._graphs = None
+            return
+        if self.xp is np:
+            raise InvalidRequest("CUDA graphs need device cuda")
+        if self._graphs is None:
+            from engine.runtime.cuda_graphs import DecoderGraphs
+
+            self._graphs = DecoderGraphs(self)
+
+    def graph_status(self) -> str:
+        """One line for logs and benchmarks: whether decoder steps replay a CUDA graph."""
+        if self._graphs is None:
+            return "off" if self.xp is not np else "off (CPU)"
+        return self._graphs.status()
+
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: Array, weight: Array) -> Array:
         """x [R, in] times weight [out, in] (CTranslate2's layout) -> [R, out]: on CPU a ``Linear``
         (the compiled small-batch kernel or OpenBLAS, see qlinear.py), on CUDA a device array."""
         if isinstance(weight, Linear):
             return weight(x, self.threads)
+        if self._gemm is not None:
+            return self._gemm.matmul(x, weight, transpose_b=True)
         return x @ weight.T
+
+    def _matmul(self, a: Array, b: Array, transpose_b: bool = False) -> Array:
+        """a @ b (or a @ b^T) over the leading batch dimensions; through ``_gemm`` while a CUDA
+        graph is captured (cupy.matmul refuses stream capture)."""
+        if self._gemm is not None:
+            return self._gemm.matmul(a, b, transpose_b=transpose_b)
+        return self.xp.matmul(a, b.swapaxes(-1, -2) if transpose_b else b)
 
     def _rms(self, x: Array, norm: _Norm) -> Array:
         xp = self.xp
@@ -571,9 +613,9 @@ class T5Runtime:
     def new_cache(self, encoded: Sequence[EncoderOutput], capacity: int) -> DecoderCache:
         return DecoderCache.create(self.xp, encoded, capacity, self.shape.d_model, self.dtype)
 
-    def _position_bias(self, lengths: np.ndarray, width: int) -> tuple[Array, Array]:
-        """Self-attention bias of a query at position ``lengths[b]``: past keys [B, H, 1, width]
-        (masked beyond each row's length) and its own key [H, 1, 1]."""
+    def past_bias_host(self, lengths: np.ndarray, width: int) -> np.ndarray:
+        """Self-attention bias of a query at position ``lengths[b]`` over past keys 0..width-1, on
+        the host in the compute dtype: [B, H, 1, width], masked at and beyond each row's length."""
         s = self.shape
         if self._dec_bias_by_distance is None or self._dec_bias_by_distance.shape[0] <= width:
             distances = np.arange(max(width + 1, 64))
@@ -585,20 +627,56 @@ class T5Runtime:
         dist = lengths[:, None] - np.arange(width)[None, :]  # [B, width]
         past = table[np.clip(dist, 0, None)]  # [B, width, H]
         past[dist <= 0] = _mask_value(self.dtype)
-        past_bias = self.xp.asarray(
-            np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :]), dtype=self.dtype
-        )
-        own = self.xp.asarray(table[0].reshape(-1, 1, 1), dtype=self.dtype)
-        return past_bias, own
+        return np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :], dtype=self.dtype)
+
+    def own_bias(self) -> Array:
+        """The bias of a query's own key (distance 0): [H, 1, 1] on the device, made once."""
+        if self._own_bias is None:
+            s = self.shape
+            bucket = relative_position_bucket(
+                np.zeros(1, dtype=np.int64),
+                bidirectional=False,
+                num_buckets=s.num_buckets,
+                max_distance=s.max_distance,
+            )
+            self._own_bias = self.xp.asarray(
+                self._dec_bias_table[bucket][0].reshape(-1, 1, 1), dtype=self.dtype
+            )
+        return self._own_bias
 
     def decoder_step(self, cache: DecoderCache, tokens: np.ndarray) -> StepOutput:
         """Feed ``tokens`` [B, m] at each sequence's next position: every one of a sequence's m rows
-        attends to that sequence's cached past (shared, not copied) plus its own new K/V entry."""
-        xp, s = self.xp, self.shape
+        attends to that sequence's cached past (shared, not copied) plus its own new K/V entry.
+        On CUDA with graphs on, a replay of a captured step once the batch's shape is stable."""
+        if self._graphs is not None:
+            out = self._graphs.step(cache, tokens)
+            if out is not None:
+                return out
+        return self.eager_step(cache, tokens)
+
+    def eager_step(self, cache: DecoderCache, tokens: np.ndarray) -> StepOutput:
+        """``decoder_step`` one operation at a time, attending over the batch's longest past only."""
         batch, m = tokens.shape
         width = int(cache.lengths.max()) if batch else 0
-        past_bias, own_bias = self._position_bias(cache.lengths, width)
-        x = self.embeddings[xp.asarray(tokens.reshape(-1))]  # [B*m, d]
+        past_bias = self.xp.asarray(self.past_bias_host(cache.lengths, width))
+        token_ids = self.xp.asarray(tokens.reshape(-1))
+        return self.step_on_device(cache, token_ids, (batch, m), past_bias, self.own_bias(), width)
+
+    def step_on_device(
+        self,
+        cache: DecoderCache,
+        token_ids: Array,
+        rows: tuple[int, int],
+        past_bias: Array,
+        own_bias: Array,
+        width: int,
+    ) -> StepOutput:
+        """The step from device inputs: token ids [B*m], past bias [B, H, 1, width], own bias
+        [H, 1, 1]. Attends over past positions 0..width-1 (the bias masks the unfilled ones), so a
+        fixed ``width`` (the cache's capacity) gives a step of fixed shapes that a graph can hold."""
+        xp, s = self.xp, self.shape
+        batch, m = rows
+        x = self.embeddings[token_ids]  # [B*m, d]
         new_k = xp.empty((len(self.decoder), batch, m, s.num_heads, s.d_kv), dtype=self.dtype)
         new_v = xp.empty_like(new_k)
         for i, layer in enumerate(self.decoder):
@@ -632,14 +710,14 @@ class T5Runtime:
         own = (q * k_own).sum(axis=-1, keepdims=True) + own_bias  # [B, H, m, 1]
         if width:
             # Softmax over [past keys, own key] without concatenating them.
-            past = xp.matmul(q, cache.self_k[i, :, :, :width].swapaxes(-1, -2))  # [B, H, m, T]
+            past = self._matmul(q, cache.self_k[i, :, :, :width], transpose_b=True)  # [B, H, m, T]
             past += past_bias
             top = xp.maximum(past.max(axis=-1, keepdims=True), own)
             past -= top
             xp.exp(past, out=past)
             own = xp.exp(own - top)
             denom = past.sum(axis=-1, keepdims=True) + own
-            attn = xp.matmul(past, cache.self_v[i, :, :, :width]) + own * v_own
+            attn = self._matmul(past, cache.self_v[i, :, :, :width]) + own * v_own
             attn /= denom
         else:
             attn = v_own  # a lone key: softmax weight 1
@@ -648,15 +726,15 @@ class T5Runtime:
     def _cross_attention(
         self, x: Array, layer: _DecoderLayer, cache: DecoderCache, i: int, batch: int, m: int
     ) -> Array:
-        xp, h, d = self.xp, self.shape.num_heads, self.shape.d_kv
+        h, d = self.shape.num_heads, self.shape.d_kv
         q = (
             self._linear(self._rms(x, layer.cross_norm), layer.cross_q)
             .reshape(batch, m, h, d)
             .transpose(0, 2, 1, 3)
         )
-        scores = xp.matmul(q, cache.cross_k[i].swapaxes(-1, -2))  # [B, H, m, S]
+        scores = self._matmul(q, cache.cross_k[i], transpose_b=True)  # [B, H, m, S]
         scores += cache.cross_bias
-        attn = xp.matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
+        attn = self._matmul(self._softmax_(scores), cache.cross_v[i])  # [B, H, m, D]
         return self._linear(attn.transpose(0, 2, 1, 3).reshape(batch * m, h * d), layer.cross_out)
 
     def logits(self, hidden: Array) -> Array:
