@@ -20,5 +20,9 @@ python3 -c "import ctranslate2, cupy, numpy; print('ctranslate2', ctranslate2.__
 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m cuda -p no:cacheprovider --continue-on-collection-errors \
   -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning -rA -q tests/test_cuda.py tests/test_contrastive.py \
   2>&1 | tee "$OUT/pytest.log" | tail -40
+# The same tests with the (experimental) CUDA graphs on for every runtime.
+ENGINE_CUDA_GRAPHS=1 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m cuda -p no:cacheprovider --continue-on-collection-errors \
+  -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning -q tests/test_cuda.py tests/test_contrastive.py \
+  2>&1 | tee "$OUT/pytest-graphs.log" | tail -15
 timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_cuda.py --hf-python /tmp/hfpy --out "$OUT/bench_cuda.json" ${BENCH_ARGS:-} \
   2>&1 | tee "$OUT/bench.log" | grep -v '^\[engine\]'

@@ -92,8 +92,10 @@ def test_contrastive_on_cupy_equals_numpy_or_differs_at_a_near_tie(
 
 @needs_cupy
 def test_decoder_steps_replay_a_checked_cuda_graph(runtimes: tuple[T5Runtime, T5Runtime]) -> None:
-    """The tests above ran through graphs, not only eager steps: captured, checked, replayed."""
+    """Graphs engage (captured, checked against the eager step, replayed) and keep the CPU ids.
+    ``ENGINE_CUDA_GRAPHS=1 make test-cuda`` runs every CUDA test through them."""
     cpu, gpu = runtimes
+    gpu.use_cuda_graphs(True)  # experimental, off by default
     raw = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 16, "min_new_tokens": 16}
     requests = [GenerationRequest(ids, DecodingParams.from_dict(raw)) for ids in prompts(21, (6, 25, 11))]
     before = gpu._graphs.replays if gpu._graphs is not None else 0
@@ -102,6 +104,7 @@ def test_decoder_steps_replay_a_checked_cuda_graph(runtimes: tuple[T5Runtime, T5
     assert status.startswith("on ("), status
     assert gpu._graphs is not None and gpu._graphs.replays >= before + 10 and gpu._graphs.captures >= 1
     assert on_gpu == generate_contrastive(cpu, requests)
+    gpu.use_cuda_graphs(False)
     eager = T5Runtime.load(models.converted_model("flan", "float32"), device="cuda")
     eager.use_cuda_graphs(False)
     assert eager.graph_status() == "off"

@@ -123,6 +123,8 @@ def standin_runtime(monkeypatch: pytest.MonkeyPatch) -> T5Runtime:
     monkeypatch.setattr(t5_module, "array_module", lambda device: np if device == "cpu" else fake)
     runtime = T5Runtime.load(models.converted_model("flan", "float32"), device="cuda")
     assert runtime.xp is fake
+    assert runtime.graph_status() == "off"  # experimental: off unless ENGINE_CUDA_GRAPHS=1
+    runtime.use_cuda_graphs(True)
     # No CuPy here: graphs say why they are off, and steps run eagerly.
     assert runtime.graph_status().startswith("off: unavailable")
     return runtime
@@ -181,3 +183,12 @@ def test_graphs_turn_themselves_off_on_any_error(
         out = standin_runtime.decoder_step(cache, tokens)
         np.testing.assert_array_equal(out.hidden, eager.hidden)
     assert standin_runtime.graph_status() == "off: RuntimeError: cudaErrorStreamCaptureUnsupported"
+
+
+def test_ctypes_cublas_says_when_no_library_loads() -> None:
+    try:
+        cuda_graphs.CtypesCublas()
+    except OSError as exc:
+        assert "no cuBLAS library could be loaded" in str(exc)
+    else:
+        pytest.skip("a cuBLAS library is installed here")

@@ -11,12 +11,20 @@ A graph captures the step once and replays it for each token:
 - **Fixed addresses.** Token ids and the past bias are copied into the graph's own input buffers
   before each replay. Everything the step allocates comes from a private memory pool that lives as
   long as the graph, so no other array ever reuses memory a replay writes.
-- **Products through cuBLAS directly** (``CublasGemm``): ``cupy.matmul`` refuses stream capture.
-  ``CublasGemm`` computes the same products with ``cublasGemmStridedBatchedEx`` in column-major
-  terms; tests check its argument mapping on the CPU against an emulation of those semantics.
+- **Products through cuBLAS directly** (``CublasGemm``). CuPy refuses every cuBLAS call during
+  stream capture, its low-level ``cupy_backends`` bindings too ("calling cuBLAS API during stream
+  capture is currently unsupported", CuPy 14.2 on an H100), although cuBLAS itself supports
+  capture. So ``CtypesCublas`` calls the cuBLAS library that CuPy loaded through ctypes, and
+  ``CublasGemm`` computes the step's products with ``cublasGemmStridedBatchedEx`` in column-major
+  terms; tests check that argument mapping on the CPU against an emulation of its semantics.
 - **Checked before use.** The first graph's output is compared with the eager step's; a mismatch,
   or any error while capturing, turns graphs off for the runtime with a logged reason, and steps
   run eagerly as before.
+
+**Status: experimental, off by default** (``ENGINE_CUDA_GRAPHS=1`` turns it on). The capture
+through CuPy's own bindings was refused on the GPU as described; the ctypes route has not run on a
+GPU yet. ``make test-cuda`` with ``ENGINE_CUDA_GRAPHS=1`` on a GPU machine is the check, and
+benchmarks/bench_cuda.py measures it against the eager step.
 """
 
 from __future__ import annotations
@@ -116,6 +124,73 @@ class CublasGemm:
             self.handle = 0
 
 
+class CtypesCublas:
+    """The four cuBLAS entry points the graph path needs, called through ctypes on the library
+    CuPy already loaded (same process, same soname), with the argument order of CuPy's
+    ``cupy_backends.cuda.libs.cublas`` functions so that ``CublasGemm`` takes either."""
+
+    SONAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ct = ctypes
+        errors = []
+        for name in self.SONAMES:
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError as exc:
+                errors.append(str(exc))
+        else:
+            raise OSError(f"no cuBLAS library could be loaded: {'; '.join(errors)}")
+        vp, i32, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
+        self._create = lib.cublasCreate_v2
+        self._create.argtypes = [ctypes.POINTER(vp)]
+        self._destroy = lib.cublasDestroy_v2
+        self._destroy.argtypes = [vp]
+        self._set_stream = lib.cublasSetStream_v2
+        self._set_stream.argtypes = [vp, vp]
+        self._set_workspace = getattr(lib, "cublasSetWorkspace_v2", None)
+        if self._set_workspace is not None:
+            self._set_workspace.argtypes = [vp, vp, sz]
+        self._gemm = lib.cublasGemmStridedBatchedEx
+        self._gemm.argtypes = [
+            vp, i32, i32, i32, i32, i32, vp,
+            vp, i32, i32, i64,
+            vp, i32, i32, i64,
+            vp, vp, i32, i32, i64,
+            i32, i32, i32,
+        ]  # fmt: skip
+        for fn in (self._create, self._destroy, self._set_stream, self._gemm, self._set_workspace):
+            if fn is not None:
+                fn.restype = i32
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def create(self) -> int:
+        handle = self._ct.c_void_p()
+        self._check(self._create(self._ct.byref(handle)), "cublasCreate")
+        return int(handle.value or 0)
+
+    def destroy(self, handle: int) -> None:
+        self._check(self._destroy(handle), "cublasDestroy")
+
+    def setWorkspace(self, handle: int, workspace: int, size: int) -> None:
+        if self._set_workspace is not None:
+            self._check(self._set_workspace(handle, workspace, size), "cublasSetWorkspace")
+
+    def gemmStridedBatchedEx(self, handle: int, *args: int) -> None:
+        """As cublasGemmStridedBatchedEx, on the current CuPy stream (as CuPy's binding does)."""
+        import cupy
+
+        self._check(self._set_stream(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
+        self._check(self._gemm(handle, *args), "cublasGemmStridedBatchedEx")
+
+
 def _ptr(array: Any) -> int:
     """The device address of a CuPy array (or the host address of a numpy one, for tests)."""
     data = array.data
@@ -150,10 +225,9 @@ class DecoderGraphs:
         self._current: _Captured | None = None
         try:
             import cupy
-            from cupy_backends.cuda.libs import cublas
 
             self.cp: Any = cupy
-            self.gemm = CublasGemm(cupy, cublas, runtime.dtype)
+            self.gemm = CublasGemm(cupy, CtypesCublas(), runtime.dtype)
             self.stream = cupy.cuda.Stream(non_blocking=True)
         except Exception as exc:  # CuPy without cuBLAS bindings, or no device: eager steps
             self._disable(f"unavailable ({type(exc).__name__}: {exc})")

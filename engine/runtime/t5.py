@@ -339,7 +339,7 @@ class T5Runtime:
             eos_token_id=manifest.eos_token_id,
             decoder_start_token_id=manifest.decoder_start_token_id,
         )
-        if device == "cuda" and os.environ.get("ENGINE_CUDA_GRAPHS", "1") != "0":
+        if device == "cuda" and os.environ.get("ENGINE_CUDA_GRAPHS", "0") == "1":
             runtime.use_cuda_graphs(True)
         return runtime
 
@@ -468,7 +468,7 @@ class T5Runtime:
     # ------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, on: bool) -> None:
         """On CUDA, replay a captured decoder step instead of launching its ~500 operations one by
-        one (engine/runtime/cuda_graphs.py). ``ENGINE_CUDA_GRAPHS=0`` turns it off at load."""
+        one (engine/runtime/cuda_graphs.py: experimental, off unless ``ENGINE_CUDA_GRAPHS=1``)."""
         if not on:
             if self._graphs is not None:
                 self._graphs.release()
