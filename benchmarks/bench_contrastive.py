@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,6 +34,7 @@ import ctranslate2  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
+from benchmarks.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime import contrastive, qlinear  # noqa: E402
 from engine.runtime.contrastive import ContrastiveBatch, generate_contrastive  # noqa: E402
@@ -62,47 +62,7 @@ def build_models() -> tuple[Path, Path]:
 
 
 def prompts(batch: int) -> list[list[int]]:
-    rng = np.random.default_rng(batch)
-    return [[*(int(i) for i in rng.integers(3, 30000, size=PROMPT_TOKENS - 1)), 1] for _ in range(batch)]
-
-
-class Transformers:
-    """Transformers' generate() in .venv-ref, kept alive so that its runs interleave with ours."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [
-                str(ROOT / ".venv-ref" / "bin" / "python"),
-                str(ROOT / "benchmarks" / "hf_contrastive_timer.py"),
-                str(hf_dir),
-                str(THREADS),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the Transformers timer exited; see its stderr above")
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def run(self, batch: list[list[int]], params: dict[str, Any]) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"input_ids": batch, "params": params}) + "\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        assert all(n == params["max_new_tokens"] for n in out["lengths"]), out
-        return float(out["seconds"])
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+    return forced_prompts(batch, PROMPT_TOKENS)
 
 
 def ours(runtime: T5Runtime, batch: list[list[int]]) -> float:
@@ -111,17 +71,6 @@ def ours(runtime: T5Runtime, batch: list[list[int]]) -> float:
     results = generate_contrastive(runtime, [GenerationRequest(tuple(ids), params) for ids in batch])
     seconds = time.perf_counter() - start
     assert all(len(r.token_ids) == NEW_TOKENS for r in results)
-    return seconds
-
-
-def ct2_greedy(translator: ctranslate2.Translator, vocab: list[str], batch: list[list[int]]) -> float:
-    source = [[vocab[i] for i in ids] for ids in batch]
-    start = time.perf_counter()
-    out = translator.translate_batch(
-        source, beam_size=1, max_decoding_length=NEW_TOKENS, min_decoding_length=NEW_TOKENS
-    )
-    seconds = time.perf_counter() - start
-    assert all(len(r.hypotheses[0]) == NEW_TOKENS for r in out)
     return seconds
 
 
@@ -267,7 +216,7 @@ def main() -> None:
     translator = ctranslate2.Translator(
         str(int8_dir), device="cpu", compute_type="int8", intra_threads=THREADS
     )
-    hf = Transformers(hf_dir)
+    hf = TransformersTimer(ROOT / ".venv-ref" / "bin" / "python", hf_dir, THREADS)
     info["transformers_reference"] = hf.info["transformers"]
     # BLAS threads: the runtime's own policy (qlinear.single_threaded_blas); the numpy-only and
     # 1-thread contenders set theirs.
@@ -281,7 +230,7 @@ def main() -> None:
         data = {b: prompts(b) for b in batches}
         for b in batches:  # warm-up, untimed
             ours(runtime, data[b][:1])
-            ct2_greedy(translator, vocab, data[b][:1])
+            ct2_greedy(translator, vocab, data[b][:1], NEW_TOKENS)
         hf.run(data[1][:1], {**PARAMS, "max_new_tokens": 4, "min_new_tokens": 4})
 
         times: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -300,7 +249,7 @@ def main() -> None:
             (OURS_1T, ours_one_thread),
             (OURS_NUMPY, ours_numpy),
             (HF, lambda batch: hf.run(batch, PARAMS)),
-            (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch)),
+            (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch, NEW_TOKENS)),
         ]
         for r in range(args.rounds):
             shift = r % len(contenders)

@@ -15,14 +15,11 @@ import argparse
 import functools
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import ctranslate2  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
+from benchmarks.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime.contrastive import generate_contrastive  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
@@ -48,8 +46,7 @@ CT2 = "ctranslate2 greedy (float16)"
 
 
 def prompts(batch: int) -> list[list[int]]:
-    rng = np.random.default_rng(batch)
-    return [[*(int(i) for i in rng.integers(3, 30000, size=PROMPT_TOKENS - 1)), 1] for _ in range(batch)]
+    return forced_prompts(batch, PROMPT_TOKENS)
 
 
 def models(size: str) -> tuple[Path, Path]:
@@ -74,58 +71,6 @@ def ours(runtime: T5Runtime, batch: list[list[int]], raw: dict[str, Any]) -> flo
     seconds = time.perf_counter() - start
     assert all(len(r.token_ids) == NEW_TOKENS for r in results)
     return seconds
-
-
-def ct2_greedy(translator: ctranslate2.Translator, vocab: list[str], batch: list[list[int]]) -> float:
-    source = [[vocab[i] for i in ids] for ids in batch]
-    start = time.perf_counter()
-    out = translator.translate_batch(
-        source, beam_size=1, max_decoding_length=NEW_TOKENS, min_decoding_length=NEW_TOKENS
-    )
-    seconds = time.perf_counter() - start
-    assert all(len(r.hypotheses[0]) == NEW_TOKENS for r in out)
-    return seconds
-
-
-class Transformers:
-    """Transformers' generate() in another Python (4.55.x), kept alive between runs."""
-
-    def __init__(self, python: str, hf_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [
-                python,
-                str(ROOT / "benchmarks" / "hf_contrastive_timer.py"),
-                str(hf_dir),
-                "4",
-                "cuda",
-                "float16",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the Transformers timer exited; see its stderr above")
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def run(self, batch: list[list[int]]) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"input_ids": batch, "params": CONTRASTIVE}) + "\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        assert all(n == NEW_TOKENS for n in out["lengths"]), out
-        return float(out["seconds"])
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 def breakdown(runtime: T5Runtime, batch: list[list[int]]) -> dict[str, float]:
@@ -188,15 +133,15 @@ def main() -> None:
         eager.use_cuda_graphs(False)
         translator = ctranslate2.Translator(str(folder), device="cuda", compute_type="float16")
         vocab = json.loads((folder / "shared_vocabulary.json").read_text())
-        hf = Transformers(args.hf_python, hf_dir) if args.hf_python else None
+        hf = TransformersTimer(args.hf_python, hf_dir, 4, "cuda", "float16") if args.hf_python else None
         contenders: dict[str, Callable[[list[list[int]]], float]] = {
             OURS: functools.partial(ours, runtime, raw=CONTRASTIVE),
             OURS_EAGER: functools.partial(ours, eager, raw=CONTRASTIVE),
             OURS_GREEDY: functools.partial(ours, runtime, raw=GREEDY),
-            CT2: functools.partial(ct2_greedy, translator, vocab),
+            CT2: functools.partial(ct2_greedy, translator, vocab, new_tokens=NEW_TOKENS),
         }
         if hf is not None:
-            contenders[HF] = hf.run
+            contenders[HF] = functools.partial(hf.run, params=CONTRASTIVE)
         times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in contenders}
         for b in batches:  # warm-up: kernels compiled, caches and pools filled
             for run in contenders.values():
