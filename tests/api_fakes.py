@@ -10,6 +10,7 @@ it with "timeout", HOLD keeps it running until ``release()``; a prompt longer th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -259,6 +260,19 @@ def fake_stack(tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs:
     auth = Authenticator(keys, rate_limit_per_minute=rate_limit_per_minute)
     servicer = EngineServicer(service, auth, INFO, metrics=metrics, decode=fake_decode)
     return FakeStack(service, servicer, metrics, keys, alice, bob)
+
+
+@contextlib.asynccontextmanager
+async def open_stack(
+    tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs: object
+) -> AsyncIterator[FakeStack]:
+    """``fake_stack`` for the length of an ``async with``: its job service and key store closed after."""
+    stack = fake_stack(tmp_db, rate_limit_per_minute=rate_limit_per_minute, **service_kwargs)
+    try:
+        yield stack
+    finally:
+        await stack.service.close()
+        stack.keys.close()
 
 
 # ---- a real `engine serve` subprocess for the end-to-end tests ---------------------------------

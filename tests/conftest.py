@@ -11,6 +11,12 @@ from tests import models
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The async tests (pytest.mark.anyio) run on asyncio, as the server does."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def flan_hf_dir() -> Path:
     return models.hf_checkpoint("flan")
 

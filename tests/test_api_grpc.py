@@ -20,22 +20,15 @@ from engine.api.grpc_service import GrpcServer
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.api.rest import create_app
 from engine.metrics import Metrics
-from tests.api_fakes import FakeStack, fake_stack
+from tests.api_fakes import FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[FakeStack]:
-    s = fake_stack(str(tmp_path / "keys.db"), max_queue_size=2, max_prompt_chars=50)
-    yield s
-    await s.service.close()
-    s.keys.close()
+    async with open_stack(str(tmp_path / "keys.db"), max_queue_size=2, max_prompt_chars=50) as s:
+        yield s
 
 
 @pytest.fixture

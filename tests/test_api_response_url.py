@@ -10,21 +10,15 @@ import pytest
 
 from engine.api.client import InProcessClient
 from engine.api.rest import create_app
-from tests.api_fakes import fake_stack
+from tests.api_fakes import open_stack
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_response_url_follows_each_requests_host_and_scheme(tmp_path: Path) -> None:
-    stack = fake_stack(str(tmp_path / "keys.db"))
-    app = create_app(InProcessClient(stack.servicer), stack.metrics)
     body = {"prompt": "hello", "params": {}}
-    try:
+    async with open_stack(str(tmp_path / "keys.db")) as stack:
+        app = create_app(InProcessClient(stack.servicer), stack.metrics)
         for base, host in (
             ("http://a.example:8080", None),
             ("http://a.example:8080", "b.example:9000"),
@@ -42,6 +36,3 @@ async def test_response_url_follows_each_requests_host_and_scheme(tmp_path: Path
                 scheme = base.split("://")[0]
                 where = host or base.split("://")[1]
                 assert data["responseUrl"] == f"{scheme}://{where}/v1/response/{data['id']}"
-    finally:
-        await stack.service.close()
-        stack.keys.close()

@@ -14,22 +14,15 @@ from fastapi import FastAPI
 
 from engine.api.client import InProcessClient
 from engine.api.rest import EngineApp, ResponseResponse, SubmitResponse, create_app
-from tests.api_fakes import FakeStack, fake_stack
+from tests.api_fakes import FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[FakeStack]:
-    s = fake_stack(str(tmp_path / "keys.db"), max_queue_size=3, max_prompt_chars=50)
-    yield s
-    await s.service.close()
-    s.keys.close()
+    async with open_stack(str(tmp_path / "keys.db"), max_queue_size=3, max_prompt_chars=50) as s:
+        yield s
 
 
 @pytest.fixture
@@ -257,9 +250,13 @@ async def test_long_poll_returns_when_done(http: httpx.AsyncClient, stack: FakeS
 
 
 async def test_rate_limit_per_key(tmp_path: Path) -> None:
-    s = fake_stack(str(tmp_path / "k.db"), rate_limit_per_minute=2)
-    app = create_app(InProcessClient(s.servicer), s.metrics)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+    async with (
+        open_stack(str(tmp_path / "k.db"), rate_limit_per_minute=2) as s,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(InProcessClient(s.servicer), s.metrics)),
+            base_url="http://t",
+        ) as http,
+    ):
         for _ in range(2):
             r = await http.post("/v1/submit", json={"prompt": "x"}, headers={"apiKey": s.alice})
             assert r.status_code == 200
@@ -272,8 +269,6 @@ async def test_rate_limit_per_key(tmp_path: Path) -> None:
         ]["id"]
         for _ in range(5):
             assert (await http.get(f"/v1/response/{job_id}", headers={"apiKey": s.bob})).status_code == 200
-    await s.service.close()
-    s.keys.close()
 
 
 async def test_not_ready(http: httpx.AsyncClient, stack: FakeStack) -> None:
@@ -372,42 +367,39 @@ WEIRD_VALUES: list[str] = [
 
 async def test_no_odd_value_anywhere_gets_a_5xx(tmp_path: Path) -> None:
     """Every field, every parameter, every odd JSON value: an answer in the envelope, never a 5xx."""
-    stack = fake_stack(str(tmp_path / "k.db"), max_queue_size=10**6)
-    stack.service.pause()  # accepted jobs stay queued: this test is about the edge
-    app = create_app(InProcessClient(stack.servicer), stack.metrics)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-    key = {"apiKey": stack.alice, "Content-Type": "application/json"}
-    names = [
-        "max_new_tokens",
-        "min_new_tokens",
-        "top_k",
-        "penalty_alpha",
-        "num_beams",
-        "length_penalty",
-        "do_sample",
-        "temperature",
-        "top_p",
-        "seed",
-        "repetition_penalty",
-        "no_repeat_ngram_size",
-        "bogus",
-    ]
-    bodies = [f'{{"prompt": {v}}}' for v in WEIRD_VALUES]
-    bodies += [f'{{"prompt": "x", "model": {v}}}' for v in WEIRD_VALUES]
-    bodies += [f'{{"prompt": "x", "params": {v}}}' for v in WEIRD_VALUES]
-    bodies += [f'{{"prompt": "x", "params": {{"{n}": {v}}}}}' for n in names for v in WEIRD_VALUES]
-    accepted = 0
-    for body in bodies:
-        r = await http.post("/v1/submit", content=body.encode(), headers=key)
-        assert r.status_code < 500, (body[:80], r.text)
-        if r.status_code != 200:
-            assert set(r.json()) == {"success", "error"}, r.text
-        else:
-            accepted += 1
-    assert accepted >= 15  # the valid values went all the way through the service
-    await http.aclose()
-    await stack.service.close()
-    stack.keys.close()
+    async with open_stack(str(tmp_path / "k.db"), max_queue_size=10**6) as stack:
+        stack.service.pause()  # accepted jobs stay queued: this test is about the edge
+        app = create_app(InProcessClient(stack.servicer), stack.metrics)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            key = {"apiKey": stack.alice, "Content-Type": "application/json"}
+            names = [
+                "max_new_tokens",
+                "min_new_tokens",
+                "top_k",
+                "penalty_alpha",
+                "num_beams",
+                "length_penalty",
+                "do_sample",
+                "temperature",
+                "top_p",
+                "seed",
+                "repetition_penalty",
+                "no_repeat_ngram_size",
+                "bogus",
+            ]
+            bodies = [f'{{"prompt": {v}}}' for v in WEIRD_VALUES]
+            bodies += [f'{{"prompt": "x", "model": {v}}}' for v in WEIRD_VALUES]
+            bodies += [f'{{"prompt": "x", "params": {v}}}' for v in WEIRD_VALUES]
+            bodies += [f'{{"prompt": "x", "params": {{"{n}": {v}}}}}' for n in names for v in WEIRD_VALUES]
+            accepted = 0
+            for body in bodies:
+                r = await http.post("/v1/submit", content=body.encode(), headers=key)
+                assert r.status_code < 500, (body[:80], r.text)
+                if r.status_code != 200:
+                    assert set(r.json()) == {"success", "error"}, r.text
+                else:
+                    accepted += 1
+            assert accepted >= 15  # the valid values went all the way through the service
 
 
 async def test_public_url_sets_the_response_url(stack: FakeStack) -> None:
