@@ -34,11 +34,12 @@ PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 BODY_FIELDS = ("prompt", "params", "model")
 
+# The ASGI callable's types (as starlette.types spells them).
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
-]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 # ---- schemas (they are what /openapi.json publishes) -----------------------------------------
@@ -285,12 +286,7 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(
-        self,
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -338,12 +334,7 @@ class EngineApp(FastAPI):
 
     hot: ASGIApp | None = None
 
-    async def __call__(
-        self,
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.hot is not None and scope["type"] == "http" and not scope.get("root_path"):
             method, path = scope["method"], scope["path"]
             if (method == "POST" and path == "/v1/submit") or (
@@ -370,12 +361,7 @@ class HotRoutes:
         self._routes = routes  # (method, "submit" | "response") -> (APIRoute, handler)
         self._on_error = on_error
 
-    async def __call__(
-        self,
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         if path == "/v1/submit":
             route, handler = self._routes[("POST", "submit")]
