@@ -2,7 +2,9 @@
 # The CUDA check as it ran on a lent GPU machine (no network, Python 3.12 with CuPy, torch and
 # Transformers 5.x, no CTranslate2): wheels carried in .whl (ctranslate2) and .whlref
 # (transformers 4.55.4 + its tokenizers and huggingface_hub, for contrastive search), GPU.md's
-# libcublas.so.12 link, then the CUDA tests and benchmarks/bench_cuda.py. Output under $OUT (or ./cuda-out).
+# libcublas.so.12 link, then the CUDA tests (twice: eager, then with ENGINE_CUDA_GRAPHS=1) and
+# benchmarks/bench_cuda.py. Output under $OUT (or ./cuda-out). scripts/fetch_gpu_wheels.sh fetches
+# the wheels. About 4 minutes on an H100 with the default BENCH_ARGS.
 set -u
 OUT=${OUT:-$PWD/cuda-out}
 mkdir -p "$OUT"
