@@ -77,6 +77,9 @@ def test_batch_keys_follow_decoding_params() -> None:
     )
     assert lane_of(DecodingParams(penalty_alpha=0.6, top_k=4)) is Lane.CONTRASTIVE
     assert lane_of(DecodingParams(num_beams=2)) is Lane.BATCH
+    # A seeded draw needs a generator of its own: our decoder's lane; unseeded sampling batches.
+    assert lane_of(DecodingParams(do_sample=True, seed=3)) is Lane.CONTRASTIVE
+    assert lane_of(DecodingParams(do_sample=True)) is Lane.BATCH
 
 
 def test_a_job_counts_each_of_its_prompts() -> None:

@@ -9,16 +9,21 @@ from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from engine.errors import InvalidRequest, Overloaded
 from engine.runtime.contrastive import (
     ContrastiveBatch,
     _History,
+    draw,
     generate_contrastive,
     process_logits,
     softmax_rows,
     top_k,
+    warp_logits,
 )
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent
@@ -201,3 +206,71 @@ def test_on_token_stops_a_request(runtime: T5Runtime) -> None:
     results = generate_contrastive(runtime, [req(60, 5), req(61, 6)], on_token=on_token)
     assert results[1].finish_reason is FinishReason.CANCELLED and len(results[1].token_ids) == 3
     assert [t for i, t in seen if i == 0] == list(results[0].token_ids)
+
+
+# ------------------------------------------------------------------ seeded sampling
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"temperature": 0.7},
+        {"top_k": 5},
+        {"top_k": 0, "top_p": 0.9},
+        {"temperature": 1.5, "top_k": 20, "top_p": 0.8},
+        {"top_k": 1},
+        {"top_k": 0, "top_p": 1e-6},
+    ],
+)
+def test_sampling_warpers_equal_transformers(raw: dict[str, object]) -> None:
+    params = DecodingParams.from_dict({"do_sample": True, **raw})
+    hf = []  # Transformers' order (_get_logits_processor): temperature, top-k, top-p
+    if params.temperature != 1.0:
+        hf.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        hf.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        hf.append(TopPLogitsWarper(params.top_p))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        scores = (rng.standard_normal(300) * 3).astype(np.float32)
+        expected = torch.tensor(scores[None])
+        for p in hf:
+            expected = p(torch.tensor([[0]]), expected)
+        np.testing.assert_array_equal(warp_logits(scores, params), expected[0].numpy())
+
+
+def test_draws_follow_the_softmax() -> None:
+    logits = np.array([*np.log([0.5, 0.25, 0.15, 0.1]), -np.inf], dtype=np.float32)  # a removed token
+    rng = np.random.default_rng(7)
+    counts = np.bincount([draw(logits, rng) for _ in range(40_000)], minlength=5)
+    np.testing.assert_allclose(counts / 40_000, [0.5, 0.25, 0.15, 0.1, 0.0], atol=0.01)
+    # The same generator state gives the same tokens.
+    first, second = np.random.default_rng(3), np.random.default_rng(3)
+    assert [draw(logits, first) for _ in range(50)] == [draw(logits, second) for _ in range(50)]
+
+
+def sampled(seed: int, n: int, **params: object) -> GenerationRequest:
+    raw = {"do_sample": True, "temperature": 1.5, "top_k": 0, "seed": seed, "max_new_tokens": 12, **params}
+    return GenerationRequest(prompt(seed, n), DecodingParams.from_dict(raw))
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_its_batch(runtime: T5Runtime) -> None:
+    a, b = sampled(70, 6), sampled(71, 15, top_p=0.9)
+    alone_a = alone(runtime, a)
+    assert alone(runtime, a) == alone_a  # the same seed, the same tokens
+    other_seed = GenerationRequest(a.input_ids, DecodingParams.from_dict({**a.params.to_dict(), "seed": 99}))
+    assert alone(runtime, other_seed).token_ids != alone_a.token_ids
+    # In one continuous batch with contrastive and greedy rows, and joining mid-flight: the same.
+    together = generate_contrastive(runtime, [req(72, 9), a, req(73, 4, penalty_alpha=0.0), b])
+    assert together[1] == alone_a and together[3] == alone(runtime, b)
+    batch = ContrastiveBatch(runtime)
+    batch.add("c", req(74, 11))
+    for _ in range(3):
+        batch.step()
+    batch.add("a", a)
+    assert drain(batch)["a"] == alone_a
+
+
+def test_sampling_from_the_top_token_only_is_greedy(runtime: T5Runtime) -> None:
+    greedy = alone(runtime, req(75, 8, penalty_alpha=0.0))
+    assert alone(runtime, sampled(75, 8, top_k=1)).token_ids == greedy.token_ids
+    assert alone(runtime, sampled(75, 8, top_p=1e-6)).token_ids == greedy.token_ids

@@ -271,7 +271,7 @@ def test_sampling_with_a_seed_is_reproducible(engine: Engine) -> None:
     other = engine.generate(prompts, seed=12, **params)
     assert [r.token_ids for r in first] == [r.token_ids for r in second]
     assert [r.token_ids for r in first] != [r.token_ids for r in other]
-    # Seeded requests run alone: the output does not depend on the batch around it.
+    # A seeded request draws from its own generator: its output does not depend on its batch.
     (alone,) = engine.generate(prompts[:1], seed=11, **params)
     assert alone.token_ids == first[0].token_ids
 

@@ -85,7 +85,7 @@ def test_only_compatible_jobs_share_a_call() -> None:
         await svc.submit("a", ["blocker"], DecodingParams(max_new_tokens=2, num_beams=3))
         await until(engine.started.is_set)
         beam = DecodingParams(max_new_tokens=8, num_beams=2)
-        sample = DecodingParams(max_new_tokens=8, do_sample=True, seed=1)
+        sample = DecodingParams(max_new_tokens=8, do_sample=True, temperature=0.7)  # unseeded: batched
         order = [GREEDY, beam, GREEDY, sample, beam, GREEDY, DecodingParams(max_new_tokens=100)]
         views = [await svc.submit("a", [f"j{i}"], p) for i, p in enumerate(order)]
         gate.set()
@@ -298,8 +298,9 @@ def test_the_engine_worker_runs_calls_in_order_on_its_own_thread() -> None:
 
 
 def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_model_dir: Path) -> None:
-    """Batched greedy (mixed lengths) and continuous contrastive through JobService, on a tiny
-    converted model, against the same engine called directly one prompt at a time."""
+    """Batched greedy (mixed lengths), continuous contrastive and seeded sampling through
+    JobService, on a tiny converted model, against the same engine called directly one prompt at
+    a time."""
     from engine.runtime.engine import Engine
 
     engine = Engine(flan_model_dir, compute_type="float32", intra_threads=1)
@@ -307,6 +308,10 @@ def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_mo
     cases = [
         *((p, DecodingParams(max_new_tokens=6 + i)) for i, p in enumerate(prompts)),
         *((p, DecodingParams(max_new_tokens=5, penalty_alpha=0.6, top_k=3)) for p in prompts[:3]),
+        *(
+            (p, DecodingParams(max_new_tokens=7, do_sample=True, temperature=1.5, seed=40 + i))
+            for i, p in enumerate(prompts[:3])
+        ),
     ]
 
     async def body() -> None:

@@ -106,7 +106,8 @@ def test_roundtrip_keeps_every_field(store: JobStore) -> None:
     j = Job(id="a", owner="bob", prompts=("hello", "world"), params=params, created_at=NOW, model="m")
     entry = store.enqueue(j, prompt_tokens=11)
     assert entry.num_prompts == 2 and entry.prompt_tokens == 11 and entry.max_new_tokens == 7
-    assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.BATCH
+    # A seeded draw runs on our decoder (its own generator): the contrastive lane.
+    assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.CONTRASTIVE
     assert store.get("a") == j
     [running] = store.claim(["a"], NOW + 1)
     assert running.status is JobStatus.RUNNING and running.attempts == 1 and running.started_at == NOW + 1

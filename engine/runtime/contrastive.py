@@ -5,7 +5,9 @@ candidates; ONE decoder step runs every sequence's k candidates against that seq
 KV cache; each candidate's degeneration penalty is its largest cosine similarity with the
 sequence's context (the final hidden states so far); the best ``(1 - α) p - α penalty`` wins, its
 K/V row and hidden state are kept (copy-on-select) and only its hidden state goes through the
-lm_head. With k = 1 (or α = 0) this is a plain greedy decoder on the same code path.
+lm_head. With k = 1 (or α = 0) this is a plain greedy decoder on the same code path. A sampling
+row (a request with a seed) draws its one candidate from Transformers' warpers (temperature,
+top-k, top-p) with a generator of its own, so its tokens do not depend on its batch.
 
 Requests join between steps (their encoder and decoder-start step run then) and leave the step
 they finish, freeing their rows at once.
@@ -79,6 +81,37 @@ def process_logits(scores: np.ndarray, history: _History, params: DecodingParams
         scores[eos_token_id] = -np.inf
 
 
+def warp_logits(scores: np.ndarray, params: DecodingParams) -> np.ndarray:
+    """Transformers 4.55's sampling warpers in its order (``_get_logits_processor``): temperature,
+    top-k (``top_k`` 0: off), top-p, each keeping at least one token. A new float32 row; removed
+    tokens are -inf."""
+    logits = np.array(scores, dtype=np.float32)
+    if params.temperature != 1.0:
+        logits /= np.float32(params.temperature)
+    vocab = logits.shape[0]
+    if 0 < params.top_k < vocab:
+        kth = np.partition(logits, vocab - params.top_k)[vocab - params.top_k]
+        logits[logits < kth] = -np.inf
+    if params.top_p < 1.0:
+        # Ascending, as Transformers sorts. Tokens already removed (-inf: top-k's, the processors')
+        # sort first with probability 0 and stay removed, so only the others are sorted.
+        kept = np.flatnonzero(logits > -np.inf)
+        order = kept[np.argsort(logits[kept], kind="stable")]
+        cumulative = np.cumsum(softmax_rows(logits[order][None])[0])
+        remove = cumulative <= np.float32(1.0 - params.top_p)
+        remove[-1] = False
+        logits[order[remove]] = -np.inf
+    return logits
+
+
+def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from softmax(logits) with ``rng``: the same token for the same generator state."""
+    probs = np.exp(logits.astype(np.float64) - float(logits.max()))
+    cumulative = np.cumsum(probs)
+    token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(token, logits.shape[0] - 1)
+
+
 def softmax_rows(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32 (the whole vocabulary, as Transformers does before its top-k)."""
     shifted = scores - scores.max(axis=-1, keepdims=True)
@@ -134,6 +167,7 @@ class _Active:
     history: _History
     generated: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # [V] float32: the chosen row's next-step logits
+    rng: np.random.Generator | None = None  # sampling: the request's own generator (its seed)
 
     @property
     def params(self) -> DecodingParams:
@@ -182,9 +216,10 @@ class ContrastiveBatch:
     def add(self, request_id: str, request: GenerationRequest) -> None:
         """Queue ``request`` to join before the next step (its encoder runs then)."""
         params = request.params
-        if params.strategy not in (Strategy.CONTRASTIVE, Strategy.GREEDY):
+        if params.strategy not in (Strategy.CONTRASTIVE, Strategy.GREEDY, Strategy.SAMPLE):
             raise InvalidRequest(
-                f"the contrastive decoder runs contrastive search and greedy decoding, not {params.strategy.value}"
+                "the contrastive decoder runs contrastive search, greedy decoding and sampling, "
+                f"not {params.strategy.value}"
             )
         shape = self.runtime.shape
         if not request.input_ids:
@@ -208,6 +243,7 @@ class ContrastiveBatch:
                 k=k,
                 alpha=params.penalty_alpha if k > 1 else 0.0,
                 history=_History([shape.decoder_start_token_id], params.no_repeat_ngram_size),
+                rng=np.random.default_rng(params.seed) if params.strategy is Strategy.SAMPLE else None,
             )
         )
 
@@ -275,6 +311,10 @@ class ContrastiveBatch:
         tokens = np.empty((batch, width), dtype=np.int64)
         cand_probs = np.zeros((batch, width), dtype=np.float32)
         for row, seq in enumerate(self._active):
+            if seq.rng is not None:  # sampling: one drawn candidate (k = 1, chosen as is)
+                tokens[row] = draw(warp_logits(scores[row], seq.params), seq.rng)
+                cand_probs[row, 0] = 1.0
+                continue
             ids = top_k(probs[row], seq.k)
             tokens[row, : seq.k] = ids
             tokens[row, seq.k :] = ids[0]

@@ -16,7 +16,9 @@ greedy, beam search (``num_beams``, ``length_penalty``), ``min_new_tokens`` -> `
   its log-softmax, Transformers to the log-probabilities after it, so beam scores differ once a
   processor removes or scales a token. Beam search with processors is therefore close to, not
   always identical to, Transformers; without processors it is identical.
-- Sampling draws from CTranslate2's own generator: reproducible for a seed, never equal to torch's.
+- Sampling draws from CTranslate2's own generator, which it seeds once per worker thread: an
+  unseeded draw. A request with a ``seed`` runs on our own decoder instead, with a generator of its
+  own (``DecodingParams.runs_on_own_decoder``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +103,6 @@ def thread_layout(inter_threads: int, intra_threads: int, device: str = "cpu") -
     if intra_threads == 0:
         return (inter_threads if device == "cuda" else max(inter_threads, cpu_count())), 1
     return inter_threads, intra_threads
-
-
-def seed32(seed: int) -> int:
-    """CTranslate2 seeds with an unsigned 32-bit integer; fold the 64-bit request seed into it."""
-    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -209,8 +204,6 @@ class CT2Translator:
         for i, token in enumerate(self.vocabulary):
             self._token_to_id.setdefault(token, i)
         self._translator = self._load()
-        # Seeded sampling swaps the process-wide seed; one at a time (see translate()).
-        self._seed_lock = threading.Lock()
 
     def _load(self) -> ctranslate2.Translator:
         if not ctranslate2.contains_model(str(self.model_dir)):
@@ -247,29 +240,14 @@ class CT2Translator:
         options: DecodeOptions,
         *,
         on_step: StepCallback | None = None,
-        seed: int | None = None,
     ) -> list[Hypothesis]:
-        """Decode a batch (source ids, EOS included) in one call.
-
-        ``seed`` (sampling only): CTranslate2 draws from a generator that each worker thread seeds
-        once, on its first draw, from the process-wide seed; re-seeding later has no effect on it.
-        A reproducible draw therefore needs a fresh worker thread, i.e. a fresh Translator, built
-        under a lock so that no other call moves the process-wide seed meanwhile.
-        """
+        """Decode a batch (source ids, EOS included) in one call."""
         source = [self.tokens(ids) for ids in batch]
         if options.beam_size > 1:
             if on_step is not None:
                 raise InvalidRequest("token streaming is not available for beam search")
             return self._run(self._translator, source, options, None)
-        if seed is None:
-            return self._run(self._translator, source, options, on_step)
-        with self._seed_lock:
-            ctranslate2.set_random_seed(seed32(seed))
-            try:
-                return self._run(self._load(), source, options, on_step)
-            finally:
-                # Unseeded calls must not inherit this seed if their thread draws for the first time.
-                ctranslate2.set_random_seed(secrets.randbits(32))
+        return self._run(self._translator, source, options, on_step)
 
     def _run(
         self,

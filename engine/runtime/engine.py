@@ -2,15 +2,16 @@
 
 It loads a model folder (engine.json, spiece.model, the CTranslate2 model), tokenizes, groups
 requests that can share one decoder call, and turns CTranslate2's output into typed ``Result``s.
-Greedy, beam search and sampling run on CTranslate2; contrastive search on our own KV-cached
-decoder (engine/runtime/t5.py + contrastive.py), which is loaded on first use.
+Greedy, beam search and sampling run on CTranslate2; contrastive search, and sampling with a seed,
+on our own KV-cached decoder (engine/runtime/t5.py + contrastive.py), which is loaded on first use.
 
 Batching: requests with equal ``DecodingParams.batch_key()`` share one ``translate_batch`` call,
 decoded up to the group's largest ``max_new_tokens``; a request that asked fewer tokens is stopped
 at its own limit by the step callback. That is exact for greedy (a greedy prefix does not depend on
 how long decoding goes on) and for unseeded sampling (a prefix of a longer draw is a draw of the
 shorter length). Beam search is not: the limit changes which hypotheses finish, so beam requests
-are split further by ``max_new_tokens``. A seeded sampling request runs alone, so that its output
+are split further by ``max_new_tokens``. A seeded sampling request draws from a generator of its
+own on our decoder (continuous batching, rows independent of each other), so that its output
 depends on its prompt and parameters only, never on what it was batched with.
 """
 
@@ -160,8 +161,7 @@ class Engine:
                 )
         results: dict[int, Result] = {}
         for group in _groups(requests):
-            strategy = requests[group[0]].params.strategy
-            if strategy is Strategy.CONTRASTIVE:
+            if requests[group[0]].params.runs_on_own_decoder:
                 results.update(self._run_contrastive(requests, group, on_token))
             else:
                 results.update(self._run_ct2(requests, group, on_token))
@@ -182,7 +182,6 @@ class Engine:
         limit = max(p.max_new_tokens for p in params)
         options = DecodeOptions.from_params(params[0], max_new_tokens=limit)
         batch = [requests[i].input_ids for i in group]
-        seed = params[0].seed if params[0].strategy is Strategy.SAMPLE else None
         cancelled = [False] * len(group)
         counts = [0] * len(group)
         eos = self.manifest.eos_token_id
@@ -214,7 +213,7 @@ class Engine:
         callback: StepCallback | None = None
         if options.beam_size == 1 and (on_token is not None or not uniform or exact):
             callback = on_step
-        hyps = self.translator.translate(batch, options, on_step=callback, seed=seed)
+        hyps = self.translator.translate(batch, options, on_step=callback)
         if options.beam_size > 1 and on_token is not None:
             for row, hyp in enumerate(hyps):
                 for n, token_id in enumerate(hyp.token_ids, start=1):
@@ -342,7 +341,7 @@ def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
         key: tuple[Any, ...] = params.batch_key()
         if params.strategy is Strategy.BEAM:
             key = (*key, params.max_new_tokens)
-        elif params.strategy is Strategy.SAMPLE and params.seed is not None:
-            key = (*key, "alone", i)
+        elif params.runs_on_own_decoder and params.strategy is Strategy.SAMPLE:
+            key = ("seeded sampling",)  # one continuous batch; each row draws from its own generator
         groups.setdefault(key, []).append(i)
     return list(groups.values())

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.params import DecodingParams
 
 # A job joins the head's batch only when its max_new_tokens is within this factor of the head's
 # (either way). Chosen from benchmarks/bench_batcher.py's mixed-length run (RESULTS.md): against
@@ -36,7 +36,8 @@ class Lane(enum.Enum):
 
 
 def lane_of(params: DecodingParams) -> Lane:
-    return Lane.CONTRASTIVE if params.strategy is Strategy.CONTRASTIVE else Lane.BATCH
+    """Our decoder's continuous batch (contrastive search, seeded sampling) or CTranslate2's calls."""
+    return Lane.CONTRASTIVE if params.runs_on_own_decoder else Lane.BATCH
 
 
 def batch_key_text(params: DecodingParams) -> str:
