@@ -274,6 +274,9 @@ def test_sampling_with_a_seed_is_reproducible(engine: Engine) -> None:
     # A seeded request draws from its own generator: its output does not depend on its batch.
     (alone,) = engine.generate(prompts[:1], seed=11, **params)
     assert alone.token_ids == first[0].token_ids
+    # Each prompt of a request has a generator of its own: the same prompt twice, two draws.
+    twice = engine.generate([prompts[0], prompts[0]], seed=11, **params)
+    assert twice[0].token_ids == first[0].token_ids and twice[1].token_ids != twice[0].token_ids
 
 
 def test_sampling_without_seed_varies(engine: Engine) -> None:

@@ -243,7 +243,11 @@ class ContrastiveBatch:
                 k=k,
                 alpha=params.penalty_alpha if k > 1 else 0.0,
                 history=_History([shape.decoder_start_token_id], params.no_repeat_ngram_size),
-                rng=np.random.default_rng(params.seed) if params.strategy is Strategy.SAMPLE else None,
+                rng=(
+                    np.random.default_rng((params.seed, request.draw) if params.seed is not None else None)
+                    if params.strategy is Strategy.SAMPLE
+                    else None
+                ),
             )
         )
 

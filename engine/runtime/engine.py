@@ -120,7 +120,7 @@ class Engine:
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings, not a single string")
         decoding = DecodingParams.from_dict(params, max_new_tokens_limit=self.max_new_tokens_limit)
-        requests = [GenerationRequest(ids, decoding) for ids in self.tokenize(prompts)]
+        requests = [GenerationRequest(ids, decoding, i) for i, ids in enumerate(self.tokenize(prompts))]
         return self.generate_requests(requests)
 
     def tokenize(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:

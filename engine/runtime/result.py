@@ -47,6 +47,9 @@ class GenerationRequest:
 
     input_ids: tuple[int, ...]
     params: DecodingParams = field(default_factory=DecodingParams)
+    # Which prompt of its request this is: prompt i of a seeded sampling request draws from the
+    # generator seeded with (seed, i), so that equal prompts in one request get different draws.
+    draw: int = 0
 
 
 @dataclass(frozen=True)

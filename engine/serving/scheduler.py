@@ -262,7 +262,7 @@ class Scheduler:
             ids = self.input_ids.pop(rj.job.id, None) or self.engine.tokenize(rj.job.prompts)
             for i, prompt_ids in enumerate(ids):
                 rows.append((rj, i))
-                requests.append(GenerationRequest(tuple(prompt_ids), rj.job.params))
+                requests.append(GenerationRequest(tuple(prompt_ids), rj.job.params, i))
         out: list[Result] = []
         size = self.limits.max_batch_size
         for lo in range(0, len(requests), size):
@@ -473,7 +473,9 @@ class Scheduler:
                 continue
             try:
                 if isinstance(req, _Pending):
-                    req = GenerationRequest(tuple(self.engine.tokenize([req.prompt])[0]), req.params)
+                    req = GenerationRequest(
+                        tuple(self.engine.tokenize([req.prompt])[0]), req.params, req.draw
+                    )
                 batch.add(rid, req)
             except Overloaded:
                 if not len(batch):
@@ -535,6 +537,7 @@ class _Pending:
 
     prompt: str
     params: DecodingParams
+    draw: int = 0  # the prompt's index in its job (GenerationRequest.draw)
 
 
 @dataclass
@@ -557,9 +560,9 @@ class _ContrastiveJob:
         for i, prompt in enumerate(job.prompts):
             rid = request_id(job.id, i)
             if self.input_ids is not None:
-                out.append((rid, GenerationRequest(tuple(self.input_ids[i]), job.params)))
+                out.append((rid, GenerationRequest(tuple(self.input_ids[i]), job.params, i)))
             else:
-                out.append((rid, _Pending(prompt, job.params)))
+                out.append((rid, _Pending(prompt, job.params, i)))
         return out
 
 
