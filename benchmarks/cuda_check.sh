@@ -2,7 +2,7 @@
 # The CUDA check as it ran on a lent GPU machine (no network, Python 3.12 with CuPy, torch and
 # Transformers 5.x, no CTranslate2): wheels carried in .whl (ctranslate2) and .whlref
 # (transformers 4.55.4 + its tokenizers and huggingface_hub, for contrastive search), GPU.md's
-# libcublas.so.12 link, then the CUDA tests (twice: eager, then with ENGINE_CUDA_GRAPHS=1) and
+# libcublas.so.12 link, then the CUDA tests (eager and with CUDA graphs) and
 # benchmarks/bench_cuda.py. Output under $OUT (or ./cuda-out). scripts/fetch_gpu_wheels.sh fetches
 # the wheels. About 4 minutes on an H100 with the default BENCH_ARGS.
 set -u
@@ -22,9 +22,5 @@ python3 -c "import ctranslate2, cupy, numpy; print('ctranslate2', ctranslate2.__
 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m cuda -p no:cacheprovider --continue-on-collection-errors \
   -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning -rA -q tests/test_cuda.py tests/test_contrastive.py \
   2>&1 | tee "$OUT/pytest.log" | tail -40
-# The same tests with the (experimental) CUDA graphs on for every runtime.
-ENGINE_CUDA_GRAPHS=1 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m cuda -p no:cacheprovider --continue-on-collection-errors \
-  -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning -q tests/test_cuda.py tests/test_contrastive.py \
-  2>&1 | tee "$OUT/pytest-graphs.log" | tail -15
 timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_cuda.py --hf-python /tmp/hfpy --out "$OUT/bench_cuda.json" ${BENCH_ARGS:-} \
   2>&1 | tee "$OUT/bench.log" | grep -v '^\[engine\]'

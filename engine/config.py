@@ -25,6 +25,10 @@ class Config:
     # The engine's threads under SCHED_BATCH (Linux), so that they never delay the event loop
     # when they wake (engine/serving/worker.py). ENGINE_BATCH_SCHEDULING=0 turns it off.
     batch_scheduling: bool = True
+    # CUDA only: the contrastive decoder replays a captured CUDA graph per step instead of
+    # launching its operations one by one (engine/runtime/cuda_graphs.py). Experimental: off until
+    # it has run on a GPU; ENGINE_CUDA_GRAPHS=1 turns it on.
+    cuda_graphs: bool = False
     # transports
     http_host: str = "127.0.0.1"
     http_port: int = 8080

@@ -32,10 +32,22 @@ from tests import models
 from tests.gpu import needs_cupy
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cupy])])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.cuda, needs_cupy]),
+        pytest.param("cuda-graphs", marks=[pytest.mark.cuda, needs_cupy]),
+    ],
+)
 def runtime(request: pytest.FixtureRequest) -> T5Runtime:
-    """The continuous-batching tests run on numpy, and on CuPy where a GPU is seen."""
-    return T5Runtime.load(models.converted_model("flan", "float32"), device=request.param)
+    """The continuous-batching tests run on numpy, and on CuPy where a GPU is seen (eager, and
+    replaying CUDA graphs)."""
+    device, _, graphs = str(request.param).partition("-")
+    runtime = T5Runtime.load(models.converted_model("flan", "float32"), device=device)
+    if graphs:
+        runtime.use_cuda_graphs(True)
+    return runtime
 
 
 def prompt(seed: int, n: int) -> tuple[int, ...]:

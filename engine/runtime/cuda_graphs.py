@@ -21,10 +21,11 @@ A graph captures the step once and replays it for each token:
   or any error while capturing, turns graphs off for the runtime with a logged reason, and steps
   run eagerly as before.
 
-**Status: experimental, off by default** (``ENGINE_CUDA_GRAPHS=1`` turns it on). The capture
-through CuPy's own bindings was refused on the GPU as described; the ctypes route has not run on a
-GPU yet. ``make test-cuda`` with ``ENGINE_CUDA_GRAPHS=1`` on a GPU machine is the check, and
-benchmarks/bench_cuda.py measures it against the eager step.
+**Status: experimental, off by default** (``Config.cuda_graphs``: ``ENGINE_CUDA_GRAPHS=1`` turns it
+on for the server). The capture through CuPy's own bindings was refused on the GPU as described;
+the ctypes route has not run on a GPU yet. ``make test-cuda`` on a GPU machine is the check (the
+CUDA tests run eager and with graphs), and benchmarks/bench_cuda.py measures it against the eager
+step.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ class Engine:
         inter_threads: int = 1,
         intra_threads: int = 0,
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -84,6 +85,7 @@ class Engine:
                 f"than the model's vocabulary of {self.manifest.vocab_size}; re-run `engine convert`"
             )
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.cuda_graphs = cuda_graphs  # see Config.cuda_graphs
         self.intra_threads = intra_threads
         self._contrastive_runtime: T5Runtime | None = None
         self._contrastive_lock = threading.Lock()
@@ -103,6 +105,7 @@ class Engine:
             inter_threads=cfg.inter_threads,
             intra_threads=cfg.intra_threads,
             max_new_tokens_limit=cfg.max_new_tokens_limit,
+            cuda_graphs=cfg.cuda_graphs,
         )
 
     @property
@@ -277,6 +280,9 @@ class Engine:
                 self._contrastive_runtime = T5Runtime.load(
                     self.model_dir, device=self.device, dtype=dtype, threads=self.intra_threads
                 )
+                if self.device == "cuda" and self.cuda_graphs:
+                    self._contrastive_runtime.use_cuda_graphs(True)
+                    log.info("contrastive decoder: CUDA graphs %s", self._contrastive_runtime.graph_status())
                 if self.device == "cpu":
                     from engine.runtime.qlinear import kernel_status
 

@@ -14,7 +14,6 @@ decoder positions, S encoder positions.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +329,7 @@ class T5Runtime:
     ) -> T5Runtime:
         """``threads``: threads of the CPU kernel per product (0: one per core this process may use)."""
         manifest = Manifest.load(model_dir)
-        runtime = cls.from_model_file(
+        return cls.from_model_file(
             read_model_file(model_dir),
             device=device,
             dtype=dtype,
@@ -339,9 +338,6 @@ class T5Runtime:
             eos_token_id=manifest.eos_token_id,
             decoder_start_token_id=manifest.decoder_start_token_id,
         )
-        if device == "cuda" and os.environ.get("ENGINE_CUDA_GRAPHS", "0") == "1":
-            runtime.use_cuda_graphs(True)
-        return runtime
 
     @classmethod
     def from_model_file(
@@ -468,7 +464,8 @@ class T5Runtime:
     # ------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, on: bool) -> None:
         """On CUDA, replay a captured decoder step instead of launching its ~500 operations one by
-        one (engine/runtime/cuda_graphs.py: experimental, off unless ``ENGINE_CUDA_GRAPHS=1``)."""
+        one (engine/runtime/cuda_graphs.py; experimental: the engine turns it on only with
+        ``Config.cuda_graphs``, ENGINE_CUDA_GRAPHS=1)."""
         if not on:
             if self._graphs is not None:
                 self._graphs.release()
