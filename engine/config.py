@@ -25,6 +25,9 @@ class Config:
     # The engine's threads under SCHED_BATCH (Linux), so that they never delay the event loop
     # when they wake (engine/serving/worker.py). ENGINE_BATCH_SCHEDULING=0 turns it off.
     batch_scheduling: bool = True
+    # CPU contrastive decoder: the compiled small-batch kernel where it built (engine/runtime/
+    # qlinear.py); ENGINE_QLINEAR=0 runs numpy/OpenBLAS alone.
+    qlinear: bool = True
     # CUDA only: the contrastive decoder replays a captured CUDA graph per step instead of
     # launching its operations one by one (engine/runtime/cuda_graphs.py). Experimental: off until
     # it has run on a GPU; ENGINE_CUDA_GRAPHS=1 turns it on.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,19 @@ def test_many_rows_split_over_threads_equal_one_product(monkeypatch: pytest.Monk
     for threads in (2, 3):
         split = layer(x, threads=threads)
         np.testing.assert_allclose(split, x @ layer.dense.T, rtol=1e-5, atol=1e-5)
+
+
+def test_config_turns_the_kernel_off_for_the_process(flan_model_dir: Path) -> None:
+    """ENGINE_QLINEAR=0 reaches the runtime through Config, not through an environment read."""
+    from engine.config import Config
+    from engine.runtime.engine import Engine
+
+    cfg = Config.build({"model_dir": str(flan_model_dir)}, environ={"ENGINE_QLINEAR": "0"})
+    assert cfg.qlinear is False
+    try:
+        Engine.from_config(cfg)
+        assert not qlinear.kernel_available()
+        assert qlinear.kernel_status().startswith("off (Config.qlinear")
+    finally:
+        qlinear.use_kernel(True)
+    assert qlinear.kernel_available() == (kernel is not None)

@@ -98,6 +98,10 @@ class Engine:
     def from_config(cls, cfg: Config) -> Engine:
         if cfg.model_dir is None:
             raise InvalidRequest("no model folder given: pass --model DIR (or set ENGINE_MODEL_DIR)")
+        if not cfg.qlinear:
+            from engine.runtime import qlinear
+
+            qlinear.use_kernel(False)  # process-wide, before any runtime loads
         return cls(
             cfg.model_dir,
             cfg.device,

@@ -10,8 +10,8 @@ where CTranslate2's int8 GEMMs quantize to int8): the result is x . (W / scale) 
 order of the float sums. For many rows (the encoder) BLAS on the dequantized matrix is faster, so
 a ``Linear`` keeps both and picks by row count (``KERNEL_MAX_ROWS``, measured).
 
-``ENGINE_QLINEAR=0`` turns the kernel off (numpy only); ``kernel_status()`` says which is in use
-and why.
+``use_kernel(False)`` turns the kernel off (numpy only; the server does it for ``Config.qlinear``,
+ENGINE_QLINEAR=0); ``kernel_status()`` says which is in use and why.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ SPLIT_MIN_ROWS = 64
 
 
 def _load_kernel() -> tuple[ModuleType | None, str]:
-    if os.environ.get("ENGINE_QLINEAR", "1") == "0":
-        return None, "off (ENGINE_QLINEAR=0)"
     try:
         from engine.runtime import _qlinear  # type: ignore[attr-defined]
     except ImportError:
@@ -66,6 +64,17 @@ MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16 = 0, 1, 2
 
 def kernel_available() -> bool:
     return _KERNEL is not None
+
+
+def use_kernel(on: bool) -> None:
+    """Process-wide: the compiled kernel (when it loaded) or numpy/OpenBLAS alone.
+    ``Config.qlinear`` (ENGINE_QLINEAR=0 turns it off) decides it for the server."""
+    global _KERNEL, _KERNEL_STATUS, _VNNI
+    if on:
+        _KERNEL, _KERNEL_STATUS = _load_kernel()
+    else:
+        _KERNEL, _KERNEL_STATUS = None, "off (Config.qlinear: ENGINE_QLINEAR=0): numpy/OpenBLAS only"
+    _VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
 
 
 def kernel_status() -> str:
