@@ -43,6 +43,24 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inter-threads", type=int, default=None, help="engine calls in parallel (default 1)")
 
 
+def _environment_help(flag_dests: set[str]) -> str:
+    """The serve help's epilog: every setting as ENGINE_<NAME>, and those with no flag."""
+    from dataclasses import MISSING, fields
+
+    from engine.config import Config
+
+    lines = [
+        "Every setting can also come from the environment as ENGINE_<NAME> (ENGINE_HTTP_PORT=8000);",
+        "a flag wins over the environment. Settings with no flag:",
+    ]
+    for f in fields(Config):
+        if f.name not in flag_dests and f.default is not MISSING:
+            default = ("1" if f.default else "0") if isinstance(f.default, bool) else repr(f.default)
+            lines.append(f"  ENGINE_{f.name.upper()} (default {default})")
+    lines.append("Booleans: 1/0, true/false, yes/no, on/off.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests per API key per minute, 0 = off (default 600)",
     )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _environment_help({a.dest for a in p._actions})
 
     p = sub.add_parser("keys", help="manage API keys")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

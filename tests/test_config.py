@@ -22,3 +22,20 @@ def test_invalid_values_are_rejected() -> None:
         Config.build({"max_batch_size": 0}, {})
     with pytest.raises(InvalidRequest, match="device must be"):
         Config.build({"device": "tpu"}, {})
+
+
+def test_serve_help_lists_the_settings_that_have_no_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields
+
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "ENGINE_<NAME>" in text
+    for name in ("cuda_graphs", "qlinear", "batch_scheduling", "auth_disabled"):
+        assert f"ENGINE_{name.upper()} (default" in text
+    # A setting with a flag is not repeated there.
+    assert "ENGINE_HTTP_PORT (default" not in text
+    assert {f.name for f in fields(Config)} >= {"cuda_graphs", "qlinear"}
