@@ -50,6 +50,7 @@ MODELS = OUT_DIR / "models"
 OURS = "ours contrastive (2 threads)"
 OURS_1T = "ours contrastive (1 thread)"
 OURS_NUMPY = "ours contrastive, numpy/OpenBLAS only (2 threads)"
+OURS_VNNI = "ours contrastive, VNNI int16 activations instead of AMX (2 threads)"
 HF = "transformers 4.55 contrastive (2 threads)"
 GREEDY = "ctranslate2 int8 greedy (2 threads)"
 
@@ -186,6 +187,17 @@ def threads(runtime: T5Runtime, n: int) -> Iterator[None]:
 
 
 @contextmanager
+def vnni_not_amx() -> Iterator[None]:
+    """The kernel as it was before AMX: int8 weights x int16 activations with VNNI."""
+    before = qlinear._AMX
+    qlinear._AMX = False
+    try:
+        yield
+    finally:
+        qlinear._AMX = before
+
+
+@contextmanager
 def numpy_only() -> Iterator[None]:
     """The runtime as it was before the compiled kernel: dequantized float32 weights, OpenBLAS
     with 2 threads."""
@@ -244,6 +256,10 @@ def main() -> None:
             with numpy_only():
                 return ours(runtime, batch)
 
+        def ours_vnni(batch: list[list[int]]) -> float:
+            with vnni_not_amx():
+                return ours(runtime, batch)
+
         contenders: list[tuple[str, Callable[[list[list[int]]], float]]] = [
             (OURS, lambda batch: ours(runtime, batch)),
             (OURS_1T, ours_one_thread),
@@ -251,6 +267,8 @@ def main() -> None:
             (HF, lambda batch: hf.run(batch, PARAMS)),
             (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch, NEW_TOKENS)),
         ]
+        if qlinear._AMX:  # side by side: the AMX kernel against the VNNI one it replaced
+            contenders.append((OURS_VNNI, ours_vnni))
         for r in range(args.rounds):
             shift = r % len(contenders)
             order = contenders[shift:] + contenders[:shift]  # rotate who goes first
@@ -285,6 +303,7 @@ def main() -> None:
                 "numpy-only / ours": ratio(b, OURS_NUMPY, OURS),
                 "ours / greedy": ratio(b, OURS, GREEDY),
                 "ours 1t / greedy": ratio(b, OURS_1T, GREEDY),
+                **({"VNNI / ours": ratio(b, OURS_VNNI, OURS)} if (OURS_VNNI, b) in times else {}),
             }
         )
 
@@ -311,6 +330,10 @@ def main() -> None:
         keys = ("HF / ours", "HF / ours 1t", "numpy-only / ours", "ours / greedy", "ours 1t / greedy")
         cells += [f"{row[k]:.2f}x" for k in keys]
         print("".join(f"{c:>12}" for c in cells))
+        if "VNNI / ours" in row:
+            print(
+                f"{'':>12}  VNNI instead of AMX: {row[f'{OURS_VNNI} s']:.3f} s, VNNI / ours = {row['VNNI / ours']:.2f}x"
+            )
     print()
     print("per step, ms (one instrumented run each; 64 steps; the decoder step's parts are inside its total)")
     columns = [(t, b) for t in (2, 1) for b in batches]

@@ -20,6 +20,7 @@ side keeps numpy). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define NR 4
 /* Software prefetch distance, in weight rows ahead of the tile being computed. A tile reads 4 short
@@ -200,6 +201,142 @@ static int cpu_ok(void) {
 
 static int vnni_ok(void) { return cpu_ok() && __builtin_cpu_supports("avx512vnni"); }
 
+
+/* ---- int8 weights x int8 activations with AMX (TDPBSSD: 16x16x64 products per instruction) ----
+   Sapphire Rapids and later. Each activation row is quantized to int8 with its own scale (max |x|
+   -> 127, as CTranslate2's int8 GEMMs do), the products accumulate exactly in int32, and a row's
+   result depends on that row alone. The weights are packed once (pack_amx) into AMX's layout: a
+   tile is a block of 16 outputs by 64 inputs, 16 lines of 64 bytes where line r holds, for each of
+   the 16 outputs n, inputs 4r..4r+3 (W[n0 + n][k0 + 4r + i] at byte 4n + i). Tiles are ordered
+   [group of 64 outputs][64 inputs][4 blocks of 16 outputs], so that a group's product reads one
+   sequential stream; N is padded to 64 and K to 64 with zeros. Measured on the 2-core Xeon: a 32 x 512 by 512 x 2048 product in 35 us on one
+   core (948 GMAC/s), against 340 us on two cores for VNNI. Linux needs the process to ask for the
+   AMX state once (arch_prctl); amx_ok() does, and says no if the CPU, the kernel or the compiler
+   cannot. */
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_config;
+
+static int amx_state = -1; /* -1: not asked yet; 0: no; 1: yes */
+
+static int amx_ok(void) {
+    if (amx_state >= 0) return amx_state;
+    unsigned a, b, c, d;
+    amx_state = 0;
+    if (!cpu_ok() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
+    amx_state = 1;
+    return 1;
+}
+
+/* Rows of x quantized to int8 with a scale each, into Mp x Kp (zero padded). */
+AMX_TARGET static void quantize_rows_i8(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int8_t *xq,
+                                        float *sx) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (Py_ssize_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        int8_t *dst = xq + m * Kp;
+        __m512 vmax = _mm512_setzero_ps();
+        for (Py_ssize_t k = 0; k < K; k += 16) {
+            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mask, row + k), absmask));
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+        const __m512 inv = _mm512_set1_ps(1.0f / s);
+        for (Py_ssize_t k = 0; k < Kp; k += 16) {
+            const Py_ssize_t left = K - k;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
+            _mm_storeu_si128((__m128i *)(dst + k), _mm512_cvtsepi32_epi8(q));
+        }
+        sx[m] = s;
+    }
+}
+
+/* One block of 16 activation rows by `nb` (1..4) blocks of 16 outputs: C tiles 0..nb-1, A in tile
+   4, B in tiles 5..7 (the fourth B reuses 5). */
+#ifndef AMX_PF_CHUNKS
+#define AMX_PF_CHUNKS 4 /* prefetch distance, in 4 KiB chunks (one per 64 inputs) of a group */
+#endif
+AMX_TARGET static inline void amx_block(const int8_t *xq, Py_ssize_t Kp, const int8_t *wp, Py_ssize_t KB,
+                                        int32_t *acc /* [16][64] */) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int8_t *end = wp + KB * 4096;
+    for (Py_ssize_t kb = 0; kb < KB; kb++) {
+        const int8_t *b = wp + kb * 4096;
+        const int8_t *pf = b + AMX_PF_CHUNKS * 4096;
+        if (pf < end)
+            for (int line = 0; line < 4096; line += 64) _mm_prefetch((const char *)(pf + line), _MM_HINT_T0);
+        _tile_loadd(4, xq + kb * 64, Kp);
+        _tile_loadd(5, b, 64);
+        _tile_dpbssd(0, 4, 5);
+        _tile_loadd(6, b + 1024, 64);
+        _tile_dpbssd(1, 4, 6);
+        _tile_loadd(7, b + 2048, 64);
+        _tile_dpbssd(2, 4, 7);
+        _tile_loadd(5, b + 3072, 64);
+        _tile_dpbssd(3, 4, 5);
+    }
+    _tile_stored(0, acc, 256);
+    _tile_stored(1, acc + 16, 256);
+    _tile_stored(2, acc + 32, 256);
+    _tile_stored(3, acc + 48, 256);
+}
+
+AMX_TARGET static void linear_amx(const int8_t *xq, Py_ssize_t Mp, Py_ssize_t Kp, const float *sx, Py_ssize_t M,
+                                  const int8_t *wp, Py_ssize_t N, const float *scale, float *out, int threads) {
+    const Py_ssize_t KB = Kp / 64, groups = (N + 63) / 64, mblocks = Mp / 16;
+    const Py_ssize_t jobs = groups * mblocks;
+    /* Few rows are bound by reading the weights, which two cores do faster than one. */
+    const int nt = (Mp * N * Kp >= (1 << 21) && threads > 1) ? threads : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        amx_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) {
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        int32_t acc[16 * 64] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (Py_ssize_t job = 0; job < jobs; job++) {
+            /* a group's m-blocks one after the other: its weights are read from memory once */
+            const Py_ssize_t g = job / mblocks, mb = job % mblocks;
+            amx_block(xq + mb * 16 * Kp, Kp, wp + g * KB * 4096, KB, acc);
+            const Py_ssize_t m0 = mb * 16, n0 = g * 64;
+            for (Py_ssize_t i = 0; i < 16 && m0 + i < M; i++) {
+                const float si = sx[m0 + i];
+                for (Py_ssize_t j = 0; j < 64 && n0 + j < N; j++)
+                    out[(m0 + i) * N + n0 + j] = (float)acc[i * 64 + j] * si / scale[n0 + j];
+            }
+        }
+        _tile_release();
+    }
+}
+#else
+static int amx_ok(void) { return 0; }
+#endif
+
 static PyObject *py_available(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -212,9 +349,50 @@ static PyObject *py_vnni_available(PyObject *self, PyObject *args) {
     return PyBool_FromLong(vnni_ok());
 }
 
+static PyObject *py_amx_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(amx_ok());
+}
+
+/* pack_amx(w, N, K) -> bytes: int8 weights [N, K] in AMX's layout (see linear_amx), padded. */
+static PyObject *py_pack_amx(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer w;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "y*nn", &w, &N, &K)) return NULL;
+    if (N <= 0 || K <= 0 || w.len != N * K) {
+        PyBuffer_Release(&w);
+        PyErr_SetString(PyExc_ValueError, "pack_amx: the buffer is not N x K int8");
+        return NULL;
+    }
+    const Py_ssize_t NB = (N + 63) / 64 * 4, KB = (K + 63) / 64;
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, NB * KB * 1024);
+    if (!packed) {
+        PyBuffer_Release(&w);
+        return NULL;
+    }
+    int8_t *dst = (int8_t *)PyBytes_AS_STRING(packed);
+    const int8_t *src = (const int8_t *)w.buf;
+    memset(dst, 0, (size_t)(NB * KB * 1024));
+    for (Py_ssize_t nb = 0; nb < NB; nb++)
+        for (Py_ssize_t kb = 0; kb < KB; kb++)
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int i = 0; i < 4; i++) {
+                        const Py_ssize_t row = nb * 16 + n, col = kb * 64 + 4 * r + i;
+                        /* tile (group nb / 4, inputs kb, block nb % 4) */
+                        const Py_ssize_t tile = ((nb / 4) * KB + kb) * 4 + nb % 4;
+                        if (row < N && col < K) dst[tile * 1024 + r * 64 + n * 4 + i] = src[row * K + col];
+                    }
+    PyBuffer_Release(&w);
+    return packed;
+}
+
 /* linear(x, w, scale_or_None, out, M, K, N, mode, threads): buffers are C-contiguous, checked
    (dtypes and shapes) by engine/runtime/qlinear.py; sizes are re-checked here against the bytes.
-   mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights x int16 activations. */
+   mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights x int16 activations;
+   3: int8 weights packed by pack_amx (w is that buffer) x int8 activations with AMX. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer x, w, out, scale = {0};
@@ -226,19 +404,38 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     const int is_int8 = mode != 0;
     int has_scale = scale_obj != Py_None;
     if (has_scale && PyObject_GetBuffer(scale_obj, &scale, PyBUF_SIMPLE) < 0) goto fail;
-    if (mode < 0 || mode > 2 || (is_int8 && !has_scale)) {
-        PyErr_SetString(PyExc_ValueError, "qlinear: mode must be 0 (float32) or 1, 2 (int8, with a scale)");
+    if (mode < 0 || mode > 3 || (is_int8 && !has_scale)) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: mode must be 0 (float32) or 1, 2, 3 (int8, with a scale)");
         goto fail;
     }
-    if (!(mode == 2 ? vnni_ok() : cpu_ok())) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks the AVX-512 extensions this mode needs");
+    if (!(mode == 3 ? amx_ok() : mode == 2 ? vnni_ok() : cpu_ok())) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks the extensions this mode needs");
         goto fail;
     }
-    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 ||
-        w.len != N * K * (is_int8 ? 1 : 4) || (has_scale && scale.len != N * 4)) {
+    const Py_ssize_t w_len = mode == 3 ? (N + 63) / 64 * 4 * ((K + 63) / 64) * 1024 : N * K * (is_int8 ? 1 : 4);
+    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 || w.len != w_len ||
+        (has_scale && scale.len != N * 4)) {
         PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
         goto fail;
     }
+#ifdef HAVE_AMX
+    if (mode == 3) {
+        const Py_ssize_t Kp = (K + 63) / 64 * 64, Mp = (M + 15) / 16 * 16;
+        int8_t *xq = aligned_alloc(64, (size_t)((Mp * Kp + 63) / 64 * 64 + 64));
+        float *sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+        if (!xq || !sx) {
+            free(xq);
+            free(sx);
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memset(xq, 0, (size_t)(Mp * Kp));
+        Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx);
+        if (M > 0) linear_amx(xq, Mp, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
+        Py_END_ALLOW_THREADS free(xq);
+        free(sx);
+    } else
+#endif
     if (mode == 2) {
         const Py_ssize_t Kp = (K + 31) / 32 * 32;
         int16_t *xq = aligned_alloc(64, (size_t)((M * Kp * 2 + 63) / 64 * 64));
@@ -275,6 +472,8 @@ fail:
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "Whether this CPU can run the kernels (AVX-512F/BW/DQ/VL)."},
     {"vnni_available", py_vnni_available, METH_NOARGS, "Whether this CPU has AVX512-VNNI too (mode 2)."},
+    {"amx_available", py_amx_available, METH_NOARGS, "Whether AMX-INT8 can run here (mode 3): CPU, kernel, compiler."},
+    {"pack_amx", py_pack_amx, METH_VARARGS, "int8 weights [N, K] -> bytes in AMX's tile layout (mode 3)."},
     {"linear", py_linear, METH_VARARGS, "out[M, N] = x[M, K] . w[N, K]^T (/ scale[N]); see qlinear.py."},
     {NULL, NULL, 0, NULL},
 };

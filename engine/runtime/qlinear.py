@@ -5,10 +5,12 @@ one row per sequence by the lm_head. OpenBLAS is poor at that shape (it packs th
 matrix per call and reads float32 weights: 4x the bytes of an int8 folder). ``_qlinear`` (C,
 AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 stores them (int8
 rows with their scales, or float32) and converts them in registers. Activations stay float32, or
-with AVX512-VNNI are quantized to int16 per row (error at most ~1/32767 of a row's largest value,
-where CTranslate2's int8 GEMMs quantize to int8): the result is x . (W / scale) up to that and the
-order of the float sums. For many rows (the encoder) BLAS on the dequantized matrix is faster, so
-a ``Linear`` keeps both and picks by row count (``KERNEL_MAX_ROWS``, measured).
+with AVX512-VNNI are quantized to int16 per row (error at most ~1/32767 of a row's largest value).
+With AMX (Sapphire Rapids and later) int8 weights, packed once into AMX's tile layout, multiply
+int8-quantized activations (1/254 of a row's largest value, as CTranslate2's int8 GEMMs do) at
+every row count, the encoder included; a row's result then depends on that row alone. Without AMX,
+for many rows (the encoder) BLAS on the dequantized matrix is faster, so a ``Linear`` picks by row
+count (``KERNEL_MAX_ROWS``, measured).
 
 ``use_kernel(False)`` turns the kernel off (numpy only; the server does it for ``Config.qlinear``,
 ENGINE_QLINEAR=0); ``kernel_status()`` says which is in use and why.
@@ -16,6 +18,7 @@ ENGINE_QLINEAR=0); ``kernel_status()`` says which is in use and why.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -34,7 +37,9 @@ from engine.errors import InvalidRequest
 # 32 = 128 rows: 6.2-6.7 s vs 7.7-8.6 s) since OpenBLAS reads 4x the bytes; converting int8 or
 # float32 weights to float it computes at a third of VNNI's rate, and hot-cache OpenBLAS is
 # faster from 32 rows. A prompt's encoder (100+ rows a prompt) mostly stays on OpenBLAS.
-KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 256}  # by mode: float32, int8 as float, int8 x int16 (VNNI)
+# With AMX (mode 3) the kernel beats OpenBLAS at every row count (a 32 x 512 by 512 x 2048 product:
+# 35 us on one core, against 340 us for VNNI on two and ~250 us for OpenBLAS), the encoder included.
+KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 256, 3: 1 << 30}  # float32, int8 as float, int8 x int16, AMX
 # OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
 # packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
 BLAS_BLOCK_ROWS = 1024
@@ -52,14 +57,18 @@ def _load_kernel() -> tuple[ModuleType | None, str]:
         return None, "this CPU lacks AVX-512 F/BW/DQ/VL: numpy/OpenBLAS only"
     if not _qlinear.vnni_available():
         return _qlinear, "AVX-512 small-batch kernel (no VNNI: int8 weights converted to float)"
+    if _qlinear.amx_available():
+        return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with AMX (float32 models: AVX-512)"
     return _qlinear, "AVX-512 small-batch kernel, int8 weights x int16 activations with VNNI"
 
 
 _KERNEL, _KERNEL_STATUS = _load_kernel()
 _VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
+_AMX = _KERNEL is not None and bool(_KERNEL.amx_available())
 # The kernel's modes (see _qlinear.c): float32 weights; int8 weights converted to float32; int8
-# weights times int16-quantized activations (VNNI).
-MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16 = 0, 1, 2
+# weights times int16-quantized activations (VNNI); int8 weights, packed, times int8-quantized
+# activations (AMX).
+MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16, MODE_INT8_AMX = 0, 1, 2, 3
 
 
 def kernel_available() -> bool:
@@ -69,12 +78,13 @@ def kernel_available() -> bool:
 def use_kernel(on: bool) -> None:
     """Process-wide: the compiled kernel (when it loaded) or numpy/OpenBLAS alone.
     ``Config.qlinear`` (ENGINE_QLINEAR=0 turns it off) decides it for the server."""
-    global _KERNEL, _KERNEL_STATUS, _VNNI
+    global _KERNEL, _KERNEL_STATUS, _VNNI, _AMX
     if on:
         _KERNEL, _KERNEL_STATUS = _load_kernel()
     else:
         _KERNEL, _KERNEL_STATUS = None, "off (Config.qlinear: ENGINE_QLINEAR=0): numpy/OpenBLAS only"
     _VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
+    _AMX = _KERNEL is not None and bool(_KERNEL.amx_available())
 
 
 def kernel_status() -> str:
@@ -107,12 +117,13 @@ def default_threads() -> int:
 @dataclass(frozen=True, eq=False)
 class Linear:
     """One weight matrix in CTranslate2's layout [out, in]: ``stored`` is int8 (with ``scale``,
-    float32 [out]: W = stored / scale) or float32 (``scale`` None); ``dense`` is the float32 matrix
-    for BLAS (the same array as ``stored`` when that is float32)."""
+    float32 [out]: W = stored / scale) or float32 (``scale`` None). ``packed`` is the int8 matrix
+    in AMX's tile layout where AMX runs; ``dense`` the float32 matrix for BLAS, made on first use
+    (with AMX nothing needs it: no 4x copy of the model in memory)."""
 
     stored: np.ndarray
     scale: np.ndarray | None
-    dense: np.ndarray
+    packed: np.ndarray | None = None
 
     @classmethod
     def from_stored(cls, stored: np.ndarray, scale: np.ndarray | None) -> Linear:
@@ -121,32 +132,44 @@ class Linear:
         if stored.dtype == np.int8:
             if scale is None or scale.shape != (stored.shape[0],):
                 raise InvalidRequest("an int8 weight needs one float scale per output row")
-            scale = np.ascontiguousarray(scale, dtype=np.float32)
-            dense = stored.astype(np.float32)
-            dense /= scale.reshape(-1, 1)
-            return cls(np.ascontiguousarray(stored), scale, dense)
-        dense = np.ascontiguousarray(stored, dtype=np.float32)
-        return cls(dense, None, dense)
+            stored = np.ascontiguousarray(stored)
+            packed = None
+            if _AMX and _KERNEL is not None:
+                packed = np.frombuffer(_KERNEL.pack_amx(stored, *stored.shape), dtype=np.int8)
+            return cls(stored, np.ascontiguousarray(scale, dtype=np.float32), packed)
+        return cls(np.ascontiguousarray(stored, dtype=np.float32), None)
+
+    @functools.cached_property
+    def dense(self) -> np.ndarray:
+        if self.scale is None:
+            return self.stored
+        dense = self.stored.astype(np.float32)
+        dense /= self.scale.reshape(-1, 1)
+        return dense
 
     @property
     def mode(self) -> int:
         if self.scale is None:
             return MODE_FLOAT32
+        if _AMX and self.packed is not None:
+            return MODE_INT8_AMX
         return MODE_INT8_INT16 if _VNNI else MODE_INT8_FLOAT
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = self.dense.shape
+        rows, cols = self.stored.shape
         return rows, cols
 
     def __call__(self, x: np.ndarray, threads: int = 1, kernel: bool = True) -> np.ndarray:
         """x [R, in] float32 -> [R, out] float32."""
         rows = x.shape[0]
-        n, k = self.dense.shape
-        if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[self.mode]:
+        n, k = self.stored.shape
+        mode = self.mode
+        if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
-            _KERNEL.linear(x, self.stored, self.scale, out, rows, k, n, self.mode, threads)
+            weights = self.packed if mode == MODE_INT8_AMX else self.stored
+            _KERNEL.linear(x, weights, self.scale, out, rows, k, n, mode, threads)
             return out
         if _blas_single_threaded and threads > 1 and rows >= SPLIT_MIN_ROWS:
             return _split_rows(x, self.dense, threads)
