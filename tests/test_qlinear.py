@@ -83,16 +83,16 @@ def test_kernel_matches_float64(mode: int, threads: int, m: int, n: int, k: int)
 
 
 @needs_kernel
-@pytest.mark.skipif(not qlinear._VNNI, reason="no AVX512-VNNI")
-def test_int16_path_cannot_overflow() -> None:
-    """The largest activations times the largest weights over a long row: integer lanes are
-    flushed to float before they can wrap."""
+@pytest.mark.parametrize("mode", [m for m in MODES if m in (qlinear.MODE_INT8_INT16, qlinear.MODE_INT8_AMX)])
+def test_integer_sums_cannot_overflow(mode: int) -> None:
+    """The largest activations times the largest weights over a long row: VNNI's int32 lanes are
+    flushed to float before they can wrap; AMX's int32 sums of int8 products stay exact."""
     assert kernel is not None
     k = 9000
     x = np.full((1, k), -3.0, dtype=np.float32)
     w = np.full((2, k), 127, dtype=np.int8)
     out = np.empty((1, 2), dtype=np.float32)
-    kernel.linear(x, w, np.ones(2, dtype=np.float32), out, 1, k, 2, qlinear.MODE_INT8_INT16, 1)
+    kernel.linear(x, _weights(w, mode), np.ones(2, dtype=np.float32), out, 1, k, 2, mode, 1)
     np.testing.assert_allclose(out, -3.0 * 127 * k, rtol=1e-6)
 
 
@@ -211,26 +211,3 @@ def test_amx_rows_do_not_depend_on_their_batch() -> None:
     together = layer(x, threads=2)
     for i in (0, 15, 16, 36):
         np.testing.assert_array_equal(layer(x[i : i + 1], threads=1)[0], together[i])
-
-
-@needs_kernel
-@pytest.mark.skipif(not qlinear._AMX, reason="no AMX here (CPU, kernel or compiler)")
-def test_amx_sums_cannot_overflow() -> None:
-    """int32 accumulators: the largest products over a long row stay exact."""
-    assert kernel is not None
-    k = 9000
-    x = np.full((1, k), -3.0, dtype=np.float32)
-    w = np.full((2, k), 127, dtype=np.int8)
-    out = np.empty((1, 2), dtype=np.float32)
-    kernel.linear(
-        x,
-        _weights(w, qlinear.MODE_INT8_AMX),
-        np.ones(2, dtype=np.float32),
-        out,
-        1,
-        k,
-        2,
-        qlinear.MODE_INT8_AMX,
-        1,
-    )
-    np.testing.assert_allclose(out, -3.0 * 127 * k, rtol=1e-6)

@@ -146,28 +146,33 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni(
 }
 
 /* xq: M rows of Kp (K rounded up to 32, zero padded) int16; sx: M scales. Rounds to nearest even
-   (the default MXCSR mode, as lrintf), saturating. */
+   (the default MXCSR mode, as lrintf), saturating. The AMX path quantizes to int8 the same way. */
+/* The largest |x| of a row, and 16 of the row's values at k (zeros beyond K: the padding). */
+TARGET static inline float row_absmax(const float *row, Py_ssize_t K) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 vmax = _mm512_setzero_ps();
+    for (Py_ssize_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+        vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mask, row + k), absmask));
+    }
+    return _mm512_reduce_max_ps(vmax);
+}
+
+TARGET static inline __m512i scaled16(const float *row, Py_ssize_t K, Py_ssize_t k, __m512 inv) {
+    const Py_ssize_t left = K - k;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+    return _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
+}
+
 VNNI_TARGET static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq,
                                       float *sx) {
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        int16_t *dst = xq + m * Kp;
-        __m512 vmax = _mm512_setzero_ps();
-        for (Py_ssize_t k = 0; k < K; k += 16) {
-            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-            vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mask, row + k), absmask));
-        }
-        const float amax = _mm512_reduce_max_ps(vmax);
+        const float amax = row_absmax(row, K);
         const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
         const __m512 inv = _mm512_set1_ps(1.0f / s);
-        for (Py_ssize_t k = 0; k < Kp; k += 16) {
-            /* beyond K the masked load gives zeros: the padding the VNNI loop reads */
-            const Py_ssize_t left = K - k;
-            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
-            _mm256_storeu_si256((__m256i *)(dst + k), _mm512_cvtsepi32_epi16(q));
-        }
+        for (Py_ssize_t k = 0; k < Kp; k += 16)
+            _mm256_storeu_si256((__m256i *)(xq + m * Kp + k), _mm512_cvtsepi32_epi16(scaled16(row, K, k, inv)));
         sx[m] = s;
     }
 }
@@ -246,24 +251,13 @@ static int amx_ok(void) {
 /* Rows of x quantized to int8 with a scale each, into Mp x Kp (zero padded). */
 AMX_TARGET static void quantize_rows_i8(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int8_t *xq,
                                         float *sx) {
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        int8_t *dst = xq + m * Kp;
-        __m512 vmax = _mm512_setzero_ps();
-        for (Py_ssize_t k = 0; k < K; k += 16) {
-            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-            vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_maskz_loadu_ps(mask, row + k), absmask));
-        }
-        const float amax = _mm512_reduce_max_ps(vmax);
+        const float amax = row_absmax(row, K);
         const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
         const __m512 inv = _mm512_set1_ps(1.0f / s);
-        for (Py_ssize_t k = 0; k < Kp; k += 16) {
-            const Py_ssize_t left = K - k;
-            const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
-            _mm_storeu_si128((__m128i *)(dst + k), _mm512_cvtsepi32_epi8(q));
-        }
+        for (Py_ssize_t k = 0; k < Kp; k += 16)
+            _mm_storeu_si128((__m128i *)(xq + m * Kp + k), _mm512_cvtsepi32_epi8(scaled16(row, K, k, inv)));
         sx[m] = s;
     }
 }
