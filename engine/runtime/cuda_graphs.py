@@ -30,6 +30,7 @@ step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -135,6 +136,9 @@ class CtypesCublas:
     def __init__(self) -> None:
         import ctypes
 
+        # CuPy's own binding loads its cuBLAS into the process: dlopen by soname then finds it.
+        with contextlib.suppress(ImportError):
+            import cupy_backends.cuda.libs.cublas  # noqa: F401
         self._ct = ctypes
         errors = []
         for name in self.SONAMES:
