@@ -41,9 +41,6 @@ class FakeCublas:
     def create(self) -> int:
         return 1
 
-    def destroy(self, handle: int) -> None:
-        pass
-
     def setWorkspace(self, handle: int, workspace: int, size: int) -> None:
         pass
 

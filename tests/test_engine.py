@@ -213,12 +213,15 @@ def test_mixed_max_new_tokens_in_one_group(engine: Engine, params: dict[str, obj
 
 
 def test_mixed_strategies_in_one_call(engine: Engine) -> None:
-    ids = engine.tokenize(prompts_of_lengths(engine, [3, 8, 5, 9], seed=7))
+    ids = engine.tokenize(prompts_of_lengths(engine, [3, 8, 5, 9, 6, 4], seed=7))
     params = [
         DecodingParams(max_new_tokens=10),
         DecodingParams(max_new_tokens=10, num_beams=3),
         DecodingParams(max_new_tokens=6, num_beams=3),
         DecodingParams(max_new_tokens=10, do_sample=True, seed=3),
+        # Our decoder's requests share one continuous batch, whatever their parameters.
+        DecodingParams(max_new_tokens=10, penalty_alpha=0.6, top_k=4),
+        DecodingParams(max_new_tokens=7, penalty_alpha=0.3, top_k=2, repetition_penalty=1.2),
     ]
     requests = [GenerationRequest(x, p) for x, p in zip(ids, params, strict=True)]
     together = engine.generate_requests(requests)

@@ -120,14 +120,9 @@ class CublasGemm:
         )
         return out
 
-    def close(self) -> None:
-        if self.handle:
-            self.cublas.destroy(self.handle)
-            self.handle = 0
-
 
 class CtypesCublas:
-    """The four cuBLAS entry points the graph path needs, called through ctypes on the library
+    """The cuBLAS entry points the graph path needs, called through ctypes on the library
     CuPy already loaded (same process, same soname), with the argument order of CuPy's
     ``cupy_backends.cuda.libs.cublas`` functions so that ``CublasGemm`` takes either."""
 
@@ -152,8 +147,6 @@ class CtypesCublas:
         vp, i32, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
         self._create = lib.cublasCreate_v2
         self._create.argtypes = [ctypes.POINTER(vp)]
-        self._destroy = lib.cublasDestroy_v2
-        self._destroy.argtypes = [vp]
         self._set_stream = lib.cublasSetStream_v2
         self._set_stream.argtypes = [vp, vp]
         self._set_workspace = getattr(lib, "cublasSetWorkspace_v2", None)
@@ -167,7 +160,7 @@ class CtypesCublas:
             vp, vp, i32, i32, i64,
             i32, i32, i32,
         ]  # fmt: skip
-        for fn in (self._create, self._destroy, self._set_stream, self._gemm, self._set_workspace):
+        for fn in (self._create, self._set_stream, self._gemm, self._set_workspace):
             if fn is not None:
                 fn.restype = i32
 
@@ -180,9 +173,6 @@ class CtypesCublas:
         handle = self._ct.c_void_p()
         self._check(self._create(self._ct.byref(handle)), "cublasCreate")
         return int(handle.value or 0)
-
-    def destroy(self, handle: int) -> None:
-        self._check(self._destroy(handle), "cublasDestroy")
 
     def setWorkspace(self, handle: int, workspace: int, size: int) -> None:
         if self._set_workspace is not None:

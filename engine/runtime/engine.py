@@ -349,9 +349,11 @@ def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
     for i, request in enumerate(requests):
         params = request.params
         key: tuple[Any, ...] = params.batch_key()
-        if params.strategy is Strategy.BEAM:
+        if params.runs_on_own_decoder:
+            # One continuous batch for all of them: its rows are independent of each other
+            # (contrastive rows of any alpha and k, sampling rows each with its own generator).
+            key = ("own decoder",)
+        elif params.strategy is Strategy.BEAM:
             key = (*key, params.max_new_tokens)
-        elif params.runs_on_own_decoder and params.strategy is Strategy.SAMPLE:
-            key = ("seeded sampling",)  # one continuous batch; each row draws from its own generator
         groups.setdefault(key, []).append(i)
     return list(groups.values())

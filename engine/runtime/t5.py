@@ -613,32 +613,27 @@ class T5Runtime:
     def past_bias_host(self, lengths: np.ndarray, width: int) -> np.ndarray:
         """Self-attention bias of a query at position ``lengths[b]`` over past keys 0..width-1, on
         the host in the compute dtype: [B, H, 1, width], masked at and beyond each row's length."""
-        s = self.shape
-        if self._dec_bias_by_distance is None or self._dec_bias_by_distance.shape[0] <= width:
-            distances = np.arange(max(width + 1, 64))
-            buckets = relative_position_bucket(
-                -distances, bidirectional=False, num_buckets=s.num_buckets, max_distance=s.max_distance
-            )
-            self._dec_bias_by_distance = self._dec_bias_table[buckets]  # [distance, H] (host)
-        table = self._dec_bias_by_distance
+        table = self._bias_by_distance(width)
         dist = lengths[:, None] - np.arange(width)[None, :]  # [B, width]
         past = table[np.clip(dist, 0, None)]  # [B, width, H]
         past[dist <= 0] = _mask_value(self.dtype)
         return np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :], dtype=self.dtype)
 
+    def _bias_by_distance(self, width: int) -> np.ndarray:
+        """The decoder's relative position bias by distance 0..width (at least), [distance, H] (host)."""
+        if self._dec_bias_by_distance is None or self._dec_bias_by_distance.shape[0] <= width:
+            s = self.shape
+            distances = np.arange(max(width + 1, 64))
+            buckets = relative_position_bucket(
+                -distances, bidirectional=False, num_buckets=s.num_buckets, max_distance=s.max_distance
+            )
+            self._dec_bias_by_distance = self._dec_bias_table[buckets]
+        return self._dec_bias_by_distance
+
     def own_bias(self) -> Array:
         """The bias of a query's own key (distance 0): [H, 1, 1] on the device, made once."""
         if self._own_bias is None:
-            s = self.shape
-            bucket = relative_position_bucket(
-                np.zeros(1, dtype=np.int64),
-                bidirectional=False,
-                num_buckets=s.num_buckets,
-                max_distance=s.max_distance,
-            )
-            self._own_bias = self.xp.asarray(
-                self._dec_bias_table[bucket][0].reshape(-1, 1, 1), dtype=self.dtype
-            )
+            self._own_bias = self.xp.asarray(self._bias_by_distance(0)[0].reshape(-1, 1, 1), dtype=self.dtype)
         return self._own_bias
 
     def decoder_step(self, cache: DecoderCache, tokens: np.ndarray) -> StepOutput:
