@@ -68,7 +68,9 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """Oldest queued jobs of a lane (and batch key), oldest first: the batching policy's input."""
+        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
+        of each owner that has some, merged oldest first, so that a key whose backlog is older
+        than the window still shows every other key's head (batching.fair_order takes turns)."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
