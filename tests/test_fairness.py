@@ -6,7 +6,6 @@ key B submits one; B's job completes long before A's backlog ends (it used to co
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from engine.serving.batching import Lane, QueueEntry, fair_order
 from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, redis_server, start_service
+from tests.fakes import FakeEngine, start_service
+from tests.test_store import redis_url  # noqa: F401  (the module's Redis server fixture)
 
 GREEDY = DecodingParams(max_new_tokens=4)
 CONTRASTIVE = DecodingParams(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
@@ -26,25 +26,17 @@ FLOOD = 256
 BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    if shutil.which("redis-server") is None:
-        yield None
-        return
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
 @pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, redis_url: str | None) -> Iterator[JobStore]:
+def store(request: pytest.FixtureRequest) -> Iterator[JobStore]:
+    url = request.getfixturevalue("redis_url")
     if request.param == "sqlite":
         s: JobStore = SqliteJobStore(":memory:")
     else:
-        if redis_url is None:
+        if url is None:
             pytest.skip("redis-server is not installed (make system-deps installs it)")
         from engine.serving.store.redis import RedisJobStore
 
-        s = RedisJobStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+        s = RedisJobStore(url, prefix=f"test:{uuid.uuid4().hex}:")
     yield s
     s.close()
 

@@ -172,6 +172,21 @@ def open_store(url: str) -> JobStore:
     )
 
 
+def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:
+    """What ``enqueue`` returns for ``job`` at queue place ``seq``."""
+    return QueueEntry(
+        job.id,
+        seq,
+        job.created_at,
+        lane,
+        batch_key,
+        len(job.prompts),
+        prompt_tokens,
+        job.params.max_new_tokens,
+        job.owner,
+    )
+
+
 # -- JSON forms of results and errors, shared by the stores ---------------------------------------
 def encode_result(result: JobResult) -> str:
     return json.dumps(

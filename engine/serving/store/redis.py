@@ -34,7 +34,14 @@ from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore, decode_error, decode_result, encode_error, encode_result
+from engine.serving.store.base import (
+    JobStore,
+    decode_error,
+    decode_result,
+    encode_error,
+    encode_result,
+    queue_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -313,17 +320,7 @@ class RedisJobStore(JobStore):
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
         seq = int(self._run("enqueue", job.id, *flat))
-        return QueueEntry(
-            job.id,
-            seq,
-            job.created_at,
-            lane,
-            key,
-            len(job.prompts),
-            prompt_tokens,
-            job.params.max_new_tokens,
-            job.owner,
-        )
+        return queue_entry(job, seq, lane, key, prompt_tokens)
 
     @_store_errors
     def get(self, job_id: str) -> Job | None:

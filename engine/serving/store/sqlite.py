@@ -31,6 +31,7 @@ from engine.serving.store.base import (
     decode_result,
     encode_error,
     encode_result,
+    queue_entry,
 )
 
 SCHEMA = """
@@ -286,17 +287,7 @@ class SqliteJobStore(JobStore):
         seq = int(cur.lastrowid or 0)
         stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
         self._queue.add(job.id, seq, lane.value, job.owner, stored)
-        return QueueEntry(
-            job.id,
-            seq,
-            job.created_at,
-            lane,
-            key,
-            len(job.prompts),
-            prompt_tokens,
-            job.params.max_new_tokens,
-            job.owner,
-        )
+        return queue_entry(job, seq, lane, key, prompt_tokens)
 
     @_store_errors
     def get(self, job_id: str) -> Job | None:
