@@ -15,8 +15,9 @@ import pytest
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import TokenEvent, Usage
+from engine.runtime.result import Usage
 from engine.serving.batching import Lane, batch_key_text
+from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import Completion, JobStore, open_store
 from engine.serving.store.sqlite import SqliteJobStore
@@ -477,7 +478,7 @@ def test_wait_and_stream_on_one_server_for_a_job_another_server_runs(redis_url: 
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
-async def _collect(events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+async def _collect(events: AsyncIterator[RowEvent]) -> list[RowEvent]:
     return [ev async for ev in events]
 
 

@@ -20,10 +20,9 @@ from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overl
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
-from engine.runtime.result import TokenEvent
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
-from engine.serving.events import JobEvents, stored_final_events
+from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler, timeout_error
 from engine.serving.store.base import JobStore
@@ -254,10 +253,10 @@ class JobService:
             return JobView(ended, 0)  # as stored at its end: no read back
         return await self.get(owner, job_id)
 
-    async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
-        """Token events as they are generated (``request_id`` is ``f"{job_id}:{prompt_index}"``),
-        then one final event per prompt with its ``result`` when the job completes. Ends once the
-        job is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
+    async def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]:
+        """Token events as they are generated (each names its ``Row``: job id, prompt index), then
+        one final event per prompt with its ``result`` when the job completes. Ends once the job
+        is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
         A job that finished earlier yields its final events at once."""
         self._owned(owner, job_id)
         q = self.events.subscribe(job_id)
@@ -267,7 +266,7 @@ class JobService:
                 for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
                     yield ev
                 return
-            getter: asyncio.Future[TokenEvent | None] | None = None
+            getter: asyncio.Future[RowEvent | None] | None = None
             try:
                 while True:
                     if getter is None:

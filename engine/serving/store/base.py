@@ -79,7 +79,9 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """Oldest queued jobs of a lane (and batch key), oldest first: the batching policy's input."""
+        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
+        of each owner that has some, merged oldest first, so that a key whose backlog is older
+        than the window still shows every other key's head (batching.fair_order takes turns)."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -266,6 +268,21 @@ def store_errors(method: F) -> F:
             raise self.health.failed(exc) from exc
 
     return cast(F, wrapper)
+
+
+def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:
+    """What ``enqueue`` returns for ``job`` at queue place ``seq``."""
+    return QueueEntry(
+        job.id,
+        seq,
+        job.created_at,
+        lane,
+        batch_key,
+        len(job.prompts),
+        prompt_tokens,
+        job.params.max_new_tokens,
+        job.owner,
+    )
 
 
 # -- JSON forms of results and errors, shared by the stores ---------------------------------------

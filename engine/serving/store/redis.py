@@ -7,6 +7,10 @@ attempt. Keys, under the URL's prefix + ``jobs:`` (default ``engine:jobs:``):
 - ``job:<id>``: a hash with the job (params, result and error as JSON, like the SQLite columns);
 - ``queued`` (all lanes), ``lane:<lane>``, ``key:<lane>:<batch key>``, scored by the queue ``seq``:
   positions are a ZRANK and the queue's head a ZRANGE, O(log n) with 10,000 jobs queued;
+- per owner (API key), for fair turns across every server: ``owners:<lane>`` (a hash: owner ->
+  queued jobs, the ring of keys with work), ``own:<lane>:<owner>`` and
+  ``ownkey:<lane>:<batch key>:<owner>`` (scored by ``seq``); ``queued`` reads each owner's head
+  in one script, and ``claim`` takes whatever the policy chose atomically;
 - ``created``: queued jobs by submission time (job_timeout_s);
 - ``running``: running jobs by lease deadline; ``done:<status>``: finished jobs by finish time.
 
@@ -37,6 +41,7 @@ from engine.serving.store.base import (
     decode_result,
     encode_error,
     encode_result,
+    queue_entry,
     store_call,
 )
 from engine.serving.store.url import StoreUrl, parse_store_url
@@ -47,22 +52,35 @@ log = logging.getLogger(__name__)
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
 local P = ARGV[1]
-local function unqueue(id, lane, key)
+local function unqueue(id, lane, key, owner)
   redis.call('ZREM', P..'queued', id)
   redis.call('ZREM', P..'lane:'..lane, id)
   redis.call('ZREM', P..'key:'..lane..':'..key, id)
   redis.call('ZREM', P..'created', id)
+  if owner then
+    redis.call('ZREM', P..'own:'..lane..':'..owner, id)
+    redis.call('ZREM', P..'ownkey:'..lane..':'..key..':'..owner, id)
+    if redis.call('HINCRBY', P..'owners:'..lane, owner, -1) <= 0 then
+      redis.call('HDEL', P..'owners:'..lane, owner)
+    end
+  end
+end
+local function queue(id, seq, lane, key, owner, created)
+  redis.call('ZADD', P..'queued', seq, id)
+  redis.call('ZADD', P..'lane:'..lane, seq, id)
+  redis.call('ZADD', P..'key:'..lane..':'..key, seq, id)
+  redis.call('ZADD', P..'created', created, id)
+  redis.call('ZADD', P..'own:'..lane..':'..owner, seq, id)
+  redis.call('ZADD', P..'ownkey:'..lane..':'..key..':'..owner, seq, id)
+  redis.call('HINCRBY', P..'owners:'..lane, owner, 1)
 end
 local function requeue(id)
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'seq', 'lane', 'batch_key', 'created_at')
+  local f = redis.call('HMGET', j, 'seq', 'lane', 'batch_key', 'created_at', 'owner')
   redis.call('HSET', j, 'status', 'queued')
   redis.call('HDEL', j, 'started_at')
   redis.call('ZREM', P..'running', id)
-  redis.call('ZADD', P..'queued', f[1], id)
-  redis.call('ZADD', P..'lane:'..f[2], f[1], id)
-  redis.call('ZADD', P..'key:'..f[2]..':'..f[3], f[1], id)
-  redis.call('ZADD', P..'created', f[4], id)
+  queue(id, f[1], f[2], f[3], f[5], f[4])
 end
 """
 
@@ -75,11 +93,8 @@ if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') e
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
-local f = redis.call('HMGET', j, 'lane', 'batch_key', 'created_at')
-redis.call('ZADD', P..'queued', seq, id)
-redis.call('ZADD', P..'lane:'..f[1], seq, id)
-redis.call('ZADD', P..'key:'..f[1]..':'..f[2], seq, id)
-redis.call('ZADD', P..'created', f[3], id)
+local f = redis.call('HMGET', j, 'lane', 'batch_key', 'created_at', 'owner')
+queue(id, seq, f[1], f[2], f[4], f[3])
 return seq
 """
 
@@ -89,9 +104,9 @@ local claimed = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+  local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
   if f[1] == 'queued' then
-    unqueue(id, f[2], f[3])
+    unqueue(id, f[2], f[3], f[4])
     redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
     redis.call('HINCRBY', j, 'attempts', 1)
     redis.call('ZADD', P..'running', ARGV[3], id)
@@ -118,9 +133,9 @@ return 1
 _FAIL_QUEUED = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
 if f[1] ~= 'queued' then return 0 end
-unqueue(id, f[2], f[3])
+unqueue(id, f[2], f[3], f[4])
 redis.call('HSET', j, 'status', 'failed', 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('ZADD', P..'done:failed', ARGV[3], id)
 return 1
@@ -130,9 +145,9 @@ return 1
 _CANCEL = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
+local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
 if f[1] == 'queued' then
-  unqueue(id, f[2], f[3])
+  unqueue(id, f[2], f[3], f[4])
 elseif f[1] == 'running' then
   redis.call('ZREM', P..'running', id)
 else
@@ -162,6 +177,22 @@ for _, id in ipairs(ids) do
     out[#out + 1] = id
   else
     redis.call('ZREM', P..'running', id)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, lane, limit, batch key or '': the oldest ``limit`` queued jobs of each owner with
+# work in the lane, as flat lists of the QueueEntry fields (one round trip, one consistent view)
+_QUEUED = """
+local lane, limit, key = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for _, owner in ipairs(redis.call('HKEYS', P..'owners:'..lane)) do
+  local set = key == '' and P..'own:'..lane..':'..owner or P..'ownkey:'..lane..':'..key..':'..owner
+  for _, id in ipairs(redis.call('ZRANGE', set, 0, limit - 1)) do
+    local f = redis.call('HMGET', P..'job:'..id, 'seq', 'created_at', 'lane', 'batch_key',
+      'num_prompts', 'prompt_tokens', 'max_new_tokens', 'owner')
+    if f[1] then out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]} end
   end
 end
 return out
@@ -240,6 +271,7 @@ class RedisJobStore(JobStore):
             for name, body in (
                 ("enqueue", _ENQUEUE),
                 ("claim", _CLAIM),
+                ("queued", _QUEUED),
                 ("finish", _FINISH_RUNNING),
                 ("fail_queued", _FAIL_QUEUED),
                 ("cancel", _CANCEL),
@@ -303,9 +335,7 @@ class RedisJobStore(JobStore):
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
         seq = int(self._run("enqueue", job.id, *flat))
-        return QueueEntry(
-            job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
-        )
+        return queue_entry(job, seq, lane, key, prompt_tokens)
 
     @store_call
     def get(self, job_id: str) -> Job | None:
@@ -331,29 +361,12 @@ class RedisJobStore(JobStore):
 
     @store_call
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        zset = self._k(f"lane:{lane.value}" if batch_key is None else f"key:{lane.value}:{batch_key}")
-        ids = self._r.zrange(zset, 0, limit - 1)
-        if not ids:
-            return []
-        pipe = self._r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(
-                self._k(f"job:{job_id}"),
-                "seq",
-                "created_at",
-                "lane",
-                "batch_key",
-                "num_prompts",
-                "prompt_tokens",
-                "max_new_tokens",
-            )
-        out = []
-        for job_id, f in zip(ids, pipe.execute(), strict=True):
-            if f[0] is None:  # claimed or purged between the two calls
-                continue
-            out.append(
-                QueueEntry(job_id, int(f[0]), float(f[1]), Lane(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]))
-            )
+        rows = self._run("queued", lane.value, limit, batch_key or "")
+        out = [
+            QueueEntry(r[0], int(r[1]), float(r[2]), Lane(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]), r[8])
+            for r in rows
+        ]
+        out.sort(key=lambda e: e.seq)
         return out
 
     @store_call
