@@ -5,10 +5,9 @@ that is down answers at once (fail fast) instead of holding the event loop."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from engine.runtime.params import DecodingParams
 from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, redis_server, start_service
+from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
+from tests.test_store import redis_url  # noqa: F401 - the module-scoped Redis fixture
 
 JOB_TIMEOUT_S = 8.0
 
@@ -40,23 +40,15 @@ def fail_once(obj: Any, name: str, fired: list[str] | None = None) -> list[str]:
     return fired
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    if shutil.which("redis-server") is None:
-        yield None
-        return
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-def open_store(kind: str, tmp_path: Path, redis_url: str | None) -> JobStore:
+def open_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> JobStore:
     if kind == "sqlite":
         return SqliteJobStore(tmp_path / "engine.db")
-    if redis_url is None:
+    url = request.getfixturevalue("redis_url")
+    if url is None:
         pytest.skip("redis-server is not installed (make system-deps installs it)")
     from engine.serving.store.redis import RedisJobStore
 
-    return RedisJobStore(f"{redis_url}?prefix=t{uuid.uuid4().hex}:&lease_s=0.6")
+    return RedisJobStore(f"{url}?prefix=t{uuid.uuid4().hex}:&lease_s=0.6")
 
 
 def run_with_fault(store: JobStore, inject: Callable[[JobStore], list[str]], contrastive: bool) -> None:
@@ -99,16 +91,16 @@ FAULTS: dict[str, Callable[[JobStore], list[str]]] = {
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_store_failure_on_a_jobs_way_never_strands_it(
-    kind: str, fault: str, contrastive: bool, tmp_path: Path, redis_url: str | None
+    kind: str, fault: str, contrastive: bool, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    store = open_store(kind, tmp_path, redis_url)
+    store = open_store(kind, tmp_path, request)
     run_with_fault(store, FAULTS[fault], contrastive)
 
 
 def test_a_redis_claim_whose_second_round_trip_fails_is_run_after_its_lease(
-    tmp_path: Path, redis_url: str | None
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    store = open_store("redis", tmp_path, redis_url)
+    store = open_store("redis", tmp_path, request)
     client = store._r  # type: ignore[attr-defined]
 
     def inject(s: JobStore) -> list[str]:
