@@ -57,6 +57,7 @@ FINISH_TO_PB = {
     FinishReason.EOS: engine_pb2.FINISH_REASON_EOS,
     FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: engine_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.STOP: engine_pb2.FINISH_REASON_STOP,
 }
 
 
