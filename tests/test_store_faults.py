@@ -19,7 +19,6 @@ from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
 from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
-from tests.test_store import redis_url  # noqa: F401 - the module-scoped Redis fixture
 
 JOB_TIMEOUT_S = 8.0
 
@@ -103,8 +102,18 @@ def test_a_redis_claim_whose_second_round_trip_fails_is_run_after_its_lease(
     store = open_store("redis", tmp_path, request)
     client = store._r  # type: ignore[attr-defined]
 
+    real = client.pipeline
+    fired: list[str] = []
+
+    def pipeline(*args: Any, transaction: bool = True, **kwargs: Any) -> Any:
+        if not transaction and not fired:  # the claim script ran; reading its jobs back fails
+            fired.append("claim read-back")
+            raise NotReady("injected store failure")
+        return real(*args, transaction=transaction, **kwargs)
+
     def inject(s: JobStore) -> list[str]:
-        return fail_once(client, "pipeline")  # the claim script ran; reading the jobs back fails
+        client.pipeline = pipeline
+        return fired
 
     run_with_fault(store, inject, contrastive=False)
 

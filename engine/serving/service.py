@@ -160,13 +160,8 @@ class JobService:
                 "(or leave model out)"
             )
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
-        depth = self.store.queue_depth()
-        if depth >= self.config.max_queue_size:
-            raise Overloaded(
-                f"the queue is full ({depth} jobs waiting, max_queue_size "
-                f"{self.config.max_queue_size}); retry later",
-                retry_after_s=self.retry_after_s(),
-            )
+        tokens = sum(len(ids) for ids in input_ids)
+        self._check_queue_limits(owner, tokens)
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -179,7 +174,7 @@ class JobService:
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
         try:
-            self.store.enqueue_deferred(job, sum(len(ids) for ids in input_ids))
+            self.store.enqueue_deferred(job, tokens)
             position = self.store.position(job.id)
             self._set_depth_gauge()
             sched.notify(lane_of(params))
@@ -305,6 +300,38 @@ class JobService:
         if not self._started:
             raise NotReady("the job service is starting; retry in a moment")
 
+    def _check_queue_limits(self, owner: str, tokens: int) -> None:
+        """The queue's limits, in all and per API key, checked here once for every transport:
+        429 with Retry-After naming the limit, or 400 for a request no queue state can admit."""
+        cfg = self.config
+        most = min(cfg.max_queued_tokens, cfg.max_queued_tokens_per_key)
+        if tokens > most:
+            raise InvalidRequest(
+                f"this request has {tokens} prompt tokens; one API key may have at most {most} queued "
+                "(max_queued_tokens_per_key, max_queued_tokens): split it into smaller requests"
+            )
+        load = self.store.load(owner)
+        if load.jobs >= cfg.max_queue_size:
+            why = f"the queue is full ({load.jobs} jobs waiting, max_queue_size {cfg.max_queue_size}); retry later"
+        elif load.tokens + tokens > cfg.max_queued_tokens:
+            why = (
+                f"the queue is full ({load.tokens} prompt tokens waiting; this request's {tokens} would "
+                f"pass max_queued_tokens {cfg.max_queued_tokens}); retry later"
+            )
+        elif load.owner_jobs >= cfg.max_queued_jobs_per_key:
+            why = (
+                f"this API key has {load.owner_jobs} jobs queued, the limit max_queued_jobs_per_key is "
+                f"{cfg.max_queued_jobs_per_key}; retry once some have finished"
+            )
+        elif load.owner_tokens + tokens > cfg.max_queued_tokens_per_key:
+            why = (
+                f"this API key has {load.owner_tokens} prompt tokens queued; this request's {tokens} would "
+                f"pass max_queued_tokens_per_key {cfg.max_queued_tokens_per_key}; retry once some have finished"
+            )
+        else:
+            return
+        raise Overloaded(why, retry_after_s=self.retry_after_s())
+
     def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InvalidRequest("prompts must be a list of strings")
@@ -397,6 +424,19 @@ class JobService:
                     ", ".join(stranded[:5]),
                 )
                 self._scheduler.notify_all()
+            self._free_token_ids(self._scheduler)
+
+    def _free_token_ids(self, sched: Scheduler) -> None:
+        """Drop the token ids kept from submit for jobs that left the queue without this process
+        claiming them: run by another server sharing the store, or ended by a path that did not
+        pass here. Every other end (claim, cancel, queued timeout) drops them at once."""
+        held = [job_id for job_id in sched.input_ids if job_id not in sched.running]
+        if not held:
+            return
+        queued = self.store.still_queued(held)
+        for job_id in held:
+            if job_id not in queued:
+                sched.input_ids.pop(job_id, None)
 
     async def _purge_results(self) -> None:
         ttl = self.config.result_ttl_s

@@ -41,6 +41,16 @@ class Completion:
     result: JobResult
 
 
+@dataclass(frozen=True)
+class QueueLoad:
+    """What is queued, in all and for one owner (API key): what the service's limits look at."""
+
+    jobs: int
+    tokens: int  # prompt tokens
+    owner_jobs: int
+    owner_tokens: int
+
+
 class JobStore(abc.ABC):
     @abc.abstractmethod
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
@@ -76,6 +86,14 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def count(self, status: JobStatus) -> int: ...
+
+    @abc.abstractmethod
+    def load(self, owner: str) -> QueueLoad:
+        """Queued jobs and their prompt tokens, in all and of ``owner`` (one consistent read)."""
+
+    @abc.abstractmethod
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of ``job_ids`` that are queued now (the rest ended, or another server took them)."""
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:

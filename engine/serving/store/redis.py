@@ -36,6 +36,7 @@ from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     JobStore,
+    QueueLoad,
     StoreHealth,
     decode_error,
     decode_result,
@@ -52,35 +53,51 @@ log = logging.getLogger(__name__)
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
 local P = ARGV[1]
-local function unqueue(id, lane, key, owner)
+local function queue_fields(id)
+  return redis.call('HMGET', P..'job:'..id, 'seq', 'lane', 'batch_key', 'created_at', 'owner', 'prompt_tokens')
+end
+-- 'load' holds the queued prompt tokens ('tokens') and per owner 'jobs:<owner>', 'tokens:<owner>'.
+local function add_load(owner, jobs, tokens)
+  local L = P..'load'
+  redis.call('HINCRBY', L, 'tokens', tokens)
+  if redis.call('HINCRBY', L, 'jobs:'..owner, jobs) <= 0 then
+    redis.call('HDEL', L, 'jobs:'..owner, 'tokens:'..owner)
+  else
+    redis.call('HINCRBY', L, 'tokens:'..owner, tokens)
+  end
+end
+local function unqueue(id)
+  local f = queue_fields(id)
+  local lane, key, owner = f[2], f[3], f[5]
   redis.call('ZREM', P..'queued', id)
   redis.call('ZREM', P..'lane:'..lane, id)
   redis.call('ZREM', P..'key:'..lane..':'..key, id)
   redis.call('ZREM', P..'created', id)
-  if owner then
-    redis.call('ZREM', P..'own:'..lane..':'..owner, id)
-    redis.call('ZREM', P..'ownkey:'..lane..':'..key..':'..owner, id)
-    if redis.call('HINCRBY', P..'owners:'..lane, owner, -1) <= 0 then
-      redis.call('HDEL', P..'owners:'..lane, owner)
-    end
+  redis.call('ZREM', P..'own:'..lane..':'..owner, id)
+  redis.call('ZREM', P..'ownkey:'..lane..':'..key..':'..owner, id)
+  if redis.call('HINCRBY', P..'owners:'..lane, owner, -1) <= 0 then
+    redis.call('HDEL', P..'owners:'..lane, owner)
   end
+  add_load(owner, -1, -tonumber(f[6]))
 end
-local function queue(id, seq, lane, key, owner, created)
+local function queue(id)
+  local f = queue_fields(id)
+  local seq, lane, key, owner = f[1], f[2], f[3], f[5]
   redis.call('ZADD', P..'queued', seq, id)
   redis.call('ZADD', P..'lane:'..lane, seq, id)
   redis.call('ZADD', P..'key:'..lane..':'..key, seq, id)
-  redis.call('ZADD', P..'created', created, id)
+  redis.call('ZADD', P..'created', f[4], id)
   redis.call('ZADD', P..'own:'..lane..':'..owner, seq, id)
   redis.call('ZADD', P..'ownkey:'..lane..':'..key..':'..owner, seq, id)
   redis.call('HINCRBY', P..'owners:'..lane, owner, 1)
+  add_load(owner, 1, tonumber(f[6]))
 end
 local function requeue(id)
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'seq', 'lane', 'batch_key', 'created_at', 'owner')
   redis.call('HSET', j, 'status', 'queued')
   redis.call('HDEL', j, 'started_at')
   redis.call('ZREM', P..'running', id)
-  queue(id, f[1], f[2], f[3], f[5], f[4])
+  queue(id)
 end
 """
 
@@ -93,8 +110,7 @@ if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') e
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
-local f = redis.call('HMGET', j, 'lane', 'batch_key', 'created_at', 'owner')
-queue(id, seq, f[1], f[2], f[4], f[3])
+queue(id)
 return seq
 """
 
@@ -104,9 +120,8 @@ local claimed = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
-  if f[1] == 'queued' then
-    unqueue(id, f[2], f[3], f[4])
+  if redis.call('HGET', j, 'status') == 'queued' then
+    unqueue(id)
     redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
     redis.call('HINCRBY', j, 'attempts', 1)
     redis.call('ZADD', P..'running', ARGV[3], id)
@@ -133,9 +148,8 @@ return 1
 _FAIL_QUEUED = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
-if f[1] ~= 'queued' then return 0 end
-unqueue(id, f[2], f[3], f[4])
+if redis.call('HGET', j, 'status') ~= 'queued' then return 0 end
+unqueue(id)
 redis.call('HSET', j, 'status', 'failed', 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('ZADD', P..'done:failed', ARGV[3], id)
 return 1
@@ -145,10 +159,10 @@ return 1
 _CANCEL = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key', 'owner')
-if f[1] == 'queued' then
-  unqueue(id, f[2], f[3], f[4])
-elseif f[1] == 'running' then
+local status = redis.call('HGET', j, 'status')
+if status == 'queued' then
+  unqueue(id)
+elseif status == 'running' then
   redis.call('ZREM', P..'running', id)
 else
   return 0
@@ -350,6 +364,21 @@ class RedisJobStore(JobStore):
     @store_call
     def queue_depth(self) -> int:
         return int(self._r.zcard(self._k("queued")))
+
+    @store_call
+    def load(self, owner: str) -> QueueLoad:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zcard(self._k("queued"))
+        pipe.hmget(self._k("load"), "tokens", f"jobs:{owner}", f"tokens:{owner}")
+        jobs, (tokens, owner_jobs, owner_tokens) = pipe.execute()
+        return QueueLoad(int(jobs), int(tokens or 0), int(owner_jobs or 0), int(owner_tokens or 0))
+
+    @store_call
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        scores = self._r.zmscore(self._k("queued"), list(job_ids))
+        return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
 
     @store_call
     def count(self, status: JobStatus) -> int:

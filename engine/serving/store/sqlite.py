@@ -29,6 +29,7 @@ from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     Completion,
     JobStore,
+    QueueLoad,
     StoreHealth,
     decode_error,
     decode_result,
@@ -89,43 +90,62 @@ class _QueueIndex:
     claim of a batch read it here instead of decoding the row again (JSON and params validation
     per job, on the event loop, while a finished batch's clients wait for their answers).
 
-    And which owners have queued jobs in each lane (for ``queued``'s turn per key)."""
+    And which owners have queued jobs in each lane (for ``queued``'s turn per key), and the jobs
+    and prompt tokens queued per owner and in all (``load``, for the limits)."""
 
     def __init__(self) -> None:
         self._seqs: list[int] = []  # sorted
         self._seq_of: dict[str, int] = {}
         self._jobs: dict[str, Job] = {}
-        self._where: dict[str, tuple[str, str]] = {}  # job id -> (lane, owner)
+        self._where: dict[str, tuple[str, str, int]] = {}  # job id -> (lane, owner, prompt tokens)
         self._owners: dict[str, dict[str, int]] = {}  # lane -> owner -> queued jobs
+        self._owner_load: dict[str, tuple[int, int]] = {}  # owner -> (queued jobs, prompt tokens)
+        self.tokens = 0  # prompt tokens of every queued job
 
-    def add(self, job_id: str, seq: int, lane: str, owner: str, job: Job | None = None) -> None:
+    def add(self, job_id: str, seq: int, lane: str, owner: str, tokens: int, job: Job | None = None) -> None:
         if job_id not in self._seq_of:
             self._seq_of[job_id] = seq
             bisect.insort(self._seqs, seq)
             if job is not None:
                 self._jobs[job_id] = job
-            self._where[job_id] = (lane, owner)
+            self._where[job_id] = (lane, owner, tokens)
             owners = self._owners.setdefault(lane, {})
             owners[owner] = owners.get(owner, 0) + 1
+            jobs, held = self._owner_load.get(owner, (0, 0))
+            self._owner_load[owner] = (jobs + 1, held + tokens)
+            self.tokens += tokens
 
     def remove(self, job_id: str) -> None:
         seq = self._seq_of.pop(job_id, None)
         self._jobs.pop(job_id, None)
         if seq is not None:
             del self._seqs[bisect.bisect_left(self._seqs, seq)]
-            lane, owner = self._where.pop(job_id)
+            lane, owner, tokens = self._where.pop(job_id)
             owners = self._owners[lane]
             owners[owner] -= 1
             if not owners[owner]:
                 del owners[owner]
+            jobs, held = self._owner_load[owner]
+            if jobs == 1:
+                del self._owner_load[owner]
+            else:
+                self._owner_load[owner] = (jobs - 1, held - tokens)
+            self.tokens -= tokens
 
     def owners(self, lane: str) -> list[str]:
         """Owners with queued jobs in ``lane``."""
         return list(self._owners.get(lane, ()))
 
+    def load(self, owner: str) -> QueueLoad:
+        jobs, tokens = self._owner_load.get(owner, (0, 0))
+        return QueueLoad(len(self._seqs), self.tokens, jobs, tokens)
+
     def position(self, job_id: str) -> int:
         seq = self._seq_of.get(job_id)
         return 0 if seq is None else bisect.bisect_left(self._seqs, seq)
+
+    def position_known(self, job_id: str) -> bool:
+        return job_id in self._seq_of
 
     def seq(self, job_id: str) -> int:
         return self._seq_of[job_id]
@@ -168,10 +188,10 @@ class SqliteJobStore(JobStore):
                 # submit's commit: a background thread does them instead, off the request path.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._queue = _QueueIndex()
-            for job_id, seq, lane, owner in self._db.execute(
-                "SELECT id, seq, lane, owner FROM jobs WHERE status = 'queued'"
+            for job_id, *place in self._db.execute(
+                "SELECT id, seq, lane, owner, prompt_tokens FROM jobs WHERE status = 'queued'"
             ):
-                self._queue.add(job_id, seq, lane, owner)
+                self._queue.add(job_id, *place)
         except sqlite3.Error as exc:
             self._unlock()
             raise NotReady(f"cannot open the job store {self.path}: {exc}") from exc
@@ -307,7 +327,7 @@ class SqliteJobStore(JobStore):
         )
         seq = int(cur.lastrowid or 0)
         stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
-        self._queue.add(job.id, seq, lane.value, job.owner, stored)
+        self._queue.add(job.id, seq, lane.value, job.owner, prompt_tokens, stored)
         return queue_entry(job, seq, lane, key, prompt_tokens)
 
     @store_call
@@ -326,6 +346,14 @@ class SqliteJobStore(JobStore):
     def queue_depth(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def load(self, owner: str) -> QueueLoad:
+        with self._lock:
+            return self._queue.load(owner)
+
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        with self._lock:
+            return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
 
     @store_call
     def count(self, status: JobStatus) -> int:
@@ -472,7 +500,7 @@ class SqliteJobStore(JobStore):
             self._end_group()
             row = self._db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL"
-                " WHERE id = ? AND status = 'running' AND attempts = ? RETURNING seq, lane, owner",
+                " WHERE id = ? AND status = 'running' AND attempts = ? RETURNING seq, lane, owner, prompt_tokens",
                 (job_id, attempt),
             ).fetchone()
             if row is not None:
@@ -494,7 +522,7 @@ class SqliteJobStore(JobStore):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute(
-                    "SELECT id, seq, lane, owner FROM jobs WHERE status = 'running'"
+                    "SELECT id, seq, lane, owner, prompt_tokens FROM jobs WHERE status = 'running'"
                 ).fetchall()
                 self._db.execute(
                     "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
