@@ -20,13 +20,15 @@ KIND_DECODER_SELF, KIND_CROSS, KIND_ENCODER = 0, 1, 2
 
 
 def available() -> bool:
-    """Whether the fused functions can run (the compiled kernel loaded and is switched on)."""
-    return qlinear._KERNEL is not None
+    """Whether the fused functions can run: the compiled kernel loaded, is switched on, and was
+    built with _t5ops.c (an extension built before it has only the products)."""
+    return qlinear._KERNEL is not None and hasattr(qlinear._KERNEL, "attention")
 
 
 def _kernel() -> object:
-    if qlinear._KERNEL is None:
-        raise RuntimeError(f"the compiled kernel is not in use: {qlinear.kernel_status()}")
+    if not available():
+        status = qlinear.kernel_status() if qlinear._KERNEL is None else "built without _t5ops.c: rebuild it"
+        raise RuntimeError(f"the compiled kernel is not in use: {status}")
     return qlinear._KERNEL
 
 
