@@ -5,7 +5,6 @@ sharing a Redis store; REST's Idempotency-Key header and gRPC's idempotency-key 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -105,21 +104,16 @@ def test_the_same_job_after_a_restart_sqlite(tmp_path: Path) -> None:
     run(body)
 
 
-def test_the_same_job_after_a_restart_and_on_another_server_redis(request: pytest.FixtureRequest) -> None:
-    url = request.getfixturevalue("redis_url")
-    if url is None:
-        pytest.skip("redis-server is not installed (make system-deps installs it)")
-    from engine.serving.store.redis import RedisJobStore
-
-    prefix = f"test:{uuid.uuid4().hex}:"
-
+def test_the_same_job_after_a_restart_and_on_another_server_redis(
+    redis_stores: Callable[[], JobStore],
+) -> None:
     async def body() -> None:
-        one = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix))
-        two = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix))
+        one = await start_service(FakeEngine(), store=redis_stores())
+        two = await start_service(FakeEngine(), store=redis_stores())
         first = await one.submit("a", ["hello"], P, idempotency_key="k")
         assert (await two.submit("a", ["hello"], P, idempotency_key="k")).job.id == first.job.id
         await one.stop()
-        one = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix))
+        one = await start_service(FakeEngine(), store=redis_stores())
         assert (await one.submit("a", ["hello"], P, idempotency_key="k")).job.id == first.job.id
         await one.stop()
         await two.stop()
