@@ -24,7 +24,11 @@ import time
 from collections.abc import Callable
 
 from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded, Unauthenticated
-from engine.serving.store.keys import KeyInfo, KeyStore, StoredKey
+from engine.serving.store.keys import KeyInfo, KeyStore, SqliteKeyStore, StoredKey, open_key_store
+
+# The key stores moved beside the job stores (engine.serving.store.keys); these names stay
+# importable from here for the callers written before.
+__all__ = ["Authenticator", "KeyStore", "RateLimiter", "SqliteKeyStore", "create_key", "open_key_store"]
 
 log = logging.getLogger(__name__)
 
