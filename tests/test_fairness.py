@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,9 +14,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, fair_order
 from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
-from engine.serving.store.sqlite import SqliteJobStore
 from tests.fakes import FakeEngine, start_service
-from tests.test_store import redis_url  # noqa: F401  (the module's Redis server fixture)
 
 GREEDY = DecodingParams(max_new_tokens=4)
 CONTRASTIVE = DecodingParams(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
@@ -26,35 +22,20 @@ FLOOD = 256
 BATCH = 8
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[JobStore]:
-    url = request.getfixturevalue("redis_url")
-    if request.param == "sqlite":
-        s: JobStore = SqliteJobStore(":memory:")
-    else:
-        if url is None:
-            pytest.skip("redis-server is not installed (make system-deps installs it)")
-        from engine.serving.store.redis import RedisJobStore
-
-        s = RedisJobStore(url, prefix=f"test:{uuid.uuid4().hex}:")
-    yield s
-    s.close()
-
-
 @pytest.mark.parametrize("params", [GREEDY, CONTRASTIVE], ids=["batch", "contrastive"])
 def test_one_keys_flood_does_not_make_another_keys_job_wait_behind_it(
-    store: JobStore, params: DecodingParams
+    job_store: JobStore, params: DecodingParams
 ) -> None:
     async def body() -> None:
         gate = threading.Event()  # the engine holds its first call until the flood is queued
         engine = FakeEngine(step_delay_s=0.001, contrastive_max_rows=BATCH, gate=gate)
-        svc = await start_service(engine, store=store, max_batch_size=BATCH)
+        svc = await start_service(engine, store=job_store, max_batch_size=BATCH)
         flood = [await svc.submit("a", ["flood"], params) for _ in range(FLOOD)]
         b = await svc.submit("b", ["just one"], params)
         gate.set()
         done_b = await svc.wait("b", b.job.id, 30)
         assert done_b.job.status is JobStatus.COMPLETED
-        a_done = store.count(JobStatus.COMPLETED) - 1
+        a_done = job_store.count(JobStatus.COMPLETED) - 1
         # In turn: B's job went into the first batch (or the first free rows) after the one that
         # was running when it arrived. First in, first out ran it after all 256 of A's jobs.
         assert a_done < 2 * BATCH, f"B's job completed after {a_done} of A's {FLOOD} jobs"
