@@ -26,7 +26,15 @@ from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
 from engine.runtime.result import GenerationRequest, Result, TokenEvent, Usage
-from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, lane_of, plan_batch
+from engine.serving.batching import (
+    BatchLimits,
+    DispatchReason,
+    Lane,
+    QueueEntry,
+    fair_order,
+    lane_of,
+    plan_batch,
+)
 from engine.serving.clock import Clock
 from engine.serving.events import JobEvents, Row, RowEvent, TokenForwarder, final_events
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
@@ -104,6 +112,8 @@ class Scheduler:
         self.input_ids: dict[str, list[tuple[int, ...]]] = {}  # from submit, saves re-tokenizing
         self._wake = {Lane.BATCH: asyncio.Event(), Lane.CONTRASTIVE: asyncio.Event()}
         self._claiming = True
+        # Per lane: the owner whose job went first last time (the keys' turns rotate from it).
+        self._turn: dict[Lane, str | None] = {Lane.BATCH: None, Lane.CONTRASTIVE: None}
         self._forwarder = TokenForwarder(asyncio.get_running_loop(), events)
         # The rows in the contrastive decoder, by the id the decoder knows them by (Row.engine_id).
         self._engine_rows: dict[str, Row] = {}
@@ -182,7 +192,7 @@ class Scheduler:
         while self._claiming:
             entries = self._candidates(Lane.BATCH)
             now = self.clock.time()
-            decision = plan_batch(entries, now, self.limits)
+            decision = plan_batch(entries, now, self.limits, self._turn[Lane.BATCH])
             if decision.reason is DispatchReason.EMPTY:
                 await self._sleep(Lane.BATCH, IDLE_POLL_S)
                 continue
@@ -190,6 +200,7 @@ class Scheduler:
                 await self._sleep(Lane.BATCH, decision.wait_s)
                 continue
             jobs = self._claim(decision.job_ids, now)
+            self._turn[Lane.BATCH] = next(e.owner for e in entries if e.job_id == decision.job_ids[0])
             if jobs:
                 await self._run_batch(jobs)
 
@@ -201,7 +212,8 @@ class Scheduler:
         key = entries[0].batch_key
         if all(e.batch_key == key for e in entries):
             return entries  # the usual case: one read, not two, before a batch can start
-        return self.store.queued(lane, window, key)
+        # The batch key of the job that goes first (the next key's turn), and its companions.
+        return self.store.queued(lane, window, fair_order(entries, self._turn[lane])[0].batch_key)
 
     async def _sleep(self, lane: Lane, seconds: float) -> None:
         """Until ``seconds`` pass on the clock or a new job of this lane arrives."""
@@ -435,12 +447,13 @@ class Scheduler:
         if free <= 0:
             return []
         chosen: list[QueueEntry] = []
-        for entry in self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size)):
+        queue = self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size))
+        for entry in fair_order(queue, self._turn[Lane.CONTRASTIVE]):
             first = rows == 0 and not chosen  # the head always gets in: no starvation
             if not first and (
                 entry.num_prompts > free or tokens + entry.cost_tokens > self.limits.max_batch_tokens
             ):
-                break  # keep queue order: later jobs do not overtake one that does not fit yet
+                break  # keep the order of turns: later jobs do not overtake one that does not fit yet
             chosen.append(entry)
             free -= entry.num_prompts
             tokens += entry.cost_tokens
@@ -448,6 +461,7 @@ class Scheduler:
                 break
         if not chosen:
             return []
+        self._turn[Lane.CONTRASTIVE] = chosen[0].owner
         costs = {e.job_id: e.cost_tokens for e in chosen}
         adds: list[tuple[Row, GenerationRequest | _Pending]] = []
         for rj in self._claim([e.job_id for e in chosen], self.clock.time()):
