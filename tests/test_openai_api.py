@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from engine.api.openai_protocol import chat_prompt
+from engine.api.openai_protocol import chat_prompt, decoding_params
 from engine.runtime.engine import Engine
 from tests.api_fakes import ServerProcess, create_key_cli, start_server
 
@@ -236,7 +236,7 @@ def bad_requests(c: openai.OpenAI) -> None:
         ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unknown field"),
         ({"temperature": -1}, "temperature", "at least 0"),
         ({"top_p": 0.5}, "top_p", "temperature > 0"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
         ({"model": "gpt-4"}, "model", "not served"),
     ]
@@ -325,6 +325,12 @@ def submit(env: Env, prompts: list[str], params: dict[str, Any], key: str | None
     return str(r.json()["data"]["id"])
 
 
+def busy(env: Env) -> None:
+    """A second of other work in the queue, so that a stream opened next is open before the
+    next job's first token (a finished job streams its done event alone)."""
+    submit(env, ["busy"] * 16, {"max_new_tokens": 512, "min_new_tokens": 512}, key=env.bob)
+
+
 def stream_job(env: Env, job_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:
     headers = {"apiKey": env.alice}
     if last_event_id is not None:
@@ -339,8 +345,7 @@ def stream_job(env: Env, job_id: str, last_event_id: int | None = None) -> list[
 
 @pytest.mark.parametrize("params", [{"max_new_tokens": 40}, {"max_new_tokens": 40, **CONTRASTIVE}])
 def test_seed_stream_token_by_token_then_done(env: Env, params: dict[str, Any]) -> None:
-    # A second of other work first, so that the stream is open before the job's first token.
-    submit(env, ["busy"] * 16, {"max_new_tokens": 512, "min_new_tokens": 512}, key=env.bob)
+    busy(env)
     job_id = submit(env, PROMPTS, {**params, "min_new_tokens": 30})
     events = stream_job(env, job_id)
     done = events[-1]
@@ -392,3 +397,56 @@ def test_seed_stream_errors_keep_the_envelope(env: Env) -> None:
     assert r.status_code == 404 and r.json()["success"] is False
     r = httpx.get(f"{env.server.url}/v1/response/nope/stream", timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+
+
+# ---- stop sequences, every strategy ---------------------------------------------------------
+
+STOP_STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "beam": {"num_beams": 3},
+    # top_k 1 makes CTranslate2's sampling repeatable, so the unstopped run is its reference.
+    "sampling": {"temperature": 1.0, "top_k": 1},
+    "contrastive": CONTRASTIVE,
+    "seeded sampling": {"temperature": 0.8, "seed": 7},
+}
+STOP_PROMPTS = ["ka bo zu pe mi lo", "tifudo kebupi ro vu se da", "ga no ka bo"]
+
+
+def stop_inside(text: str) -> str:
+    """Three characters from the middle of ``text``: a match well before its end."""
+    middle = text[: len(text) // 2].rstrip()
+    assert len(middle) >= 4, text
+    return middle[-4:-1]
+
+
+@pytest.mark.parametrize("strategy", list(STOP_STRATEGIES))
+def test_stop_sequences_cut_the_text_in_every_strategy(env: Env, offline: Engine, strategy: str) -> None:
+    extra = {**STOP_STRATEGIES[strategy], "min_tokens": 24}
+    params = decoding_params(extra, 24, 16)  # the job's params, as the route maps them
+    full = [offline.generate([p], **params)[0].text for p in STOP_PROMPTS]  # one job each, as sent
+    with client(env) as c:
+        for prompt, text in zip(STOP_PROMPTS, full, strict=True):
+            stop = [stop_inside(text), "\u2603never\u2603"]
+            want = text[: text.find(stop[0])]
+            out = c.completions.create(model="", prompt=prompt, max_tokens=24, stop=stop, extra_body=extra)
+            assert out.choices[0].text == want and out.choices[0].finish_reason == "stop", (text, stop)
+            streamed = ""
+            reason = None
+            for chunk in c.completions.create(
+                model="", prompt=prompt, max_tokens=24, stop=stop, stream=True, extra_body=extra
+            ):
+                streamed += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
+            assert streamed == want and reason == "stop"
+
+
+def test_seed_params_stop_and_its_stream(env: Env, offline: Engine) -> None:
+    text = offline.generate(STOP_PROMPTS[:1], max_new_tokens=24, min_new_tokens=24)[0].text
+    stop = stop_inside(text)
+    busy(env)
+    job_id = submit(env, STOP_PROMPTS[:1], {"max_new_tokens": 24, "min_new_tokens": 24, "stop": stop})
+    events = stream_job(env, job_id)
+    done = events[-1]["data"]
+    assert done["completion"] == [text[: text.find(stop)]]
+    assert done["finishReason"] == ["stop"]
+    assert "".join(e["data"]["text"] for e in events[:-1]) == done["completion"][0]

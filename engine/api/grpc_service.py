@@ -186,11 +186,6 @@ def job_to_pb(view: JobView, served_model: str = "") -> Any:
     return msg
 
 
-def job_stop_sequences(job: Job) -> tuple[str, ...]:
-    """The job's stop sequences (the engine cuts its text before the first match)."""
-    return tuple(getattr(job.params, "stop", ()) or ())
-
-
 def _finish_reason(value: str) -> FinishReason | None:
     try:
         return FinishReason(value)
@@ -271,8 +266,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         """The job's token events with the text each adds, then the terminal job (a failed job
         raises its error instead)."""
         decode = self._decode
-        stop = job_stop_sequences(job)
-        texts = [TextDeltas(decode, stop) if decode is not None else None for _ in job.prompts]
+        texts = [TextDeltas(decode, job.params.stop) if decode is not None else None for _ in job.prompts]
         async for event in self.service.stream(owner, job.id):
             index = event.row.prompt_index
             deltas = texts[index]
@@ -339,11 +333,20 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def Info(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._unary("Info", self.server_info, request, context)
 
-    def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        return self._streaming("GenerateStream", self.generate_stream(_api_key(context), request), context)
+    # grpc.aio takes a streaming handler only if it is an async generator function itself.
+    async def GenerateStream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        messages = self.generate_stream(_api_key(context), request)
+        async for message in self._streaming("GenerateStream", messages, context):
+            yield message
 
-    def StreamResult(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        return self._streaming("StreamResult", self.stream_result(_api_key(context), request), context)
+    async def StreamResult(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        messages = self.stream_result(_api_key(context), request)
+        async for message in self._streaming("StreamResult", messages, context):
+            yield message
 
     async def _streaming(
         self, method: str, messages: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]

@@ -34,7 +34,6 @@ from engine.api.errors import ErrorReply
 
 DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 64
-MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 
 # The fixed chat prompt format (docs/openai.md): the system text, then one line per turn, then
@@ -301,24 +300,9 @@ def decoding_params(body: Mapping[str, Any], max_tokens: Any, default_max: int) 
             params[name] = body[name]
     if body.get("min_tokens") is not None:
         params["min_new_tokens"] = body["min_tokens"]
-    stop = stop_sequences(body.get("stop"))
-    if stop:
-        params["stop"] = list(stop)
+    if body.get("stop") is not None:
+        params["stop"] = body["stop"]  # the engine checks it (a string or up to 4)
     return params
-
-
-def stop_sequences(stop: Any) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise BadField("stop", "stop must be a string or an array of up to 4 strings")
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise BadField("stop", f"stop takes up to {MAX_STOP_SEQUENCES} sequences, got {len(stop)}")
-    if any(s == "" for s in stop):
-        raise BadField("stop", "stop sequences must not be empty strings")
-    return tuple(stop)
 
 
 def _int_field(body: Mapping[str, Any], name: str, low: int, high: int, *, default: int) -> int:
@@ -426,7 +410,7 @@ def openai_error(reply: ErrorReply) -> OpenAIError:
 
 def _openai_names(message: str) -> tuple[str, str | None]:
     """The engine names parameters as the seed API does; say them as the client sent them."""
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].split("[", 1)[0]
     for seed_name, openai_name in OPENAI_NAMES.items():
         message = message.replace(seed_name, openai_name)
     param = OPENAI_NAMES.get(
