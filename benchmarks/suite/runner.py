@@ -60,14 +60,14 @@ def open_contenders(
     """Every contender the jobs need, started once; servers and subprocesses stopped on the way out."""
     opened: dict[tuple[Kind, str | None], Contender] = {}
     servers: list[tuple[str, c.Server]] = []
-    hf: c.Transformers | None = None
+    hf: c.TransformersTimer | None = None
     try:
         for job in jobs:
             who = _who(job)
             if who in opened:
                 continue
             if job.kind is Kind.HF:
-                hf = c.Transformers(models.hf_dir)
+                hf = c.TransformersTimer(models.hf_dir)
                 opened[who] = hf
                 continue
             assert job.target is not None
@@ -162,7 +162,7 @@ def run(
                 bar.set_description(f"{shape}: warm-up")
                 warmed: set[tuple[tuple[Kind, str | None], str]] = set()
                 hf = opened.get((Kind.HF, None))
-                if isinstance(hf, c.Transformers):
+                if isinstance(hf, c.TransformersTimer):
                     probe = STRATEGIES["greedy"].request_params(THREAD_PROBE_TOKENS)
                     hf.pick_threads(prompts[0].ids, probe, (1, cores()))
                     trials = ", ".join(
