@@ -10,6 +10,8 @@ answers (a contender that generated fewer tokens than asked shows it; nothing is
 - ``TransformersTimer``: generate() in a .venv-ref subprocess (benchmarks/hf_timer.py), one request
   at a time, float32 on CPU, with the faster of 1 and all cores as torch's thread count
   (``pick_threads``); bench_contrastive.py and bench_cuda.py time whole batches with it (``time``).
+- ``OnnxRuntimeTimer``: ONNX Runtime int8 in a .venv-onnx subprocess (benchmarks/onnx_timer.py),
+  greedy only, in its own KV-cached loop.
 Also the inputs the single-figure benchmarks share: ``forced_prompts`` and ``ct2_greedy``.
 """
 
@@ -37,6 +39,8 @@ from benchmarks.suite.workloads import Prompt
 ROOT = Path(__file__).resolve().parents[2]
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 HF_TIMER = ROOT / "benchmarks" / "hf_timer.py"
+ONNX_PYTHON = ROOT / ".venv-onnx" / "bin" / "python"
+ONNX_TIMER = ROOT / "benchmarks" / "onnx_timer.py"
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,8 @@ class Ct2Direct:
 # ---------------------------------------------------------------------------------- timers
 class _Timer:
     """A generate loop in another Python, kept alive so that its runs interleave with ours: JSON
-    lines over stdin/stdout (benchmarks/hf_timer.py: its docstring gives the protocol). The first line it writes describes it (``info``)."""
+    lines over stdin/stdout (benchmarks/hf_timer.py and onnx_timer.py; their docstrings give the
+    protocol). The first line it writes describes it (``info``)."""
 
     def __init__(self, command: Sequence[str], name: str) -> None:
         self.name = name
@@ -311,6 +316,31 @@ class TransformersTimer(_Timer):
             self.thread_trials[threads] = min(self.call([ids], params, threads)[0] for _ in range(tries))
         self.threads = min(self.thread_trials, key=lambda t: self.thread_trials[t])
         return self.threads
+
+
+class OnnxRuntimeTimer(_Timer):
+    """ONNX Runtime int8 (.venv-onnx, `make onnx`): the same checkpoint exported with optimum and
+    quantized dynamically, greedy in its own KV-cached loop (benchmarks/onnx_timer.py)."""
+
+    def __init__(self, hf_dir: Path, threads: int, work_dir: Path, python: Path = ONNX_PYTHON) -> None:
+        if not python.is_file():
+            raise RuntimeError(f"{python} is missing: run `make onnx` for the ONNX Runtime peer")
+        super().__init__(
+            [str(python), str(ONNX_TIMER), str(hf_dir), str(work_dir), str(threads)], "ONNX Runtime"
+        )
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        """The suite's cell: ``concurrency`` requests per call, as Ct2Direct and EngineOnly."""
+        latencies: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for chunk in _chunks(requests, concurrency):
+            seconds, lengths = self.call([prompts[i % len(prompts)].ids for i in chunk], params)
+            latencies += [seconds] * len(chunk)
+            tokens += sum(lengths)
+        return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
 
 
 # ---------------------------------------------------------------------------------- inputs
