@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.api.auth import Authenticator, SqliteKeyStore, create_key
+from engine.api.auth import Authenticator, create_key
 from engine.api.client import InProcessClient
 from engine.api.grpc_service import EngineServicer
 from engine.api.rest import create_app
@@ -24,6 +23,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.base import JobStore, QueueLoad
+from engine.serving.store.keys import SqliteKeyStore
 from tests.api_fakes import INFO, fake_decode
 from tests.fakes import FakeEngine, fake_tokenize, start_service, until
 from tests.test_store import result
@@ -181,17 +181,10 @@ def test_token_ids_are_freed_wherever_a_job_ends() -> None:
     run(body)
 
 
-def test_token_ids_of_a_job_another_server_ran_are_freed(request: pytest.FixtureRequest) -> None:
-    url = request.getfixturevalue("redis_url")
-    if url is None:
-        pytest.skip("redis-server is not installed (make system-deps installs it)")
-    from engine.serving.store.redis import RedisJobStore
-
-    prefix = f"test:{uuid.uuid4().hex}:"
-
+def test_token_ids_of_a_job_another_server_ran_are_freed(redis_stores: Callable[[], JobStore]) -> None:
     async def body() -> None:
-        here = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix), job_timeout_s=2.0)
-        there = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix))
+        here = await start_service(FakeEngine(), store=redis_stores(), job_timeout_s=2.0)
+        there = await start_service(FakeEngine(), store=redis_stores())
         sched = here._scheduler
         assert sched is not None
         sched.stop_claiming()  # this server takes no job: the other one runs what it accepts
