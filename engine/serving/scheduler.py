@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from engine.errors import EngineError
+from engine.errors import EngineError, NotReady
 from engine.metrics import Metrics
 from engine.runtime.protocols import EngineLike
 from engine.serving.batch_loop import BatchLoop
@@ -88,6 +88,10 @@ class Scheduler:
     def notify(self, lane: Lane) -> None:
         self._wake[lane].set()
 
+    def notify_all(self) -> None:
+        for wake in self._wake.values():
+            wake.set()
+
     def stop_claiming(self) -> None:
         self._claiming = False
         for wake in self._wake.values():
@@ -122,6 +126,8 @@ class Scheduler:
             try:
                 await loop()
                 return
+            except NotReady:
+                pass  # the store is down: its StoreHealth logs that once, not once a second here
             except Exception:
                 log.exception("the %s loop failed; restarting it in %.0f s", lane.value, RESTART_DELAY_S)
             for rj in [rj for rj in self.running.values() if lane_of(rj.job.params) is lane]:
