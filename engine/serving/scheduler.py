@@ -25,7 +25,7 @@ from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
-from engine.runtime.result import GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
 from engine.serving.batching import (
     BatchLimits,
     DispatchReason,
@@ -59,6 +59,7 @@ class RunningJob:
     timed_out: bool = False
     aborted: bool = False  # shutdown: requeue instead of finishing
     stopped_rows: set[int] = field(default_factory=set)  # prompt indexes we told the engine to stop
+    first_token_seen: bool = False  # engine_time_to_first_token_seconds observed
 
     @property
     def stop(self) -> bool:
@@ -308,6 +309,8 @@ class Scheduler:
             if rj.stop:
                 rj.stopped_rows.add(prompt_index)
                 return True
+            if not rj.first_token_seen:
+                self._first_token(rj)
             forward(Row(rj.job.id, prompt_index), token_id)
             return False
 
@@ -356,10 +359,13 @@ class Scheduler:
         if self.metrics is not None and completed:
             # Counters once per batch: every finished batch's clients wait for this loop.
             m = self.metrics
-            m.jobs.labels(status=JobStatus.COMPLETED.value).inc(len(completed))
             m.generated_tokens.inc(sum(r.usage.completion_tokens for _, r in completed))
             m.prompt_tokens.inc(sum(r.usage.prompt_tokens for _, r in completed))
             for job, result in completed:
+                m.job_ended(JobStatus.COMPLETED.value, job_finish_reason(result))
+                for u in result.usages:
+                    m.prompt_length.observe(u.prompt_tokens)
+                    m.generation_length.observe(u.completion_tokens)
                 m.request_latency.observe(max(0.0, now - job.created_at))
                 if result.usage.completion_tokens:
                     m.time_per_output_token.observe(gen_seconds / result.usage.completion_tokens)
@@ -395,9 +401,15 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.jobs_running.set(len(self.running))
 
+    def _first_token(self, rj: RunningJob) -> None:
+        """The job's first generated token (on any thread: a histogram is thread-safe)."""
+        rj.first_token_seen = True
+        if self.metrics is not None:
+            self.metrics.time_to_first_token.observe(max(0.0, self.clock.time() - rj.job.created_at))
+
     def _observe_end(self, job: Job, status: JobStatus, now: float) -> None:
         if self.metrics is not None:
-            self.metrics.jobs.labels(status=status.value).inc()
+            self.metrics.job_ended(status.value)
             self.metrics.request_latency.observe(max(0.0, now - job.created_at))
 
     # -- the contrastive loop --------------------------------------------------------------------
@@ -536,6 +548,8 @@ class Scheduler:
             if cj is None:
                 continue  # a job that left between steps
             if ev.token_id >= 0:
+                if not cj.rj.first_token_seen:
+                    self._first_token(cj.rj)
                 self.events.publish(ev.row, ev.token_id)
             if ev.result is not None:
                 cj.results[prompt_index] = ev.result
@@ -599,6 +613,16 @@ class _ContrastiveJob:
             else:
                 out.append((row, _Pending(prompt, job.params, i)))
         return out
+
+
+def job_finish_reason(result: JobResult) -> str:
+    """One reason for a job (its prompts may end differently): length if any prompt reached
+    max_new_tokens, else stop if a stop sequence ended one, else eos."""
+    reasons = set(result.finish_reasons)
+    for reason in (FinishReason.LENGTH, FinishReason.STOP):
+        if reason.value in reasons:
+            return reason.value
+    return FinishReason.EOS.value
 
 
 def job_result(results: Sequence[Result]) -> JobResult:

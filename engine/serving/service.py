@@ -273,7 +273,7 @@ class JobService:
                 self._scheduler.mark_cancelled(job_id)
                 self._scheduler.input_ids.pop(job_id, None)
             if self.metrics is not None:
-                self.metrics.jobs.labels(status=JobStatus.CANCELLED.value).inc()
+                self.metrics.job_ended(JobStatus.CANCELLED.value)
                 self.metrics.request_latency.observe(max(0.0, now - job.created_at))
             self.events.finish(job_id)
         return JobView(updated, 0)
@@ -454,7 +454,7 @@ class JobService:
                 if self._scheduler is not None:
                     self._scheduler.input_ids.pop(job_id, None)
                 if self.metrics is not None:
-                    self.metrics.jobs.labels(status=JobStatus.FAILED.value).inc()
+                    self.metrics.job_ended(JobStatus.FAILED.value)
                     self.metrics.request_latency.observe(max(0.0, now - job.created_at))
                 self.events.finish(job_id)
         self._set_depth_gauge()
