@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine._version import __version__
 from engine.errors import EngineError
 
 DESCRIPTION = """\
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face T5/FLAN-T5/mT5 checkpoint to a model folder")

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine._version import __version__
 from engine.api.auth import Authenticator
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
 from engine.api.pb import engine_pb2, engine_pb2_grpc
@@ -289,6 +290,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             max_prompts_per_request=i.max_prompts_per_request,
             auth_required=i.auth_required,
             ready=self.service.ready,
+            version=__version__,
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:

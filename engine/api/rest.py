@@ -110,6 +110,7 @@ class InfoResponse(BaseModel):
     maxPromptsPerRequest: int
     authRequired: bool
     ready: bool
+    version: str = Field(description="The server's package version (`engine --version`).")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -518,6 +519,7 @@ def create_app(
             maxPromptsPerRequest=i.max_prompts_per_request,
             authRequired=i.auth_required,
             ready=i.ready,
+            version=i.version,
         )
 
     @app.get("/healthz", summary="The process is alive")
