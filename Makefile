@@ -3,18 +3,30 @@ PY ?= python3
 VENV := .venv
 REF := .venv-ref
 BIN := $(VENV)/bin
+# `make serve`: the runtime alone (what a wheel of the project pulls). `make test`: plus `dev`.
+RUNTIME_STAMP := $(VENV)/.stamp-runtime
 STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
+# What a (re)install depends on: the build (setup.py generates engine/pb from proto/ and compiles
+# the kernel; pip's isolated build env brings grpcio-tools, the venv never gets it).
+BUILD_INPUTS := pyproject.toml setup.py engine/runtime/_qlinear.c $(wildcard proto/engine/v1/*.proto)
 
-.PHONY: install ref serve test test-cuda lint typecheck proto bench clean system-deps
+.PHONY: install runtime ref serve test test-cuda lint typecheck proto bench clean system-deps
 
-# (Re)install when .venv is missing or pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
+
+# Editable, so that a checkout's edits serve at once; the same build as `pip install .`.
+$(RUNTIME_STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
 	$(BIN)/pip install -q -e '.[dev]'
-	$(MAKE) --no-print-directory proto
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+runtime: $(RUNTIME_STAMP)
 
 install: $(STAMP)
 
@@ -27,10 +39,11 @@ $(REF_STAMP): scripts/requirements-ref.txt
 
 ref: $(REF_STAMP)
 
-proto:
+# By hand after editing proto/ (any pip install of the project does it too).
+proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
-serve: $(STAMP)
+serve: $(RUNTIME_STAMP)
 	$(BIN)/engine serve $(SERVE_ARGS)
 
 # Debian packages that the end-to-end tests drive (browser, promtool, redis); installed once.
