@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -327,13 +327,19 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.0) -> ServerProcess:
-    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line."""
+def start_server(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    timeout_s: float = 120.0,
+    command: Sequence[str] = (sys.executable, "-m", "engine"),
+    environ: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line. ``command`` is
+    how ``engine`` is run (an installed one: ``[".../bin/engine"]``), ``environ`` its environment."""
     http_port, grpc_port = free_port(), free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "engine",
+        *command,
         "serve",
         "--http-port",
         str(http_port),
@@ -341,7 +347,7 @@ def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.
         str(grpc_port),
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env)
     server = ServerProcess(proc, log_path, http_port, grpc_port)
