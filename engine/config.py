@@ -52,11 +52,11 @@ class Config:
     max_queue_delay_ms: float = 2.0
     # limits
     max_new_tokens_limit: int = 512
-    max_prompts_per_request: int = 64
+    max_prompts_per_request: int = 64  # prompts in one request (the prompt array's length)
     rate_limit_per_minute: int = 600  # per API key; 0 disables
     # demo fallback / auth
-    allow_demo_model: bool = True
-    auth_disabled: bool = False
+    allow_demo_model: bool = True  # without --model: serve the random-weight demo model when nothing else is found
+    auth_disabled: bool = False  # no API keys: every request is accepted (local experiments only)
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **changes)

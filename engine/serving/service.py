@@ -1,9 +1,10 @@
 """JobService: the facade every transport (gRPC, REST shim, tests, harness) calls.
 
 It validates and stores jobs, answers reads from the store, and owns the background tasks: the
-scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. Additions to
-the interface of /work/briefs/service-interface.md: ``model_name`` (what ``model`` must match),
-``queue_depth()`` and ``retry_after_s()``.
+scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. What the
+transports call of it is written down once, as ``ServiceLike`` in engine/api/grpc_service.py;
+beyond that, ``model_name`` (what a request's ``model`` must match), ``queue_depth()`` and
+``retry_after_s()``.
 """
 
 from __future__ import annotations
