@@ -34,7 +34,8 @@ from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.errors import InvalidRequest, NotReady
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import FinishReason, TokenEvent
+from engine.runtime.result import FinishReason
+from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobStatus, JobView
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ FINISH_TO_PB = {
     FinishReason.EOS: engine_pb2.FINISH_REASON_EOS,
     FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: engine_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.STOP: engine_pb2.FINISH_REASON_STOP,
 }
 
 
@@ -89,7 +91,7 @@ class ServiceLike(Protocol):
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView: ...
 
-    def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]: ...
+    def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]: ...
 
 
 _PARAMS_SEEN: dict[tuple[bytes, int], DecodingParams] = {}
@@ -265,7 +267,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         async with self._cancel_on_disconnect(owner, job_id):
             texts = [_TextStream(self._decode) for _ in prompts]
             async for event in self.service.stream(owner, job_id):
-                index = _prompt_index(event.request_id, job_id, len(prompts))
+                index = event.row.prompt_index
                 token = engine_pb2.TokenEvent(job_id=job_id, prompt_index=index, token_id=event.token_id)
                 if event.token_id >= 0:
                     token.text = texts[index].push(event.token_id)
@@ -390,13 +392,6 @@ def _job_id(raw: str) -> str:
     if not raw:
         raise InvalidRequest("id is required: the job id that Submit returned")
     return raw
-
-
-def _prompt_index(request_id: str, job_id: str, n: int) -> int:
-    prefix, _, index = request_id.rpartition(":")
-    if prefix != job_id or not index.isdigit() or int(index) >= n:
-        raise RuntimeError(f"token event {request_id!r} does not belong to job {job_id}")
-    return int(index)
 
 
 class GrpcServer:

@@ -21,10 +21,9 @@ from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overl
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
-from engine.runtime.result import TokenEvent
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
-from engine.serving.events import JobEvents, stored_final_events
+from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler, timeout_error
 from engine.serving.store.base import JobStore
@@ -162,13 +161,8 @@ class JobService:
                 "(or leave model out)"
             )
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
-        depth = self.store.queue_depth()
-        if depth >= self.config.max_queue_size:
-            raise Overloaded(
-                f"the queue is full ({depth} jobs waiting, max_queue_size "
-                f"{self.config.max_queue_size}); retry later",
-                retry_after_s=self.retry_after_s(),
-            )
+        tokens = sum(len(ids) for ids in input_ids)
+        self._check_queue_limits(owner, tokens)
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -181,7 +175,7 @@ class JobService:
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
         try:
-            self.store.enqueue_deferred(job, sum(len(ids) for ids in input_ids))
+            self.store.enqueue_deferred(job, tokens)
             position = self.store.position(job.id)
             self._set_depth_gauge()
             sched.notify(lane_of(params))
@@ -255,10 +249,10 @@ class JobService:
             return JobView(ended, 0)  # as stored at its end: no read back
         return await self.get(owner, job_id)
 
-    async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
-        """Token events as they are generated (``request_id`` is ``f"{job_id}:{prompt_index}"``),
-        then one final event per prompt with its ``result`` when the job completes. Ends once the
-        job is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
+    async def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]:
+        """Token events as they are generated (each names its ``Row``: job id, prompt index), then
+        one final event per prompt with its ``result`` when the job completes. Ends once the job
+        is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
         A job that finished earlier yields its final events at once."""
         self._owned(owner, job_id)
         q = self.events.subscribe(job_id)
@@ -268,7 +262,7 @@ class JobService:
                 for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
                     yield ev
                 return
-            getter: asyncio.Future[TokenEvent | None] | None = None
+            getter: asyncio.Future[RowEvent | None] | None = None
             try:
                 while True:
                     if getter is None:
@@ -306,6 +300,38 @@ class JobService:
             raise NotReady("the server is shutting down and accepts no new jobs; retry on another instance")
         if not self._started:
             raise NotReady("the job service is starting; retry in a moment")
+
+    def _check_queue_limits(self, owner: str, tokens: int) -> None:
+        """The queue's limits, in all and per API key, checked here once for every transport:
+        429 with Retry-After naming the limit, or 400 for a request no queue state can admit."""
+        cfg = self.config
+        most = min(cfg.max_queued_tokens, cfg.max_queued_tokens_per_key)
+        if tokens > most:
+            raise InvalidRequest(
+                f"this request has {tokens} prompt tokens; one API key may have at most {most} queued "
+                "(max_queued_tokens_per_key, max_queued_tokens): split it into smaller requests"
+            )
+        load = self.store.load(owner)
+        if load.jobs >= cfg.max_queue_size:
+            why = f"the queue is full ({load.jobs} jobs waiting, max_queue_size {cfg.max_queue_size}); retry later"
+        elif load.tokens + tokens > cfg.max_queued_tokens:
+            why = (
+                f"the queue is full ({load.tokens} prompt tokens waiting; this request's {tokens} would "
+                f"pass max_queued_tokens {cfg.max_queued_tokens}); retry later"
+            )
+        elif load.owner_jobs >= cfg.max_queued_jobs_per_key:
+            why = (
+                f"this API key has {load.owner_jobs} jobs queued, the limit max_queued_jobs_per_key is "
+                f"{cfg.max_queued_jobs_per_key}; retry once some have finished"
+            )
+        elif load.owner_tokens + tokens > cfg.max_queued_tokens_per_key:
+            why = (
+                f"this API key has {load.owner_tokens} prompt tokens queued; this request's {tokens} would "
+                f"pass max_queued_tokens_per_key {cfg.max_queued_tokens_per_key}; retry once some have finished"
+            )
+        else:
+            return
+        raise Overloaded(why, retry_after_s=self.retry_after_s())
 
     def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -389,6 +415,19 @@ class JobService:
         if self._scheduler is not None:
             self._scheduler.expire_running(now)
             self._scheduler.sync_cancellations()
+            self._free_token_ids(self._scheduler)
+
+    def _free_token_ids(self, sched: Scheduler) -> None:
+        """Drop the token ids kept from submit for jobs that left the queue without this process
+        claiming them: run by another server sharing the store, or ended by a path that did not
+        pass here. Every other end (claim, cancel, queued timeout) drops them at once."""
+        held = [job_id for job_id in sched.input_ids if job_id not in sched.running]
+        if not held:
+            return
+        queued = self.store.still_queued(held)
+        for job_id in held:
+            if job_id not in queued:
+                sched.input_ids.pop(job_id, None)
 
     async def _purge_results(self) -> None:
         ttl = self.config.result_ttl_s

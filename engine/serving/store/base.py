@@ -30,6 +30,16 @@ class Completion:
     result: JobResult
 
 
+@dataclass(frozen=True)
+class QueueLoad:
+    """What is queued, in all and for one owner (API key): what the service's limits look at."""
+
+    jobs: int
+    tokens: int  # prompt tokens
+    owner_jobs: int
+    owner_tokens: int
+
+
 class JobStore(abc.ABC):
     @abc.abstractmethod
     def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
@@ -67,8 +77,18 @@ class JobStore(abc.ABC):
     def count(self, status: JobStatus) -> int: ...
 
     @abc.abstractmethod
+    def load(self, owner: str) -> QueueLoad:
+        """Queued jobs and their prompt tokens, in all and of ``owner`` (one consistent read)."""
+
+    @abc.abstractmethod
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of ``job_ids`` that are queued now (the rest ended, or another server took them)."""
+
+    @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """Oldest queued jobs of a lane (and batch key), oldest first: the batching policy's input."""
+        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
+        of each owner that has some, merged oldest first, so that a key whose backlog is older
+        than the window still shows every other key's head (batching.fair_order takes turns)."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -167,6 +187,21 @@ def open_store(url: str) -> JobStore:
         return RedisJobStore(client_url, prefix=options.get("prefix", DEFAULT_PREFIX), lease_s=lease_s)
     raise InvalidRequest(
         f"store URL {url!r} is not supported; use sqlite:///path/engine.db (or redis://host:port/db)"
+    )
+
+
+def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:
+    """What ``enqueue`` returns for ``job`` at queue place ``seq``."""
+    return QueueEntry(
+        job.id,
+        seq,
+        job.created_at,
+        lane,
+        batch_key,
+        len(job.prompts),
+        prompt_tokens,
+        job.params.max_new_tokens,
+        job.owner,
     )
 
 
