@@ -62,7 +62,7 @@ class Config:
     max_prompts_per_request: int = 64  # prompts in one request (the prompt array's length)
     rate_limit_per_minute: int = 600  # per API key; 0 disables
     # demo fallback / auth
-    allow_demo_model: bool = True  # without --model: serve the random-weight demo model when nothing else is found
+    allow_demo_model: bool = True  # no --model and no model found: serve the random-weight demo model
     auth_disabled: bool = False  # no API keys: every request is accepted (local experiments only)
 
     def with_overrides(self, **changes: Any) -> Config:
