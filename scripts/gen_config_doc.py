@@ -134,7 +134,11 @@ def render() -> str:
             f"Config fields without help: {', '.join(missing)}: give each a flag with help text or a "
             "comment on or above it in engine/config.py"
         )
-    other = [a for a in serve._actions if a.option_strings and a.dest not in {f.name for f in dataclasses.fields(Config)}]
+    other = [
+        a
+        for a in serve._actions
+        if a.option_strings and a.dest not in {f.name for f in dataclasses.fields(Config)}
+    ]
     extra = ""
     if any(a.dest != "help" for a in other):
         lines = ["", "Flags of `engine serve` that are not settings:", ""]
@@ -147,7 +151,9 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is stale")
     args = parser.parse_args()
     text = render()

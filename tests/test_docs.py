@@ -18,7 +18,24 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import gen_config_doc  # noqa: E402
 
-TEXT_SUFFIXES = {".py", ".md", ".txt", ".toml", ".cfg", ".sh", ".yml", ".yaml", ".json", ".js", ".html", ".css", ".proto", ".c", ".in", ""}
+TEXT_SUFFIXES = {
+    ".py",
+    ".md",
+    ".txt",
+    ".toml",
+    ".cfg",
+    ".sh",
+    ".yml",
+    ".yaml",
+    ".json",
+    ".js",
+    ".html",
+    ".css",
+    ".proto",
+    ".c",
+    ".in",
+    "",
+}
 # Built from parts, so that this file does not match itself.
 OUTSIDE = re.compile(r"\.\./" + r"shared|/" + r"work/|(?<![\w.:/])/(?:[\w.-]+/)+[\w.-]+\.md\b")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -70,7 +87,11 @@ def test_no_file_points_outside_the_repository() -> None:
 
 
 def test_the_check_finds_what_it_must() -> None:
-    for line in ("see ../" + "shared/DESIGN.md", "the interface of /" + "work/briefs/x.md", "in /" + "etc/notes/a.md"):
+    for line in (
+        "see ../" + "shared/DESIGN.md",
+        "the interface of /" + "work/briefs/x.md",
+        "in /" + "etc/notes/a.md",
+    ):
         assert OUTSIDE.search(line), line
     for line in ("docs/api.md", "see [the API](api.md)", "https://example.org/a/b.md", "./docs/a.md"):
         assert not OUTSIDE.search(line), line
