@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import gen_config_doc
 
-import gen_config_doc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT_SUFFIXES = {
     ".py",
