@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -279,6 +280,8 @@ async def open_stack(
 # ---- a real `engine serve` subprocess for the end-to-end tests ---------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+# The line `engine serve` logs once it serves, in text or JSON format.
+READY = re.compile(r'[ "]ready: ')
 
 
 def free_port() -> int:
@@ -354,7 +357,7 @@ def start_server(
     server = ServerProcess(proc, log_path, http_port, grpc_port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if " ready: " in server.log():
+        if READY.search(server.log()):
             return server
         if proc.poll() is not None:
             raise RuntimeError(f"engine serve exited with {proc.returncode}:\n{server.log()}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from engine import logs
 from engine.errors import InvalidRequest, NotReady, Overloaded, Unauthenticated
 
 KEY_PREFIX = "ek"
@@ -289,6 +290,7 @@ class Authenticator:
         now = self._clock()
         hit = self._cache.get(dig)
         if hit is not None and now - hit[1] < self._cache_s:
+            logs.bind(key_name=hit[0])  # the request's log lines carry the key's name, never the key
             return hit[0]
         key_id = split_key(api_key)
         stored = None
@@ -305,6 +307,7 @@ class Authenticator:
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[dig] = (stored.info.name, now)
+        logs.bind(key_name=stored.info.name)
         return stored.info.name
 
     def admit(self, owner: str) -> None:

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine import logs
 from engine._version import __version__
 from engine.api.auth import Authenticator
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
@@ -391,6 +392,7 @@ def _api_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
 def _job_id(raw: str) -> str:
     if not raw:
         raise InvalidRequest("id is required: the job id that Submit returned")
+    logs.bind(job_id=raw)
     return raw
 
 

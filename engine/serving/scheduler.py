@@ -259,7 +259,10 @@ class Scheduler:
                 for rj in batch:
                     await self._run_batch([rj])
                 return
-            log.exception("job %s failed in the engine", batch[0].job.id)
+            job = batch[0].job
+            log.exception(
+                "job %s failed in the engine", job.id, extra={"job_id": job.id, "key_name": job.owner}
+            )
             self._finish_failed(batch[0], engine_error(exc))
             return
         elapsed = time.perf_counter() - start
@@ -340,7 +343,12 @@ class Scheduler:
             job = rj.job
             self.running.pop(job.id, None)
             if not ok:
-                log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
+                log.info(
+                    "dropped a stale result for job %s (attempt %d)",
+                    job.id,
+                    rj.attempt,
+                    extra={"job_id": job.id, "key_name": job.owner},
+                )
                 self.events.finish(job.id)
                 continue
             ended = job.with_status(JobStatus.COMPLETED, finished_at=now, result=result)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
 from engine.metrics import Metrics
@@ -171,6 +172,7 @@ class JobService:
             created_at=self.clock.time(),
             model=model,
         )
+        logs.bind(job_id=job.id)  # the rest of the request's log lines name the job
         sched = self._scheduler
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
