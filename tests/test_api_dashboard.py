@@ -89,3 +89,9 @@ def test_prometheus_config_passes_promtool() -> None:
         [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_process_metrics_are_exported_on_the_servers_registry() -> None:
+    text = Metrics().render().decode()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert f"\n{name} " in text, name
