@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
 # What a (re)install depends on: the build (setup.py generates engine/pb from proto/ and compiles
 # the kernel; pip's isolated build env brings grpcio-tools, the venv never gets it).
-BUILD_INPUTS := pyproject.toml setup.py engine/runtime/_qlinear.c $(wildcard proto/engine/v1/*.proto)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/runtime/*.c engine/runtime/*.h proto/engine/v1/*.proto)
 
 .PHONY: install runtime ref serve test test-cuda lint typecheck proto bench clean system-deps
 

@@ -4,10 +4,11 @@
   or an editable install is built (grpcio-tools is a build requirement, not a runtime one). The
   packages' ``__init__.py`` files are committed, so that package discovery finds them in a clean
   checkout; their modules are generated. Nothing is generated on import.
-- The one compiled part, engine/runtime/_qlinear.c: small-batch int8/float32 linear layers for the
-  contrastive runtime (see that file for why). It is optional: without a C compiler (or when it
-  fails to build) the build goes on without it and the runtime keeps its numpy path
-  (engine/runtime/qlinear.py logs which one it takes; ENGINE_QLINEAR=0 forces numpy).
+- The one compiled part, engine.runtime._qlinear: small-batch int8/float32 linear layers
+  (engine/runtime/_qlinear.c) and the rest of a T5 layer (_t5ops.c: attention, norm, activation)
+  for our decoder (see those files for why). It is optional: without a C compiler (or when it
+  fails to build, or on a CPU without AVX-512) the build goes on without it and the runtime keeps
+  its numpy path (engine/runtime/qlinear.py says which is used; ENGINE_QLINEAR=0 forces numpy).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ setup(
     ext_modules=[
         Extension(
             "engine.runtime._qlinear",
-            sources=["engine/runtime/_qlinear.c"],
+            sources=["engine/runtime/_qlinear.c", "engine/runtime/_t5ops.c"],
+            depends=["engine/runtime/_t5ops.h"],
             extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -68,6 +68,7 @@ class FakeJobService:
         self._resume = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.cancelled: list[str] = []
+        self.idempotent: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
 
     @property
     def ready(self) -> bool:
@@ -85,8 +86,15 @@ class FakeJobService:
         self._resume.set()
 
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView:
+        if idempotency_key is not None and (owner, idempotency_key) in self.idempotent:
+            return self._view(self.idempotent[owner, idempotency_key])
         if not self.is_ready:
             raise NotReady("the fake service is stopping")
         if not prompts:
@@ -103,6 +111,8 @@ class FakeJobService:
         job = Job(id=new_job_id(), owner=owner, prompts=tuple(prompts), params=params, model=model)
         self._jobs[job.id] = _Entry(job)
         self._order.append(job.id)
+        if idempotency_key is not None:
+            self.idempotent[owner, idempotency_key] = job.id
         task = asyncio.get_running_loop().create_task(self._run(job.id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

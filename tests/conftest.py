@@ -58,6 +58,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
         yield url
 
 
+@pytest.fixture
+def redis_stores(redis_url: str | None) -> Callable[[], JobStore]:
+    """Opens Redis job stores that share one fresh prefix (servers of one fleet); skips the test
+    where redis-server is not installed."""
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    from engine.serving.store.redis import RedisJobStore
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    return lambda: RedisJobStore(redis_url, prefix=prefix)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def job_store(request: pytest.FixtureRequest, redis_url: str | None) -> Iterator[JobStore]:
     """An empty job store of each kind: SQLite in memory, and Redis under a fresh prefix."""

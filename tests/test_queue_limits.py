@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -181,17 +180,10 @@ def test_token_ids_are_freed_wherever_a_job_ends() -> None:
     run(body)
 
 
-def test_token_ids_of_a_job_another_server_ran_are_freed(request: pytest.FixtureRequest) -> None:
-    url = request.getfixturevalue("redis_url")
-    if url is None:
-        pytest.skip("redis-server is not installed (make system-deps installs it)")
-    from engine.serving.store.redis import RedisJobStore
-
-    prefix = f"test:{uuid.uuid4().hex}:"
-
+def test_token_ids_of_a_job_another_server_ran_are_freed(redis_stores: Callable[[], JobStore]) -> None:
     async def body() -> None:
-        here = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix), job_timeout_s=2.0)
-        there = await start_service(FakeEngine(), store=RedisJobStore(url, prefix=prefix))
+        here = await start_service(FakeEngine(), store=redis_stores(), job_timeout_s=2.0)
+        there = await start_service(FakeEngine(), store=redis_stores())
         sched = here._scheduler
         assert sched is not None
         sched.stop_claiming()  # this server takes no job: the other one runs what it accepts

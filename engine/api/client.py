@@ -14,14 +14,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_rpc_error
-from engine.api.grpc_service import API_KEY_METADATA, SERVICE_NAME, EngineServicer
+from engine.api.grpc_service import API_KEY_METADATA, IDEMPOTENCY_METADATA, SERVICE_NAME, EngineServicer
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 
 T = TypeVar("T")
 
 
 class EngineClient(Protocol):
-    async def submit(self, api_key: str | None, request: Any) -> Any: ...
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any: ...
 
     async def get_result(self, api_key: str | None, request: Any) -> Any: ...
 
@@ -46,8 +46,11 @@ class InProcessClient:
         except Exception as exc:
             raise ApiFailure(reply_for_exception(exc)) from exc
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
-        return await self._call(self._servicer.submit, api_key, request)
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        try:
+            return await self._servicer.submit(api_key, request, idempotency_key)
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._servicer.get_result, api_key, request)
@@ -75,8 +78,10 @@ class RemoteClient:
         self._stub = engine_pb2_grpc.EngineStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def _call(self, method: Any, api_key: str | None, request: Any, timeout_s: float) -> Any:
-        metadata = ((API_KEY_METADATA, api_key),) if api_key else ()
+    async def _call(
+        self, method: Any, api_key: str | None, request: Any, timeout_s: float, *extra: tuple[str, str]
+    ) -> Any:
+        metadata = (((API_KEY_METADATA, api_key),) if api_key else ()) + extra
         try:
             return await method(request, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -84,8 +89,9 @@ class RemoteClient:
             trailers = {str(k): v for k, v in pairs if isinstance(v, str)}
             raise ApiFailure(reply_for_rpc_error(exc.code(), exc.details(), trailers)) from exc
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
-        return await self._call(self._stub.Submit, api_key, request, self._timeout_s)
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        extra = () if idempotency_key is None else ((IDEMPOTENCY_METADATA, idempotency_key),)
+        return await self._call(self._stub.Submit, api_key, request, self._timeout_s, *extra)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         # A long poll holds the call open for up to wait_s.

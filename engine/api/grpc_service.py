@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "engine.v1.Engine"
 API_KEY_METADATA = "apikey"
+# Submit with this metadata (REST: the Idempotency-Key header) is safe to retry: the same key
+# and idempotency key answer the job the first call made (JobService.submit).
+IDEMPOTENCY_METADATA = "idempotency-key"
 MAX_WAIT_S = 30.0
 
 Decode = Callable[[Sequence[int]], str]
@@ -83,7 +86,12 @@ class ServiceLike(Protocol):
     def ready(self) -> bool: ...
 
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView: ...
 
     async def get(self, owner: str, job_id: str) -> JobView: ...
@@ -229,9 +237,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     # ---- transport-independent face: raises engine errors -------------------------------
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         owner, prompts, params, model = self._admit(api_key, request)
-        view = await self.service.submit(owner, prompts, params, model)
+        view = await self.service.submit(owner, prompts, params, model, idempotency_key)
         return job_to_pb(view, self.model_name)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
@@ -313,7 +321,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     # ---- gRPC face ------------------------------------------------------------------------
 
     async def Submit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._unary("Submit", self.submit, request, context)
+        idempotency_key = _metadata(context, IDEMPOTENCY_METADATA)
+
+        async def submit(api_key: str | None, request: Any) -> Any:
+            return await self.submit(api_key, request, idempotency_key)
+
+        return await self._unary("Submit", submit, request, context)
 
     async def GetResult(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._unary("GetResult", self.get_result, request, context)
@@ -383,8 +396,12 @@ class _CancelOnDisconnect:
 
 
 def _api_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    return _metadata(context, API_KEY_METADATA)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == API_KEY_METADATA:
+        if key == name:
             return value if isinstance(value, str) else value.decode()
     return None
 

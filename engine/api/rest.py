@@ -470,7 +470,7 @@ def create_app(
         message = engine_pb2.SubmitRequest(
             prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
         )
-        job = await client.submit(request_key(request), message)
+        job = await client.submit(request_key(request), message, request.headers.get("idempotency-key"))
         base = public_base or base_url(request)
         return success(
             {

@@ -27,10 +27,22 @@ from engine.serving.clock import Clock, RealClock
 from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler, timeout_error
-from engine.serving.store.base import JobStore
+from engine.serving.store.base import JobStore, Replay
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
+
+# An Idempotency-Key: what Stripe and the IETF draft allow, bounded (the store keeps it per job).
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+
+
+def check_idempotency_key(key: str) -> None:
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all(" " <= c <= "~" for c in key):
+        raise InvalidRequest(
+            f"the idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters "
+            "(a UUID is a good choice)"
+        )
+
 
 # wait() and stream() also look at the store this often (real seconds), for jobs that another
 # server sharing the store (Redis) runs: this process hears no events of those.
@@ -147,8 +159,16 @@ class JobService:
 
     # -- requests ------------------------------------------------------------------------------
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView:
+        """Queue a job. With an ``idempotency_key`` (the client's Idempotency-Key), a submit that
+        repeats one of the same owner answers the job that one made, for as long as the store
+        holds it (result_ttl_s after it ended), across restarts and servers sharing the store."""
         self._check_accepting()
         prompts = self._check_prompts(prompts)
         if params.max_new_tokens > self.config.max_new_tokens_limit:
@@ -161,6 +181,11 @@ class JobService:
                 f"model {model!r} is not served here; this server serves {self.model_name!r} "
                 "(or leave model out)"
             )
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+            earlier = self.store.find_idempotent(owner, idempotency_key)
+            if earlier is not None:  # before the limits: a retry of an accepted job is no new load
+                return await self._replay(owner, earlier, prompts, params, model)
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
         tokens = sum(len(ids) for ids in input_ids)
         self._check_queue_limits(owner, tokens)
@@ -177,7 +202,11 @@ class JobService:
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
         try:
-            self.store.enqueue_deferred(job, tokens)
+            try:
+                self.store.enqueue_deferred(job, tokens, idempotency_key)
+            except Replay as replay:  # the same key came in since find_idempotent (another server)
+                sched.input_ids.pop(job.id, None)
+                return await self._replay(owner, replay.job_id, prompts, params, model)
             position = self.store.position(job.id)
             self._set_depth_gauge()
             sched.notify(lane_of(params))
@@ -187,6 +216,22 @@ class JobService:
         except BaseException:
             sched.input_ids.pop(job.id, None)
             raise
+        return JobView(job, position)
+
+    async def _replay(
+        self, owner: str, job_id: str, prompts: Sequence[str], params: DecodingParams, model: str | None
+    ) -> JobView:
+        """The job an earlier submit with the same idempotency key made, once it is durable."""
+        await self._committed()  # it may be in the open group commit
+        job = self.store.get(job_id)
+        if job is None:  # its commit failed (that submit was answered 503) or it was just purged
+            raise NotReady("the job store could not save the job; retry in a moment")
+        if job.prompts != tuple(prompts) or job.params != params or job.model != model:
+            raise InvalidRequest(
+                "this Idempotency-Key was used for a different request (other prompts, params or "
+                "model); send a new key for a new request"
+            )
+        position = self.store.position(job_id) if job.status is JobStatus.QUEUED else 0
         return JobView(job, position)
 
     async def _committed(self) -> None:

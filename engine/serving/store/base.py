@@ -40,18 +40,34 @@ class QueueLoad:
     owner_tokens: int
 
 
+class Replay(Exception):
+    """``enqueue`` with an idempotency key that the owner already used: ``job_id`` is that job."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class JobStore(abc.ABC):
     @abc.abstractmethod
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
-        """Write a QUEUED job durably; it goes to the back of the queue."""
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+        """Write a QUEUED job durably; it goes to the back of the queue. With an
+        ``idempotency_key`` that ``job.owner`` used for a job the store still holds, nothing is
+        written and ``Replay`` names that job (checked and recorded atomically, across servers)."""
 
-    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    @abc.abstractmethod
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        """The id of the job ``owner`` submitted with this key, while the store holds it."""
+
+    def enqueue_deferred(
+        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+    ) -> QueueEntry:
         """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
         arrive together share one commit. The job is queued at once (positions, depth, claims
         see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
         False: a submit is answered only then. Stores whose every write is durable at once keep
         this default."""
-        return self.enqueue(job, prompt_tokens)
+        return self.enqueue(job, prompt_tokens, idempotency_key)
 
     def commit_deferred(self) -> None:
         """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are

@@ -37,6 +37,7 @@ from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     JobStore,
     QueueLoad,
+    Replay,
     decode_error,
     decode_result,
     encode_error,
@@ -100,17 +101,25 @@ local function requeue(id)
 end
 """
 
-# ARGV: prefix, id, then field/value pairs of the job hash (lane, batch_key, created_at among them)
+# ARGV: prefix, id, idempotency key name or '', then field/value pairs of the job hash (lane,
+# batch_key, created_at among them). Returns {seq}, or {-1, earlier id} for a replay: the key
+# names a job the store still holds (the name is deleted with that job by the purge).
 _ENQUEUE = """
-local id = ARGV[2]
-local seq = redis.call('INCR', P..'seq')
+local id, idem = ARGV[2], ARGV[3]
 local j = P..'job:'..id
 if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') end
+if idem ~= '' then
+  local earlier = redis.call('GET', idem)
+  if earlier and redis.call('EXISTS', P..'job:'..earlier) == 1 then return {-1, earlier} end
+  redis.call('SET', idem, id)
+end
+local seq = redis.call('INCR', P..'seq')
 local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
+if idem ~= '' then redis.call('HSET', j, 'idem', idem) end
 queue(id)
-return seq
+return {seq}
 """
 
 # ARGV: prefix, now, lease deadline, ids...
@@ -224,6 +233,8 @@ for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
   local set = P..'done:'..status
   local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2])
   for _, id in ipairs(ids) do
+    local idem = redis.call('HGET', P..'job:'..id, 'idem')
+    if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     redis.call('DEL', P..'job:'..id)
     n = n + 1
   end
@@ -314,7 +325,7 @@ class RedisJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
@@ -333,8 +344,22 @@ class RedisJobStore(JobStore):
         if job.model is not None:
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
-        seq = int(self._run("enqueue", job.id, *flat))
-        return queue_entry(job, seq, lane, key, prompt_tokens)
+        idem = "" if idempotency_key is None else self._idempotency_name(job.owner, idempotency_key)
+        reply = self._run("enqueue", job.id, idem, *flat)
+        if int(reply[0]) < 0:
+            raise Replay(reply[1])
+        return queue_entry(job, int(reply[0]), lane, key, prompt_tokens)
+
+    def _idempotency_name(self, owner: str, idempotency_key: str) -> str:
+        # The owner's length first: owners and keys may hold ':' without two pairs meeting.
+        return self._k(f"idem:{len(owner)}:{owner}:{idempotency_key}")
+
+    @_store_errors
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        earlier = self._r.get(self._idempotency_name(owner, idempotency_key))
+        if earlier is None or not self._r.exists(self._k(f"job:{earlier}")):
+            return None
+        return str(earlier)
 
     @_store_errors
     def get(self, job_id: str) -> Job | None:

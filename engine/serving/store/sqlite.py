@@ -28,6 +28,7 @@ from engine.serving.store.base import (
     Completion,
     JobStore,
     QueueLoad,
+    Replay,
     decode_error,
     decode_result,
     encode_error,
@@ -54,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     result TEXT,
-    error TEXT
+    error TEXT,
+    idempotency_key TEXT  -- the client's Idempotency-Key, unique per owner (NULL: none given)
 );
 CREATE INDEX IF NOT EXISTS jobs_queued_seq ON jobs(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_lane ON jobs(lane, batch_key, seq) WHERE status = 'queued';
@@ -62,6 +64,12 @@ CREATE INDEX IF NOT EXISTS jobs_queued_owner ON jobs(lane, owner, seq) WHERE sta
 CREATE INDEX IF NOT EXISTS jobs_queued_owner_key ON jobs(lane, owner, batch_key, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_created ON jobs(created_at) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+# After the migration below (a database made before idempotency keys lacks the column).
+IDEMPOTENCY_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 """
 
 _JOB_COLUMNS = (
@@ -178,6 +186,10 @@ class SqliteJobStore(JobStore):
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "idempotency_key" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+            self._db.executescript(IDEMPOTENCY_INDEX)
             if self.path != ":memory:":
                 # WAL checkpoints (and their fsyncs) would otherwise run inside every ~150th
                 # submit's commit: a background thread does them instead, off the request path.
@@ -241,18 +253,23 @@ class SqliteJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         with self._lock:
             self._end_group()
-            return self._insert(job, prompt_tokens)
+            self._check_replay(job.owner, idempotency_key)
+            return self._insert(job, prompt_tokens, idempotency_key)
 
     @_store_errors
-    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue_deferred(
+        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+    ) -> QueueEntry:
         with self._lock:
+            # Sees the open group's rows too: a repeat within one group commit is a replay.
+            self._check_replay(job.owner, idempotency_key)
             if not self._group:
                 self._db.execute("BEGIN")
             try:
-                entry = self._insert(job, prompt_tokens)
+                entry = self._insert(job, prompt_tokens, idempotency_key)
             except BaseException:
                 # Whatever SQLite kept of the open transaction, none of it is trusted now.
                 self._group.append(job.id)
@@ -281,7 +298,25 @@ class SqliteJobStore(JobStore):
                 return True
             return False
 
-    def _insert(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def _check_replay(self, owner: str, idempotency_key: str | None) -> None:
+        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored."""
+        if idempotency_key is not None:
+            earlier = self._idempotent(owner, idempotency_key)
+            if earlier is not None:
+                raise Replay(earlier)
+
+    def _idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT id FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    @_store_errors
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        with self._lock:
+            return self._idempotent(owner, idempotency_key)
+
+    def _insert(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         """With the lock held: the INSERT, and the job's place in the in-memory queue."""
         params_json, lane, key = _params_columns(job.params)
         row = (
@@ -298,10 +333,12 @@ class SqliteJobStore(JobStore):
             job.params.max_new_tokens,
             job.created_at,
             job.attempts,
+            idempotency_key,
         )
         cur = self._db.execute(
             "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
-            " prompt_tokens, max_new_tokens, created_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " prompt_tokens, max_new_tokens, created_at, attempts, idempotency_key)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
         seq = int(cur.lastrowid or 0)
