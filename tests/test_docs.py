@@ -105,3 +105,22 @@ def test_relative_links_in_the_docs_resolve() -> None:
             if not (path.parent / file_part).exists():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+
+
+def test_api_doc_lists_every_route_and_metrics_doc_every_family() -> None:
+    from engine.api.rest import create_app
+    from engine.metrics import Metrics
+
+    # The OpenAI routes are documented in their own file.
+    api = "".join(p.read_text() for p in (ROOT / "docs").glob("*.md") if p.name in ("api.md", "openai.md"))
+    app = create_app(None, Metrics())  # type: ignore[arg-type]  # routes only
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path.startswith("/docs/"):  # FastAPI's own page helpers
+            continue
+        assert f"`{path}`" in api or f" {path}`" in api, f"docs/api.md does not document {path}"
+    metrics = (ROOT / "docs" / "metrics.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        if not name.startswith("process_"):
+            assert f"`{name}`" in metrics, f"docs/metrics.md does not document {name}"
