@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.stamp-runtime
 STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
+ONNX := .venv-onnx
+ONNX_STAMP := $(ONNX)/.stamp-onnx
 # What a (re)install depends on: the build (setup.py generates engine/pb from proto/ and compiles
 # the kernel; pip's isolated build env brings grpcio-tools, the venv never gets it).
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/runtime/*.c engine/runtime/*.h proto/engine/v1/*.proto)
 
-.PHONY: install runtime ref serve test test-cuda lint typecheck proto bench clean system-deps
+.PHONY: install runtime ref onnx serve test test-cuda lint typecheck proto bench clean system-deps
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +40,15 @@ $(REF_STAMP): scripts/requirements-ref.txt
 	touch $(REF_STAMP)
 
 ref: $(REF_STAMP)
+
+# ONNX Runtime int8, the benchmark suite's peer (optimum export + dynamic quantization): benchmarks
+# only, in its own environment so that neither the runtime's nor the tests' grows.
+$(ONNX_STAMP): scripts/requirements-onnx.txt
+	test -x $(ONNX)/bin/python || $(PY) -m venv $(ONNX)
+	$(ONNX)/bin/pip install -q -r scripts/requirements-onnx.txt
+	touch $(ONNX_STAMP)
+
+onnx: $(ONNX_STAMP)
 
 # By hand after editing proto/ (any pip install of the project does it too).
 proto: $(STAMP)
@@ -66,8 +77,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP) $(REF_STAMP)
+bench: $(STAMP) $(REF_STAMP) $(ONNX_STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF) engine/pb/engine build *.egg-info
+	rm -rf $(VENV) $(REF) $(ONNX) engine/pb/engine build *.egg-info

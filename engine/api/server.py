@@ -23,6 +23,7 @@ from engine.api.access_log import AccessLog
 from engine.api.auth import Authenticator
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
+from engine.api.openai_routes import mount as mount_openai_routes
 from engine.api.rest import create_app
 from engine.config import Config
 from engine.errors import NotReady
@@ -173,6 +174,7 @@ async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
     app: Any = create_app(client, metrics, public_url=cfg.public_url)
+    mount_openai_routes(app, client)
     if cfg.access_log:
         app = AccessLog(app)
     config = uvicorn.Config(
