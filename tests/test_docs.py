@@ -108,12 +108,14 @@ def test_relative_links_in_the_docs_resolve() -> None:
 
 
 def test_api_doc_lists_every_route_and_metrics_doc_every_family() -> None:
+    from engine.api.openai_routes import mount as mount_openai_routes
     from engine.api.rest import create_app
     from engine.metrics import Metrics
 
     # The OpenAI routes are documented in their own file.
     api = "".join(p.read_text() for p in (ROOT / "docs").glob("*.md") if p.name in ("api.md", "openai.md"))
     app = create_app(None, Metrics())  # type: ignore[arg-type]  # routes only
+    mount_openai_routes(app, None)  # type: ignore[arg-type]
     for route in app.routes:
         path = getattr(route, "path", "")
         if path.startswith("/docs/"):  # FastAPI's own page helpers
