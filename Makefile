@@ -81,4 +81,5 @@ bench: $(STAMP) $(REF_STAMP) $(ONNX_STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF) $(ONNX) engine/pb/engine build *.egg-info
+	rm -rf $(VENV) $(REF) $(ONNX) build dist *.egg-info engine/pb/.proto-sha256
+	find engine/pb -name "*_pb2*" -delete
