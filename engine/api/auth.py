@@ -255,6 +255,12 @@ class RateLimiter:
             self._buckets[owner] = (tokens - 1.0, now)
 
 
+MISSING_KEY_MESSAGE = (
+    "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
+    "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
+)
+
+
 class Authenticator:
     """Maps an API key to its owner's name. Verified keys are remembered for ``cache_s`` seconds
     (a revoked key stops working within that time) so that polling does not hit the store."""
@@ -281,10 +287,7 @@ class Authenticator:
         if self.disabled:
             return ANONYMOUS
         if not api_key:
-            raise Unauthenticated(
-                "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
-                "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
-            )
+            raise Unauthenticated(MISSING_KEY_MESSAGE)
         dig = digest(api_key)
         now = self._clock()
         hit = self._cache.get(dig)

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from engine.api.auth import Authenticator, open_key_store
+from engine.api.body import lingering_http_protocol
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
 from engine.api.rest import create_app
@@ -98,9 +99,9 @@ async def _serve(cfg: Config) -> int:
         random_weights=random_weights,
         device=engine.device,
         compute_type=engine.compute_type,
-        max_new_tokens_limit=cfg.max_new_tokens_limit,
-        max_prompts_per_request=cfg.max_prompts_per_request,
         auth_required=not cfg.auth_disabled,
+        limits=cfg.request_limits,
+        model_source=engine.manifest.source,
     )
     metrics.model_info.labels(model=info.model, device=info.device, compute_type=info.compute_type).set(1)
     servicer = EngineServicer(service, auth, info, metrics=metrics, decode=engine.tokenizer.decode)
@@ -161,7 +162,7 @@ async def _serve_shim(cfg: Config, metrics: Metrics, stop: asyncio.Event) -> int
 async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
-    app = create_app(client, metrics, public_url=cfg.public_url)
+    app = create_app(client, metrics, public_url=cfg.public_url, limits=cfg.request_limits)
     config = uvicorn.Config(
         app,
         host=cfg.http_host,
@@ -170,6 +171,7 @@ async def _start_http(
         access_log=False,  # one line per poll would drown the log
         lifespan="off",
         timeout_graceful_shutdown=int(HTTP_GRACE_S),
+        http=lingering_http_protocol(),
     )
     http = _HttpServer(config)
     task = asyncio.get_running_loop().create_task(_run_http(http))

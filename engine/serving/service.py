@@ -149,17 +149,9 @@ class JobService:
         self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
     ) -> JobView:
         self._check_accepting()
+        # The request's limits (prompt count and size, max_new_tokens, model) were checked at the
+        # edge (engine/api/grpc_service.py, engine/limits.py); here only the types are.
         prompts = self._check_prompts(prompts)
-        if params.max_new_tokens > self.config.max_new_tokens_limit:
-            raise InvalidRequest(
-                f"max_new_tokens must be at most {self.config.max_new_tokens_limit} on this server, "
-                f"got {params.max_new_tokens}"
-            )
-        if model is not None and model not in (self.model_name, self.engine.manifest.source):
-            raise InvalidRequest(
-                f"model {model!r} is not served here; this server serves {self.model_name!r} "
-                "(or leave model out)"
-            )
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
         depth = self.store.queue_depth()
         if depth >= self.config.max_queue_size:
@@ -314,11 +306,6 @@ class JobService:
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
             raise InvalidRequest(f"every prompt must be a string; prompt(s) {bad[:5]} are not")
-        limit = self.config.max_prompts_per_request
-        if len(prompts) > limit:
-            raise InvalidRequest(
-                f"too many prompts: {len(prompts)}, the limit is {limit} per request; split the request"
-            )
         return list(prompts)
 
     def _owned(self, owner: str, job_id: str) -> Job:
