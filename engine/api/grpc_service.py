@@ -289,6 +289,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             view = await self.service.wait(owner, view.job.id)
         if view.job.status is JobStatus.FAILED:
             raise ApiFailure(reply_for_job_error(view.job.error))
+        if not view.job.status.terminal:
+            # wait() ends early only when the server stops (it raises NotReady then); never answer
+            # OK for a job that has not finished.
+            raise NotReady(
+                f"job {view.job.id} did not finish before the server stopped; retry", retry_after_s=1.0
+            )
         return job_to_pb(view, self.model_name)
 
     async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:

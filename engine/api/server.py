@@ -131,10 +131,14 @@ async def _serve(cfg: Config) -> int:
         log.info("stopping: no new jobs; draining the running batch (up to %.0f s)", DRAIN_TIMEOUT_S)
         return 0 if stop.is_set() else 1
     finally:
-        await service.stop(drain_timeout_s=min(DRAIN_TIMEOUT_S, cfg.job_timeout_s))
+        # Draining, both servers still answer: polls read results, waits for jobs that finish in
+        # time get them, and every wait for one that does not gets 503 / UNAVAILABLE. The store
+        # closes last, once no request can read it any more.
+        await service.stop(drain_timeout_s=min(DRAIN_TIMEOUT_S, cfg.job_timeout_s), close_store=False)
         if grpc_server is not None:
             await grpc_server.stop(grace_s=2.0)
         await _stop_http(http, http_task)
+        store.close()
         keys.close()
         log.info("stopped")
 
