@@ -9,7 +9,7 @@ REF_STAMP := $(REF)/.stamp-ref
 .PHONY: install ref serve test test-cuda lint typecheck proto bench clean system-deps
 
 # (Re)install when .venv is missing or pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c
+$(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c engine/runtime/_t5ops.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -140,6 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-queue-size", type=int, default=None, help="queued jobs before 429 (default 10000)")
     g.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens queued on the server before 429: bounds the memory of queued work (default 2000000)",
+    )
+    g.add_argument(
+        "--max-queued-jobs-per-key",
+        type=int,
+        default=None,
+        help="queued jobs of one API key before 429 (default 2000)",
+    )
+    g.add_argument(
+        "--max-queued-tokens-per-key",
+        type=int,
+        default=None,
+        help="prompt tokens queued for one API key before 429 (default 500000)",
+    )
+    g.add_argument(
         "--job-timeout-s", type=float, default=None, help="fail jobs waiting or running longer (default 600)"
     )
     g.add_argument("--result-ttl-s", type=float, default=None, help="keep results this long (default 86400)")

@@ -48,6 +48,13 @@ class Config:
     # store and queue
     store_url: str = "sqlite:///./data/engine.db"
     max_queue_size: int = 10_000
+    # Prompt tokens of every queued job together: the memory held for queued work (token ids, job
+    # text) is bounded by tokens, not only by a job count (64 long prompts a job add up fast).
+    max_queued_tokens: int = 2_000_000
+    # One API key's share of the queue (429 with Retry-After past it); fair turns (batching.py)
+    # keep one key's backlog from delaying the others, these keep it from filling the queue.
+    max_queued_jobs_per_key: int = 2_000
+    max_queued_tokens_per_key: int = 500_000
     job_timeout_s: float = 600.0
     result_ttl_s: float = 24 * 3600.0
     # dynamic batcher
@@ -101,6 +108,9 @@ class Config:
             "max_batch_size",
             "max_batch_tokens",
             "max_queue_size",
+            "max_queued_tokens",
+            "max_queued_jobs_per_key",
+            "max_queued_tokens_per_key",
             "max_new_tokens_limit",
             "max_prompts_per_request",
             "max_prompt_bytes",

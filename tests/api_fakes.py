@@ -26,7 +26,8 @@ from engine.api.grpc_service import EngineServicer, ServerInfo
 from engine.errors import InvalidRequest, NotFound, NotReady, Overloaded, PromptTooLong
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import FinishReason, Result, TokenEvent, Usage
+from engine.runtime.result import FinishReason, Result, Usage
+from engine.serving.events import Row, RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus, JobView, new_job_id
 
 
@@ -41,7 +42,7 @@ def fake_completion(prompt: str, params: DecodingParams) -> str:
 @dataclass
 class _Entry:
     job: Job
-    events: list[TokenEvent] = field(default_factory=list)
+    events: list[RowEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -66,6 +67,7 @@ class FakeJobService:
         self._resume = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.cancelled: list[str] = []
+        self.idempotent: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
 
     @property
     def ready(self) -> bool:
@@ -83,8 +85,15 @@ class FakeJobService:
         self._resume.set()
 
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView:
+        if idempotency_key is not None and (owner, idempotency_key) in self.idempotent:
+            return self._view(self.idempotent[owner, idempotency_key])
         if not self.is_ready:
             raise NotReady("the fake service is stopping")
         if not prompts:
@@ -101,6 +110,8 @@ class FakeJobService:
         job = Job(id=new_job_id(), owner=owner, prompts=tuple(prompts), params=params, model=model)
         self._jobs[job.id] = _Entry(job)
         self._order.append(job.id)
+        if idempotency_key is not None:
+            self.idempotent[owner, idempotency_key] = job.id
         task = asyncio.get_running_loop().create_task(self._run(job.id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -132,7 +143,7 @@ class FakeJobService:
         entry.changed.set()
         entry.changed = asyncio.Event()
 
-    def _emit(self, job_id: str, event: TokenEvent) -> None:
+    def _emit(self, job_id: str, event: RowEvent) -> None:
         entry = self._jobs[job_id]
         entry.events.append(event)
         entry.changed.set()
@@ -170,11 +181,11 @@ class FakeJobService:
                     return
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-                self._emit(job_id, TokenEvent(f"{job_id}:{index}", token))
+                self._emit(job_id, RowEvent(Row(job_id, index), token))
             reason = FinishReason.LENGTH if len(ids) == job.params.max_new_tokens else FinishReason.EOS
             result = Result(text, ids, Usage(len(prompt) + 1, len(ids)), reason)
             results.append(result)
-            self._emit(job_id, TokenEvent(f"{job_id}:{index}", -1, result))
+            self._emit(job_id, RowEvent(Row(job_id, index), -1, result))
         if self._jobs[job_id].job.status is JobStatus.CANCELLED:
             return
         usage = Usage(
@@ -212,7 +223,7 @@ class FakeJobService:
                 break
         return self._view(job_id)
 
-    async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
+    async def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]:
         entry = self._entry(owner, job_id)
         sent = 0
         while True:

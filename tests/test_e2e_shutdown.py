@@ -46,7 +46,9 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
     server = start_server([*common, "--max-queue-delay-ms", "60000"], tmp_path / "first.log")
     try:
         headers = {"apiKey": key}
-        r = requests.post(f"{server.url}/v1/submit", json={"prompt": "hello there"}, headers=headers, timeout=10)
+        r = requests.post(
+            f"{server.url}/v1/submit", json={"prompt": "hello there"}, headers=headers, timeout=10
+        )
         assert r.status_code == 200, r.text
         polled_id = r.json()["data"]["id"]
         long_poll = in_thread(

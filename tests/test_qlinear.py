@@ -71,6 +71,7 @@ def _case(
         (1, 6, 4500),
         (33, 70, 64),
         (4, 1030, 512),
+        (517, 13, 40),  # more rows than a VNNI block (256): blocks and a short last block
     ],
 )
 def test_kernel_matches_float64(mode: int, threads: int, m: int, n: int, k: int) -> None:
@@ -114,7 +115,7 @@ def test_linear_picks_the_kernel_for_few_rows_and_blas_for_many() -> None:
     scale = rng.uniform(20, 200, 40).astype(np.float32)
     layer = Linear.from_stored(wq, scale)
     np.testing.assert_array_equal(layer.dense, wq.astype(np.float32) / scale[:, None])
-    if KERNEL_MAX_ROWS[layer.mode] < 10_000:  # AMX takes every row count
+    if KERNEL_MAX_ROWS[layer.mode] < 10_000:  # VNNI and AMX take every row count
         many = rng.standard_normal((KERNEL_MAX_ROWS[layer.mode] + 1, 24)).astype(np.float32)
         np.testing.assert_array_equal(layer(many), blas_linear(many, layer.dense))
     few = rng.standard_normal((3, 24)).astype(np.float32)

@@ -16,6 +16,7 @@ from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason
 from engine.serving.clock import FakeClock
+from engine.serving.events import Row
 from engine.serving.jobs import JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.sqlite import SqliteJobStore
@@ -165,7 +166,7 @@ def test_cancel_a_running_job_stops_its_rows_and_spares_its_neighbours() -> None
         b = await svc.submit("a", ["b"], long)
         stream = svc.stream("a", a.job.id)
         first = await anext(stream)  # "a" is generating
-        assert first.request_id == f"{a.job.id}:0"
+        assert first.row == Row(a.job.id, 0)
         cancelled = await svc.cancel("a", a.job.id)
         assert cancelled.job.status is JobStatus.CANCELLED
         rest = [ev async for ev in stream]  # the stream ends without a result for "a"
@@ -301,8 +302,7 @@ def test_stream_yields_tokens_then_results_and_replays_a_finished_job() -> None:
         events = [ev async for ev in svc.stream("a", v.job.id)]
         want = [expected_tokens(fake_tokenize(p), 6) for p in v.job.prompts]
         for i in range(2):
-            rid = f"{v.job.id}:{i}"
-            mine = [ev for ev in events if ev.request_id == rid]
+            mine = [ev for ev in events if ev.row == Row(v.job.id, i)]
             assert [ev.token_id for ev in mine[:-1]] == want[i]
             last = mine[-1]
             assert last.token_id == -1 and last.result is not None

@@ -8,8 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import TokenEvent
-from engine.serving.events import JobEvents, TokenForwarder
+from engine.serving.events import JobEvents, Row, RowEvent, TokenForwarder
 from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
 
 
@@ -17,7 +16,7 @@ def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(test())
 
 
-def queued_token_ids(q: asyncio.Queue[TokenEvent | None]) -> list[int]:
+def queued_token_ids(q: asyncio.Queue[RowEvent | None]) -> list[int]:
     """Drain what the queue holds now: token events only (None would be the end of the stream)."""
     ids = []
     for _ in range(q.qsize()):
@@ -43,7 +42,7 @@ def test_unwatched_tokens_never_wake_the_loop_and_are_dropped_at_the_end_of_the_
         loop = CountingLoop()
         fwd = TokenForwarder(loop, events)  # type: ignore[arg-type]
         for step in range(50):
-            fwd.push("quiet", TokenEvent("quiet:0", step))
+            fwd.push(Row("quiet", 0), step)
         assert loop.wakeups == []
         fwd.drop_unwatched()
         q = events.subscribe("quiet")  # nothing was published for it: nothing to replay
@@ -57,18 +56,18 @@ def test_a_watched_job_wakes_the_loop_once_per_flush_and_gets_every_token_in_ord
         events = JobEvents()
         loop = CountingLoop()
         fwd = TokenForwarder(loop, events)  # type: ignore[arg-type]
-        fwd.push("w", TokenEvent("w:0", 10))  # before anyone watches: held back
-        fwd.push("other", TokenEvent("other:0", 99))
+        fwd.push(Row("w", 0), 10)  # before anyone watches: held back
+        fwd.push(Row("other", 0), 99)
         assert loop.wakeups == []
         q = events.subscribe("w")  # drains what was held back, then replays it
         assert queued_token_ids(q) == [10]
         for token in (11, 12, 13):
-            fwd.push("w", TokenEvent("w:0", token))
+            fwd.push(Row("w", 0), token)
         assert len(loop.wakeups) == 1  # coalesced: one flush per loop iteration
         loop.wakeups.pop()()
         assert queued_token_ids(q) == [11, 12, 13]
-        fwd.push("w", TokenEvent("w:0", 14))
-        fwd.push("other", TokenEvent("other:0", 100))
+        fwd.push(Row("w", 0), 14)
+        fwd.push(Row("other", 0), 100)
         fwd.drop_unwatched()  # the call ended before the scheduled flush ran: nothing is lost
         assert queued_token_ids(q) == [14]
         loop.wakeups.pop()()  # the late flush finds nothing more

@@ -4,7 +4,6 @@ order, positions, exactly-once completion, recovery, purge. Both run the same te
 from __future__ import annotations
 
 import random
-import shutil
 import sqlite3
 import time
 import uuid
@@ -15,12 +14,12 @@ import pytest
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import TokenEvent, Usage
+from engine.runtime.result import Usage
 from engine.serving.batching import Lane, batch_key_text
+from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import Completion, JobStore, open_store
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import redis_server
 
 NOW = 1_700_000_000.0
 CONTRASTIVE = DecodingParams(penalty_alpha=0.6, top_k=4)
@@ -76,15 +75,6 @@ class Backend:
 
 
 REDIS_LEASE_S = 0.3
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    if shutil.which("redis-server") is None:
-        yield None
-        return
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -477,7 +467,7 @@ def test_wait_and_stream_on_one_server_for_a_job_another_server_runs(redis_url: 
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
-async def _collect(events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
+async def _collect(events: AsyncIterator[RowEvent]) -> list[RowEvent]:
     return [ev async for ev in events]
 
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.api.auth import MISSING_KEY_MESSAGE
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_rpc_error
-from engine.api.grpc_service import API_KEY_METADATA, SERVICE_NAME, EngineServicer
+from engine.api.grpc_service import API_KEY_METADATA, IDEMPOTENCY_METADATA, SERVICE_NAME, EngineServicer
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.errors import Unauthenticated
 from engine.limits import MAX_WAIT_S
@@ -28,7 +28,7 @@ class EngineClient(Protocol):
         """Raises (401) for a key that cannot be right, before the shim reads a request's body."""
         ...
 
-    async def submit(self, api_key: str | None, request: Any) -> Any: ...
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any: ...
 
     async def get_result(self, api_key: str | None, request: Any) -> Any: ...
 
@@ -59,8 +59,11 @@ class InProcessClient:
         except Exception as exc:
             raise ApiFailure(reply_for_exception(exc)) from exc
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
-        return await self._call(self._servicer.submit, api_key, request)
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        try:
+            return await self._servicer.submit(api_key, request, idempotency_key)
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._servicer.get_result, api_key, request)
@@ -88,8 +91,10 @@ class RemoteClient:
         self._stub = engine_pb2_grpc.EngineStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def _call(self, method: Any, api_key: str | None, request: Any, timeout_s: float) -> Any:
-        metadata = ((API_KEY_METADATA, api_key),) if api_key else ()
+    async def _call(
+        self, method: Any, api_key: str | None, request: Any, timeout_s: float, *extra: tuple[str, str]
+    ) -> Any:
+        metadata = (((API_KEY_METADATA, api_key),) if api_key else ()) + extra
         try:
             return await method(request, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -103,8 +108,9 @@ class RemoteClient:
         if not api_key:
             raise ApiFailure(reply_for_exception(Unauthenticated(MISSING_KEY_MESSAGE)))
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
-        return await self._call(self._stub.Submit, api_key, request, self._timeout_s)
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        extra = () if idempotency_key is None else ((IDEMPOTENCY_METADATA, idempotency_key),)
+        return await self._call(self._stub.Submit, api_key, request, self._timeout_s, *extra)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         # A long poll holds the call open for up to wait_s; the server checks wait_s's range (a

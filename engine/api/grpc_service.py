@@ -41,13 +41,17 @@ from engine.limits import (
 )
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import FinishReason, TokenEvent
+from engine.runtime.result import FinishReason
+from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobStatus, JobView
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "engine.v1.Engine"
 API_KEY_METADATA = "apikey"
+# Submit with this metadata (REST: the Idempotency-Key header) is safe to retry: the same key
+# and idempotency key answer the job the first call made (JobService.submit).
+IDEMPOTENCY_METADATA = "idempotency-key"
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -63,6 +67,7 @@ FINISH_TO_PB = {
     FinishReason.EOS: engine_pb2.FINISH_REASON_EOS,
     FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: engine_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.STOP: engine_pb2.FINISH_REASON_STOP,
 }
 
 
@@ -95,7 +100,12 @@ class ServiceLike(Protocol):
     def ready(self) -> bool: ...
 
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView: ...
 
     async def get(self, owner: str, job_id: str) -> JobView: ...
@@ -104,7 +114,7 @@ class ServiceLike(Protocol):
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView: ...
 
-    def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]: ...
+    def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]: ...
 
 
 _PARAMS_SEEN: dict[tuple[bytes, int], DecodingParams] = {}
@@ -260,9 +270,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     # ---- transport-independent face: raises engine errors -------------------------------
 
-    async def submit(self, api_key: str | None, request: Any) -> Any:
+    async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         owner, prompts, params, model = self._admit(api_key, request)
-        view = await self.service.submit(owner, prompts, params, model)
+        view = await self.service.submit(owner, prompts, params, model, idempotency_key)
         return job_to_pb(view, self.model_name)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
@@ -305,7 +315,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         async with self._cancel_on_disconnect(owner, job_id):
             texts = [_TextStream(self._decode) for _ in prompts]
             async for event in self.service.stream(owner, job_id):
-                index = _prompt_index(event.request_id, job_id, len(prompts))
+                index = event.row.prompt_index
                 token = engine_pb2.TokenEvent(job_id=job_id, prompt_index=index, token_id=event.token_id)
                 if event.token_id >= 0:
                     token.text = texts[index].push(event.token_id)
@@ -385,7 +395,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     # ---- gRPC face ------------------------------------------------------------------------
 
     async def Submit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._unary("Submit", self.submit, request, context)
+        idempotency_key = _metadata(context, IDEMPOTENCY_METADATA)
+
+        async def submit(api_key: str | None, request: Any) -> Any:
+            return await self.submit(api_key, request, idempotency_key)
+
+        return await self._unary("Submit", submit, request, context)
 
     async def GetResult(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._unary("GetResult", self.get_result, request, context)
@@ -455,9 +470,14 @@ class _CancelOnDisconnect:
 
 
 def _api_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    key = _metadata(context, API_KEY_METADATA)
+    return None if key is None else checked_api_key(key)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == API_KEY_METADATA:
-            return checked_api_key(value if isinstance(value, str) else value.decode("latin-1"))
+        if key == name:
+            return value if isinstance(value, str) else value.decode("latin-1")
     return None
 
 
@@ -483,13 +503,6 @@ def _job_id(raw: str) -> str:
             "- or _, as Submit returned them"
         )
     return raw
-
-
-def _prompt_index(request_id: str, job_id: str, n: int) -> int:
-    prefix, _, index = request_id.rpartition(":")
-    if prefix != job_id or not index.isdigit() or int(index) >= n:
-        raise RuntimeError(f"token event {request_id!r} does not belong to job {job_id}")
-    return int(index)
 
 
 class GrpcServer:

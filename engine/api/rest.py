@@ -460,7 +460,7 @@ def create_app(
         message = engine_pb2.SubmitRequest(
             prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
         )
-        job = await client.submit(key, message)
+        job = await client.submit(key, message, request.headers.get("idempotency-key"))
         base = public_base or base_url(request)
         return success(
             {

@@ -27,6 +27,7 @@ from engine.errors import InvalidRequest, Overloaded
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.stop import Detokenize, StopSequences, stop_sequences
 from engine.runtime.t5 import Array, DecoderCache, T5Runtime
 from engine.runtime.xp import to_numpy
 
@@ -168,15 +169,16 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # [V] float32: the chosen row's next-step logits
     rng: np.random.Generator | None = None  # sampling: the request's own generator (its seed)
+    stop: StopSequences | None = None
 
     @property
     def params(self) -> DecodingParams:
         return self.request.params
 
-    def result(self, reason: FinishReason) -> Result:
+    def result(self, reason: FinishReason, text: str = "") -> Result:
         ids = tuple(self.generated)
         return Result(
-            text="",
+            text=text,
             token_ids=ids,
             usage=Usage(prompt_tokens=len(self.request.input_ids), completion_tokens=len(ids)),
             finish_reason=reason,
@@ -189,13 +191,19 @@ def candidate_count(params: DecodingParams) -> int:
 
 
 class ContrastiveBatch:
-    """Continuous batching over our T5 runtime (``ContrastiveBatchLike``)."""
+    """Continuous batching over our T5 runtime (``ContrastiveBatchLike``).
 
-    def __init__(self, runtime: T5Runtime, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    With ``detokenize`` (the model's tokenizer) each Result carries its text, and stop sequences
+    are watched after every step; without it texts are empty and stop sequences refused."""
+
+    def __init__(
+        self, runtime: T5Runtime, max_rows: int = DEFAULT_MAX_ROWS, detokenize: Detokenize | None = None
+    ) -> None:
         if max_rows < 1:
             raise InvalidRequest(f"max_rows must be at least 1, got {max_rows}")
         self.runtime = runtime
         self.max_rows = max_rows
+        self.detokenize = detokenize
         self._active: list[_Active] = []  # aligned with the cache's rows
         self._pending: list[_Active] = []
         self._cancelled: set[str] = set()
@@ -235,6 +243,8 @@ class ContrastiveBatch:
             raise InvalidRequest(f"request id {request_id!r} is already in the batch")
         if not self.fits(request):
             raise Overloaded(f"the contrastive batch is full ({self.rows} of {self.max_rows} rows in use)")
+        if params.stop and self.detokenize is None:
+            raise InvalidRequest("stop sequences need the tokenizer: build this batch with detokenize")
         self._cancelled.discard(request_id)
         self._pending.append(
             _Active(
@@ -248,6 +258,7 @@ class ContrastiveBatch:
                     if params.strategy is Strategy.SAMPLE
                     else None
                 ),
+                stop=None if self.detokenize is None else stop_sequences(params.stop, self.detokenize),
             )
         )
 
@@ -287,12 +298,16 @@ class ContrastiveBatch:
         for row, seq in enumerate(self._active):
             token = int(tokens[row, choice[row]])
             if token == rt.shape.eos_token_id:
-                events.append(TokenEvent(seq.request_id, -1, seq.result(FinishReason.EOS)))
+                events.append(TokenEvent(seq.request_id, -1, self._result(seq, FinishReason.EOS)))
                 continue
             seq.generated.append(token)
             seq.history.append(token)
+            cut = None if seq.stop is None else seq.stop.check(seq.generated)
+            if cut is not None:
+                events.append(TokenEvent(seq.request_id, token, seq.result(FinishReason.STOP, cut.text)))
+                continue
             if len(seq.generated) >= seq.params.max_new_tokens:
-                events.append(TokenEvent(seq.request_id, token, seq.result(FinishReason.LENGTH)))
+                events.append(TokenEvent(seq.request_id, token, self._result(seq, FinishReason.LENGTH)))
                 continue
             events.append(TokenEvent(seq.request_id, token))
             keep.append(row)
@@ -304,6 +319,9 @@ class ContrastiveBatch:
         return events
 
     # ------------------------------------------------------------------ helpers
+    def _result(self, seq: _Active, reason: FinishReason) -> Result:
+        return seq.result(reason, "" if self.detokenize is None else self.detokenize(seq.generated))
+
     def _candidates(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's top-k token ids [B, width] and their probabilities (rows past a
         sequence's own k repeat its best token and are never chosen)."""
@@ -329,7 +347,7 @@ class ContrastiveBatch:
         if not self._cancelled:
             return []
         events = [
-            TokenEvent(s.request_id, -1, s.result(FinishReason.CANCELLED))
+            TokenEvent(s.request_id, -1, self._result(s, FinishReason.CANCELLED))
             for s in itertools.chain(self._active, self._pending)
             if s.request_id in self._cancelled
         ]
@@ -372,12 +390,13 @@ def generate_contrastive(
     requests: Sequence[GenerationRequest],
     max_rows: int = DEFAULT_MAX_ROWS,
     on_token: OnToken | None = None,
+    detokenize: Detokenize | None = None,
 ) -> list[Result]:
     """Run ``requests`` to completion through one ContrastiveBatch (admitting as rows free up).
 
     ``on_token(index, token id)`` sees every generated token but the EOS; True stops that request
     (it finishes CANCELLED with the tokens so far)."""
-    batch = ContrastiveBatch(runtime, max_rows=max_rows)
+    batch = ContrastiveBatch(runtime, max_rows=max_rows, detokenize=detokenize)
     results: dict[str, Result] = {}
     waiting = [(str(i), r) for i, r in enumerate(requests)]
     waiting.reverse()

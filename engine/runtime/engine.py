@@ -31,7 +31,8 @@ from engine.model.tokenizer import Tokenizer
 from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
-from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.result import FinishReason, GenerationRequest, Result, Usage
+from engine.runtime.stop import StopCut, stop_sequences
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -170,11 +171,11 @@ class Engine:
                 results.update(self._run_ct2(requests, group, on_token))
         return [results[i] for i in range(len(requests))]
 
-    def contrastive_batch(self) -> _TextBatch:
-        """A continuous batch on our KV-cached decoder (contrastive search, and greedy)."""
+    def contrastive_batch(self) -> ContrastiveBatch:
+        """A continuous batch on our KV-cached decoder (contrastive search, greedy, seeded sampling)."""
         from engine.runtime.contrastive import ContrastiveBatch
 
-        return _TextBatch(ContrastiveBatch(self._contrastive()), self.tokenizer)
+        return ContrastiveBatch(self._contrastive(), detokenize=self.tokenizer.decode)
 
     # -- CTranslate2 -----------------------------------------------------------------------------
 
@@ -186,7 +187,9 @@ class Engine:
         options = DecodeOptions.from_params(params[0], max_new_tokens=limit)
         batch = [requests[i].input_ids for i in group]
         cancelled = [False] * len(group)
-        counts = [0] * len(group)
+        generated: list[list[int]] = [[] for _ in group]
+        stops = [stop_sequences(p.stop, self.tokenizer.decode) for p in params]
+        cuts: list[StopCut | None] = [None] * len(group)
         eos = self.manifest.eos_token_id
         start = self.manifest.decoder_start_token_id
         # Transformers' repetition penalty and no-repeat-ngram also see the decoder-start token,
@@ -206,30 +209,44 @@ class Engine:
             if exact and token_id == start:
                 handed_over.add(row)
                 return True
-            counts[row] += 1
+            ids = generated[row]
+            ids.append(token_id)
             if on_token is not None and on_token(group[row], token_id):
                 cancelled[row] = True
                 return True
-            return counts[row] >= params[row].max_new_tokens
+            stop = stops[row]
+            if stop is not None:
+                cuts[row] = stop.check(ids)
+                if cuts[row] is not None:
+                    return True  # CTranslate2 ends this row alone
+            return len(ids) >= params[row].max_new_tokens
 
         uniform = all(p.max_new_tokens == limit for p in params)
-        callback: StepCallback | None = None
-        if options.beam_size == 1 and (on_token is not None or not uniform or exact):
-            callback = on_step
+        watched = on_token is not None or not uniform or exact or any(stops)
+        callback: StepCallback | None = on_step if options.beam_size == 1 and watched else None
         hyps = self.translator.translate(batch, options, on_step=callback)
-        if options.beam_size > 1 and on_token is not None:
+        if options.beam_size > 1:
+            # Beam search cannot stop early: its hypotheses are known once the search is over.
             for row, hyp in enumerate(hyps):
-                for n, token_id in enumerate(hyp.token_ids, start=1):
-                    if on_token(group[row], token_id):
-                        cancelled[row] = True
-                        hyps[row] = replace(hyp, token_ids=hyp.token_ids[:n], ended_with_eos=False)
-                        break
+                stop = stops[row]
+                cuts[row] = None if stop is None else stop.first(hyp.token_ids)
+                cut = cuts[row]
+                if cut is not None:
+                    hyps[row] = replace(hyp, token_ids=hyp.token_ids[: cut.tokens], ended_with_eos=False)
+            if on_token is not None:
+                for row, hyp in enumerate(hyps):
+                    for n, token_id in enumerate(hyp.token_ids, start=1):
+                        if on_token(group[row], token_id):
+                            cancelled[row] = True
+                            cuts[row] = None
+                            hyps[row] = replace(hyp, token_ids=hyp.token_ids[:n], ended_with_eos=False)
+                            break
         results = {}
         for row, (index, hyp) in enumerate(zip(group, hyps, strict=True)):
             if row in handed_over:
-                results[index] = self._finish_exact(requests[index], index, counts[row], on_token)
+                results[index] = self._finish_exact(requests[index], index, len(generated[row]), on_token)
             else:
-                results[index] = self._result(requests[index], hyp, cancelled[row])
+                results[index] = self._result(requests[index], hyp, cancelled[row], cuts[row])
         return results
 
     def _finish_exact(
@@ -250,16 +267,20 @@ class Engine:
                 if event.result is not None:
                     return event.result
 
-    def _result(self, request: GenerationRequest, hyp: Hypothesis, cancelled: bool) -> Result:
+    def _result(
+        self, request: GenerationRequest, hyp: Hypothesis, cancelled: bool, cut: StopCut | None
+    ) -> Result:
         ids = hyp.token_ids[: request.params.max_new_tokens]
         if cancelled:
             reason = FinishReason.CANCELLED
+        elif cut is not None:
+            reason = FinishReason.STOP
         elif hyp.ended_with_eos:
             reason = FinishReason.EOS
         else:
             reason = FinishReason.LENGTH
         return Result(
-            text=self.tokenizer.decode(ids),
+            text=self.tokenizer.decode(ids) if cut is None else cut.text,
             token_ids=ids,
             usage=Usage(prompt_tokens=len(request.input_ids), completion_tokens=len(ids)),
             finish_reason=reason,
@@ -307,36 +328,6 @@ class Engine:
                 if event.result is not None:
                     results[index] = event.result
         return results
-
-
-class _TextBatch:
-    """The contrastive decoder's batch, with each finished Result's text decoded."""
-
-    def __init__(self, inner: ContrastiveBatch, tokenizer: Tokenizer) -> None:
-        self._inner = inner
-        self._tokenizer = tokenizer
-
-    def add(self, request_id: str, request: GenerationRequest) -> None:
-        self._inner.add(request_id, request)
-
-    def cancel(self, request_id: str) -> None:
-        self._inner.cancel(request_id)
-
-    def fits(self, request: GenerationRequest) -> bool:
-        return self._inner.fits(request)
-
-    def step(self) -> list[TokenEvent]:
-        return [
-            event
-            if event.result is None
-            else replace(
-                event, result=replace(event.result, text=self._tokenizer.decode(event.result.token_ids))
-            )
-            for event in self._inner.step()
-        ]
-
-    def __len__(self) -> int:
-        return len(self._inner)
 
 
 def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:

@@ -19,6 +19,8 @@ from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_BEAMS = 16
 MAX_TOP_K = 200
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_LENGTH = 256  # characters per stop sequence
 
 
 class Strategy(enum.Enum):
@@ -42,6 +44,13 @@ class DecodingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # Generation ends at the first match in the text, which is cut before it (engine/runtime/stop.py).
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A store reads params back from JSON, where the tuple became a list.
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def strategy(self) -> Strategy:
@@ -63,7 +72,8 @@ class DecodingParams:
         return s is Strategy.CONTRASTIVE or (s is Strategy.SAMPLE and self.seed is not None)
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one engine call (everything but the length limit).
+        """Requests with equal keys can share one engine call (everything but the length limit and
+        the stop sequences, which every backend applies per row).
 
         Parameters that a strategy ignores are left out so that, e.g., greedy requests that differ
         only in ``top_k`` still batch together.
@@ -77,6 +87,7 @@ class DecodingParams:
         return common
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field (JSON-serializable; ``from_dict`` and the constructor take it back)."""
         return asdict(self)
 
     @classmethod
@@ -121,6 +132,8 @@ class DecodingParams:
             v["repetition_penalty"] = _float(raw, "repetition_penalty", 0.0, 100.0, low_open=True)
         if "no_repeat_ngram_size" in raw:
             v["no_repeat_ngram_size"] = _int(raw, "no_repeat_ngram_size", 0, 64)
+        if "stop" in raw:
+            v["stop"] = _stop(raw["stop"])
         params = cls(**v)
         if params.min_new_tokens > params.max_new_tokens:
             raise InvalidRequest(
@@ -139,6 +152,28 @@ def _type_name(value: object) -> str:
     return {bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(
         type(value), type(value).__name__
     )
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    """A string, or a list of up to MAX_STOP_SEQUENCES strings (null and [] mean none)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise InvalidRequest(f"stop must be a string or a list of strings, got {_type_name(value)}")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"stop takes at most {MAX_STOP_SEQUENCES} strings, got {len(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise InvalidRequest(f"stop[{i}] must be a string, got {_type_name(item)} {item!r}")
+        if not item:
+            raise InvalidRequest(f"stop[{i}] is empty; a stop sequence needs at least one character")
+        if len(item) > MAX_STOP_LENGTH:
+            raise InvalidRequest(
+                f"stop[{i}] is {len(item)} characters long; at most {MAX_STOP_LENGTH} are allowed"
+            )
+    return tuple(dict.fromkeys(value))
 
 
 def _int(raw: Mapping[str, Any], name: str, low: int, high: int) -> int:

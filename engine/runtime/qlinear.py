@@ -36,11 +36,13 @@ from engine.errors import InvalidRequest
 # beat OpenBLAS at every decoder size tried (batch 16 = 64 rows: 2.8-3.5 s vs 4.8-6.2 s; batch
 # 32 = 128 rows: 6.2-6.7 s vs 7.7-8.6 s) since OpenBLAS reads 4x the bytes; converting int8 or
 # float32 weights to float it computes at a third of VNNI's rate, and hot-cache OpenBLAS is
-# faster from 32 rows. A prompt's encoder (100+ rows a prompt) mostly stays on OpenBLAS.
+# faster from 32 rows. With VNNI the encoder runs on the kernel too: since products take their rows
+# in blocks that stay in L2 (VNNI_BLOCK_ROWS in _qlinear.c), 800 rows x 512 by 512 x 1536 took
+# 3.4 ms against 9.3 ms for OpenBLAS split over both cores (AMD EPYC, 2 cores, one ad hoc run).
 # With AMX (mode 3) the kernel takes every row count, the encoder included: a 32 x 512 by 512 x 2048
 # product took 35 us on one core with its weights in cache, against 340 us for VNNI on two, and the
 # 8-prompt encoder fell from 302 ms (OpenBLAS, 02:57 run) to 178 ms (03:52 run; RESULTS.md).
-KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 256, 3: 1 << 30}  # float32, int8 as float, int8 x int16, AMX
+KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 1 << 30, 3: 1 << 30}  # float32, int8 as float, int8 x int16, AMX
 # OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
 # packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
 BLAS_BLOCK_ROWS = 1024

@@ -9,9 +9,12 @@ from engine.runtime.params import DecodingParams
 
 
 class FinishReason(enum.Enum):
-    EOS = "eos"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
+    """Why a row ended. OpenAI's API says "stop" for EOS and STOP, "length" for LENGTH."""
+
+    EOS = "eos"  # the model emitted its end-of-sequence token
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the caller stopped it
+    STOP = "stop"  # a stop sequence matched (engine/runtime/stop.py)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class Result:
-    """One prompt's output. ``token_ids`` excludes the decoder-start token and the EOS."""
+    """One prompt's output. ``token_ids`` excludes the decoder-start token and the EOS.
+
+    ``text`` is ``token_ids`` decoded, except after a stop sequence (finish reason STOP): then
+    ``token_ids`` end with the token that completed the match and ``text`` ends before it."""
 
     text: str
     token_ids: tuple[int, ...]

@@ -6,11 +6,17 @@ defines the group and always goes in, even alone over a limit, so no job can sta
 Jobs whose ``max_new_tokens`` differ too much from the head's are left for a later batch: an engine
 call lasts as long as its longest row, and a short job should not wait for a long one
 (``max_new_tokens_ratio``; benchmarks/bench_batcher.py measures the choice).
+
+Fair across API keys: the queue is first put in ``fair_order`` (each key's jobs oldest first, the
+keys taking turns, a deficit round robin in prompts), so the head is the next key's oldest job and
+a batch fills from every key with work in turn. One key's backlog of 10,000 jobs never makes
+another key's job wait behind all of it: it waits for at most one batch (or one free row).
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +63,7 @@ class QueueEntry:
     num_prompts: int
     prompt_tokens: int  # over all its prompts
     max_new_tokens: int
+    owner: str = ""  # the API key's name: the unit of fairness
 
     @property
     def cost_tokens(self) -> int:
@@ -97,12 +104,45 @@ class BatchDecision:
         return bool(self.job_ids)
 
 
-def plan_batch(queue: Sequence[QueueEntry], now: float, limits: BatchLimits) -> BatchDecision:
-    """Decide what to run now. ``queue`` is ordered oldest first; entries that cannot share the
-    head's engine call (another batch key or lane, or a too different length) are skipped."""
+def fair_order(queue: Sequence[QueueEntry], after: str | None = None) -> list[QueueEntry]:
+    """The queue in the order keys take turns: each owner's jobs stay oldest first, and the next
+    job always comes from the owner that has had the fewest prompts so far (deficit round robin in
+    prompts, so a key sending 64-prompt jobs does not get 64 times the share of one sending single
+    prompts). Ties go to owners in name order, starting with the first one after ``after`` (the
+    owner served first last time), so the first place rotates between keys from batch to batch.
+    One owner: the queue unchanged (``queue`` must be oldest first)."""
+    by_owner: dict[str, list[QueueEntry]] = {}
+    for entry in queue:
+        by_owner.setdefault(entry.owner, []).append(entry)
+    if len(by_owner) <= 1:
+        return list(queue)
+    names = sorted(by_owner)
+    start = 0 if after is None else next((i for i, n in enumerate(names) if n > after), 0)
+    rank = {name: (i - start) % len(names) for i, name in enumerate(names)}
+    heap = [(0, rank[name], name, 0) for name in names]  # (prompts served, turn, owner, next index)
+    heapq.heapify(heap)
+    out: list[QueueEntry] = []
+    while heap:
+        served, turn, name, i = heapq.heappop(heap)
+        entry = by_owner[name][i]
+        out.append(entry)
+        if i + 1 < len(by_owner[name]):
+            heapq.heappush(heap, (served + entry.num_prompts, turn, name, i + 1))
+    return out
+
+
+def plan_batch(
+    queue: Sequence[QueueEntry], now: float, limits: BatchLimits, after: str | None = None
+) -> BatchDecision:
+    """Decide what to run now. ``queue`` is ordered oldest first; it is taken in ``fair_order``
+    (keys in turn, starting after ``after``), and entries that cannot share the head's engine call
+    (another batch key or lane, or a too different length) are skipped. The delay counts from
+    the oldest chosen job."""
     if not queue:
         return BatchDecision((), DispatchReason.EMPTY)
+    queue = fair_order(queue, after)
     head = queue[0]
+    oldest = head.enqueued_at
     chosen = [head.job_id]
     prompts = head.num_prompts
     tokens = head.cost_tokens
@@ -122,12 +162,13 @@ def plan_batch(queue: Sequence[QueueEntry], now: float, limits: BatchLimits) -> 
             full = True
             break
         chosen.append(entry.job_id)
+        oldest = min(oldest, entry.enqueued_at)
         prompts += entry.num_prompts
         tokens += entry.cost_tokens
         full = prompts >= limits.max_batch_size or tokens >= limits.max_batch_tokens
     if full:
         return BatchDecision(tuple(chosen), DispatchReason.FULL, prompts, tokens)
-    waited = now - head.enqueued_at
+    waited = now - oldest
     if waited + _EPSILON_S >= limits.max_queue_delay_s:
         return BatchDecision(tuple(chosen), DispatchReason.DELAY_EXPIRED, prompts, tokens)
     return BatchDecision((), DispatchReason.WAIT, wait_s=limits.max_queue_delay_s - waited)

@@ -1,8 +1,13 @@
 """Token events on their way from the engine's worker thread to ``JobService.stream``.
 
-``TokenForwarder`` collects them on the worker thread and hands them to the event loop in
-coalesced flushes; ``JobEvents`` keeps, per running job, a replay buffer, the subscribers' queues
-and the waiters for its end.
+A job's prompt is a row of the engine; its events are ``RowEvent``s keyed by a typed ``Row``
+(job id, prompt index), never by a string that a reader has to parse. ``TokenForwarder`` collects
+them on the worker thread and hands them to the event loop in coalesced flushes; ``JobEvents``
+keeps, per running job, a replay buffer, the subscribers' queues and the waiters for its end.
+
+The publishing interface is three calls: ``TokenForwarder.push(row, token_id)`` from the engine's
+threads, ``JobEvents.publish(row, token_id)`` from the event loop, and ``JobEvents.finish(job_id,
+final_events(...), job)`` when a job ends.
 """
 
 from __future__ import annotations
@@ -13,12 +18,32 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.runtime.result import FinishReason, Result, TokenEvent, Usage
+from engine.runtime.result import FinishReason, Result, Usage
 from engine.serving.jobs import Job
 
 
-def request_id(job_id: str, prompt_index: int) -> str:
-    return f"{job_id}:{prompt_index}"
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One prompt of one job: what a token event belongs to."""
+
+    job_id: str
+    prompt_index: int
+
+    @property
+    def engine_id(self) -> str:
+        """The opaque id the engine's continuous batch knows this row by (it is never parsed
+        back: the scheduler keeps the ``Row`` of each id it hands out)."""
+        return f"{self.job_id}:{self.prompt_index}"
+
+
+@dataclass(frozen=True, slots=True)
+class RowEvent:
+    """``row`` got ``token_id`` (-1 when the event carries no new token: its end). ``result`` is
+    set on the row's last event."""
+
+    row: Row
+    token_id: int
+    result: Result | None = None
 
 
 class JobEvents:
@@ -27,8 +52,8 @@ class JobEvents:
 
     @dataclass
     class _Channel:
-        events: list[TokenEvent] = field(default_factory=list)
-        queues: list[asyncio.Queue[TokenEvent | None]] = field(default_factory=list)
+        events: list[RowEvent] = field(default_factory=list)
+        queues: list[asyncio.Queue[RowEvent | None]] = field(default_factory=list)
         # A waiter's result is the job as it ended here (None when this process only knows that
         # it ended, e.g. cancelled or failed elsewhere: the waiter then reads the store).
         waiters: list[asyncio.Future[Job | None]] = field(default_factory=list)
@@ -51,27 +76,31 @@ class JobEvents:
             ch = self._channels[job_id] = JobEvents._Channel()
         return ch
 
-    def publish(self, job_id: str, events: Sequence[TokenEvent]) -> None:
+    def publish(self, row: Row, token_id: int) -> None:
+        """On the event loop: ``row`` got ``token_id``."""
+        self.publish_many(row.job_id, [RowEvent(row, token_id)])
+
+    def publish_many(self, job_id: str, events: Sequence[RowEvent]) -> None:
         ch = self._channel(job_id)
         ch.events.extend(events)
         for q in ch.queues:
             for ev in events:
                 q.put_nowait(ev)
 
-    def subscribe(self, job_id: str) -> asyncio.Queue[TokenEvent | None]:
+    def subscribe(self, job_id: str) -> asyncio.Queue[RowEvent | None]:
         """A queue that first replays the job's events so far; ``None`` marks the end."""
         # Watched first, then drained: a token pushed in between is either in the drain or
         # schedules its own flush, never held back.
         self.watched.add(job_id)
         self._drain()
         ch = self._channel(job_id)
-        q: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        q: asyncio.Queue[RowEvent | None] = asyncio.Queue()
         for ev in ch.events:
             q.put_nowait(ev)
         ch.queues.append(q)
         return q
 
-    def unsubscribe(self, job_id: str, q: asyncio.Queue[TokenEvent | None]) -> None:
+    def unsubscribe(self, job_id: str, q: asyncio.Queue[RowEvent | None]) -> None:
         ch = self._channels.get(job_id)
         if ch is not None and q in ch.queues:
             ch.queues.remove(q)
@@ -90,7 +119,7 @@ class JobEvents:
             ch.waiters.remove(fut)
             self._drop_if_idle(job_id, ch)
 
-    def finish(self, job_id: str, final: Sequence[TokenEvent] = (), job: Job | None = None) -> None:
+    def finish(self, job_id: str, final: Sequence[RowEvent] = (), job: Job | None = None) -> None:
         """The job is terminal (or leaves this process): deliver ``final``, end streams, wake waiters.
         ``job`` is the job exactly as it was stored at its end: waiters answer from it instead of
         reading it back from the store."""
@@ -129,14 +158,15 @@ class TokenForwarder:
         self._loop = loop
         self._events = events
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, TokenEvent]] = []
+        self._pending: list[RowEvent] = []
         self._scheduled = False
         events.attach(self.drain)
 
-    def push(self, job_id: str, event: TokenEvent) -> None:
+    def push(self, row: Row, token_id: int) -> None:
+        """On an engine thread: ``row`` got ``token_id``."""
         with self._lock:
-            self._pending.append((job_id, event))
-            if self._scheduled or job_id not in self._events.watched:
+            self._pending.append(RowEvent(row, token_id))
+            if self._scheduled or row.job_id not in self._events.watched:
                 return
             self._scheduled = True
         with contextlib.suppress(RuntimeError):  # loop closed: the process is ending
@@ -159,21 +189,21 @@ class TokenForwarder:
             pending, self._pending = self._pending, []
             self._scheduled = False
         watched = self._events.watched
-        self._publish([(job_id, ev) for job_id, ev in pending if job_id in watched])
+        self._publish([ev for ev in pending if ev.row.job_id in watched])
 
-    def _publish(self, pending: list[tuple[str, TokenEvent]]) -> None:
-        by_job: dict[str, list[TokenEvent]] = {}
-        for job_id, ev in pending:
-            by_job.setdefault(job_id, []).append(ev)
+    def _publish(self, pending: list[RowEvent]) -> None:
+        by_job: dict[str, list[RowEvent]] = {}
+        for ev in pending:
+            by_job.setdefault(ev.row.job_id, []).append(ev)
         for job_id, evs in by_job.items():
-            self._events.publish(job_id, evs)
+            self._events.publish_many(job_id, evs)
 
 
-def final_events(job_id: str, results: Sequence[Result]) -> list[TokenEvent]:
-    return [TokenEvent(request_id(job_id, i), -1, r) for i, r in enumerate(results)]
+def final_events(job_id: str, results: Sequence[Result]) -> list[RowEvent]:
+    return [RowEvent(Row(job_id, i), -1, r) for i, r in enumerate(results)]
 
 
-def stored_final_events(job: Job) -> list[TokenEvent]:
+def stored_final_events(job: Job) -> list[RowEvent]:
     """The final events of a job that completed earlier, rebuilt from the store."""
     res = job.result
     if res is None:
@@ -182,5 +212,5 @@ def stored_final_events(job: Job) -> list[TokenEvent]:
     for i, text in enumerate(res.completion):
         usage = res.usages[i] if i < len(res.usages) else Usage(0, len(res.token_ids[i]))
         reason = FinishReason(res.finish_reasons[i]) if i < len(res.finish_reasons) else FinishReason.LENGTH
-        events.append(TokenEvent(request_id(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
+        events.append(RowEvent(Row(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
     return events

@@ -26,9 +26,17 @@ from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
 from engine.runtime.result import GenerationRequest, Result, TokenEvent, Usage
-from engine.serving.batching import BatchLimits, DispatchReason, Lane, QueueEntry, lane_of, plan_batch
+from engine.serving.batching import (
+    BatchLimits,
+    DispatchReason,
+    Lane,
+    QueueEntry,
+    fair_order,
+    lane_of,
+    plan_batch,
+)
 from engine.serving.clock import Clock
-from engine.serving.events import JobEvents, TokenForwarder, final_events, request_id
+from engine.serving.events import JobEvents, Row, RowEvent, TokenForwarder, final_events
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import Completion, JobStore
 from engine.serving.worker import EngineWorker
@@ -104,7 +112,11 @@ class Scheduler:
         self.input_ids: dict[str, list[tuple[int, ...]]] = {}  # from submit, saves re-tokenizing
         self._wake = {Lane.BATCH: asyncio.Event(), Lane.CONTRASTIVE: asyncio.Event()}
         self._claiming = True
+        # Per lane: the owner whose job went first last time (the keys' turns rotate from it).
+        self._turn: dict[Lane, str | None] = {Lane.BATCH: None, Lane.CONTRASTIVE: None}
         self._forwarder = TokenForwarder(asyncio.get_running_loop(), events)
+        # The rows in the contrastive decoder, by the id the decoder knows them by (Row.engine_id).
+        self._engine_rows: dict[str, Row] = {}
         self.batch_seconds_ewma = 0.0  # for Overloaded's retry_after_s
         self.on_claimed: Callable[[int], None] = lambda count: None
 
@@ -180,7 +192,7 @@ class Scheduler:
         while self._claiming:
             entries = self._candidates(Lane.BATCH)
             now = self.clock.time()
-            decision = plan_batch(entries, now, self.limits)
+            decision = plan_batch(entries, now, self.limits, self._turn[Lane.BATCH])
             if decision.reason is DispatchReason.EMPTY:
                 await self._sleep(Lane.BATCH, IDLE_POLL_S)
                 continue
@@ -188,6 +200,7 @@ class Scheduler:
                 await self._sleep(Lane.BATCH, decision.wait_s)
                 continue
             jobs = self._claim(decision.job_ids, now)
+            self._turn[Lane.BATCH] = next(e.owner for e in entries if e.job_id == decision.job_ids[0])
             if jobs:
                 await self._run_batch(jobs)
 
@@ -199,7 +212,8 @@ class Scheduler:
         key = entries[0].batch_key
         if all(e.batch_key == key for e in entries):
             return entries  # the usual case: one read, not two, before a batch can start
-        return self.store.queued(lane, window, key)
+        # The batch key of the job that goes first (the next key's turn), and its companions.
+        return self.store.queued(lane, window, fair_order(entries, self._turn[lane])[0].batch_key)
 
     async def _sleep(self, lane: Lane, seconds: float) -> None:
         """Until ``seconds`` pass on the clock or a new job of this lane arrives."""
@@ -288,7 +302,7 @@ class Scheduler:
             if rj.stop:
                 rj.stopped_rows.add(prompt_index)
                 return True
-            forward(rj.job.id, TokenEvent(request_id(rj.job.id, prompt_index), token_id))
+            forward(Row(rj.job.id, prompt_index), token_id)
             return False
 
         return on_token
@@ -384,13 +398,14 @@ class Scheduler:
     async def _contrastive_loop(self) -> None:
         batch: ContrastiveBatchLike | None = None
         active: dict[str, _ContrastiveJob] = {}
-        waiting: list[tuple[str, GenerationRequest | _Pending]] = []  # claimed rows not in the batch yet
-        cancels: list[str] = []
+        waiting: list[tuple[Row, GenerationRequest | _Pending]] = []  # claimed rows not in the batch yet
+        cancels: list[Row] = []
         while True:
             if not active:
                 batch = None  # nothing of ours is in it: start the next job on a fresh batch
                 waiting.clear()
                 cancels.clear()
+                self._engine_rows.clear()
                 if not self._claiming:
                     return
                 if not self.store.queued(Lane.CONTRASTIVE, 1):
@@ -400,12 +415,12 @@ class Scheduler:
                 waiting.extend(self._admit_contrastive(active))
             for cj in [cj for cj in active.values() if cj.rj.stop]:
                 del active[cj.rj.job.id]
-                cancels.extend(request_id(cj.rj.job.id, i) for i in cj.open_rows)
+                cancels.extend(cj.rows())
                 self._finish_contrastive_early(cj)
             if not active:
                 continue
-            live = {rid for cj in active.values() for rid in cj.request_ids()}
-            adds = [(rid, req) for rid, req in waiting if rid in live]
+            live = {row for cj in active.values() for row in cj.rows()}
+            adds = [(row, req) for row, req in waiting if row in live]
             try:
                 tick = await self.worker.run(self._contrastive_tick, batch, adds, cancels)
             except Exception as exc:
@@ -416,28 +431,29 @@ class Scheduler:
                 continue
             batch, cancels = tick.batch, []
             waiting = list(tick.deferred)
-            for rid, refusal in tick.rejected.items():
-                refused = active.pop(rid.rpartition(":")[0], None)
+            for row, refusal in tick.rejected.items():
+                refused = active.pop(row.job_id, None)
                 if refused is not None:  # this job can never run here; its other rows leave too
-                    cancels.extend(request_id(refused.rj.job.id, i) for i in refused.open_rows)
+                    cancels.extend(refused.rows())
                     self._finish_failed(refused.rj, engine_error(refusal))
             self._on_contrastive_events(active, tick.events)
 
     def _admit_contrastive(
         self, active: dict[str, _ContrastiveJob]
-    ) -> list[tuple[str, GenerationRequest | _Pending]]:
+    ) -> list[tuple[Row, GenerationRequest | _Pending]]:
         rows = sum(len(cj.open_rows) for cj in active.values())
         tokens = sum(cj.tokens for cj in active.values())
         free = self.limits.max_batch_size - rows
         if free <= 0:
             return []
         chosen: list[QueueEntry] = []
-        for entry in self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size)):
+        queue = self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size))
+        for entry in fair_order(queue, self._turn[Lane.CONTRASTIVE]):
             first = rows == 0 and not chosen  # the head always gets in: no starvation
             if not first and (
                 entry.num_prompts > free or tokens + entry.cost_tokens > self.limits.max_batch_tokens
             ):
-                break  # keep queue order: later jobs do not overtake one that does not fit yet
+                break  # keep the order of turns: later jobs do not overtake one that does not fit yet
             chosen.append(entry)
             free -= entry.num_prompts
             tokens += entry.cost_tokens
@@ -445,8 +461,9 @@ class Scheduler:
                 break
         if not chosen:
             return []
+        self._turn[Lane.CONTRASTIVE] = chosen[0].owner
         costs = {e.job_id: e.cost_tokens for e in chosen}
-        adds: list[tuple[str, GenerationRequest | _Pending]] = []
+        adds: list[tuple[Row, GenerationRequest | _Pending]] = []
         for rj in self._claim([e.job_id for e in chosen], self.clock.time()):
             ids = self.input_ids.pop(rj.job.id, None)
             cj = _ContrastiveJob(rj, ids, costs.get(rj.job.id, 0))
@@ -457,52 +474,63 @@ class Scheduler:
     def _contrastive_tick(
         self,
         batch: ContrastiveBatchLike | None,
-        adds: list[tuple[str, GenerationRequest | _Pending]],
-        cancels: list[str],
+        adds: list[tuple[Row, GenerationRequest | _Pending]],
+        cancels: list[Row],
     ) -> _Tick:
         """On the worker thread: leave, join (rows that do not fit yet wait), one decoder step."""
         if batch is None:
             batch = self.engine.contrastive_batch()
-        for rid in cancels:
-            batch.cancel(rid)
-        deferred: list[tuple[str, GenerationRequest | _Pending]] = []
-        rejected: dict[str, EngineError] = {}
-        for rid, req in adds:
+        for row in cancels:
+            batch.cancel(row.engine_id)
+        deferred: list[tuple[Row, GenerationRequest | _Pending]] = []
+        rejected: dict[Row, EngineError] = {}
+        for row, req in adds:
             if deferred:  # keep queue order: nothing overtakes a row that is waiting for room
-                deferred.append((rid, req))
+                deferred.append((row, req))
                 continue
             try:
                 if isinstance(req, _Pending):
                     req = GenerationRequest(
                         tuple(self.engine.tokenize([req.prompt])[0]), req.params, req.draw
                     )
-                batch.add(rid, req)
+                batch.add(row.engine_id, req)
+                self._engine_rows[row.engine_id] = row
             except Overloaded:
                 if not len(batch):
-                    rejected[rid] = InvalidRequest(
+                    rejected[row] = InvalidRequest(
                         "this request needs more rows than the contrastive decoder has; lower top_k"
                     )
                 else:
-                    deferred.append((rid, req))
+                    deferred.append((row, req))
             except EngineError as exc:
-                rejected[rid] = exc
+                rejected[row] = exc
         t0 = time.perf_counter()
         rows = len(batch)
-        events = batch.step() if rows else []
+        events = self._row_events(batch.step()) if rows else []
         if self.metrics is not None and rows:
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(rows)
         return _Tick(batch, events, deferred, rejected)
 
-    def _on_contrastive_events(self, active: dict[str, _ContrastiveJob], events: list[TokenEvent]) -> None:
+    def _row_events(self, events: list[TokenEvent]) -> list[RowEvent]:
+        """On the worker thread: the decoder's events, keyed by their rows again (a row's id is
+        forgotten with its last event)."""
+        out = []
         for ev in events:
-            job_id, _, idx = ev.request_id.rpartition(":")
+            rows = self._engine_rows
+            row = rows.pop(ev.request_id, None) if ev.result is not None else rows.get(ev.request_id)
+            if row is not None:
+                out.append(RowEvent(row, ev.token_id, ev.result))
+        return out
+
+    def _on_contrastive_events(self, active: dict[str, _ContrastiveJob], events: list[RowEvent]) -> None:
+        for ev in events:
+            job_id, prompt_index = ev.row.job_id, ev.row.prompt_index
             cj = active.get(job_id)
             if cj is None:
                 continue  # a job that left between steps
-            prompt_index = int(idx)
             if ev.token_id >= 0:
-                self.events.publish(job_id, [TokenEvent(ev.request_id, ev.token_id)])
+                self.events.publish(ev.row, ev.token_id)
             if ev.result is not None:
                 cj.results[prompt_index] = ev.result
                 cj.open_rows.discard(prompt_index)
@@ -526,9 +554,9 @@ class _Tick:
     """What one contrastive step on the worker gives back to the loop."""
 
     batch: ContrastiveBatchLike
-    events: list[TokenEvent]
-    deferred: list[tuple[str, GenerationRequest | _Pending]]  # rows that did not fit yet
-    rejected: dict[str, EngineError]  # rows the decoder refused: their jobs fail
+    events: list[RowEvent]
+    deferred: list[tuple[Row, GenerationRequest | _Pending]]  # rows that did not fit yet
+    rejected: dict[Row, EngineError]  # rows the decoder refused: their jobs fail
 
 
 @dataclass(frozen=True)
@@ -551,18 +579,19 @@ class _ContrastiveJob:
     def __post_init__(self) -> None:
         self.open_rows = set(range(len(self.rj.job.prompts)))
 
-    def request_ids(self) -> list[str]:
-        return [request_id(self.rj.job.id, i) for i in self.open_rows]
+    def rows(self) -> list[Row]:
+        """The rows still open in the decoder."""
+        return [Row(self.rj.job.id, i) for i in self.open_rows]
 
-    def requests(self) -> list[tuple[str, GenerationRequest | _Pending]]:
+    def requests(self) -> list[tuple[Row, GenerationRequest | _Pending]]:
         job = self.rj.job
-        out: list[tuple[str, GenerationRequest | _Pending]] = []
+        out: list[tuple[Row, GenerationRequest | _Pending]] = []
         for i, prompt in enumerate(job.prompts):
-            rid = request_id(job.id, i)
+            row = Row(job.id, i)
             if self.input_ids is not None:
-                out.append((rid, GenerationRequest(tuple(self.input_ids[i]), job.params, i)))
+                out.append((row, GenerationRequest(tuple(self.input_ids[i]), job.params, i)))
             else:
-                out.append((rid, _Pending(prompt, job.params, i)))
+                out.append((row, _Pending(prompt, job.params, i)))
         return out
 
 

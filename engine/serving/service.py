@@ -20,16 +20,27 @@ from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overl
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
-from engine.runtime.result import TokenEvent
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
-from engine.serving.events import JobEvents, stored_final_events
+from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler, timeout_error
-from engine.serving.store.base import JobStore
+from engine.serving.store.base import JobStore, Replay
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
+
+# An Idempotency-Key: what Stripe and the IETF draft allow, bounded (the store keeps it per job).
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+
+
+def check_idempotency_key(key: str) -> None:
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all(" " <= c <= "~" for c in key):
+        raise InvalidRequest(
+            f"the idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters "
+            "(a UUID is a good choice)"
+        )
+
 
 # wait() and stream() also look at the store this often (real seconds), for jobs that another
 # server sharing the store (Redis) runs: this process hears no events of those.
@@ -151,20 +162,28 @@ class JobService:
 
     # -- requests ------------------------------------------------------------------------------
     async def submit(
-        self, owner: str, prompts: Sequence[str], params: DecodingParams, model: str | None = None
+        self,
+        owner: str,
+        prompts: Sequence[str],
+        params: DecodingParams,
+        model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobView:
+        """Queue a job. With an ``idempotency_key`` (the client's Idempotency-Key), a submit that
+        repeats one of the same owner answers the job that one made, for as long as the store
+        holds it (result_ttl_s after it ended), across restarts and servers sharing the store."""
         self._check_accepting()
         # The request's limits (prompt count and size, max_new_tokens, model) were checked at the
         # edge (engine/api/grpc_service.py, engine/limits.py); here only the types are.
         prompts = self._check_prompts(prompts)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+            earlier = self.store.find_idempotent(owner, idempotency_key)
+            if earlier is not None:  # before the limits: a retry of an accepted job is no new load
+                return await self._replay(owner, earlier, prompts, params, model)
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
-        depth = self.store.queue_depth()
-        if depth >= self.config.max_queue_size:
-            raise Overloaded(
-                f"the queue is full ({depth} jobs waiting, max_queue_size "
-                f"{self.config.max_queue_size}); retry later",
-                retry_after_s=self.retry_after_s(),
-            )
+        tokens = sum(len(ids) for ids in input_ids)
+        self._check_queue_limits(owner, tokens)
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -177,7 +196,11 @@ class JobService:
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
         try:
-            self.store.enqueue_deferred(job, sum(len(ids) for ids in input_ids))
+            try:
+                self.store.enqueue_deferred(job, tokens, idempotency_key)
+            except Replay as replay:  # the same key came in since find_idempotent (another server)
+                sched.input_ids.pop(job.id, None)
+                return await self._replay(owner, replay.job_id, prompts, params, model)
             position = self.store.position(job.id)
             self._set_depth_gauge()
             sched.notify(lane_of(params))
@@ -187,6 +210,22 @@ class JobService:
         except BaseException:
             sched.input_ids.pop(job.id, None)
             raise
+        return JobView(job, position)
+
+    async def _replay(
+        self, owner: str, job_id: str, prompts: Sequence[str], params: DecodingParams, model: str | None
+    ) -> JobView:
+        """The job an earlier submit with the same idempotency key made, once it is durable."""
+        await self._committed()  # it may be in the open group commit
+        job = self.store.get(job_id)
+        if job is None:  # its commit failed (that submit was answered 503) or it was just purged
+            raise NotReady("the job store could not save the job; retry in a moment")
+        if job.prompts != tuple(prompts) or job.params != params or job.model != model:
+            raise InvalidRequest(
+                "this Idempotency-Key was used for a different request (other prompts, params or "
+                "model); send a new key for a new request"
+            )
+        position = self.store.position(job_id) if job.status is JobStatus.QUEUED else 0
         return JobView(job, position)
 
     async def _committed(self) -> None:
@@ -269,10 +308,10 @@ class JobService:
             retry_after_s=1.0,
         )
 
-    async def stream(self, owner: str, job_id: str) -> AsyncIterator[TokenEvent]:
-        """Token events as they are generated (``request_id`` is ``f"{job_id}:{prompt_index}"``),
-        then one final event per prompt with its ``result`` when the job completes. Ends once the
-        job is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
+    async def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]:
+        """Token events as they are generated (each names its ``Row``: job id, prompt index), then
+        one final event per prompt with its ``result`` when the job completes. Ends once the job
+        is terminal (call ``get`` for a failure's reason) or leaves this server on shutdown.
         A job that finished earlier yields its final events at once."""
         self._owned(owner, job_id)
         q = self.events.subscribe(job_id)
@@ -282,7 +321,7 @@ class JobService:
                 for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
                     yield ev
                 return
-            getter: asyncio.Future[TokenEvent | None] | None = None
+            getter: asyncio.Future[RowEvent | None] | None = None
             try:
                 while True:
                     if getter is None:
@@ -320,6 +359,38 @@ class JobService:
             raise NotReady("the server is shutting down and accepts no new jobs; retry on another instance")
         if not self._started:
             raise NotReady("the job service is starting; retry in a moment")
+
+    def _check_queue_limits(self, owner: str, tokens: int) -> None:
+        """The queue's limits, in all and per API key, checked here once for every transport:
+        429 with Retry-After naming the limit, or 400 for a request no queue state can admit."""
+        cfg = self.config
+        most = min(cfg.max_queued_tokens, cfg.max_queued_tokens_per_key)
+        if tokens > most:
+            raise InvalidRequest(
+                f"this request has {tokens} prompt tokens; one API key may have at most {most} queued "
+                "(max_queued_tokens_per_key, max_queued_tokens): split it into smaller requests"
+            )
+        load = self.store.load(owner)
+        if load.jobs >= cfg.max_queue_size:
+            why = f"the queue is full ({load.jobs} jobs waiting, max_queue_size {cfg.max_queue_size}); retry later"
+        elif load.tokens + tokens > cfg.max_queued_tokens:
+            why = (
+                f"the queue is full ({load.tokens} prompt tokens waiting; this request's {tokens} would "
+                f"pass max_queued_tokens {cfg.max_queued_tokens}); retry later"
+            )
+        elif load.owner_jobs >= cfg.max_queued_jobs_per_key:
+            why = (
+                f"this API key has {load.owner_jobs} jobs queued, the limit max_queued_jobs_per_key is "
+                f"{cfg.max_queued_jobs_per_key}; retry once some have finished"
+            )
+        elif load.owner_tokens + tokens > cfg.max_queued_tokens_per_key:
+            why = (
+                f"this API key has {load.owner_tokens} prompt tokens queued; this request's {tokens} would "
+                f"pass max_queued_tokens_per_key {cfg.max_queued_tokens_per_key}; retry once some have finished"
+            )
+        else:
+            return
+        raise Overloaded(why, retry_after_s=self.retry_after_s())
 
     def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -398,6 +469,19 @@ class JobService:
         if self._scheduler is not None:
             self._scheduler.expire_running(now)
             self._scheduler.sync_cancellations()
+            self._free_token_ids(self._scheduler)
+
+    def _free_token_ids(self, sched: Scheduler) -> None:
+        """Drop the token ids kept from submit for jobs that left the queue without this process
+        claiming them: run by another server sharing the store, or ended by a path that did not
+        pass here. Every other end (claim, cancel, queued timeout) drops them at once."""
+        held = [job_id for job_id in sched.input_ids if job_id not in sched.running]
+        if not held:
+            return
+        queued = self.store.still_queued(held)
+        for job_id in held:
+            if job_id not in queued:
+                sched.input_ids.pop(job_id, None)
 
     async def _purge_results(self) -> None:
         ttl = self.config.result_ttl_s

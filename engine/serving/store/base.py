@@ -30,18 +30,44 @@ class Completion:
     result: JobResult
 
 
+@dataclass(frozen=True)
+class QueueLoad:
+    """What is queued, in all and for one owner (API key): what the service's limits look at."""
+
+    jobs: int
+    tokens: int  # prompt tokens
+    owner_jobs: int
+    owner_tokens: int
+
+
+class Replay(Exception):
+    """``enqueue`` with an idempotency key that the owner already used: ``job_id`` is that job."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class JobStore(abc.ABC):
     @abc.abstractmethod
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
-        """Write a QUEUED job durably; it goes to the back of the queue."""
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+        """Write a QUEUED job durably; it goes to the back of the queue. With an
+        ``idempotency_key`` that ``job.owner`` used for a job the store still holds, nothing is
+        written and ``Replay`` names that job (checked and recorded atomically, across servers)."""
 
-    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    @abc.abstractmethod
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        """The id of the job ``owner`` submitted with this key, while the store holds it."""
+
+    def enqueue_deferred(
+        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+    ) -> QueueEntry:
         """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
         arrive together share one commit. The job is queued at once (positions, depth, claims
         see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
         False: a submit is answered only then. Stores whose every write is durable at once keep
         this default."""
-        return self.enqueue(job, prompt_tokens)
+        return self.enqueue(job, prompt_tokens, idempotency_key)
 
     def commit_deferred(self) -> None:
         """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are
@@ -67,8 +93,18 @@ class JobStore(abc.ABC):
     def count(self, status: JobStatus) -> int: ...
 
     @abc.abstractmethod
+    def load(self, owner: str) -> QueueLoad:
+        """Queued jobs and their prompt tokens, in all and of ``owner`` (one consistent read)."""
+
+    @abc.abstractmethod
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of ``job_ids`` that are queued now (the rest ended, or another server took them)."""
+
+    @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """Oldest queued jobs of a lane (and batch key), oldest first: the batching policy's input."""
+        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
+        of each owner that has some, merged oldest first, so that a key whose backlog is older
+        than the window still shows every other key's head (batching.fair_order takes turns)."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -167,6 +203,21 @@ def open_store(url: str) -> JobStore:
         return RedisJobStore(client_url, prefix=options.get("prefix", DEFAULT_PREFIX), lease_s=lease_s)
     raise InvalidRequest(
         f"store URL {url!r} is not supported; use sqlite:///path/engine.db (or redis://host:port/db)"
+    )
+
+
+def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:
+    """What ``enqueue`` returns for ``job`` at queue place ``seq``."""
+    return QueueEntry(
+        job.id,
+        seq,
+        job.created_at,
+        lane,
+        batch_key,
+        len(job.prompts),
+        prompt_tokens,
+        job.params.max_new_tokens,
+        job.owner,
     )
 
 

@@ -7,6 +7,10 @@ attempt. Keys, under a prefix (default ``engine:jobs:``):
 - ``job:<id>``: a hash with the job (params, result and error as JSON, like the SQLite columns);
 - ``queued`` (all lanes), ``lane:<lane>``, ``key:<lane>:<batch key>``, scored by the queue ``seq``:
   positions are a ZRANK and the queue's head a ZRANGE, O(log n) with 10,000 jobs queued;
+- per owner (API key), for fair turns across every server: ``owners:<lane>`` (a hash: owner ->
+  queued jobs, the ring of keys with work), ``own:<lane>:<owner>`` and
+  ``ownkey:<lane>:<batch key>:<owner>`` (scored by ``seq``); ``queued`` reads each owner's head
+  in one script, and ``claim`` takes whatever the policy chose atomically;
 - ``created``: queued jobs by submission time (job_timeout_s);
 - ``running``: running jobs by lease deadline; ``done:<status>``: finished jobs by finish time.
 
@@ -30,7 +34,16 @@ from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import JobStore, decode_error, decode_result, encode_error, encode_result
+from engine.serving.store.base import (
+    JobStore,
+    QueueLoad,
+    Replay,
+    decode_error,
+    decode_result,
+    encode_error,
+    encode_result,
+    queue_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +53,73 @@ DEFAULT_LEASE_S = 30.0
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
 local P = ARGV[1]
-local function unqueue(id, lane, key)
+local function queue_fields(id)
+  return redis.call('HMGET', P..'job:'..id, 'seq', 'lane', 'batch_key', 'created_at', 'owner', 'prompt_tokens')
+end
+-- 'load' holds the queued prompt tokens ('tokens') and per owner 'jobs:<owner>', 'tokens:<owner>'.
+local function add_load(owner, jobs, tokens)
+  local L = P..'load'
+  redis.call('HINCRBY', L, 'tokens', tokens)
+  if redis.call('HINCRBY', L, 'jobs:'..owner, jobs) <= 0 then
+    redis.call('HDEL', L, 'jobs:'..owner, 'tokens:'..owner)
+  else
+    redis.call('HINCRBY', L, 'tokens:'..owner, tokens)
+  end
+end
+local function unqueue(id)
+  local f = queue_fields(id)
+  local lane, key, owner = f[2], f[3], f[5]
   redis.call('ZREM', P..'queued', id)
   redis.call('ZREM', P..'lane:'..lane, id)
   redis.call('ZREM', P..'key:'..lane..':'..key, id)
   redis.call('ZREM', P..'created', id)
+  redis.call('ZREM', P..'own:'..lane..':'..owner, id)
+  redis.call('ZREM', P..'ownkey:'..lane..':'..key..':'..owner, id)
+  if redis.call('HINCRBY', P..'owners:'..lane, owner, -1) <= 0 then
+    redis.call('HDEL', P..'owners:'..lane, owner)
+  end
+  add_load(owner, -1, -tonumber(f[6]))
+end
+local function queue(id)
+  local f = queue_fields(id)
+  local seq, lane, key, owner = f[1], f[2], f[3], f[5]
+  redis.call('ZADD', P..'queued', seq, id)
+  redis.call('ZADD', P..'lane:'..lane, seq, id)
+  redis.call('ZADD', P..'key:'..lane..':'..key, seq, id)
+  redis.call('ZADD', P..'created', f[4], id)
+  redis.call('ZADD', P..'own:'..lane..':'..owner, seq, id)
+  redis.call('ZADD', P..'ownkey:'..lane..':'..key..':'..owner, seq, id)
+  redis.call('HINCRBY', P..'owners:'..lane, owner, 1)
+  add_load(owner, 1, tonumber(f[6]))
 end
 local function requeue(id)
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'seq', 'lane', 'batch_key', 'created_at')
   redis.call('HSET', j, 'status', 'queued')
   redis.call('HDEL', j, 'started_at')
   redis.call('ZREM', P..'running', id)
-  redis.call('ZADD', P..'queued', f[1], id)
-  redis.call('ZADD', P..'lane:'..f[2], f[1], id)
-  redis.call('ZADD', P..'key:'..f[2]..':'..f[3], f[1], id)
-  redis.call('ZADD', P..'created', f[4], id)
+  queue(id)
 end
 """
 
-# ARGV: prefix, id, then field/value pairs of the job hash (lane, batch_key, created_at among them)
+# ARGV: prefix, id, idempotency key name or '', then field/value pairs of the job hash (lane,
+# batch_key, created_at among them). Returns {seq}, or {-1, earlier id} for a replay: the key
+# names a job the store still holds (the name is deleted with that job by the purge).
 _ENQUEUE = """
-local id = ARGV[2]
-local seq = redis.call('INCR', P..'seq')
+local id, idem = ARGV[2], ARGV[3]
 local j = P..'job:'..id
 if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') end
+if idem ~= '' then
+  local earlier = redis.call('GET', idem)
+  if earlier and redis.call('EXISTS', P..'job:'..earlier) == 1 then return {-1, earlier} end
+  redis.call('SET', idem, id)
+end
+local seq = redis.call('INCR', P..'seq')
 local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
-local f = redis.call('HMGET', j, 'lane', 'batch_key', 'created_at')
-redis.call('ZADD', P..'queued', seq, id)
-redis.call('ZADD', P..'lane:'..f[1], seq, id)
-redis.call('ZADD', P..'key:'..f[1]..':'..f[2], seq, id)
-redis.call('ZADD', P..'created', f[3], id)
-return seq
+if idem ~= '' then redis.call('HSET', j, 'idem', idem) end
+queue(id)
+return {seq}
 """
 
 # ARGV: prefix, now, lease deadline, ids...
@@ -82,9 +128,8 @@ local claimed = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local j = P..'job:'..id
-  local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
-  if f[1] == 'queued' then
-    unqueue(id, f[2], f[3])
+  if redis.call('HGET', j, 'status') == 'queued' then
+    unqueue(id)
     redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
     redis.call('HINCRBY', j, 'attempts', 1)
     redis.call('ZADD', P..'running', ARGV[3], id)
@@ -111,9 +156,8 @@ return 1
 _FAIL_QUEUED = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
-if f[1] ~= 'queued' then return 0 end
-unqueue(id, f[2], f[3])
+if redis.call('HGET', j, 'status') ~= 'queued' then return 0 end
+unqueue(id)
 redis.call('HSET', j, 'status', 'failed', 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('ZADD', P..'done:failed', ARGV[3], id)
 return 1
@@ -123,10 +167,10 @@ return 1
 _CANCEL = """
 local id = ARGV[2]
 local j = P..'job:'..id
-local f = redis.call('HMGET', j, 'status', 'lane', 'batch_key')
-if f[1] == 'queued' then
-  unqueue(id, f[2], f[3])
-elseif f[1] == 'running' then
+local status = redis.call('HGET', j, 'status')
+if status == 'queued' then
+  unqueue(id)
+elseif status == 'running' then
   redis.call('ZREM', P..'running', id)
 else
   return 0
@@ -160,6 +204,22 @@ end
 return out
 """
 
+# ARGV: prefix, lane, limit, batch key or '': the oldest ``limit`` queued jobs of each owner with
+# work in the lane, as flat lists of the QueueEntry fields (one round trip, one consistent view)
+_QUEUED = """
+local lane, limit, key = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for _, owner in ipairs(redis.call('HKEYS', P..'owners:'..lane)) do
+  local set = key == '' and P..'own:'..lane..':'..owner or P..'ownkey:'..lane..':'..key..':'..owner
+  for _, id in ipairs(redis.call('ZRANGE', set, 0, limit - 1)) do
+    local f = redis.call('HMGET', P..'job:'..id, 'seq', 'created_at', 'lane', 'batch_key',
+      'num_prompts', 'prompt_tokens', 'max_new_tokens', 'owner')
+    if f[1] then out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]} end
+  end
+end
+return out
+"""
+
 # ARGV: prefix, deadline, ids...: extend the leases of jobs still running
 _RENEW = """
 for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', ARGV[2], ARGV[i]) end
@@ -173,6 +233,8 @@ for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
   local set = P..'done:'..status
   local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2])
   for _, id in ipairs(ids) do
+    local idem = redis.call('HGET', P..'job:'..id, 'idem')
+    if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     redis.call('DEL', P..'job:'..id)
     n = n + 1
   end
@@ -220,6 +282,7 @@ class RedisJobStore(JobStore):
             for name, body in (
                 ("enqueue", _ENQUEUE),
                 ("claim", _CLAIM),
+                ("queued", _QUEUED),
                 ("finish", _FINISH_RUNNING),
                 ("fail_queued", _FAIL_QUEUED),
                 ("cancel", _CANCEL),
@@ -262,7 +325,7 @@ class RedisJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
@@ -281,10 +344,22 @@ class RedisJobStore(JobStore):
         if job.model is not None:
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
-        seq = int(self._run("enqueue", job.id, *flat))
-        return QueueEntry(
-            job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
-        )
+        idem = "" if idempotency_key is None else self._idempotency_name(job.owner, idempotency_key)
+        reply = self._run("enqueue", job.id, idem, *flat)
+        if int(reply[0]) < 0:
+            raise Replay(reply[1])
+        return queue_entry(job, int(reply[0]), lane, key, prompt_tokens)
+
+    def _idempotency_name(self, owner: str, idempotency_key: str) -> str:
+        # The owner's length first: owners and keys may hold ':' without two pairs meeting.
+        return self._k(f"idem:{len(owner)}:{owner}:{idempotency_key}")
+
+    @_store_errors
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        earlier = self._r.get(self._idempotency_name(owner, idempotency_key))
+        if earlier is None or not self._r.exists(self._k(f"job:{earlier}")):
+            return None
+        return str(earlier)
 
     @_store_errors
     def get(self, job_id: str) -> Job | None:
@@ -301,6 +376,21 @@ class RedisJobStore(JobStore):
         return int(self._r.zcard(self._k("queued")))
 
     @_store_errors
+    def load(self, owner: str) -> QueueLoad:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zcard(self._k("queued"))
+        pipe.hmget(self._k("load"), "tokens", f"jobs:{owner}", f"tokens:{owner}")
+        jobs, (tokens, owner_jobs, owner_tokens) = pipe.execute()
+        return QueueLoad(int(jobs), int(tokens or 0), int(owner_jobs or 0), int(owner_tokens or 0))
+
+    @_store_errors
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        scores = self._r.zmscore(self._k("queued"), list(job_ids))
+        return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
+
+    @_store_errors
     def count(self, status: JobStatus) -> int:
         if status is JobStatus.QUEUED:
             return self.queue_depth()
@@ -310,29 +400,12 @@ class RedisJobStore(JobStore):
 
     @_store_errors
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        zset = self._k(f"lane:{lane.value}" if batch_key is None else f"key:{lane.value}:{batch_key}")
-        ids = self._r.zrange(zset, 0, limit - 1)
-        if not ids:
-            return []
-        pipe = self._r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(
-                self._k(f"job:{job_id}"),
-                "seq",
-                "created_at",
-                "lane",
-                "batch_key",
-                "num_prompts",
-                "prompt_tokens",
-                "max_new_tokens",
-            )
-        out = []
-        for job_id, f in zip(ids, pipe.execute(), strict=True):
-            if f[0] is None:  # claimed or purged between the two calls
-                continue
-            out.append(
-                QueueEntry(job_id, int(f[0]), float(f[1]), Lane(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]))
-            )
+        rows = self._run("queued", lane.value, limit, batch_key or "")
+        out = [
+            QueueEntry(r[0], int(r[1]), float(r[2]), Lane(r[3]), r[4], int(r[5]), int(r[6]), int(r[7]), r[8])
+            for r in rows
+        ]
+        out.sort(key=lambda e: e.seq)
         return out
 
     @_store_errors

@@ -27,10 +27,13 @@ from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     Completion,
     JobStore,
+    QueueLoad,
+    Replay,
     decode_error,
     decode_result,
     encode_error,
     encode_result,
+    queue_entry,
 )
 
 SCHEMA = """
@@ -52,18 +55,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     result TEXT,
-    error TEXT
+    error TEXT,
+    idempotency_key TEXT  -- the client's Idempotency-Key, unique per owner (NULL: none given)
 );
 CREATE INDEX IF NOT EXISTS jobs_queued_seq ON jobs(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_lane ON jobs(lane, batch_key, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_queued_owner ON jobs(lane, owner, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_queued_owner_key ON jobs(lane, owner, batch_key, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_created ON jobs(created_at) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+# After the migration below (a database made before idempotency keys lacks the column).
+IDEMPOTENCY_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 """
 
 _JOB_COLUMNS = (
     "id, owner, prompts, params, model, status, created_at, started_at, finished_at, attempts, result, error"
 )
-_ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens"
+_ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens, owner"
 F = TypeVar("F", bound=Callable[..., Any])
 CHECKPOINT_EVERY_S = 0.5
 log = logging.getLogger(__name__)
@@ -93,29 +105,64 @@ class _QueueIndex:
     It also keeps the ``Job`` of each job that this process enqueued, for as long as it stays
     queued (every way out of the queue goes through ``remove``): a poll of a queued job and the
     claim of a batch read it here instead of decoding the row again (JSON and params validation
-    per job, on the event loop, while a finished batch's clients wait for their answers)."""
+    per job, on the event loop, while a finished batch's clients wait for their answers).
+
+    And which owners have queued jobs in each lane (for ``queued``'s turn per key), and the jobs
+    and prompt tokens queued per owner and in all (``load``, for the limits)."""
 
     def __init__(self) -> None:
         self._seqs: list[int] = []  # sorted
         self._seq_of: dict[str, int] = {}
         self._jobs: dict[str, Job] = {}
+        self._where: dict[str, tuple[str, str, int]] = {}  # job id -> (lane, owner, prompt tokens)
+        self._owners: dict[str, dict[str, int]] = {}  # lane -> owner -> queued jobs
+        self._owner_load: dict[str, tuple[int, int]] = {}  # owner -> (queued jobs, prompt tokens)
+        self.tokens = 0  # prompt tokens of every queued job
 
-    def add(self, job_id: str, seq: int, job: Job | None = None) -> None:
+    def add(self, job_id: str, seq: int, lane: str, owner: str, tokens: int, job: Job | None = None) -> None:
         if job_id not in self._seq_of:
             self._seq_of[job_id] = seq
             bisect.insort(self._seqs, seq)
             if job is not None:
                 self._jobs[job_id] = job
+            self._where[job_id] = (lane, owner, tokens)
+            owners = self._owners.setdefault(lane, {})
+            owners[owner] = owners.get(owner, 0) + 1
+            jobs, held = self._owner_load.get(owner, (0, 0))
+            self._owner_load[owner] = (jobs + 1, held + tokens)
+            self.tokens += tokens
 
     def remove(self, job_id: str) -> None:
         seq = self._seq_of.pop(job_id, None)
         self._jobs.pop(job_id, None)
         if seq is not None:
             del self._seqs[bisect.bisect_left(self._seqs, seq)]
+            lane, owner, tokens = self._where.pop(job_id)
+            owners = self._owners[lane]
+            owners[owner] -= 1
+            if not owners[owner]:
+                del owners[owner]
+            jobs, held = self._owner_load[owner]
+            if jobs == 1:
+                del self._owner_load[owner]
+            else:
+                self._owner_load[owner] = (jobs - 1, held - tokens)
+            self.tokens -= tokens
+
+    def owners(self, lane: str) -> list[str]:
+        """Owners with queued jobs in ``lane``."""
+        return list(self._owners.get(lane, ()))
+
+    def load(self, owner: str) -> QueueLoad:
+        jobs, tokens = self._owner_load.get(owner, (0, 0))
+        return QueueLoad(len(self._seqs), self.tokens, jobs, tokens)
 
     def position(self, job_id: str) -> int:
         seq = self._seq_of.get(job_id)
         return 0 if seq is None else bisect.bisect_left(self._seqs, seq)
+
+    def position_known(self, job_id: str) -> bool:
+        return job_id in self._seq_of
 
     def seq(self, job_id: str) -> int:
         return self._seq_of[job_id]
@@ -139,13 +186,19 @@ class SqliteJobStore(JobStore):
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "idempotency_key" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+            self._db.executescript(IDEMPOTENCY_INDEX)
             if self.path != ":memory:":
                 # WAL checkpoints (and their fsyncs) would otherwise run inside every ~150th
                 # submit's commit: a background thread does them instead, off the request path.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._queue = _QueueIndex()
-            for job_id, seq in self._db.execute("SELECT id, seq FROM jobs WHERE status = 'queued'"):
-                self._queue.add(job_id, seq)
+            for job_id, *place in self._db.execute(
+                "SELECT id, seq, lane, owner, prompt_tokens FROM jobs WHERE status = 'queued'"
+            ):
+                self._queue.add(job_id, *place)
         except sqlite3.Error as exc:
             raise NotReady(f"cannot open the job store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -200,18 +253,23 @@ class SqliteJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @_store_errors
-    def enqueue(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         with self._lock:
             self._end_group()
-            return self._insert(job, prompt_tokens)
+            self._check_replay(job.owner, idempotency_key)
+            return self._insert(job, prompt_tokens, idempotency_key)
 
     @_store_errors
-    def enqueue_deferred(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def enqueue_deferred(
+        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+    ) -> QueueEntry:
         with self._lock:
+            # Sees the open group's rows too: a repeat within one group commit is a replay.
+            self._check_replay(job.owner, idempotency_key)
             if not self._group:
                 self._db.execute("BEGIN")
             try:
-                entry = self._insert(job, prompt_tokens)
+                entry = self._insert(job, prompt_tokens, idempotency_key)
             except BaseException:
                 # Whatever SQLite kept of the open transaction, none of it is trusted now.
                 self._group.append(job.id)
@@ -240,7 +298,25 @@ class SqliteJobStore(JobStore):
                 return True
             return False
 
-    def _insert(self, job: Job, prompt_tokens: int) -> QueueEntry:
+    def _check_replay(self, owner: str, idempotency_key: str | None) -> None:
+        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored."""
+        if idempotency_key is not None:
+            earlier = self._idempotent(owner, idempotency_key)
+            if earlier is not None:
+                raise Replay(earlier)
+
+    def _idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT id FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    @_store_errors
+    def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
+        with self._lock:
+            return self._idempotent(owner, idempotency_key)
+
+    def _insert(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         """With the lock held: the INSERT, and the job's place in the in-memory queue."""
         params_json, lane, key = _params_columns(job.params)
         row = (
@@ -257,18 +333,18 @@ class SqliteJobStore(JobStore):
             job.params.max_new_tokens,
             job.created_at,
             job.attempts,
+            idempotency_key,
         )
         cur = self._db.execute(
             "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
-            " prompt_tokens, max_new_tokens, created_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " prompt_tokens, max_new_tokens, created_at, attempts, idempotency_key)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
         seq = int(cur.lastrowid or 0)
         stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
-        self._queue.add(job.id, seq, stored)
-        return QueueEntry(
-            job.id, seq, job.created_at, lane, key, len(job.prompts), prompt_tokens, job.params.max_new_tokens
-        )
+        self._queue.add(job.id, seq, lane.value, job.owner, prompt_tokens, stored)
+        return queue_entry(job, seq, lane, key, prompt_tokens)
 
     @_store_errors
     def get(self, job_id: str) -> Job | None:
@@ -287,26 +363,39 @@ class SqliteJobStore(JobStore):
         with self._lock:
             return len(self._queue)
 
+    def load(self, owner: str) -> QueueLoad:
+        with self._lock:
+            return self._queue.load(owner)
+
+    def still_queued(self, job_ids: Sequence[str]) -> set[str]:
+        with self._lock:
+            return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
+
     @_store_errors
     def count(self, status: JobStatus) -> int:
         return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,))[0])
 
     @_store_errors
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        if batch_key is None:
-            sql = (
-                f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE status = 'queued' AND lane = ? ORDER BY seq LIMIT ?"
-            )
-            args: tuple[Any, ...] = (lane.value, limit)
-        else:
-            sql = (
-                f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE status = 'queued' AND lane = ? AND batch_key = ?"
-                " ORDER BY seq LIMIT ?"
-            )
-            args = (lane.value, batch_key, limit)
+        where = "status = 'queued' AND lane = ?" + ("" if batch_key is None else " AND batch_key = ?")
+        args: tuple[Any, ...] = (lane.value,) if batch_key is None else (lane.value, batch_key)
+        rows: list[Any] = []
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+            owners = self._queue.owners(lane.value)
+            if len(owners) <= 1:  # the usual case: one statement, as before there were turns
+                rows = self._db.execute(
+                    f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
+                ).fetchall()
+            else:
+                for owner in owners:
+                    rows.extend(
+                        self._db.execute(
+                            f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} AND owner = ? ORDER BY seq LIMIT ?",
+                            (*args, owner, limit),
+                        ).fetchall()
+                    )
+                rows.sort(key=lambda r: r[1])
+        return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows]
 
     @_store_errors
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -425,11 +514,11 @@ class SqliteJobStore(JobStore):
             self._end_group()
             row = self._db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL"
-                " WHERE id = ? AND status = 'running' AND attempts = ? RETURNING seq",
+                " WHERE id = ? AND status = 'running' AND attempts = ? RETURNING seq, lane, owner, prompt_tokens",
                 (job_id, attempt),
             ).fetchone()
             if row is not None:
-                self._queue.add(job_id, row[0])
+                self._queue.add(job_id, *row)
         return row is not None
 
     @_store_errors
@@ -438,7 +527,9 @@ class SqliteJobStore(JobStore):
             self._end_group()
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._db.execute("SELECT id, seq FROM jobs WHERE status = 'running'").fetchall()
+                rows = self._db.execute(
+                    "SELECT id, seq, lane, owner, prompt_tokens FROM jobs WHERE status = 'running'"
+                ).fetchall()
                 self._db.execute(
                     "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
                 )
@@ -446,9 +537,9 @@ class SqliteJobStore(JobStore):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            for job_id, seq in rows:
-                self._queue.add(job_id, seq)
-        return [job_id for job_id, _ in rows]
+            for job_id, *place in rows:
+                self._queue.add(job_id, *place)
+        return [row[0] for row in rows]
 
     @_store_errors
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:

@@ -1,0 +1,393 @@
+/* The rest of a T5 layer in the compiled kernel: attention, RMS norm, the feed-forward's activation.
+
+Why this exists (engine/runtime/t5ops.py is the Python side): with the products in _qlinear.c, a
+contrastive step at batch 8 (32 rows) was bound by numpy's attention and element-wise work, about
+sixty numpy calls a decoder layer, each with its temporaries and its dispatch overhead. Here a
+layer's attention is one call (scores, the relative position bias, softmax, the weighted values,
+written straight into the layout the output projection reads), the norm one call, the gated
+activation one call. The numpy code in engine/runtime/t5.py stays the reference and the fallback:
+tests/test_t5ops.py holds each function equal to it within float32 rounding (sums in another
+order, a polynomial exp good to about 2 ulp).
+
+Attention here is one routine, `attend`, over one (sequence, head): rows of queries against n
+keys, with an additive bias read through a pointer and two strides (so that the decoder's
+bias-by-distance table, the encoder's [H, S, S] bias and cross-attention's padding row are the
+same code), and optionally each row's own extra key (the decoder's new position, which is not in
+the cache yet). (sequence, head) pairs are split across OpenMP threads. All functions need
+AVX-512F; the module's `available()` says whether the CPU has it. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_t5ops.h"
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+/* Work (multiply-adds) below which one thread is faster than waking a second one. */
+#define PARALLEL_MIN_WORK (1 << 16)
+/* Attention heads up to this width (T5's d_kv is 64): q, the output row and one key are held in
+   registers, 16 floats each. */
+#define MAX_D 256
+
+static int t5ops_cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+static inline __mmask16 tail_mask(Py_ssize_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* e^x for 16 floats (Cephes' expf polynomial on x - n ln 2, then scaled by 2^n): within ~2 ulp;
+   0 for x below about -104 (the masked scores, -3.4e38, give exactly 0 as numpy's exp does). */
+TARGET static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.72f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* ---------------------------------------------------------------- RMS norm
+   out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * gamma, as T5LayerNorm (no mean, no bias). */
+TARGET static void rms_norm(const float *x, const float *gamma, float *out, Py_ssize_t rows, Py_ssize_t d,
+                            float eps) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        __m512 acc = _mm512_setzero_ps();
+        for (Py_ssize_t k = 0; k < d; k += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(d - k), xr + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const __m512 s = _mm512_set1_ps(sqrtf(_mm512_reduce_add_ps(acc) / (float)d + eps));
+        for (Py_ssize_t k = 0; k < d; k += 16) {
+            const __mmask16 m = tail_mask(d - k);
+            const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, xr + k), s);
+            _mm512_mask_storeu_ps(out + r * d + k, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gamma + k)));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- feed-forward activation
+   h [rows, (gated ? 2 : 1) * f] -> out [rows, f]: act(h[:, :f]) (* h[:, f:2f] when gated).
+   act 0: ReLU; 1: gelu_new, 0.5 x (1 + tanh(c (x + 0.044715 x^3))) = x / (1 + e^(-2 c (...))). */
+TARGET static void activation(const float *h, float *out, Py_ssize_t rows, Py_ssize_t f, int gated, int act) {
+    const Py_ssize_t ld = gated ? 2 * f : f;
+    const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *hr = h + r * ld;
+        for (Py_ssize_t k = 0; k < f; k += 16) {
+            const __mmask16 m = tail_mask(f - k);
+            const __m512 x = _mm512_maskz_loadu_ps(m, hr + k);
+            __m512 y;
+            if (act == 0) {
+                y = _mm512_max_ps(x, _mm512_setzero_ps());
+            } else {
+                const __m512 u = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), a, x);
+                y = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_mul_ps(c, u))));
+            }
+            if (gated) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, hr + f + k));
+            _mm512_mask_storeu_ps(out + r * f + k, m, y);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- attention
+   One (sequence, head): `rows` queries q[r] (row stride ldq) against keys k[t], values v[t]
+   (t < n, row stride ldkv), scores q . k + bias[r * bias_row + t * bias_key] (no 1/sqrt(d): T5),
+   plus when own_k is set each row's own key own_k[r] / value own_v[r] (stride ld_own) with bias
+   own_bias. out[r] (stride ldo) = softmax-weighted sum of the values. scores: n + 1 floats. */
+typedef struct {
+    const float *q, *k, *v, *own_k, *own_v, *bias;
+    float *out;
+    Py_ssize_t rows, n, d, ldq, ldkv, ld_own, ldo, bias_row, bias_key;
+    float own_bias;
+} attend_args;
+
+TARGET static inline float dot(const float *a, const float *b, Py_ssize_t d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (Py_ssize_t k = 0; k < d; k += 16) {
+        const __mmask16 m = tail_mask(d - k);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+TARGET static void attend(const attend_args *a, float *scores) {
+    const Py_ssize_t n = a->n, d = a->d, nv = (d + 15) / 16;
+    for (Py_ssize_t r = 0; r < a->rows; r++) {
+        const float *q = a->q + r * a->ldq;
+        const float *bias = a->bias ? a->bias + r * a->bias_row : NULL;
+        float top = -INFINITY;
+        for (Py_ssize_t t = 0; t < n; t++) {
+            float s = dot(q, a->k + t * a->ldkv, d);
+            if (bias) s += bias[t * a->bias_key];
+            scores[t] = s;
+            top = s > top ? s : top;
+        }
+        float own = 0.0f;
+        if (a->own_k) {
+            own = dot(q, a->own_k + r * a->ld_own, d) + a->own_bias;
+            top = own > top ? own : top;
+        }
+        /* e^(s - top), summed */
+        const __m512 vtop = _mm512_set1_ps(top);
+        __m512 vsum = _mm512_setzero_ps();
+        for (Py_ssize_t t = 0; t < n; t += 16) {
+            const __mmask16 m = tail_mask(n - t);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), vtop)));
+            _mm512_mask_storeu_ps(scores + t, m, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        float denom = _mm512_reduce_add_ps(vsum);
+        float own_p = 0.0f;
+        if (a->own_k) {
+            float tmp[16];
+            _mm512_storeu_ps(tmp, exp16(_mm512_set1_ps(own - top)));
+            own_p = tmp[0];
+            denom += own_p;
+        }
+        /* the weighted values, accumulated in registers 16 floats at a time */
+        __m512 acc[MAX_D / 16];
+        for (Py_ssize_t j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
+        for (Py_ssize_t t = 0; t < n; t++) {
+            const __m512 p = _mm512_set1_ps(scores[t]);
+            const float *vt = a->v + t * a->ldkv;
+            for (Py_ssize_t j = 0; j < nv; j++)
+                acc[j] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail_mask(d - 16 * j), vt + 16 * j), acc[j]);
+        }
+        if (a->own_k) {
+            const __m512 p = _mm512_set1_ps(own_p);
+            const float *vo = a->own_v + r * a->ld_own;
+            for (Py_ssize_t j = 0; j < nv; j++)
+                acc[j] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail_mask(d - 16 * j), vo + 16 * j), acc[j]);
+        }
+        const __m512 inv = _mm512_set1_ps(denom);
+        float *o = a->out + r * a->ldo;
+        for (Py_ssize_t j = 0; j < nv; j++)
+            _mm512_mask_storeu_ps(o + 16 * j, tail_mask(d - 16 * j), _mm512_div_ps(acc[j], inv));
+    }
+}
+
+/* The three attentions of T5, each over B sequences x H heads (the parallel loop).
+   kind 0, decoder self-attention: qkv [B*m, 3, H, D] (the fused projection's output); cache K/V of
+     this layer [B, H, cap, D] with lengths[b] positions filled; table [n_dist, H] the bias by
+     distance (a key t < L at distance L - t; the row's own key at distance 0). Also writes the
+     new K/V rows into new_k/new_v [B*m, H, D].
+   kind 1, cross-attention: q [B*m, H, D]; K/V [B, H, S, D]; bias [B, S] (0 or the mask value).
+   kind 2, encoder self-attention: qkv [B*S, 3, H, D]; bias [H, S, S]; keys t < lengths[b].
+   out: [B*m, H, D] (m = S for the encoder). */
+typedef struct {
+    int kind;
+    const float *q, *k, *v, *bias;
+    const int64_t *lengths;
+    float *out, *new_k, *new_v;
+    Py_ssize_t B, m, H, D, cap, n_dist;
+} attention_args;
+
+TARGET static void attention(const attention_args *g, int threads) {
+    const Py_ssize_t B = g->B, m = g->m, H = g->H, D = g->D, inner = H * D;
+    Py_ssize_t max_n = g->cap;
+    const Py_ssize_t work = B * H * m * max_n * D;
+    const int nt = (work >= PARALLEL_MIN_WORK && threads > 1) ? threads : 1;
+    if (g->kind == 0)
+        for (Py_ssize_t r = 0; r < B * m; r++) {
+            memcpy(g->new_k + r * inner, g->q + (r * 3 + 1) * inner, (size_t)inner * sizeof(float));
+            memcpy(g->new_v + r * inner, g->q + (r * 3 + 2) * inner, (size_t)inner * sizeof(float));
+        }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *scores = malloc((size_t)(max_n + 16) * sizeof(float));
+#pragma omp for schedule(static)
+        for (Py_ssize_t job = 0; job < B * H; job++) {
+            if (!scores) continue;
+            const Py_ssize_t b = job / H, h = job % H;
+            attend_args a = {0};
+            a.rows = m;
+            a.d = D;
+            a.ldo = inner;
+            a.out = g->out + b * m * inner + h * D;
+            if (g->kind == 0) {
+                const Py_ssize_t L = g->lengths[b];
+                a.q = g->q + b * m * 3 * inner + h * D;
+                a.ldq = 3 * inner;
+                a.k = g->k + (b * H + h) * g->cap * D;
+                a.v = g->v + (b * H + h) * g->cap * D;
+                a.ldkv = D;
+                a.n = L;
+                a.own_k = a.q + inner;
+                a.own_v = a.q + 2 * inner;
+                a.ld_own = 3 * inner;
+                a.own_bias = g->bias[h];
+                a.bias = g->bias + L * H + h; /* key t: distance L - t */
+                a.bias_row = 0;
+                a.bias_key = -H;
+            } else if (g->kind == 1) {
+                a.q = g->q + b * m * inner + h * D;
+                a.ldq = inner;
+                a.k = g->k + (b * H + h) * g->cap * D;
+                a.v = g->v + (b * H + h) * g->cap * D;
+                a.ldkv = D;
+                a.n = g->cap;
+                a.bias = g->bias + b * g->cap;
+                a.bias_row = 0;
+                a.bias_key = 1;
+            } else {
+                a.q = g->q + b * m * 3 * inner + h * D;
+                a.ldq = 3 * inner;
+                a.k = a.q + inner;
+                a.v = a.q + 2 * inner;
+                a.ldkv = 3 * inner;
+                a.n = g->lengths[b];
+                a.bias = g->bias + h * m * m;
+                a.bias_row = m;
+                a.bias_key = 1;
+            }
+            attend(&a, scores);
+        }
+        free(scores);
+    }
+}
+
+/* ---------------------------------------------------------------- Python entry points
+   The buffers' dtypes, shapes and contiguity are checked by engine/runtime/t5ops.py; the sizes are
+   checked again here against the bytes, so that a wrong call raises instead of reading past. */
+
+#define CHECK(cond, msg)                                \
+    do {                                                \
+        if (!(cond)) {                                  \
+            PyErr_SetString(PyExc_ValueError, (msg));   \
+            goto fail;                                  \
+        }                                               \
+    } while (0)
+
+static int need_cpu(void) {
+    if (t5ops_cpu_ok()) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
+    return 0;
+}
+
+/* rms_norm(x, gamma, out, rows, d, eps) */
+PyObject *t5ops_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer x = {0}, gamma = {0}, out = {0};
+    Py_ssize_t rows, d;
+    float eps;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnf", &x, &gamma, &out, &rows, &d, &eps)) return NULL;
+    if (!need_cpu()) goto fail;
+    CHECK(rows >= 0 && d > 0 && x.len == rows * d * 4 && out.len == x.len && gamma.len == d * 4,
+          "rms_norm: buffer sizes do not match rows, d");
+    Py_BEGIN_ALLOW_THREADS rms_norm(x.buf, gamma.buf, out.buf, rows, d, eps);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&x);
+    PyBuffer_Release(&gamma);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&gamma);
+    PyBuffer_Release(&out);
+    return NULL;
+}
+
+/* activation(h, out, rows, f, gated, act) */
+PyObject *t5ops_activation(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer h = {0}, out = {0};
+    Py_ssize_t rows, f;
+    int gated, act;
+    if (!PyArg_ParseTuple(args, "y*w*nnpi", &h, &out, &rows, &f, &gated, &act)) return NULL;
+    if (!need_cpu()) goto fail;
+    CHECK(rows >= 0 && f > 0 && (act == 0 || act == 1) && h.len == rows * f * (gated ? 2 : 1) * 4 &&
+              out.len == rows * f * 4,
+          "activation: buffer sizes do not match rows, f (or act is not 0 or 1)");
+    Py_BEGIN_ALLOW_THREADS activation(h.buf, out.buf, rows, f, gated, act);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&h);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&out);
+    return NULL;
+}
+
+/* attention(kind, q, k, v, bias, lengths_or_None, out, new_k_or_None, new_v_or_None,
+             B, m, H, D, cap, n_dist, threads); see attention_args for each kind's shapes. */
+PyObject *t5ops_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer q = {0}, k = {0}, v = {0}, bias = {0}, lengths = {0}, out = {0}, nk = {0}, nv = {0};
+    PyObject *lengths_obj, *nk_obj, *nv_obj, *result = NULL;
+    attention_args g = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*Ow*OOnnnnnni", &g.kind, &q, &k, &v, &bias, &lengths_obj, &out,
+                          &nk_obj, &nv_obj, &g.B, &g.m, &g.H, &g.D, &g.cap, &g.n_dist, &threads))
+        return NULL;
+    if (lengths_obj != Py_None && PyObject_GetBuffer(lengths_obj, &lengths, PyBUF_SIMPLE) < 0) goto fail;
+    if (nk_obj != Py_None && PyObject_GetBuffer(nk_obj, &nk, PyBUF_WRITABLE) < 0) goto fail;
+    if (nv_obj != Py_None && PyObject_GetBuffer(nv_obj, &nv, PyBUF_WRITABLE) < 0) goto fail;
+    if (!need_cpu()) goto fail;
+    const Py_ssize_t B = g.B, m = g.m, H = g.H, D = g.D, cap = g.cap, inner = H * D;
+    CHECK(B >= 0 && m > 0 && H > 0 && D > 0 && D <= MAX_D && cap >= 0, "attention: bad sizes");
+    CHECK(out.len == B * m * inner * 4, "attention: out is not [B*m, H*D] float32");
+    if (g.kind == 0) {
+        CHECK(q.len == B * m * 3 * inner * 4, "attention: qkv is not [B*m, 3*H*D] float32");
+        CHECK(k.len == B * H * cap * D * 4 && v.len == k.len, "attention: cache K/V is not [B, H, cap, D]");
+        CHECK(bias.len == g.n_dist * H * 4 && g.n_dist > 0, "attention: the bias table is not [n_dist, H]");
+        CHECK(lengths.buf && lengths.len == B * 8, "attention: lengths is not int64 [B]");
+        CHECK(nk.buf && nv.buf && nk.len == B * m * inner * 4 && nv.len == nk.len,
+              "attention: new_k/new_v are not [B*m, H*D] float32");
+        for (Py_ssize_t b = 0; b < B; b++) {
+            const int64_t L = ((const int64_t *)lengths.buf)[b];
+            CHECK(L >= 0 && L <= cap && L < g.n_dist, "attention: a length is past the cache or the bias table");
+        }
+    } else if (g.kind == 1) {
+        CHECK(q.len == B * m * inner * 4, "attention: q is not [B*m, H*D] float32");
+        CHECK(k.len == B * H * cap * D * 4 && v.len == k.len, "attention: cross K/V is not [B, H, S, D]");
+        CHECK(bias.len == B * cap * 4, "attention: the cross bias is not [B, S]");
+    } else if (g.kind == 2) {
+        CHECK(cap == m, "attention: the encoder's cap is its length");
+        CHECK(q.len == B * m * 3 * inner * 4, "attention: qkv is not [B*S, 3*H*D] float32");
+        CHECK(bias.len == H * m * m * 4, "attention: the encoder bias is not [H, S, S]");
+        CHECK(lengths.buf && lengths.len == B * 8, "attention: lengths is not int64 [B]");
+        for (Py_ssize_t b = 0; b < B; b++) {
+            const int64_t L = ((const int64_t *)lengths.buf)[b];
+            CHECK(L > 0 && L <= m, "attention: a prompt length is not in 1..S");
+        }
+    } else {
+        CHECK(0, "attention: kind must be 0 (decoder self), 1 (cross) or 2 (encoder)");
+    }
+    g.q = q.buf;
+    g.k = k.buf;
+    g.v = v.buf;
+    g.bias = bias.buf;
+    g.lengths = lengths.buf;
+    g.out = out.buf;
+    g.new_k = nk.buf;
+    g.new_v = nv.buf;
+    Py_BEGIN_ALLOW_THREADS attention(&g, threads);
+    Py_END_ALLOW_THREADS result = Py_None;
+    Py_INCREF(result);
+fail:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&bias);
+    PyBuffer_Release(&out);
+    if (lengths.obj) PyBuffer_Release(&lengths);
+    if (nk.obj) PyBuffer_Release(&nk);
+    if (nv.obj) PyBuffer_Release(&nv);
+    return result;
+}

@@ -1,0 +1,10 @@
+/* The entry points of _t5ops.c, registered in _qlinear.c's module (one extension, engine.runtime._qlinear). */
+#ifndef ENGINE_T5OPS_H
+#define ENGINE_T5OPS_H
+#include <Python.h>
+
+PyObject *t5ops_rms_norm(PyObject *self, PyObject *args);
+PyObject *t5ops_activation(PyObject *self, PyObject *args);
+PyObject *t5ops_attention(PyObject *self, PyObject *args);
+
+#endif

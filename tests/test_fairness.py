@@ -1,0 +1,70 @@
+"""Fair turns across API keys: one key's flood never makes another key's job wait behind it.
+
+Through the service with a FakeEngine, on SQLite and on a real Redis: key A queues 256 jobs, then
+key B submits one; B's job completes long before A's backlog ends (it used to complete last)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from engine.runtime.params import DecodingParams
+from engine.serving.batching import Lane, QueueEntry, fair_order
+from engine.serving.jobs import JobStatus
+from engine.serving.store.base import JobStore
+from tests.fakes import FakeEngine, start_service
+
+GREEDY = DecodingParams(max_new_tokens=4)
+CONTRASTIVE = DecodingParams(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
+FLOOD = 256
+BATCH = 8
+
+
+@pytest.mark.parametrize("params", [GREEDY, CONTRASTIVE], ids=["batch", "contrastive"])
+def test_one_keys_flood_does_not_make_another_keys_job_wait_behind_it(
+    job_store: JobStore, params: DecodingParams
+) -> None:
+    async def body() -> None:
+        gate = threading.Event()  # the engine holds its first call until the flood is queued
+        engine = FakeEngine(step_delay_s=0.001, contrastive_max_rows=BATCH, gate=gate)
+        svc = await start_service(engine, store=job_store, max_batch_size=BATCH)
+        flood = [await svc.submit("a", ["flood"], params) for _ in range(FLOOD)]
+        b = await svc.submit("b", ["just one"], params)
+        gate.set()
+        done_b = await svc.wait("b", b.job.id, 30)
+        assert done_b.job.status is JobStatus.COMPLETED
+        a_done = job_store.count(JobStatus.COMPLETED) - 1
+        # In turn: B's job went into the first batch (or the first free rows) after the one that
+        # was running when it arrived. First in, first out ran it after all 256 of A's jobs.
+        assert a_done < 2 * BATCH, f"B's job completed after {a_done} of A's {FLOOD} jobs"
+        for v in flood:
+            assert (await svc.wait("a", v.job.id, 30)).job.status is JobStatus.COMPLETED
+        await svc.stop()
+
+    asyncio.run(asyncio.wait_for(body(), timeout=120))
+
+
+def entry(n: int, owner: str, prompts: int = 1) -> QueueEntry:
+    return QueueEntry(f"{owner}{n}", n, 0.0, Lane.BATCH, "k", prompts, 10, 8, owner)
+
+
+def test_fair_order_takes_keys_in_turn_and_rotates_the_first_place() -> None:
+    queue = [entry(i, "a") for i in range(4)] + [entry(10, "b"), entry(11, "b"), entry(12, "c")]
+    order = [e.job_id for e in fair_order(queue)]
+    assert order == ["a0", "b10", "c12", "a1", "b11", "a2", "a3"]
+    assert [e.job_id for e in fair_order(queue, after="a")][:3] == ["b10", "c12", "a0"]
+    assert [e.job_id for e in fair_order(queue, after="c")][:3] == ["a0", "b10", "c12"]
+
+
+def test_fair_order_counts_prompts_not_jobs() -> None:
+    queue = [entry(0, "a", prompts=4), entry(1, "a", prompts=4)] + [entry(10 + i, "b") for i in range(6)]
+    order = [e.job_id for e in fair_order(queue)]
+    # A's first job holds 4 prompts: B gets four single-prompt turns before A's second job.
+    assert order == ["a0", "b10", "b11", "b12", "b13", "a1", "b14", "b15"]
+
+
+def test_one_owner_keeps_queue_order() -> None:
+    queue = [entry(i, "a") for i in range(5)]
+    assert fair_order(queue, after="zzz") == queue

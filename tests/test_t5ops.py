@@ -1,0 +1,176 @@
+"""The fused layer functions (engine/runtime/_t5ops.c via t5ops.py) against numpy.
+
+Each function against a float64 numpy formula.
+
+Tolerances: float32 sums in another order and a polynomial exp within ~2 ulp give errors of a few
+1e-7 of the largest value per operation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.runtime import qlinear, t5ops
+from engine.runtime.t5 import _mask_value
+
+pytestmark = pytest.mark.skipif(
+    not t5ops.available(),
+    reason=f"no fused functions here (kernel: {qlinear.kernel_status()}; an extension built before "
+    "_t5ops.c existed needs `python setup.py build_ext --inplace`)",
+)
+OP_TOLERANCE = 2e-6  # relative to the largest output value, one operation
+MASK = _mask_value(np.float32)
+
+
+def _close(out: np.ndarray, ref: np.ndarray, tolerance: float = OP_TOLERANCE) -> None:
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    error = float(np.abs(out.astype(np.float64) - ref).max()) / scale
+    assert error <= tolerance, error
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("d", [1, 16, 37, 512])
+def test_rms_norm(d: int) -> None:
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((5, d)) * 3).astype(np.float32)
+    gamma = rng.uniform(0.5, 2, d).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64**2).mean(axis=-1, keepdims=True) + 1e-6) * gamma
+    _close(t5ops.rms_norm(x, gamma, 1e-6), ref)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("act", [t5ops.ACT_RELU, t5ops.ACT_GELU_TANH])
+@pytest.mark.parametrize("f", [1, 16, 45])
+def test_activation(gated: bool, act: int, f: int) -> None:
+    rng = np.random.default_rng(f)
+    h = (rng.standard_normal((3, (2 if gated else 1) * f)) * 4).astype(np.float32)
+    h[0, 0] = -60.0  # far in the tails: gelu gives -0, not NaN
+    h[1, 0] = 60.0
+    x = h[:, :f].astype(np.float64)
+    c = math.sqrt(2.0 / math.pi)
+    y = np.maximum(x, 0) if act == t5ops.ACT_RELU else 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3)))
+    if gated:
+        y = y * h[:, f:]
+    out = t5ops.activation(h, f, gated=gated, act=act)
+    assert np.isfinite(out).all()
+    _close(out, y)
+
+
+def _heads(rows: np.ndarray, heads: int) -> np.ndarray:
+    """[R, H*D] -> [H, R, D] (float64)."""
+    return rows.astype(np.float64).reshape(rows.shape[0], heads, -1).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,d_kv", [(4, 16), (6, 64), (2, 24)])
+def test_decoder_self_attention(threads: int, heads: int, d_kv: int) -> None:
+    rng = np.random.default_rng(heads * d_kv)
+    batch, m, cap = 3, 4, 40
+    lengths = np.array([0, 7, 33], dtype=np.int64)  # an empty past, a short one, a long one
+    inner = heads * d_kv
+    qkv = rng.standard_normal((batch * m, 3 * inner)).astype(np.float32)
+    cache_k = rng.standard_normal((batch, heads, cap, d_kv)).astype(np.float32)
+    cache_v = rng.standard_normal((batch, heads, cap, d_kv)).astype(np.float32)
+    table = rng.standard_normal((cap + 1, heads)).astype(np.float32)
+    new_k = np.empty((batch, m, heads, d_kv), np.float32)
+    new_v = np.empty_like(new_k)
+    out = t5ops.decoder_self_attention(
+        qkv, cache_k, cache_v, lengths, table, new_k, new_v, rows=(batch, m), threads=threads
+    )
+    parts = qkv.reshape(batch, m, 3, inner)
+    np.testing.assert_array_equal(new_k.reshape(batch, m, inner), parts[:, :, 1])
+    np.testing.assert_array_equal(new_v.reshape(batch, m, inner), parts[:, :, 2])
+    for b, length in enumerate(lengths):
+        q, k_own, v_own = (_heads(parts[b, :, j], heads) for j in range(3))  # [H, m, D]
+        keys = np.concatenate([np.broadcast_to(cache_k[b, :, None, :length], (heads, m, length, d_kv)),
+                               k_own[:, :, None]], axis=2)  # fmt: skip
+        values = np.concatenate([np.broadcast_to(cache_v[b, :, None, :length], (heads, m, length, d_kv)),
+                                 v_own[:, :, None]], axis=2)  # fmt: skip
+        bias = np.concatenate([table[length - np.arange(length)].T, table[:1].T], axis=1)  # [H, length + 1]
+        scores = np.einsum("hmd,hmtd->hmt", q, keys) + bias[:, None, :]
+        ref = np.einsum("hmt,hmtd->hmd", _softmax(scores), values).transpose(1, 0, 2).reshape(m, inner)
+        _close(out[b * m : (b + 1) * m], ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cross_attention(threads: int) -> None:
+    rng = np.random.default_rng(5)
+    batch, m, heads, d_kv, width = 3, 2, 4, 16, 21
+    q = rng.standard_normal((batch * m, heads * d_kv)).astype(np.float32)
+    k = rng.standard_normal((batch, heads, width, d_kv)).astype(np.float32)
+    v = rng.standard_normal((batch, heads, width, d_kv)).astype(np.float32)
+    bias = np.zeros((batch, width), np.float32)
+    bias[0, 5:] = MASK  # a short prompt
+    bias[2, 20:] = MASK
+    out = t5ops.cross_attention(q, k, v, bias, m=m, threads=threads)
+    for b in range(batch):
+        qh = _heads(q[b * m : (b + 1) * m], heads)  # [H, m, D]
+        probs = _softmax(np.einsum("hmd,htd->hmt", qh, k[b]) + bias[b])
+        ref = np.einsum("hmt,htd->hmd", probs, v[b]).transpose(1, 0, 2).reshape(m, -1)
+        _close(out[b * m : (b + 1) * m], ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_encoder_attention(threads: int) -> None:
+    rng = np.random.default_rng(9)
+    batch, width, heads, d_kv = 2, 13, 3, 16
+    inner = heads * d_kv
+    lengths = np.array([13, 6], dtype=np.int64)
+    qkv = rng.standard_normal((batch * width, 3 * inner)).astype(np.float32)
+    position_bias = rng.standard_normal((heads, width, width)).astype(np.float32)
+    out = t5ops.encoder_attention(qkv, position_bias, lengths, batch=batch, threads=threads)
+    parts = qkv.reshape(batch, width, 3, inner)
+    for b, length in enumerate(lengths):
+        q, k, v = (_heads(parts[b, :, j], heads) for j in range(3))
+        scores = np.einsum("hid,hjd->hij", q, k) + position_bias
+        scores[..., length:] = -np.inf  # padded keys
+        ref = np.einsum("hij,hjd->hid", _softmax(scores), v).transpose(1, 0, 2).reshape(width, inner)
+        _close(out[b * width : (b + 1) * width], ref)
+
+
+def test_wrong_shapes_are_refused_with_a_message() -> None:
+    with pytest.raises(ValueError, match="float32"):
+        t5ops.rms_norm(np.zeros((2, 4)), np.ones(4, np.float32), 1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        t5ops.activation(np.zeros((2, 5), np.float32), 4, gated=True, act=t5ops.ACT_GELU_TANH)
+    q = np.zeros((2, 32), np.float32)
+    k = np.zeros((2, 2, 5, 16), np.float32)
+    with pytest.raises(ValueError, match="cross bias"):
+        t5ops.cross_attention(q, k, k, np.zeros((2, 4), np.float32), m=1, threads=1)
+    new = np.zeros((2, 1, 2, 16), np.float32)
+    qkv = np.zeros((2, 96), np.float32)
+    with pytest.raises(ValueError, match="past the cache"):  # a length the bias table cannot cover
+        t5ops.decoder_self_attention(
+            qkv, k, k, np.array([5, 9]), np.zeros((6, 2), np.float32), new, new, rows=(2, 1), threads=1
+        )
+    with pytest.raises(ValueError, match="C-contiguous"):
+        t5ops.decoder_self_attention(
+            qkv,
+            k,
+            k,
+            np.array([1, 2]),
+            np.zeros((6, 2), np.float32),
+            new[:, :, ::2],
+            new,
+            rows=(2, 1),
+            threads=1,
+        )
+
+
+def test_the_kernel_switch_turns_the_fused_functions_off() -> None:
+    try:
+        qlinear.use_kernel(False)
+        assert not t5ops.available()
+        with pytest.raises(RuntimeError, match="not in use"):
+            t5ops.rms_norm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), 1e-6)
+    finally:
+        qlinear.use_kernel(True)
+    assert t5ops.available()
