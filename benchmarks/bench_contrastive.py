@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
 from benchmarks.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
-from engine.runtime import contrastive, qlinear  # noqa: E402
+from engine.runtime import contrastive, qlinear, t5_math  # noqa: E402
 from engine.runtime.contrastive import ContrastiveBatch, generate_contrastive  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -78,13 +78,16 @@ def ours(runtime: T5Runtime, batch: list[list[int]]) -> float:
 # ---------------------------------------------------------------------- per-part breakdown
 @contextmanager
 def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]:
-    """Wrap the runtime's step parts with timers (instance attributes shadow the methods)."""
-    patched: list[tuple[Any, str]] = []
+    """Wrap the runtime's step parts with timers (instance attributes shadow the methods; the
+    math module's functions are replaced and put back)."""
+    patched: list[tuple[Any, str, Any]] = []
 
-    in_step = [False]  # the encoder calls _ffn too: count decoder parts only inside a step
+    in_step = [False]  # the encoder calls feed_forward too: count decoder parts only inside a step
 
     def wrap(owner: Any, name: str, part: str, decoder_part: bool = False) -> None:
         inner: Callable[..., Any] = getattr(owner, name)
+        if name == "decoder_step" and owner is t5_math:
+            raise AssertionError("time the runtime's decoder_step, not the math's")
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             if decoder_part and not in_step[0]:
@@ -98,13 +101,13 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
                 in_step[0] = in_step[0] and name != "decoder_step"
                 seconds[part] += time.perf_counter() - start
 
+        patched.append((owner, name, owner.__dict__.get(name) if owner is not runtime else None))
         setattr(owner, name, timed)
-        patched.append((owner, name))
 
     wrap(runtime, "encode_batch", "encoder (+ cross K/V)")
-    wrap(runtime, "_self_attention", "self-attention (qkv, o)", decoder_part=True)
-    wrap(runtime, "_cross_attention", "cross-attention (q, o)", decoder_part=True)
-    wrap(runtime, "_ffn", "feed-forward", decoder_part=True)
+    wrap(t5_math, "self_attention", "self-attention (qkv, o)", decoder_part=True)
+    wrap(t5_math, "cross_attention", "cross-attention (q, o)", decoder_part=True)
+    wrap(t5_math, "feed_forward", "feed-forward", decoder_part=True)
     wrap(runtime, "logits", "lm_head")
     wrap(contrastive, "degeneration_penalty", "degeneration penalty")
     wrap(ContrastiveBatch, "_candidates", "processors + softmax + top-k")
@@ -112,15 +115,11 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
     try:
         yield
     finally:
-        for owner, name in patched:
+        for owner, name, original in reversed(patched):
             if owner is runtime:
                 delattr(owner, name)
-        contrastive.degeneration_penalty = _original_penalty
-        ContrastiveBatch._candidates = _original_candidates  # type: ignore[method-assign]
-
-
-_original_penalty = contrastive.degeneration_penalty
-_original_candidates = ContrastiveBatch._candidates
+            else:
+                setattr(owner, name, original)
 
 
 def breakdown(runtime: T5Runtime, batch: list[list[int]]) -> dict[str, float]:

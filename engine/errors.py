@@ -54,8 +54,8 @@ class Overloaded(EngineError):
 
 
 class NotReady(EngineError):
-    """Model not loaded yet, store unreachable, or shutting down (REST 503, gRPC UNAVAILABLE;
-    with Retry-After when ``retry_after_s`` is given)."""
+    """Model not loaded yet, store unreachable, or shutting down (REST 503, gRPC UNAVAILABLE);
+    ``retry_after_s``, when set, becomes the reply's Retry-After."""
 
     code = "not_ready"
 

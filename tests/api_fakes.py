@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.api.auth import Authenticator, SqliteKeyStore, create_key
+from engine.api.auth import Authenticator, create_key
 from engine.api.grpc_service import EngineServicer, ServerInfo
 from engine.errors import InvalidRequest, NotFound, NotReady, Overloaded, PromptTooLong
 from engine.metrics import Metrics
@@ -29,6 +29,7 @@ from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, Result, Usage
 from engine.serving.events import Row, RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus, JobView, new_job_id
+from engine.serving.store.keys import SqliteKeyStore
 
 
 def fake_decode(ids: Sequence[int]) -> str:

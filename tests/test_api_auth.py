@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.api.auth import (
-    Authenticator,
-    RateLimiter,
-    SqliteKeyStore,
-    create_key,
-    digest,
-    open_key_store,
-    split_key,
-)
+from engine.api.auth import Authenticator, RateLimiter, create_key, digest, split_key
 from engine.cli import main
 from engine.errors import InvalidRequest, Overloaded, Unauthenticated
+from engine.serving.store.keys import SqliteKeyStore, open_key_store
 
 
 class FakeClock:

@@ -137,11 +137,8 @@ def test_fixed_shape_step_through_the_gemm_equals_the_eager_step(standin_runtime
         bias = rt.xp.asarray(rt.past_bias_host(cache.lengths, cache.capacity))
         ids = rt.xp.asarray(tokens.reshape(-1))
         cublas = FakeCublas()
-        rt._gemm = CublasGemm(rt.xp, cublas, rt.dtype)
-        try:
-            fixed = rt.step_on_device(cache, ids, tokens.shape, bias, rt.own_bias(), cache.capacity)
-        finally:
-            rt._gemm = None
+        gemm = CublasGemm(rt.xp, cublas, rt.dtype)
+        fixed = rt.step_on_device(cache, ids, tokens.shape, bias, rt.own_bias(), cache.capacity, gemm)
         # Every product of every layer through the gemm: 6 linear layers and 4 attention products.
         assert cublas.calls == len(rt.decoder) * 10
         for name in ("hidden", "unit_hidden", "new_k", "new_v"):

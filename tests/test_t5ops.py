@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.runtime import qlinear, t5ops
-from engine.runtime.t5 import _mask_value
+from engine.runtime.kv_cache import mask_value as _mask_value
 
 pytestmark = pytest.mark.skipif(
     not t5ops.available(),

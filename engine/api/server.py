@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from engine.api.auth import Authenticator, open_key_store
+from engine.api.auth import Authenticator
 from engine.api.body import lingering_http_protocol
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
@@ -78,18 +78,28 @@ async def _serve(cfg: Config) -> int:
     from engine.runtime.engine import Engine
     from engine.serving.service import JobService
     from engine.serving.store.base import open_store
+    from engine.serving.store.keys import open_key_store
+    from engine.serving.store.url import parse_store_url
     from engine.serving.worker import run_in_new_thread
 
-    cfg, random_weights = await asyncio.to_thread(_resolve_model, cfg)
-    # Loaded on a thread of its own: CTranslate2's workers inherit its scheduling policy.
-    engine = await run_in_new_thread(Engine.from_config, cfg, batch_scheduling=cfg.batch_scheduling)
-    store = open_store(cfg.store_url)
-    keys = open_key_store(cfg.store_url)
+    # The store first: a second server on a SQLite file in use fails at once (it holds no lock
+    # and has changed nothing), not after loading a model.
+    store_url = parse_store_url(cfg.store_url)
+    store = open_store(store_url)
+    keys = open_key_store(store_url)
+    try:
+        cfg, random_weights = await asyncio.to_thread(_resolve_model, cfg)
+        # Loaded on a thread of its own: CTranslate2's workers inherit its scheduling policy.
+        engine = await run_in_new_thread(Engine.from_config, cfg, batch_scheduling=cfg.batch_scheduling)
+    except BaseException:
+        keys.close()
+        store.close()
+        raise
     if not cfg.auth_disabled and keys.count() == 0:
         log.warning(
             "no API keys yet: every request will answer 401 until you create one with "
             "`engine keys create --name NAME --store %s`",
-            cfg.store_url,
+            store_url.redacted,
         )
     auth = Authenticator(keys, rate_limit_per_minute=cfg.rate_limit_per_minute, disabled=cfg.auth_disabled)
     service = JobService(cfg, store, engine, metrics)

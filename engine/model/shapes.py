@@ -1,7 +1,9 @@
 """T5 architecture shapes: FLAN-T5's real sizes for demo models, and tiny ones for tests.
 
 A ``T5Shape`` is everything that decides a checkpoint's tensor shapes and its Hugging Face
-``config.json``; the converter reads one back from a checkpoint's config (``from_hf_config``).
+``config.json``; the converter reads one back from a checkpoint's config (``from_hf_config``), our
+decoder from a converted model.bin (``engine.runtime.t5_weights.read_shape``). It is the package's
+one T5 configuration type.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class T5Shape:
     def inner_dim(self) -> int:
         """Width of the attention projections (num_heads * d_kv; not always d_model)."""
         return self.num_heads * self.d_kv
+
+    @property
+    def output_scale(self) -> float | None:
+        """What the decoder output is multiplied by before a tied lm_head (None: untied)."""
+        return self.d_model**-0.5 if self.tied_embeddings else None
 
     @property
     def family(self) -> str:

@@ -24,11 +24,12 @@ from typing import Protocol
 import numpy as np
 
 from engine.errors import InvalidRequest, Overloaded
+from engine.runtime.kv_cache import Array, DecoderCache
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
 from engine.runtime.stop import Detokenize, StopSequences, stop_sequences
-from engine.runtime.t5 import Array, DecoderCache, T5Runtime
+from engine.runtime.t5 import T5Runtime
 from engine.runtime.xp import to_numpy
 
 DEFAULT_MAX_ROWS = 256
@@ -252,7 +253,7 @@ class ContrastiveBatch:
                 request=request,
                 k=k,
                 alpha=params.penalty_alpha if k > 1 else 0.0,
-                history=_History([shape.decoder_start_token_id], params.no_repeat_ngram_size),
+                history=_History([self.runtime.decoder_start_token_id], params.no_repeat_ngram_size),
                 rng=(
                     np.random.default_rng((params.seed, request.draw) if params.seed is not None else None)
                     if params.strategy is Strategy.SAMPLE
@@ -297,7 +298,7 @@ class ContrastiveBatch:
         keep: list[int] = []
         for row, seq in enumerate(self._active):
             token = int(tokens[row, choice[row]])
-            if token == rt.shape.eos_token_id:
+            if token == rt.eos_token_id:
                 events.append(TokenEvent(seq.request_id, -1, self._result(seq, FinishReason.EOS)))
                 continue
             seq.generated.append(token)
@@ -328,7 +329,7 @@ class ContrastiveBatch:
         batch = len(self._active)
         scores = np.stack([s.logits for s in self._active if s.logits is not None])
         for row, seq in enumerate(self._active):
-            process_logits(scores[row], seq.history, seq.params, self.runtime.shape.eos_token_id)
+            process_logits(scores[row], seq.history, seq.params, self.runtime.eos_token_id)
         probs = softmax_rows(scores)
         tokens = np.empty((batch, width), dtype=np.int64)
         cand_probs = np.zeros((batch, width), dtype=np.float32)
@@ -372,7 +373,7 @@ class ContrastiveBatch:
         joining, self._pending = self._pending, []
         encoded = rt.encode_batch([s.request.input_ids for s in joining])
         cache = rt.new_cache(encoded, capacity=max(s.params.max_new_tokens for s in joining) + 1)
-        start = np.full((len(joining), 1), rt.shape.decoder_start_token_id, dtype=np.int64)
+        start = np.full((len(joining), 1), rt.decoder_start_token_id, dtype=np.int64)
         out = rt.decoder_step(cache, start)
         hidden = cache.commit(out, np.zeros(len(joining), dtype=np.int64))
         logits = to_numpy(rt.logits(hidden)).astype(np.float32, copy=False)

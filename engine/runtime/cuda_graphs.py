@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from engine.runtime.t5 import Array, DecoderCache, StepOutput, T5Runtime
+    from engine.runtime.kv_cache import Array, DecoderCache, StepOutput
+    from engine.runtime.t5 import T5Runtime
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ class CublasGemm:
         # Host scalars (pointer mode host): their values are read when a call is made or captured.
         self._one = np.ones(1, dtype=np.float32)
         self._zero = np.zeros(1, dtype=np.float32)
+
+    def linear(self, x: Array, weight: Array) -> Array:
+        """x [R, in] times weight [out, in] -> [R, out] (``t5_math.Matmul``)."""
+        return self.matmul(x, weight, transpose_b=True)
 
     def matmul(self, a: Array, b: Array, transpose_b: bool = False) -> Array:
         cp = self.cp
@@ -274,19 +279,15 @@ class DecoderGraphs:
         with cp.cuda.using_allocator(pool.malloc), self.stream:
             token_buf = cp.asarray(tokens.reshape(-1).astype(np.int64))
             bias_buf = cp.asarray(rt.past_bias_host(cache.lengths, width))
-            rt._gemm = self.gemm
+            # One step outside the capture first: every kernel it needs is compiled and loaded
+            # (none may load during capture), and the pool holds the memory the capture takes.
+            rt.step_on_device(cache, token_buf, (batch, m), bias_buf, own_bias, width, self.gemm)
+            self.stream.synchronize()
+            self.stream.begin_capture()
             try:
-                # One step outside the capture first: every kernel it needs is compiled and loaded
-                # (none may load during capture), and the pool holds the memory the capture takes.
-                rt.step_on_device(cache, token_buf, (batch, m), bias_buf, own_bias, width)
-                self.stream.synchronize()
-                self.stream.begin_capture()
-                try:
-                    out = rt.step_on_device(cache, token_buf, (batch, m), bias_buf, own_bias, width)
-                finally:
-                    graph = self.stream.end_capture()
+                out = rt.step_on_device(cache, token_buf, (batch, m), bias_buf, own_bias, width, self.gemm)
             finally:
-                rt._gemm = None
+                graph = self.stream.end_capture()
         self.captures += 1
         self._current = _Captured(graph, pool, token_buf, bias_buf, out, bound)
         return self._current

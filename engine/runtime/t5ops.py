@@ -3,7 +3,7 @@
 The C side is engine/runtime/_t5ops.c (built into the same extension as the linear kernel, so it is
 there exactly when ``qlinear.kernel_available()``, and ``qlinear.use_kernel(False)`` turns both
 off). These wrappers check dtypes, shapes and contiguity and allocate the outputs; the numpy code
-in engine/runtime/t5.py is the reference they are tested against (tests/test_t5ops.py) and the
+in engine/runtime/t5_math.py is the reference they are tested against (tests/test_t5ops.py) and the
 path taken without the kernel.
 
 Shapes: B sequences, m rows per sequence, H heads, D = d_kv, inner = H * D.

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.errors import EngineError, InvalidRequest, Overloaded
+from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
@@ -124,6 +124,10 @@ class Scheduler:
     def notify(self, lane: Lane) -> None:
         self._wake[lane].set()
 
+    def notify_all(self) -> None:
+        for ev in self._wake.values():
+            ev.set()
+
     def stop_claiming(self) -> None:
         self._claiming = False
         for ev in self._wake.values():
@@ -177,6 +181,8 @@ class Scheduler:
             try:
                 await loop()
                 return
+            except NotReady:
+                pass  # the store is down: its StoreHealth logs that once, not once a second here
             except Exception:
                 log.exception("the %s loop failed; restarting it in %.0f s", lane.value, RESTART_DELAY_S)
             for rj in [rj for rj in self.running.values() if lane_of(rj.job.params) is lane]:

@@ -449,6 +449,8 @@ class JobService:
             await self.clock.sleep(period)
             try:
                 self._expire(timeout)
+            except NotReady:
+                pass  # the store is down: its StoreHealth logs that, once, not every period
             except Exception:
                 log.exception("timeout sweep failed; retrying in %.1f s", period)
 
@@ -469,6 +471,14 @@ class JobService:
         if self._scheduler is not None:
             self._scheduler.expire_running(now)
             self._scheduler.sync_cancellations()
+            stranded = self.store.reconcile(set(self._scheduler.running))
+            if stranded:
+                log.warning(
+                    "%d job(s) whose end could not be written to the store go back to the queue: %s",
+                    len(stranded),
+                    ", ".join(stranded[:5]),
+                )
+                self._scheduler.notify_all()
             self._free_token_ids(self._scheduler)
 
     def _free_token_ids(self, sched: Scheduler) -> None:
@@ -490,6 +500,8 @@ class JobService:
             await self.clock.sleep(period)
             try:
                 purged = self.store.purge_expired(self.clock.time(), ttl)
+            except NotReady:
+                continue  # the store is down (logged by its StoreHealth)
             except Exception:
                 log.exception("result purge failed; retrying in %.0f s", period)
                 continue
