@@ -73,6 +73,8 @@ async def test_seed_flow_submit_then_poll(http: httpx.AsyncClient, stack: FakeSt
         "queuePosition": "0",
         "completion": ["BOLOGNESE RECIPE"],
         "usage": {"prompt_tokens": 17, "completion_tokens": 16, "total_tokens": 33},
+        "finishReason": ["eos"],
+        "tokenIds": [[ord(c) for c in "BOLOGNESE RECIPE"]],
     }
 
 
@@ -118,6 +120,8 @@ async def test_queue_position_is_a_string_while_waiting(http: httpx.AsyncClient,
         "queuePosition": "2",
         "completion": None,
         "usage": None,
+        "finishReason": None,
+        "tokenIds": None,
     }
     # The queue holds 3: the next is 429 with Retry-After.
     r = await http.post("/v1/submit", json={"prompt": "x"}, headers=key)

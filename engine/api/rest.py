@@ -9,7 +9,7 @@ internal errors (logged, never shown).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.api.body import ASGIApp, BodyLimit, Message, Receive, Scope, Send
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
-from engine.api.grpc_service import PB_TO_STATUS, checked_api_key, params_to_struct
+from engine.api.grpc_service import FINISH_TO_PB, PB_TO_STATUS, checked_api_key, params_to_struct
 from engine.api.pb import engine_pb2
+from engine.api.sse import EventStream, sse_frame
 from engine.errors import EngineError, InvalidRequest
 from engine.limits import MAX_WAIT_S, RequestLimits, shorten
 from engine.metrics import Metrics
@@ -33,6 +34,7 @@ from engine.serving.jobs import JobError, JobStatus
 log = logging.getLogger(__name__)
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
+FINISH_NAMES = {pb: reason.value for reason, pb in FINISH_TO_PB.items()}
 BODY_FIELDS = ("prompt", "params", "model")
 
 
@@ -78,6 +80,14 @@ class ResponseData(BaseModel):
     queuePosition: str
     completion: list[str] | None = Field(description="One text per prompt once completed, else null.")
     usage: UsageModel | None = Field(description="Token counts once completed, else null.")
+    finishReason: list[str] | None = Field(
+        default=None,
+        description='Per prompt once completed: "eos" (the model ended), "stop" (a stop sequence) or '
+        '"length" (max_new_tokens).',
+    )
+    tokenIds: list[list[int]] | None = Field(
+        default=None, description="Per prompt once completed: the generated token ids (no EOS)."
+    )
 
 
 class ResponseResponse(BaseModel):
@@ -155,6 +165,70 @@ WAIT_PARAMETER: dict[str, Any] = {
 }
 
 
+LAST_EVENT_ID_PARAMETER: dict[str, Any] = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0},
+    "description": "Resume a stream after this event id (what EventSource sends on reconnect).",
+}
+
+
+def parse_last_event_id(raw: str | None) -> int:
+    if raw is None or not raw.strip():
+        return 0
+    if not raw.strip().isdigit():
+        raise InvalidRequest(
+            f"Last-Event-ID must be the id of an event of this stream (an integer), got {raw!r}"
+        )
+    return int(raw.strip())
+
+
+async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
+    """The seed stream's events (DESIGN.md, the stream route): one per token with the text it adds
+    and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
+    the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""
+    if PB_TO_STATUS[job.status].terminal:
+        yield done_event(job)
+        return
+    event_id = 0
+    try:
+        async for message in messages:
+            if not message.HasField("token"):
+                yield done_event(message.job)
+                return
+            t = message.token
+            if t.token_id < 0 and not t.text:
+                continue  # the end of a prompt that adds nothing: done says it
+            event_id += 1
+            if event_id <= after:
+                continue
+            data: dict[str, Any] = {"prompt": t.prompt_index, "token_id": t.token_id, "text": t.text}
+            if t.finished:
+                data["finish_reason"] = FINISH_NAMES.get(t.finish_reason, "length")
+            yield sse_frame(data, event_id=event_id)
+    except ApiFailure as exc:  # the job failed: done carries its status and the reason
+        yield sse_frame(
+            {
+                "id": job.id,
+                "status": JobStatus.FAILED.value,
+                "queuePosition": "0",
+                "completion": None,
+                "usage": None,
+                "error": {"code": exc.reply.code, "message": exc.reply.message},
+            },
+            event="done",
+        )
+
+
+def done_event(job: Any) -> bytes:
+    data = response_data(job)
+    if PB_TO_STATUS[job.status] is JobStatus.FAILED:
+        reply = failed_job_reply(job)
+        data["error"] = {"code": reply.code, "message": reply.message}
+    return sse_frame(data, event="done")
+
+
 def request_key(request: Request) -> str | None:
     key = api_key_from(request.headers.get("apikey"), request.headers.get("authorization"))
     return None if key is None else checked_api_key(key)
@@ -199,6 +273,8 @@ def response_data(job: Any) -> dict[str, Any]:
     status = PB_TO_STATUS[job.status]
     completion = None
     usage = None
+    reasons = None
+    token_ids = None
     if status is JobStatus.COMPLETED and job.HasField("result"):
         completion = list(job.result.completion)
         u = job.result.usage
@@ -207,12 +283,16 @@ def response_data(job: Any) -> dict[str, Any]:
             "completion_tokens": u.completion_tokens,
             "total_tokens": u.total_tokens,
         }
+        reasons = [FINISH_NAMES.get(r, "length") for r in job.result.finish_reasons]
+        token_ids = [list(t.ids) for t in job.result.token_ids]
     return {
         "id": job.id,
         "status": status.value,
         "queuePosition": str(job.queue_position),
         "completion": completion,
         "usage": usage,
+        "finishReason": reasons,
+        "tokenIds": token_ids,
     }
 
 
@@ -496,6 +576,21 @@ def create_app(
     async def cancel(job_id: str, request: Request) -> JSONResponse:
         job = await client.cancel(request_key(request), engine_pb2.CancelRequest(id=job_id))
         return success(response_data(job))
+
+    @app.get(
+        "/v1/response/{job_id}/stream",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+            **ERROR_RESPONSES,
+        },
+        summary="Stream a job's tokens as server-sent events, then the job",
+        openapi_extra={"parameters": [*KEY_PARAMETERS, LAST_EVENT_ID_PARAMETER]},
+    )
+    async def stream(job_id: str, request: Request) -> Response:
+        after = parse_last_event_id(request.headers.get("last-event-id"))
+        messages = client.stream_result(request_key(request), engine_pb2.StreamResultRequest(id=job_id))
+        first = await anext(messages)  # an unknown id or key answers here, before the stream starts
+        return EventStream(seed_events(first.job, messages, after))
 
     @app.get("/v1/info", response_model=InfoResponse, summary="What this server serves")
     async def info() -> InfoResponse:

@@ -23,6 +23,7 @@ from engine.api.auth import Authenticator
 from engine.api.body import lingering_http_protocol
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
+from engine.api.openai_routes import mount as mount_openai_routes
 from engine.api.rest import create_app
 from engine.config import Config
 from engine.errors import NotReady
@@ -177,6 +178,7 @@ async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
     app = create_app(client, metrics, public_url=cfg.public_url, limits=cfg.request_limits)
+    mount_openai_routes(app, client)
     config = uvicorn.Config(
         app,
         host=cfg.http_host,
