@@ -22,6 +22,7 @@ from google.protobuf import struct_pb2
 from engine.api.body import lingering_http_protocol
 from engine.api.client import InProcessClient, RemoteClient
 from engine.api.grpc_service import GrpcServer
+from engine.api.openai_routes import mount as mount_openai_routes
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.api.rest import create_app
 from engine.config import Config
@@ -70,6 +71,7 @@ async def stub(grpc_server: GrpcServer) -> AsyncIterator[Any]:
 async def socket_url(stack: FakeStack) -> AsyncIterator[tuple[str, int]]:
     """The REST app behind a real uvicorn, configured as `engine serve` configures it."""
     app = create_app(InProcessClient(stack.servicer), stack.metrics)
+    mount_openai_routes(app, InProcessClient(stack.servicer))
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="off", http=lingering_http_protocol()
@@ -114,13 +116,17 @@ def submit(*prompts: str, model: str = "", **params: Any) -> Any:
 # ---- bodies on the wire -------------------------------------------------------------------------
 
 
-async def send_chunked(host: str, port: int, headers: bytes, total: int) -> tuple[int, bytes]:
-    """POST /v1/submit with a chunked body of ``total`` bytes, reading the reply while sending:
+async def send_chunked(
+    host: str, port: int, headers: bytes, total: int, path: bytes = b"/v1/submit"
+) -> tuple[int, bytes]:
+    """POST ``path`` with a chunked body of ``total`` bytes, reading the reply while sending:
     (bytes the client managed to send, the reply)."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
-        b"POST /v1/submit HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Type: application/json\r\n" + headers + b"\r\n"
+        b"POST %s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n" % path
+        + b"Content-Type: application/json\r\n"
+        + headers
+        + b"\r\n"
     )
     reply = asyncio.ensure_future(reader.read())
     chunk = b'{"prompt": "' + b"a" * (64 * 1024)
@@ -161,6 +167,23 @@ async def test_without_a_key_the_body_is_never_read(socket_url: tuple[str, int],
     assert reply_status(data) == 401, data[:300]
     assert b"missing API key" in data
     assert sent < 8 * MiB, sent  # socket buffers only: not even the limit's worth was read
+
+
+async def test_the_openai_routes_have_the_same_limit_and_key_first(
+    socket_url: tuple[str, int], stack: FakeStack
+) -> None:
+    host, port = socket_url
+    auth = b"Authorization: Bearer " + stack.alice.encode() + b"\r\n"
+    for path in (b"/v1/completions", b"/v1/chat/completions"):
+        sent, data = await send_chunked(host, port, auth, 64 * MiB, path)
+        assert reply_status(data) == 413, data[:300]
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "payload_too_large" and "MiB" in body["error"]["message"]
+        assert sent < LIMITS.http_body_bytes + 8 * MiB, sent
+        sent, data = await send_chunked(host, port, b"", 64 * MiB, path)
+        assert reply_status(data) == 401, data[:300]
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "authentication_error"
+        assert sent < 8 * MiB, sent
 
 
 async def test_a_declared_length_over_the_limit_is_refused_before_any_byte_is_read(

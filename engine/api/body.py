@@ -1,8 +1,8 @@
 """The HTTP body limit, on the bytes as they arrive: ASGI middleware in front of every route.
 
 A request body is only ever read through ``receive``; ``BodyLimit`` hands the app a ``receive``
-that counts the bytes and raises ``BodyTooLarge`` (an HTTPException 413, which every route's error
-handler answers in its own format) as soon as the count passes the limit, or at the first read
+that counts the bytes and raises ``BodyTooLarge`` (a 413 that every route's error handler answers in
+its own format) as soon as the count passes the limit, or at the first read
 when ``Content-Length`` already says it will. Chunked bodies and lying clients meet the same
 count. Whenever the app answers before the body was read to its end (413, a 401 given before the
 body is looked at, a route that takes no body), the reply says ``Connection: close`` and the server
@@ -26,7 +26,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from engine.api.errors import reply_for_code
+from engine.api.errors import ApiFailure, reply_for_code
 
 # The ASGI callable's types (as starlette.types spells them).
 Scope = MutableMapping[str, Any]
@@ -43,9 +43,17 @@ def body_limit_message(limit: int) -> str:
     )
 
 
-class BodyTooLarge(HTTPException):
+class BodyTooLarge(ApiFailure, HTTPException):
+    """Both what our routes' handlers answer (ApiFailure: the seed envelope, or OpenAI's error
+    body) and an HTTPException 413, which FastAPI's own body parsing lets through unchanged."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(413, detail=body_limit_message(limit))
+        reply = reply_for_code("payload_too_large", body_limit_message(limit))
+        Exception.__init__(self, reply.message)
+        self.reply = reply
+        self.status_code = 413
+        self.detail = reply.message
+        self.headers = None
 
 
 def _declared_length(scope: Scope) -> tuple[int | None, bool]:
@@ -107,8 +115,7 @@ class BodyLimit:
             if started:
                 raise
             # No route answered it (none of ours lets it through): the envelope, from here.
-            reply = reply_for_code("payload_too_large", str(exc.detail))
-            await _send_json(closing_send, reply.status.http, reply.envelope())
+            await _send_json(closing_send, exc.reply.status.http, exc.reply.envelope())
 
 
 async def _send_json(send: Send, status: int, body: Any) -> None:
