@@ -5,8 +5,10 @@ REF := .venv-ref
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
+ONNX := .venv-onnx
+ONNX_STAMP := $(ONNX)/.stamp-onnx
 
-.PHONY: install ref serve test test-cuda lint typecheck proto bench clean system-deps
+.PHONY: install ref onnx serve test test-cuda lint typecheck proto bench clean system-deps
 
 # (Re)install when .venv is missing or pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c engine/runtime/_t5ops.c
@@ -26,6 +28,15 @@ $(REF_STAMP): scripts/requirements-ref.txt
 	touch $(REF_STAMP)
 
 ref: $(REF_STAMP)
+
+# ONNX Runtime int8, the benchmark suite's peer (optimum export + dynamic quantization): benchmarks
+# only, in its own environment so that neither the runtime's nor the tests' grows.
+$(ONNX_STAMP): scripts/requirements-onnx.txt
+	test -x $(ONNX)/bin/python || $(PY) -m venv $(ONNX)
+	$(ONNX)/bin/pip install -q -r scripts/requirements-onnx.txt
+	touch $(ONNX_STAMP)
+
+onnx: $(ONNX_STAMP)
 
 proto:
 	$(BIN)/python scripts/gen_proto.py
@@ -53,8 +64,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP) $(REF_STAMP)
+bench: $(STAMP) $(REF_STAMP) $(ONNX_STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF) engine/pb/engine build *.egg-info
+	rm -rf $(VENV) $(REF) $(ONNX) engine/pb/engine build *.egg-info

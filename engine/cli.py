@@ -118,13 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve only the REST shim, forwarding to the gRPC server at HOST:PORT",
     )
     p.add_argument(
-        "--public-url", default=None, help="base URL for responseUrl (default: the request's host)"
+        "--public-url",
+        default=None,
+        help="base URL for responseUrl, e.g. the load balancer's https://api.example.com when several "
+        "replicas share a Redis store behind it (default: the request's host)",
     )
     p.add_argument(
         "--store",
         dest="store_url",
         default=None,
-        help="sqlite:///path/engine.db (default sqlite:///./data/engine.db) or redis://host:port/db",
+        help="sqlite:///path/engine.db (default sqlite:///./data/engine.db; one server per file) or "
+        "redis://[:password@]host:port/db[?prefix=engine:&lease_s=30&timeout_s=1] for several servers",
     )
     _add_runtime_flags(p)
     g = p.add_argument_group("batcher and queue")

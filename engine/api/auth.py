@@ -87,12 +87,7 @@ class RateLimiter:
             tokens = min(float(self.per_minute), tokens + (now - last) * rate)
             if tokens < 1.0:
                 self._buckets[owner] = (tokens, now)
-                wait = (1.0 - tokens) / rate
-                raise Overloaded(
-                    f"rate limit of {self.per_minute} requests per minute for this key reached; "
-                    f"retry in {math.ceil(wait)} s",
-                    retry_after_s=wait,
-                )
+                raise rate_limited(self.per_minute, (1.0 - tokens) / rate)
             self._buckets[owner] = (tokens - 1.0, now)
 
 
@@ -100,6 +95,13 @@ MISSING_KEY_MESSAGE = (
     "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
     "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
 )
+
+
+def rate_limited(per_minute: int, wait_s: float) -> Overloaded:
+    return Overloaded(
+        f"rate limit of {per_minute} requests per minute for this key reached; retry in {math.ceil(wait_s)} s",
+        retry_after_s=wait_s,
+    )
 
 
 class Authenticator:
@@ -155,5 +157,15 @@ class Authenticator:
         return stored.info.name
 
     def admit(self, owner: str) -> None:
-        """Counts one job-creating request against the owner's rate limit."""
-        self.limiter.acquire(owner)
+        """Counts one job-creating request against the owner's rate limit: in the key store's
+        shared bucket where it keeps them (Redis: one bucket per key for every server), else in
+        this process's."""
+        per_minute = self.limiter.per_minute
+        if per_minute <= 0 or self._keys is None:
+            self.limiter.acquire(owner)
+            return
+        wait = self._keys.take_token(owner, per_minute)
+        if wait is None:
+            self.limiter.acquire(owner)
+        elif wait > 0:
+            raise rate_limited(per_minute, wait)

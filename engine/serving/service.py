@@ -23,8 +23,9 @@ from engine.runtime.protocols import EngineLike
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
 from engine.serving.events import JobEvents, RowEvent, stored_final_events
+from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
-from engine.serving.scheduler import Scheduler, timeout_error
+from engine.serving.scheduler import Scheduler
 from engine.serving.store.base import JobStore, Replay
 from engine.serving.worker import EngineWorker
 
@@ -62,7 +63,8 @@ class JobService:
         self.config = config
         self.store = store
         self.engine = engine
-        self.metrics = metrics
+        # Always present: without one from the server, a registry nobody scrapes (tests).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.clock: Clock = clock or RealClock()
         self.limits = BatchLimits(
             max_batch_size=config.max_batch_size,
@@ -70,6 +72,15 @@ class JobService:
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
         )
         self.events = JobEvents()
+        # Every end of a job (store, waiters, metrics) goes through it, the service's included.
+        self.finisher = Finisher(
+            store=store,
+            events=self.events,
+            metrics=self.metrics,
+            clock=self.clock,
+            job_timeout_s=config.job_timeout_s,
+        )
+        self.finisher.on_claimed = self._on_claimed
         self._scheduler: Scheduler | None = None
         self._worker: EngineWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -103,11 +114,10 @@ class JobService:
             worker=self._worker,
             clock=self.clock,
             limits=self.limits,
-            job_timeout_s=self.config.job_timeout_s,
+            finisher=self.finisher,
             metrics=self.metrics,
             events=self.events,
         )
-        self._scheduler.on_claimed = self._on_claimed
         self._set_depth_gauge()
         self._tasks = [
             asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
@@ -267,12 +277,8 @@ class JobService:
         if updated.status is JobStatus.CANCELLED and job.status is not JobStatus.CANCELLED:
             self._set_depth_gauge()
             if self._scheduler is not None:
-                self._scheduler.mark_cancelled(job_id)
                 self._scheduler.input_ids.pop(job_id, None)
-            if self.metrics is not None:
-                self.metrics.jobs.labels(status=JobStatus.CANCELLED.value).inc()
-                self.metrics.request_latency.observe(max(0.0, now - job.created_at))
-            self.events.finish(job_id)
+            self.finisher.cancelled(job, now)
         return JobView(updated, 0)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView:
@@ -413,8 +419,7 @@ class JobService:
         self._set_depth_gauge()
 
     def _set_depth_gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.store.queue_depth())
+        self.metrics.queue_depth.set(self.store.queue_depth())
 
     async def _until_terminal(
         self, job_id: str, fut: asyncio.Future[Job | None], timeout_s: float | None
@@ -460,16 +465,11 @@ class JobService:
             job = self.store.get(job_id)
             if job is None:
                 continue
-            if self.store.fail(job_id, None, timeout_error(job, timeout, now, running=False), now):
-                if self._scheduler is not None:
-                    self._scheduler.input_ids.pop(job_id, None)
-                if self.metrics is not None:
-                    self.metrics.jobs.labels(status=JobStatus.FAILED.value).inc()
-                    self.metrics.request_latency.observe(max(0.0, now - job.created_at))
-                self.events.finish(job_id)
+            if self.finisher.expire_queued(job, now) and self._scheduler is not None:
+                self._scheduler.input_ids.pop(job_id, None)
         self._set_depth_gauge()
+        self.finisher.expire_running(now)
         if self._scheduler is not None:
-            self._scheduler.expire_running(now)
             self._scheduler.sync_cancellations()
             stranded = self.store.reconcile(set(self._scheduler.running))
             if stranded:
