@@ -101,6 +101,7 @@ class BatchLoop(Loop):
     def _on_token(self, rows: list[tuple[RunningJob, int]]) -> OnToken:
         forward = self.forwarder.push
         clock = self.clock
+        first_token = self.finisher.first_token
 
         def on_token(index: int, token_id: int) -> bool:
             rj, prompt_index = rows[index]
@@ -109,6 +110,8 @@ class BatchLoop(Loop):
             if rj.stop:
                 rj.stopped_rows.add(prompt_index)
                 return True
+            if not rj.first_token_seen:
+                first_token(rj)
             forward(Row(rj.job.id, prompt_index), token_id)
             return False
 
