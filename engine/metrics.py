@@ -3,7 +3,7 @@ created at start and passed to the layers that observe; ``/metrics`` renders its
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 # Milliseconds to minutes.
 LATENCY_BUCKETS = (
@@ -97,6 +97,8 @@ class Metrics:
         self.model_info = Gauge(
             "engine_model_info", "The served model (value 1)", ["model", "device", "compute_type"], registry=r
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux).
+        ProcessCollector(registry=r)
 
     def job_ended(self, status: str, finish_reason: str = "") -> None:
         """Count a finished job (``finish_reason`` only for completed ones)."""

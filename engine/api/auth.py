@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engine import logs
 from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded, Unauthenticated
 from engine.serving.store.keys import KeyInfo, KeyStore, SqliteKeyStore, StoredKey, open_key_store
 
@@ -132,6 +133,7 @@ class Authenticator:
         now = self._clock()
         hit = self._cache.get(dig)
         if hit is not None and now - hit[1] < self._cache_s:
+            logs.bind(key_name=hit[0])  # the request's log lines carry the key's name, never the key
             return hit[0]
         key_id = split_key(api_key)
         stored = None
@@ -151,6 +153,7 @@ class Authenticator:
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[dig] = (stored.info.name, now)
+        logs.bind(key_name=stored.info.name)
         return stored.info.name
 
     def admit(self, owner: str) -> None:

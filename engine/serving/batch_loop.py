@@ -67,7 +67,10 @@ class BatchLoop(Loop):
                 for rj in batch:
                     await self._run_batch([rj])
                 return
-            log.exception("job %s failed in the engine", batch[0].job.id)
+            job = batch[0].job
+            log.exception(
+                "job %s failed in the engine", job.id, extra={"job_id": job.id, "key_name": job.owner}
+            )
             self.finisher.finish_failed(batch[0], engine_error(exc))
             return
         elapsed = time.perf_counter() - start

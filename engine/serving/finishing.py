@@ -147,7 +147,12 @@ class Finisher:
             job = rj.job
             self.running.pop(job.id, None)
             if not ok:
-                log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
+                log.info(
+                    "dropped a stale result for job %s (attempt %d)",
+                    job.id,
+                    rj.attempt,
+                    extra={"job_id": job.id, "key_name": job.owner},
+                )
                 self.events.finish(job.id)
                 continue
             ended = job.with_status(JobStatus.COMPLETED, finished_at=now, result=result)
