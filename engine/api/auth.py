@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engine import logs
 from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded, Unauthenticated
 from engine.serving.store.keys import KeyInfo, KeyStore, SqliteKeyStore, StoredKey, open_key_store
 
@@ -87,13 +88,15 @@ class RateLimiter:
             tokens = min(float(self.per_minute), tokens + (now - last) * rate)
             if tokens < 1.0:
                 self._buckets[owner] = (tokens, now)
-                wait = (1.0 - tokens) / rate
-                raise Overloaded(
-                    f"rate limit of {self.per_minute} requests per minute for this key reached; "
-                    f"retry in {math.ceil(wait)} s",
-                    retry_after_s=wait,
-                )
+                raise rate_limited(self.per_minute, (1.0 - tokens) / rate)
             self._buckets[owner] = (tokens - 1.0, now)
+
+
+def rate_limited(per_minute: int, wait_s: float) -> Overloaded:
+    return Overloaded(
+        f"rate limit of {per_minute} requests per minute for this key reached; retry in {math.ceil(wait_s)} s",
+        retry_after_s=wait_s,
+    )
 
 
 class Authenticator:
@@ -130,6 +133,7 @@ class Authenticator:
         now = self._clock()
         hit = self._cache.get(dig)
         if hit is not None and now - hit[1] < self._cache_s:
+            logs.bind(key_name=hit[0])  # the request's log lines carry the key's name, never the key
             return hit[0]
         key_id = split_key(api_key)
         stored = None
@@ -149,8 +153,19 @@ class Authenticator:
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[dig] = (stored.info.name, now)
+        logs.bind(key_name=stored.info.name)
         return stored.info.name
 
     def admit(self, owner: str) -> None:
-        """Counts one job-creating request against the owner's rate limit."""
-        self.limiter.acquire(owner)
+        """Counts one job-creating request against the owner's rate limit: in the key store's
+        shared bucket where it keeps them (Redis: one bucket per key for every server), else in
+        this process's."""
+        per_minute = self.limiter.per_minute
+        if per_minute <= 0 or self._keys is None:
+            self.limiter.acquire(owner)
+            return
+        wait = self._keys.take_token(owner, per_minute)
+        if wait is None:
+            self.limiter.acquire(owner)
+        elif wait > 0:
+            raise rate_limited(per_minute, wait)

@@ -27,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine import logs
+from engine._version import __version__
 from engine.api.auth import Authenticator
 from engine.api.deltas import Decode, TextDeltas
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
@@ -295,6 +297,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             max_prompts_per_request=i.max_prompts_per_request,
             auth_required=i.auth_required,
             ready=self.service.ready,
+            version=__version__,
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:
@@ -417,6 +420,7 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | N
 def _job_id(raw: str) -> str:
     if not raw:
         raise InvalidRequest("id is required: the job id that Submit returned")
+    logs.bind(job_id=raw)
     return raw
 
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine._version import __version__
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
 from engine.api.grpc_service import FINISH_TO_PB, MAX_WAIT_S, PB_TO_STATUS, params_to_struct
@@ -120,6 +121,7 @@ class InfoResponse(BaseModel):
     maxPromptsPerRequest: int
     authRequired: bool
     ready: bool
+    version: str = Field(description="The server's package version (`engine --version`).")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -468,7 +470,7 @@ def create_app(
 ) -> EngineApp:
     app = EngineApp(
         title="FLAN-T5 inference engine",
-        version="1.0",
+        version=__version__,
         description="The seed's submit/poll API over the engine's gRPC service. Send your key in the "
         "`apiKey` header (or `Authorization: Bearer <key>`).",
         docs_url="/docs",
@@ -613,6 +615,7 @@ def create_app(
             maxPromptsPerRequest=i.max_prompts_per_request,
             authRequired=i.auth_required,
             ready=i.ready,
+            version=i.version,
         )
 
     @app.get("/healthz", summary="The process is alive")

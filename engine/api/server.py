@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from engine.api.access_log import AccessLog
 from engine.api.auth import Authenticator
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
@@ -172,14 +173,16 @@ async def _serve_shim(cfg: Config, metrics: Metrics, stop: asyncio.Event) -> int
 async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
-    app = create_app(client, metrics, public_url=cfg.public_url)
+    app: Any = create_app(client, metrics, public_url=cfg.public_url)
     mount_openai_routes(app, client)
+    if cfg.access_log:
+        app = AccessLog(app)
     config = uvicorn.Config(
         app,
         host=cfg.http_host,
         port=cfg.http_port,
         log_config=None,  # keep the CLI's logging format
-        access_log=False,  # one line per poll would drown the log
+        access_log=False,  # uvicorn's own: ours (--access-log) has job ids, key names and JSON
         lifespan="off",
         timeout_graceful_shutdown=int(HTTP_GRACE_S),
     )

@@ -1,9 +1,10 @@
 """JobService: the facade every transport (gRPC, REST shim, tests, harness) calls.
 
 It validates and stores jobs, answers reads from the store, and owns the background tasks: the
-scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. Additions to
-the interface of /work/briefs/service-interface.md: ``model_name`` (what ``model`` must match),
-``queue_depth()`` and ``retry_after_s()``.
+scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. What the
+transports call of it is written down once, as ``ServiceLike`` in engine/api/grpc_service.py;
+beyond that, ``model_name`` (what a request's ``model`` must match), ``queue_depth()`` and
+``retry_after_s()``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
 from engine.metrics import Metrics
@@ -205,6 +207,7 @@ class JobService:
             created_at=self.clock.time(),
             model=model,
         )
+        logs.bind(job_id=job.id)  # the rest of the request's log lines name the job
         sched = self._scheduler
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids

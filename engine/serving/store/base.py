@@ -185,7 +185,6 @@ def open_store(url: str | StoreUrl) -> JobStore:
 
 
 # -- failures: one message for clients, throttled logs, fail fast while the store is down ---------
-UNAVAILABLE_MESSAGE = "the job store is unavailable; retry in a moment"
 RETRY_AFTER_S = 1.0
 PROBE_EVERY_S = 1.0  # how often a store that answers is checked (readiness), off the event loop
 PROBE_DOWN_EVERY_S = 0.25  # ... and one that does not (how soon it is used again)
@@ -201,8 +200,9 @@ class StoreHealth:
     load would otherwise write a line per request), with the store's redacted URL, never the
     client's message or the URL's password."""
 
-    def __init__(self, shown: str, probe: Callable[[], object]) -> None:
+    def __init__(self, shown: str, probe: Callable[[], object], *, what: str = "job store") -> None:
         self.shown = shown
+        self.what = what  # "job store", "key store": what the logs and the 503 name
         self._probe = probe
         self._down_since: float | None = None
         self._logged_at = -math.inf
@@ -221,7 +221,7 @@ class StoreHealth:
 
     def check(self) -> None:
         if self._down_since is not None:
-            raise NotReady(UNAVAILABLE_MESSAGE, retry_after_s=RETRY_AFTER_S)
+            raise NotReady(f"the {self.what} is unavailable; retry in a moment", retry_after_s=RETRY_AFTER_S)
 
     def failed(self, exc: BaseException) -> NotReady:
         """Mark the store down; the NotReady to raise (its message says nothing of the store)."""
@@ -233,14 +233,15 @@ class StoreHealth:
             if now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
                 log.warning(
-                    "the job store %s failed (%d failure(s) so far; %s: %s); calls answer 503 until "
+                    "the %s %s failed (%d failure(s) so far; %s: %s); calls answer 503 until "
                     "it answers again",
+                    self.what,
                     self.shown,
                     self._failures,
                     type(exc).__name__,
                     redact_text(str(exc)),
                 )
-        return NotReady(UNAVAILABLE_MESSAGE, retry_after_s=RETRY_AFTER_S)
+        return NotReady(f"the {self.what} is unavailable; retry in a moment", retry_after_s=RETRY_AFTER_S)
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(PROBE_EVERY_S if self._down_since is None else PROBE_DOWN_EVERY_S):
@@ -253,7 +254,8 @@ class StoreHealth:
             with self._lock:
                 if self._down_since is not None:
                     log.warning(
-                        "the job store %s answers again (down %.1f s)",
+                        "the %s %s answers again (down %.1f s)",
+                        self.what,
                         self.shown,
                         time.monotonic() - self._down_since,
                     )

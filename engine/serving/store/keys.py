@@ -2,7 +2,8 @@
 
 A ``sqlite:///`` URL keeps keys in an ``api_keys`` table of the job database file; a ``redis://``
 URL in the hashes ``<prefix>api_keys`` (id -> record) and ``<prefix>api_key_names`` (name -> id),
-under the same prefix as the jobs (``<prefix>jobs:``). Only digests are stored, never a key
+under the same prefix as the jobs (``<prefix>jobs:``), and there the rate-limit buckets too
+(``<prefix>ratelimit:<owner>``): one bucket per key for every server sharing the store. Only digests are stored, never a key
 (engine.api.auth makes and checks keys). A store failure is NotReady with a generic message; the
 log names the store by its redacted URL.
 """
@@ -50,6 +51,11 @@ class KeyStore(Protocol):
 
     def count(self) -> int: ...
 
+    def take_token(self, owner: str, per_minute: int) -> float | None:
+        """Take one request from the owner's shared rate-limit bucket: 0 when admitted, else the
+        seconds until one is free; None when this store keeps no buckets (one server per store:
+        the process keeps them in memory)."""
+
     def close(self) -> None: ...
 
 
@@ -59,9 +65,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _key_store_errors(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: SqliteKeyStore | RedisKeyStore, *args: Any, **kwargs: Any) -> Any:
+        health = getattr(self, "health", None)
+        if health is not None:
+            health.check()
         try:
             return method(self, *args, **kwargs)
         except self.errors as exc:
+            if health is not None:
+                raise health.failed(exc) from exc
             log.warning(
                 "the key store %s failed (%s: %s)", self.shown, type(exc).__name__, redact_text(str(exc))
             )
@@ -143,23 +154,58 @@ class SqliteKeyStore:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0])
 
+    def take_token(self, owner: str, per_minute: int) -> float | None:
+        return None  # one server per SQLite file: its buckets are in memory
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
 
+# KEYS[1]: the bucket; ARGV: capacity, refill per second. Redis's clock, so that every server
+# sharing the bucket measures time alike. Returns the seconds to wait ("0": admitted), as text
+# (a Lua number would come back truncated to an integer).
+_TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cap = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1]) or cap
+local at = tonumber(b[2]) or now
+tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
 class RedisKeyStore:
-    """Hashes ``<prefix>api_keys`` (id -> record) and ``<prefix>api_key_names`` (name -> id)."""
+    """Hashes ``<prefix>api_keys`` (id -> record) and ``<prefix>api_key_names`` (name -> id),
+    and the shared rate-limit buckets ``<prefix>ratelimit:<owner>``. Like the job store, it
+    fails fast (503) while Redis does not answer, instead of holding the event loop."""
 
     def __init__(self, url: str | StoreUrl) -> None:
+        from engine.serving.store.base import StoreHealth
         from engine.serving.store.redis import connect, redis_errors
 
         parsed = parse_store_url(url)
         self.shown = parsed.redacted
         self.errors = redis_errors()
+        self.prefix = parsed.prefix
         self.keys = parsed.prefix + "api_keys"
         self.names = parsed.prefix + "api_key_names"
         self._r: Any = connect(parsed)
+        self._take = self._r.register_script(_TAKE_TOKEN)
+        self.health = StoreHealth(self.shown, self._r.ping, what="key store")
+        self.health.start()
+
+    @_key_store_errors
+    def take_token(self, owner: str, per_minute: int) -> float | None:
+        wait = self._take(keys=[f"{self.prefix}ratelimit:{owner}"], args=[per_minute, per_minute / 60.0])
+        return float(wait)
 
     @_key_store_errors
     def add(self, stored: StoredKey) -> None:
@@ -198,6 +244,7 @@ class RedisKeyStore:
         return int(self._r.hlen(self.keys))
 
     def close(self) -> None:
+        self.health.stop()
         self._r.close()
 
 
