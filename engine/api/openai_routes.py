@@ -93,6 +93,7 @@ class OpenAIRoutes:
     # ---- the job -----------------------------------------------------------------------------
     async def _generate(self, request: Request, parse: Callable[[dict[str, Any]], OpenAIRequest]) -> Response:
         key = request_key(request)
+        await self.client.authenticate(key)  # 401 before the body is read
         oa = parse(parse_body(await request.body()))
         model_id = await self.served_model()
         submit = engine_pb2.SubmitRequest(

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import InvalidRequest
+from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
 
 DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
 MAX_BEAMS = 16
 MAX_TOP_K = 200
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
