@@ -1,4 +1,4 @@
-"""The REST shim: the seed's submit/poll API (DESIGN.md, "The submit/poll API"), transcoded to the
+"""The REST shim: the seed's submit/poll API (docs/api.md), transcoded to the
 gRPC service through an ``EngineClient`` (in process, or a remote gRPC server).
 
 Every answer that is not a success is the envelope ``{"success": false, "error": {"code",
@@ -187,7 +187,7 @@ def parse_last_event_id(raw: str | None) -> int:
 
 
 async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
-    """The seed stream's events (DESIGN.md, the stream route): one per token with the text it adds
+    """The seed stream's events (docs/api.md, "Streaming"): one per token with the text it adds
     and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
     the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""
     if PB_TO_STATUS[job.status].terminal:
