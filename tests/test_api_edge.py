@@ -26,7 +26,7 @@ from engine.api.openai_routes import mount as mount_openai_routes
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.api.rest import create_app
 from engine.config import Config
-from engine.limits import MAX_ERROR_MESSAGE_CHARS, RequestLimits
+from engine.limits import MAX_ERROR_MESSAGE_CHARS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, RequestLimits
 from engine.metrics import Metrics
 from tests.api_fakes import INFO, FakeStack, free_port, open_stack
 
@@ -240,14 +240,15 @@ async def test_the_largest_valid_request_passes_both_transports(
         "penalty_alpha": 0.6,
         "repetition_penalty": 1.0,
         "no_repeat_ngram_size": 0,
+        "stop": ["😀" * MAX_STOP_LENGTH] * MAX_STOP_SEQUENCES,  # 4 UTF-8 bytes, 12 as JSON escapes
     }
     body = json.dumps({"prompt": prompts, "params": params, "model": "fake/flan-t5"}).encode()
-    assert len(body) > 3 * MiB - 64 * 1024  # near the limit, or this test proves nothing
+    assert len(body) > 0.99 * LIMITS.http_body_bytes  # the limit is tight: this request is at it
     r = await http.post("/v1/submit", content=body, headers={"apiKey": stack.alice})
     assert r.status_code == 200, r.text[:300]
-    job = await stub.Submit(
-        submit(*prompts, model="fake/flan-t5", **params), metadata=(("apikey", stack.bob),)
-    )
+    message = submit(*prompts, model="fake/flan-t5", **params)
+    assert message.ByteSize() > 0.99 * LIMITS.grpc_message_bytes
+    job = await stub.Submit(message, metadata=(("apikey", stack.bob),))
     assert job.num_prompts == LIMITS.max_prompts
     # One byte more in one prompt: refused by the one check, with the limit named.
     over = [*prompts[:-1], prompt + "a"]

@@ -209,7 +209,14 @@ async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> Asy
             if t.finished:
                 data["finish_reason"] = FINISH_NAMES.get(t.finish_reason, "length")
             yield sse_frame(data, event_id=event_id)
-    except ApiFailure as exc:  # the job failed: done carries its status and the reason
+    except ApiFailure as exc:
+        if exc.reply.code == "not_ready":
+            # The server stops before the job ends (it stays queued): no done, which would say the
+            # job is over; the stream just ends, and an EventSource reconnects (to another server,
+            # or this one restarted) with Last-Event-ID after the retry time given here.
+            yield b"retry: 1000\n\n"
+            return
+        # The job failed: done carries its status and the reason.
         yield sse_frame(
             {
                 "id": job.id,

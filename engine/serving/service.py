@@ -19,6 +19,7 @@ from typing import Any
 from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
+from engine.limits import MAX_IDEMPOTENCY_KEY_CHARS
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
@@ -33,14 +34,11 @@ from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-# An Idempotency-Key: what Stripe and the IETF draft allow, bounded (the store keeps it per job).
-IDEMPOTENCY_KEY_MAX_CHARS = 255
-
 
 def check_idempotency_key(key: str) -> None:
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all(" " <= c <= "~" for c in key):
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
         raise InvalidRequest(
-            f"the idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters "
+            f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
             "(a UUID is a good choice)"
         )
 
