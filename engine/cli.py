@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import logs
+from engine._version import __version__
 from engine.errors import EngineError
+from engine.limits import (
+    DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+)
 
 DESCRIPTION = """\
 FLAN-T5 inference engine: quantized CTranslate2 models, contrastive search, dynamic batching,
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face T5/FLAN-T5/mT5 checkpoint to a model folder")
@@ -161,13 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--result-ttl-s", type=float, default=None, help="keep results this long (default 86400)")
     g.add_argument(
-        "--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens (default 512)"
+        "--max-new-tokens-limit",
+        type=int,
+        default=None,
+        help=f"largest max_new_tokens (default {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
+    )
+    g.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=None,
+        help=f"prompts in one request (default {DEFAULT_MAX_PROMPTS_PER_REQUEST})",
+    )
+    g.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=None,
+        help=f"UTF-8 bytes of one prompt; the HTTP body and gRPC message limits follow from it "
+        f"(default {DEFAULT_MAX_PROMPT_BYTES})",
     )
     g.add_argument(
         "--rate-limit-per-minute",
         type=int,
         default=None,
         help="requests per API key per minute, 0 = off (default 600)",
+    )
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="text, or json: one object per line with job_id and key_name where known (default text)",
+    )
+    g.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log one line per HTTP request: method, path, status, duration, job and key name (default off)",
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _environment_help({a.dest for a in p._actions})
@@ -255,7 +291,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import Config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    return serve(Config.build(flags))
+    config = Config.build(flags)
+    logs.configure(config.log_format, verbose=args.verbose)
+    return serve(config)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -263,6 +301,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from engine.config import Config
 
     cfg = Config.build({"store_url": args.store_url})
+    logs.configure(cfg.log_format, verbose=args.verbose)
     return run_keys_command(args, cfg)
 
 
@@ -277,10 +316,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("text", verbose=args.verbose)  # serve and keys switch to the configured format
     try:
         return COMMANDS[args.command](args)
     except EngineError as exc:

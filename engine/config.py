@@ -12,6 +12,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from engine.errors import InvalidRequest
+from engine.limits import (
+    DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    RequestLimits,
+)
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,26 @@ class Config:
     # A lone job waits this long for company when the engine is idle; while the engine is busy,
     # batches fill by themselves. 2 ms keeps the queue path under 5 ms p50 (benchmarks/RESULTS.md).
     max_queue_delay_ms: float = 2.0
-    # limits
-    max_new_tokens_limit: int = 512
-    max_prompts_per_request: int = 64
+    # limits on a request (engine/limits.py: defined there, checked once at the edge)
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # the prompt array's length
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes of one prompt
     rate_limit_per_minute: int = 600  # per API key; 0 disables
+    # logging
+    log_format: str = "text"  # "text" | "json"
+    access_log: bool = False
     # demo fallback / auth
-    allow_demo_model: bool = True
-    auth_disabled: bool = False
+    allow_demo_model: bool = True  # no --model and no model found: serve the random-weight demo model
+    auth_disabled: bool = False  # no API keys: every request is accepted (local experiments only)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The limits the edge checks, and the transports' byte limits derived from them."""
+        return RequestLimits(
+            max_new_tokens=self.max_new_tokens_limit,
+            max_prompts=self.max_prompts_per_request,
+            max_prompt_bytes=self.max_prompt_bytes,
+        )
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -97,6 +116,7 @@ class Config:
             "max_queued_tokens_per_key",
             "max_new_tokens_limit",
             "max_prompts_per_request",
+            "max_prompt_bytes",
             "inter_threads",
         )
         for name in positive:
@@ -107,6 +127,8 @@ class Config:
                 raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_queue_delay_ms < 0 or self.intra_threads < 0 or self.rate_limit_per_minute < 0:
             raise InvalidRequest("max_queue_delay_ms, intra_threads and rate_limit_per_minute must be >= 0")
+        if self.log_format not in ("text", "json"):
+            raise InvalidRequest(f"log_format must be text or json, got {self.log_format!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise InvalidRequest(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("http_port", "grpc_port"):

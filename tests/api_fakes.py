@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -246,8 +247,6 @@ INFO = ServerInfo(
     random_weights=True,
     device="cpu",
     compute_type="int8",
-    max_new_tokens_limit=512,
-    max_prompts_per_request=64,
     auth_required=True,
 )
 
@@ -262,7 +261,9 @@ class FakeStack:
     bob: str
 
 
-def fake_stack(tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs: object) -> FakeStack:
+def fake_stack(
+    tmp_db: str, *, rate_limit_per_minute: int = 0, info: ServerInfo | None = None, **service_kwargs: object
+) -> FakeStack:
     """A servicer over a FakeJobService with two keys, alice and bob, in a SQLite key store."""
     keys = SqliteKeyStore(tmp_db)
     alice = create_key(keys, "alice")
@@ -270,16 +271,16 @@ def fake_stack(tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs:
     metrics = Metrics()
     service = FakeJobService(**service_kwargs)  # type: ignore[arg-type]
     auth = Authenticator(keys, rate_limit_per_minute=rate_limit_per_minute)
-    servicer = EngineServicer(service, auth, INFO, metrics=metrics, decode=fake_decode)
+    servicer = EngineServicer(service, auth, info or INFO, metrics=metrics, decode=fake_decode)
     return FakeStack(service, servicer, metrics, keys, alice, bob)
 
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs: object
+    tmp_db: str, *, rate_limit_per_minute: int = 0, info: ServerInfo | None = None, **service_kwargs: object
 ) -> AsyncIterator[FakeStack]:
     """``fake_stack`` for the length of an ``async with``: its job service and key store closed after."""
-    stack = fake_stack(tmp_db, rate_limit_per_minute=rate_limit_per_minute, **service_kwargs)
+    stack = fake_stack(tmp_db, rate_limit_per_minute=rate_limit_per_minute, info=info, **service_kwargs)
     try:
         yield stack
     finally:
@@ -290,6 +291,8 @@ async def open_stack(
 # ---- a real `engine serve` subprocess for the end-to-end tests ---------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+# The line `engine serve` logs once it serves, in text or JSON format.
+READY = re.compile(r'[ "]ready: ')
 
 
 def free_port() -> int:
@@ -339,13 +342,19 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.0) -> ServerProcess:
-    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line."""
+def start_server(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    timeout_s: float = 120.0,
+    command: Sequence[str] = (sys.executable, "-m", "engine"),
+    environ: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line. ``command`` is
+    how ``engine`` is run (an installed one: ``[".../bin/engine"]``), ``environ`` its environment."""
     http_port, grpc_port = free_port(), free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "engine",
+        *command,
         "serve",
         "--http-port",
         str(http_port),
@@ -353,13 +362,13 @@ def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.
         str(grpc_port),
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env)
     server = ServerProcess(proc, log_path, http_port, grpc_port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if " ready: " in server.log():
+        if READY.search(server.log()):
             return server
         if proc.poll() is not None:
             raise RuntimeError(f"engine serve exited with {proc.returncode}:\n{server.log()}")

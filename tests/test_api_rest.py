@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from engine._version import __version__
 from engine.api.client import InProcessClient
 from engine.api.rest import EngineApp, ResponseResponse, SubmitResponse, create_app
 from tests.api_fakes import FakeStack, open_stack
@@ -308,6 +309,7 @@ async def test_info(http: httpx.AsyncClient) -> None:
     assert info["model"] == "fake/flan-t5"
     assert info["randomWeights"] is True
     assert info["maxNewTokensLimit"] == 512
+    assert info["version"] == __version__  # one version: pyproject reads it, `engine --version` prints it
 
 
 async def test_metrics_count_requests_by_route_template_and_code(

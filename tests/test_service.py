@@ -56,20 +56,14 @@ def test_submit_rejects_bad_requests_with_clear_messages() -> None:
         )
         with pytest.raises(InvalidRequest, match="non-empty list"):
             await svc.submit("a", [], P8)
-        with pytest.raises(InvalidRequest, match="too many prompts: 4, the limit is 3"):
-            await svc.submit("a", ["x"] * 4, P8)
         with pytest.raises(InvalidRequest, match=r"prompt\(s\) \[1\] are not"):
             await svc.submit("a", ["x", 5], P8)  # type: ignore[list-item]
         with pytest.raises(InvalidRequest, match="list of strings"):
             await svc.submit("a", "just a string", P8)
         with pytest.raises(PromptTooLong, match="prompt 1 has 71 tokens, 7 more than"):
             await svc.submit("a", ["ok", "w " * 70], P8)
-        with pytest.raises(InvalidRequest, match="max_new_tokens must be at most 16"):
-            await svc.submit("a", ["x"], DecodingParams(max_new_tokens=17))
-        with pytest.raises(
-            InvalidRequest, match="model 'other' is not served here; this server serves 'flan-small'"
-        ):
-            await svc.submit("a", ["x"], P8, model="other")
+        # The limits (prompt count, max_new_tokens) and the model name are checked once, at the
+        # edge: tests/test_api_edge.py.
         ok = await svc.submit("a", ["x"], P8, model="flan-small")
         assert ok.job.model == "flan-small"
         assert (
@@ -224,7 +218,7 @@ def test_job_timeout_fails_queued_and_running_jobs_with_the_reason() -> None:
         gate.set()  # the engine's late result for the running job is dropped
         await until(lambda: not svc._scheduler.running)  # type: ignore[union-attr]
         assert (await svc.get("a", running.job.id)).job.status is JobStatus.FAILED
-        assert metrics.jobs.labels(status="failed")._value.get() == 2
+        assert metrics.jobs.labels(status="failed", finish_reason="")._value.get() == 2
         await svc.stop()
 
     run(body)
@@ -370,7 +364,10 @@ def test_metrics_are_observed() -> None:
         for v in views:
             await svc.wait("a", v.job.id, 10)
         text = metrics.render().decode()
-        assert 'engine_jobs_total{status="completed"} 3.0' in text
+        assert 'engine_jobs_total{finish_reason="length",status="completed"} 3.0' in text
+        assert "engine_time_to_first_token_seconds_count 3.0" in text
+        assert "engine_prompt_length_tokens_count 6.0" in text
+        assert "engine_generation_length_tokens_sum 48.0" in text
         assert "engine_generated_tokens_total 48.0" in text
         assert "engine_prompt_tokens_total 15.0" in text
         assert "engine_queue_depth 0.0" in text

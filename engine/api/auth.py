@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engine import logs
 from engine.errors import EngineError, InvalidRequest, NotReady, Overloaded, Unauthenticated
 from engine.serving.store.keys import KeyInfo, KeyStore, SqliteKeyStore, StoredKey, open_key_store
 
@@ -91,6 +92,12 @@ class RateLimiter:
             self._buckets[owner] = (tokens - 1.0, now)
 
 
+MISSING_KEY_MESSAGE = (
+    "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
+    "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
+)
+
+
 def rate_limited(per_minute: int, wait_s: float) -> Overloaded:
     return Overloaded(
         f"rate limit of {per_minute} requests per minute for this key reached; retry in {math.ceil(wait_s)} s",
@@ -124,14 +131,12 @@ class Authenticator:
         if self.disabled:
             return ANONYMOUS
         if not api_key:
-            raise Unauthenticated(
-                "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
-                "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
-            )
+            raise Unauthenticated(MISSING_KEY_MESSAGE)
         dig = digest(api_key)
         now = self._clock()
         hit = self._cache.get(dig)
         if hit is not None and now - hit[1] < self._cache_s:
+            logs.bind(key_name=hit[0])  # the request's log lines carry the key's name, never the key
             return hit[0]
         key_id = split_key(api_key)
         stored = None
@@ -151,6 +156,7 @@ class Authenticator:
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[dig] = (stored.info.name, now)
+        logs.bind(key_name=stored.info.name)
         return stored.info.name
 
     def admit(self, owner: str) -> None:

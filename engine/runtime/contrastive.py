@@ -1,6 +1,6 @@
 """Contrastive search (Su et al. 2022) exactly as Transformers 4.55 runs it, with continuous batching.
 
-See CONTRASTIVE.md. Per sequence and step: the processed logits' softmax gives the top k
+See docs/contrastive.md. Per sequence and step: the processed logits' softmax gives the top k
 candidates; ONE decoder step runs every sequence's k candidates against that sequence's shared
 KV cache; each candidate's degeneration penalty is its largest cosine similarity with the
 sequence's context (the final hidden states so far); the best ``(1 - α) p - α penalty`` wins, its

@@ -67,7 +67,10 @@ class BatchLoop(Loop):
                 for rj in batch:
                     await self._run_batch([rj])
                 return
-            log.exception("job %s failed in the engine", batch[0].job.id)
+            job = batch[0].job
+            log.exception(
+                "job %s failed in the engine", job.id, extra={"job_id": job.id, "key_name": job.owner}
+            )
             self.finisher.finish_failed(batch[0], engine_error(exc))
             return
         elapsed = time.perf_counter() - start
@@ -101,6 +104,7 @@ class BatchLoop(Loop):
     def _on_token(self, rows: list[tuple[RunningJob, int]]) -> OnToken:
         forward = self.forwarder.push
         clock = self.clock
+        first_token = self.finisher.first_token
 
         def on_token(index: int, token_id: int) -> bool:
             rj, prompt_index = rows[index]
@@ -109,6 +113,8 @@ class BatchLoop(Loop):
             if rj.stop:
                 rj.stopped_rows.add(prompt_index)
                 return True
+            if not rj.first_token_seen:
+                first_token(rj)
             forward(Row(rj.job.id, prompt_index), token_id)
             return False
 

@@ -238,6 +238,8 @@ class ContinuousLoop(Loop):
             if job is None:
                 continue  # a job that left between steps
             if ev.token_id >= 0:
+                if not job.rj.first_token_seen:
+                    self.finisher.first_token(job.rj)
                 self.events.publish(ev.row, ev.token_id)
             if ev.result is not None:
                 job.results[prompt_index] = ev.result

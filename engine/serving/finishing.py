@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import EngineError
 from engine.metrics import Metrics
-from engine.runtime.result import Result, Usage
+from engine.runtime.result import FinishReason, Result, Usage
 from engine.serving.clock import Clock
 from engine.serving.events import JobEvents, final_events
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
@@ -33,6 +33,7 @@ class RunningJob:
     timed_out: bool = False
     aborted: bool = False  # shutdown: requeue instead of finishing
     stopped_rows: set[int] = field(default_factory=set)  # prompt indexes we told the engine to stop
+    first_token_seen: bool = False  # engine_time_to_first_token_seconds observed
 
     @property
     def stop(self) -> bool:
@@ -59,6 +60,16 @@ def engine_error(exc: BaseException) -> JobError:
     if isinstance(exc, EngineError):
         return JobError(code=exc.code, message=exc.message)
     return JobError(code="job_failed", message=f"the engine failed on this job ({type(exc).__name__}: {exc})")
+
+
+def job_finish_reason(result: JobResult) -> str:
+    """One reason for a job (its prompts may end differently): length if any prompt reached
+    max_new_tokens, else stop if a stop sequence ended one, else eos."""
+    reasons = set(result.finish_reasons)
+    for reason in (FinishReason.LENGTH, FinishReason.STOP):
+        if reason.value in reasons:
+            return reason.value
+    return FinishReason.EOS.value
 
 
 def job_result(results: Sequence[Result]) -> JobResult:
@@ -142,7 +153,12 @@ class Finisher:
             job = rj.job
             self.running.pop(job.id, None)
             if not ok:
-                log.info("dropped a stale result for job %s (attempt %d)", job.id, rj.attempt)
+                log.info(
+                    "dropped a stale result for job %s (attempt %d)",
+                    job.id,
+                    rj.attempt,
+                    extra={"job_id": job.id, "key_name": job.owner},
+                )
                 self.events.finish(job.id)
                 continue
             ended = job.with_status(JobStatus.COMPLETED, finished_at=now, result=result)
@@ -152,10 +168,13 @@ class Finisher:
         if completed:
             # Counters once per batch: every finished batch's clients wait for this loop.
             m = self.metrics
-            m.jobs.labels(status=JobStatus.COMPLETED.value).inc(len(completed))
             m.generated_tokens.inc(sum(r.usage.completion_tokens for _, r in completed))
             m.prompt_tokens.inc(sum(r.usage.prompt_tokens for _, r in completed))
             for job, result in completed:
+                m.job_ended(JobStatus.COMPLETED.value, job_finish_reason(result))
+                for u in result.usages:
+                    m.prompt_length.observe(u.prompt_tokens)
+                    m.generation_length.observe(u.completion_tokens)
                 m.request_latency.observe(max(0.0, now - job.created_at))
                 if result.usage.completion_tokens:
                     m.time_per_output_token.observe(gen_seconds / result.usage.completion_tokens)
@@ -218,8 +237,13 @@ class Finisher:
         self.observe_end(job, JobStatus.CANCELLED, now)
         self.events.finish(job.id)
 
+    def first_token(self, rj: RunningJob) -> None:
+        """The job's first generated token (on any thread: a histogram is thread-safe)."""
+        rj.first_token_seen = True
+        self.metrics.time_to_first_token.observe(max(0.0, self.clock.time() - rj.job.created_at))
+
     def observe_end(self, job: Job, status: JobStatus, now: float) -> None:
-        self.metrics.jobs.labels(status=status.value).inc()
+        self.metrics.job_ended(status.value)
         self.metrics.request_latency.observe(max(0.0, now - job.created_at))
 
     def _running_changed(self) -> None:

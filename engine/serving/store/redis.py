@@ -153,6 +153,9 @@ local f = redis.call('HMGET', j, 'status', 'attempts')
 if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
 local status = ARGV[5] == 'result' and 'completed' or 'failed'
 redis.call('HSET', j, 'status', status, 'finished_at', ARGV[4], ARGV[5], ARGV[6])
+-- An audit count of results written: 1 for every job, however many servers ran it (the soak
+-- benchmark checks it after kill -9s).
+redis.call('HINCRBY', j, 'ends', 1)
 redis.call('ZREM', P..'running', id)
 redis.call('ZADD', P..'done:'..status, ARGV[4], id)
 return 1
