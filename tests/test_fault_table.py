@@ -5,6 +5,7 @@ completed. docs/faults.md is the prose form of this table."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -265,15 +266,23 @@ def test_row_url_options_work_for_every_command(tmp_path: Path, flan_model_dir: 
         redis.stop()
 
 
-def test_row_redis_killed_and_restarted_under_load(
-    redis_proc: RedisProc, tmp_path: Path, flan_model_dir: Path
-) -> None:
-    url = f"{redis_proc.url}?lease_s=2"
+@contextlib.contextmanager
+def serving_under_load(model: Path, url: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, str, Load]]:
+    """A server on ``url`` with a key, and a load that has had 10 jobs accepted: the fault comes next."""
     key = create_key_cli(url, "alice")
-    server = serve(flan_model_dir, url, tmp_path / "server.log")
+    server = serve(model, url, tmp_path / "server.log")
     try:
         load = Load([server], key)
         until(lambda: len(load.accepted) >= 10, "jobs accepted before the fault")
+        yield server, key, load
+    finally:
+        assert server.stop() == 0
+
+
+def test_row_redis_killed_and_restarted_under_load(
+    redis_proc: RedisProc, tmp_path: Path, flan_model_dir: Path
+) -> None:
+    with serving_under_load(flan_model_dir, f"{redis_proc.url}?lease_s=2", tmp_path) as (server, key, load):
         redis_proc.kill()
         assert_outage_seen(server, key)
         redis_proc.start()
@@ -286,17 +295,11 @@ def test_row_redis_killed_and_restarted_under_load(
         metrics = requests.get(f"{server.url}/metrics", timeout=5).text
         assert_no_secret(server.log(), metrics)
         assert set(load.refused) <= {503}, load.refused
-    finally:
-        assert server.stop() == 0
 
 
 def test_row_redis_paused(redis_proc: RedisProc, tmp_path: Path, flan_model_dir: Path) -> None:
     url = f"{redis_proc.url}?lease_s=2&timeout_s=0.5"
-    key = create_key_cli(url, "alice")
-    server = serve(flan_model_dir, url, tmp_path / "server.log")
-    try:
-        load = Load([server], key)
-        until(lambda: len(load.accepted) >= 10, "jobs accepted before the fault")
+    with serving_under_load(flan_model_dir, url, tmp_path) as (server, key, load):
         redis_proc.signal(signal.SIGSTOP)
         try:
             assert_outage_seen(server, key)
@@ -306,18 +309,11 @@ def test_row_redis_paused(redis_proc: RedisProc, tmp_path: Path, flan_model_dir:
         load.stop()
         wait_completed(server, key, list(load.accepted))
         assert_no_secret(server.log())
-    finally:
-        assert server.stop() == 0
 
 
 def test_row_sqlite_locked_by_another_process(tmp_path: Path, flan_model_dir: Path) -> None:
     db = tmp_path / "engine.db"
-    store = f"sqlite:///{db}"
-    key = create_key_cli(store, "alice")
-    server = serve(flan_model_dir, store, tmp_path / "server.log")
-    try:
-        load = Load([server], key)
-        until(lambda: len(load.accepted) >= 10, "jobs accepted before the fault")
+    with serving_under_load(flan_model_dir, f"sqlite:///{db}", tmp_path) as (server, key, load):
         # Another process (a backup, a careless sqlite3 shell) holds the write lock.
         holder = subprocess.Popen(
             [sys.executable, "-c",
@@ -344,8 +340,6 @@ def test_row_sqlite_locked_by_another_process(tmp_path: Path, flan_model_dir: Pa
         until(lambda: len(load.accepted) > accepted_before + 5, "jobs accepted after the lock")
         load.stop()
         wait_completed(server, key, list(load.accepted))
-    finally:
-        assert server.stop() == 0
 
 
 @pytest.fixture
