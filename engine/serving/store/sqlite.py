@@ -223,7 +223,11 @@ class SqliteJobStore(JobStore):
             self.health.start()
 
     def _probe(self) -> None:
-        """On the probe thread: can this store write? (a write lock taken and given back)."""
+        """On the probe thread: can this store write? (a write lock taken and given back). Not
+        while this process's own group of submits holds the lock until its commit, a loop turn
+        later: that wait says nothing about the file, and would mark a busy store down."""
+        if self._group:
+            return
         con = sqlite3.connect(self.path, isolation_level=None, timeout=self._timeout_ms / 1000)
         try:
             con.execute("BEGIN IMMEDIATE")
