@@ -3,7 +3,7 @@
 - The batch loop asks the pure policy (batching.plan_batch) what to run, claims those jobs and
   runs them as one engine call (split into max_batch_size chunks only when one job alone has more
   prompts), then completes, fails or requeues each job.
-- The contrastive loop keeps one engine ``contrastive_batch()`` and, between decoder steps, adds
+- The contrastive loop keeps one engine ``decoder_batch()`` and, between decoder steps, adds
   queued contrastive jobs (up to max_batch_size rows) and removes cancelled or timed-out ones.
 
 Both loops share one EngineWorker, so there is one engine call at a time per device. Token events
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from engine.errors import EngineError, InvalidRequest, Overloaded
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
-from engine.runtime.protocols import ContrastiveBatchLike, EngineLike, OnToken
+from engine.runtime.protocols import DecoderBatchLike, EngineLike, OnToken
 from engine.runtime.result import GenerationRequest, Result, TokenEvent, Usage
 from engine.serving.batching import (
     BatchLimits,
@@ -110,10 +110,10 @@ class Scheduler:
         self.events = events
         self.running: dict[str, RunningJob] = {}
         self.input_ids: dict[str, list[tuple[int, ...]]] = {}  # from submit, saves re-tokenizing
-        self._wake = {Lane.BATCH: asyncio.Event(), Lane.CONTRASTIVE: asyncio.Event()}
+        self._wake = {Lane.BATCH: asyncio.Event(), Lane.DECODER: asyncio.Event()}
         self._claiming = True
         # Per lane: the owner whose job went first last time (the keys' turns rotate from it).
-        self._turn: dict[Lane, str | None] = {Lane.BATCH: None, Lane.CONTRASTIVE: None}
+        self._turn: dict[Lane, str | None] = {Lane.BATCH: None, Lane.DECODER: None}
         self._forwarder = TokenForwarder(asyncio.get_running_loop(), events)
         # The rows in the contrastive decoder, by the id the decoder knows them by (Row.engine_id).
         self._engine_rows: dict[str, Row] = {}
@@ -169,7 +169,7 @@ class Scheduler:
         await self._supervised(Lane.BATCH, self._batch_loop)
 
     async def run_contrastive(self) -> None:
-        await self._supervised(Lane.CONTRASTIVE, self._contrastive_loop)
+        await self._supervised(Lane.DECODER, self._contrastive_loop)
 
     async def _supervised(self, lane: Lane, loop: Callable[[], Awaitable[None]]) -> None:
         """Keep a loop alive through store outages: log, put its jobs back in the queue, retry."""
@@ -396,7 +396,7 @@ class Scheduler:
 
     # -- the contrastive loop --------------------------------------------------------------------
     async def _contrastive_loop(self) -> None:
-        batch: ContrastiveBatchLike | None = None
+        batch: DecoderBatchLike | None = None
         active: dict[str, _ContrastiveJob] = {}
         waiting: list[tuple[Row, GenerationRequest | _Pending]] = []  # claimed rows not in the batch yet
         cancels: list[Row] = []
@@ -408,8 +408,8 @@ class Scheduler:
                 self._engine_rows.clear()
                 if not self._claiming:
                     return
-                if not self.store.queued(Lane.CONTRASTIVE, 1):
-                    await self._sleep(Lane.CONTRASTIVE, IDLE_POLL_S)
+                if not self.store.queued(Lane.DECODER, 1):
+                    await self._sleep(Lane.DECODER, IDLE_POLL_S)
                     continue
             if self._claiming:
                 waiting.extend(self._admit_contrastive(active))
@@ -447,8 +447,8 @@ class Scheduler:
         if free <= 0:
             return []
         chosen: list[QueueEntry] = []
-        queue = self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size))
-        for entry in fair_order(queue, self._turn[Lane.CONTRASTIVE]):
+        queue = self.store.queued(Lane.DECODER, max(64, self.limits.max_batch_size))
+        for entry in fair_order(queue, self._turn[Lane.DECODER]):
             first = rows == 0 and not chosen  # the head always gets in: no starvation
             if not first and (
                 entry.num_prompts > free or tokens + entry.cost_tokens > self.limits.max_batch_tokens
@@ -461,7 +461,7 @@ class Scheduler:
                 break
         if not chosen:
             return []
-        self._turn[Lane.CONTRASTIVE] = chosen[0].owner
+        self._turn[Lane.DECODER] = chosen[0].owner
         costs = {e.job_id: e.cost_tokens for e in chosen}
         adds: list[tuple[Row, GenerationRequest | _Pending]] = []
         for rj in self._claim([e.job_id for e in chosen], self.clock.time()):
@@ -473,13 +473,13 @@ class Scheduler:
 
     def _contrastive_tick(
         self,
-        batch: ContrastiveBatchLike | None,
+        batch: DecoderBatchLike | None,
         adds: list[tuple[Row, GenerationRequest | _Pending]],
         cancels: list[Row],
     ) -> _Tick:
         """On the worker thread: leave, join (rows that do not fit yet wait), one decoder step."""
         if batch is None:
-            batch = self.engine.contrastive_batch()
+            batch = self.engine.decoder_batch()
         for row in cancels:
             batch.cancel(row.engine_id)
         deferred: list[tuple[Row, GenerationRequest | _Pending]] = []
@@ -553,7 +553,7 @@ class Scheduler:
 class _Tick:
     """What one contrastive step on the worker gives back to the loop."""
 
-    batch: ContrastiveBatchLike
+    batch: DecoderBatchLike
     events: list[RowEvent]
     deferred: list[tuple[Row, GenerationRequest | _Pending]]  # rows that did not fit yet
     rejected: dict[Row, EngineError]  # rows the decoder refused: their jobs fail
