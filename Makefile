@@ -3,18 +3,32 @@ PY ?= python3
 VENV := .venv
 REF := .venv-ref
 BIN := $(VENV)/bin
+# `make serve`: the runtime alone (what a wheel of the project pulls). `make test`: plus `dev`.
+RUNTIME_STAMP := $(VENV)/.stamp-runtime
 STAMP := $(VENV)/.stamp-install
 REF_STAMP := $(REF)/.stamp-ref
+ONNX := .venv-onnx
+ONNX_STAMP := $(ONNX)/.stamp-onnx
+# What a (re)install depends on: the build (setup.py generates engine/pb from proto/ and compiles
+# the kernel; pip's isolated build env brings grpcio-tools, the venv never gets it).
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/runtime/*.c engine/runtime/*.h proto/engine/v1/*.proto)
 
-.PHONY: install ref serve test test-cuda lint typecheck proto bench clean system-deps
+.PHONY: install runtime ref onnx serve test test-cuda lint typecheck proto bench clean system-deps
 
-# (Re)install when .venv is missing or pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml setup.py engine/runtime/_qlinear.c engine/runtime/_t5ops.c
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
+
+# Editable, so that a checkout's edits serve at once; the same build as `pip install .`.
+$(RUNTIME_STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
 	$(BIN)/pip install -q -e '.[dev]'
-	$(MAKE) --no-print-directory proto
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+runtime: $(RUNTIME_STAMP)
 
 install: $(STAMP)
 
@@ -27,10 +41,20 @@ $(REF_STAMP): scripts/requirements-ref.txt
 
 ref: $(REF_STAMP)
 
-proto:
+# ONNX Runtime int8, the benchmark suite's peer (optimum export + dynamic quantization): benchmarks
+# only, in its own environment so that neither the runtime's nor the tests' grows.
+$(ONNX_STAMP): scripts/requirements-onnx.txt
+	test -x $(ONNX)/bin/python || $(PY) -m venv $(ONNX)
+	$(ONNX)/bin/pip install -q -r scripts/requirements-onnx.txt
+	touch $(ONNX_STAMP)
+
+onnx: $(ONNX_STAMP)
+
+# By hand after editing proto/ (any pip install of the project does it too).
+proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
-serve: $(STAMP)
+serve: $(RUNTIME_STAMP)
 	$(BIN)/engine serve $(SERVE_ARGS)
 
 # Debian packages that the end-to-end tests drive (browser, promtool, redis); installed once.
@@ -53,8 +77,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP) $(REF_STAMP)
+bench: $(STAMP) $(REF_STAMP) $(ONNX_STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF) engine/pb/engine build *.egg-info
+	rm -rf $(VENV) $(REF) $(ONNX) build dist *.egg-info engine/pb/.proto-sha256
+	find engine/pb -name "*_pb2*" -delete

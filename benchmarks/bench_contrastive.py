@@ -34,7 +34,7 @@ import ctranslate2  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
-from benchmarks.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
+from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime import decoder_batch, qlinear, t5_math  # noqa: E402
 from engine.runtime.decoder_batch import DecoderBatch, run_on_decoder  # noqa: E402
@@ -227,7 +227,7 @@ def main() -> None:
     translator = ctranslate2.Translator(
         str(int8_dir), device="cpu", compute_type="int8", intra_threads=THREADS
     )
-    hf = TransformersTimer(ROOT / ".venv-ref" / "bin" / "python", hf_dir, THREADS)
+    hf = TransformersTimer(hf_dir, THREADS)
     info["transformers_reference"] = hf.info["transformers"]
     # BLAS threads: the runtime's own policy (qlinear.single_threaded_blas); the numpy-only and
     # 1-thread contenders set theirs.
@@ -242,7 +242,7 @@ def main() -> None:
         for b in batches:  # warm-up, untimed
             ours(runtime, data[b][:1])
             ct2_greedy(translator, vocab, data[b][:1], NEW_TOKENS)
-        hf.run(data[1][:1], {**PARAMS, "max_new_tokens": 4, "min_new_tokens": 4})
+        hf.time(data[1][:1], {**PARAMS, "max_new_tokens": 4, "min_new_tokens": 4})
 
         times: dict[tuple[str, int], list[float]] = defaultdict(list)
 
@@ -263,7 +263,7 @@ def main() -> None:
             (OURS, lambda batch: ours(runtime, batch)),
             (OURS_1T, ours_one_thread),
             (OURS_NUMPY, ours_numpy),
-            (HF, lambda batch: hf.run(batch, PARAMS)),
+            (HF, lambda batch: hf.time(batch, PARAMS)),
             (GREEDY, lambda batch: ct2_greedy(translator, vocab, batch, NEW_TOKENS)),
         ]
         if qlinear._AMX:  # side by side: the AMX kernel against the VNNI one it replaced

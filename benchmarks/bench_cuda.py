@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import ctranslate2  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
-from benchmarks.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
+from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
@@ -133,7 +133,11 @@ def main() -> None:
         eager.use_cuda_graphs(False)
         translator = ctranslate2.Translator(str(folder), device="cuda", compute_type="float16")
         vocab = json.loads((folder / "shared_vocabulary.json").read_text())
-        hf = TransformersTimer(args.hf_python, hf_dir, 4, "cuda", "float16") if args.hf_python else None
+        hf = (
+            TransformersTimer(hf_dir, 4, "cuda", "float16", python=Path(args.hf_python))
+            if args.hf_python
+            else None
+        )
         contenders: dict[str, Callable[[list[list[int]]], float]] = {
             OURS: functools.partial(ours, runtime, raw=CONTRASTIVE),
             OURS_EAGER: functools.partial(ours, eager, raw=CONTRASTIVE),
@@ -141,7 +145,7 @@ def main() -> None:
             CT2: functools.partial(ct2_greedy, translator, vocab, new_tokens=NEW_TOKENS),
         }
         if hf is not None:
-            contenders[HF] = functools.partial(hf.run, params=CONTRASTIVE)
+            contenders[HF] = functools.partial(hf.time, params=CONTRASTIVE)
         times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in contenders}
         for b in batches:  # warm-up: kernels compiled, caches and pools filled
             for run in contenders.values():

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import ctranslate2  # noqa: E402
 
 from benchmarks.common import OUT_DIR, interleaved, machine, ratio_median, save_json, table  # noqa: E402
-from benchmarks.contenders import forced_prompts  # noqa: E402
+from benchmarks.suite.contenders import forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime.engine import Engine  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA check as it ran on a lent GPU machine (no network, Python 3.12 with CuPy, torch and
 # Transformers 5.x, no CTranslate2): wheels carried in .whl (ctranslate2) and .whlref
-# (transformers 4.55.4 + its tokenizers and huggingface_hub, for contrastive search), GPU.md's
+# (transformers 4.55.4 + its tokenizers and huggingface_hub, for contrastive search), docs/gpu.md's
 # libcublas.so.12 link, then the CUDA tests (eager and with CUDA graphs) and
 # benchmarks/bench_cuda.py. Output under $OUT (or ./cuda-out). scripts/fetch_gpu_wheels.sh fetches
 # the wheels. About 4 minutes on an H100 with the default BENCH_ARGS.

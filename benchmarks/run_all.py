@@ -8,7 +8,8 @@ as a report. `make bench` runs it (`make bench BENCH_ARGS="--preset full"`).
 Every request asks for a ~100-token prompt and exactly 64 new tokens (min_new_tokens =
 max_new_tokens), on random weights with FLAN-T5's shapes (no download needed). Contenders: our
 server (`engine serve`, REST, closed loop) per target, engine-only (Engine.generate_requests),
-and the baselines: Transformers one request at a time (.venv-ref), CTranslate2 called directly,
+and the baselines: Transformers one request at a time (.venv-ref), ONNX Runtime int8 (.venv-onnx,
+greedy), CTranslate2 called directly,
 and our server at --max-batch-size 1. Output in benchmarks/out/<run-id>/: report.md (summary with
 the issue's targets, tables, floor, plots), summary.json, machine.json, plan.json, runs/*.json,
 plot-<shape>.png, logs/ (the servers' logs). CUDA targets run when CTranslate2 sees a GPU and are skipped with a note otherwise.
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ctranslate2
 
-    from benchmarks.suite.contenders import REF_PYTHON
+    from benchmarks.suite.contenders import ONNX_PYTHON, REF_PYTHON
     from benchmarks.suite.runner import rebuild_report, run
 
     if args.report_from is not None:
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt_tokens=args.prompt_tokens,
             baselines=args.baselines,
             hf_available=REF_PYTHON.is_file(),
+            onnx_available=ONNX_PYTHON.is_file(),
         )
     except EngineError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

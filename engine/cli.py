@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import logs
+from engine._version import __version__
 from engine.errors import EngineError
 
 DESCRIPTION = """\
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face T5/FLAN-T5/mT5 checkpoint to a model folder")
@@ -113,13 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve only the REST shim, forwarding to the gRPC server at HOST:PORT",
     )
     p.add_argument(
-        "--public-url", default=None, help="base URL for responseUrl (default: the request's host)"
+        "--public-url",
+        default=None,
+        help="base URL for responseUrl, e.g. the load balancer's https://api.example.com when several "
+        "replicas share a Redis store behind it (default: the request's host)",
     )
     p.add_argument(
         "--store",
         dest="store_url",
         default=None,
-        help="sqlite:///path/engine.db (default sqlite:///./data/engine.db) or redis://host:port/db",
+        help="sqlite:///path/engine.db (default sqlite:///./data/engine.db; one server per file) or "
+        "redis://[:password@]host:port/db[?prefix=engine:&lease_s=30&timeout_s=1] for several servers",
     )
     _add_runtime_flags(p)
     g = p.add_argument_group("batcher and queue")
@@ -164,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="requests per API key per minute, 0 = off (default 600)",
+    )
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="text, or json: one object per line with job_id and key_name where known (default text)",
+    )
+    g.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log one line per HTTP request: method, path, status, duration, job and key name (default off)",
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _environment_help({a.dest for a in p._actions})
@@ -251,7 +270,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import Config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    return serve(Config.build(flags))
+    config = Config.build(flags)
+    logs.configure(config.log_format, verbose=args.verbose)
+    return serve(config)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -259,6 +280,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from engine.config import Config
 
     cfg = Config.build({"store_url": args.store_url})
+    logs.configure(cfg.log_format, verbose=args.verbose)
     return run_keys_command(args, cfg)
 
 
@@ -273,10 +295,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("text", verbose=args.verbose)  # serve and keys switch to the configured format
     try:
         return COMMANDS[args.command](args)
     except EngineError as exc:

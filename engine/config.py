@@ -59,11 +59,14 @@ class Config:
     max_queue_delay_ms: float = 2.0
     # limits
     max_new_tokens_limit: int = 512
-    max_prompts_per_request: int = 64
+    max_prompts_per_request: int = 64  # prompts in one request (the prompt array's length)
     rate_limit_per_minute: int = 600  # per API key; 0 disables
+    # logging
+    log_format: str = "text"  # "text" | "json"
+    access_log: bool = False
     # demo fallback / auth
-    allow_demo_model: bool = True
-    auth_disabled: bool = False
+    allow_demo_model: bool = True  # no --model and no model found: serve the random-weight demo model
+    auth_disabled: bool = False  # no API keys: every request is accepted (local experiments only)
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -107,6 +110,8 @@ class Config:
                 raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_queue_delay_ms < 0 or self.intra_threads < 0 or self.rate_limit_per_minute < 0:
             raise InvalidRequest("max_queue_delay_ms, intra_threads and rate_limit_per_minute must be >= 0")
+        if self.log_format not in ("text", "json"):
+            raise InvalidRequest(f"log_format must be text or json, got {self.log_format!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise InvalidRequest(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("http_port", "grpc_port"):

@@ -52,9 +52,14 @@ class Overloaded(EngineError):
 
 
 class NotReady(EngineError):
-    """Model not loaded yet, store unreachable, or shutting down (REST 503, gRPC UNAVAILABLE)."""
+    """Model not loaded yet, store unreachable, or shutting down (REST 503, gRPC UNAVAILABLE);
+    ``retry_after_s``, when set, becomes the reply's Retry-After."""
 
     code = "not_ready"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ModelError(EngineError):

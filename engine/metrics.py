@@ -3,7 +3,7 @@ created at start and passed to the layers that observe; ``/metrics`` renders its
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 # Milliseconds to minutes.
 LATENCY_BUCKETS = (
@@ -28,6 +28,7 @@ LATENCY_BUCKETS = (
 )
 PER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
@@ -68,10 +69,40 @@ class Metrics:
         )
         self.generated_tokens = Counter("engine_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.jobs = Counter("engine_jobs", "Jobs finished by final status", ["status"], registry=r)
+        self.jobs = Counter(
+            "engine_jobs",
+            "Jobs finished by final status; completed jobs also by finish_reason: length if a prompt "
+            "reached max_new_tokens, else stop if a stop sequence ended one, else eos",
+            ["status", "finish_reason"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "engine_time_to_first_token_seconds",
+            "Time from submit to the job's first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_length = Histogram(
+            "engine_prompt_length_tokens",
+            "Input tokens per prompt of completed jobs",
+            buckets=LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.generation_length = Histogram(
+            "engine_generation_length_tokens",
+            "Generated tokens per prompt of completed jobs",
+            buckets=LENGTH_BUCKETS,
+            registry=r,
+        )
         self.model_info = Gauge(
             "engine_model_info", "The served model (value 1)", ["model", "device", "compute_type"], registry=r
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux).
+        ProcessCollector(registry=r)
+
+    def job_ended(self, status: str, finish_reason: str = "") -> None:
+        """Count a finished job (``finish_reason`` only for completed ones)."""
+        self.jobs.labels(status=status, finish_reason=finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

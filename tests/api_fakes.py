@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.api.auth import Authenticator, SqliteKeyStore, create_key
+from engine.api.auth import Authenticator, create_key
 from engine.api.grpc_service import EngineServicer, ServerInfo
 from engine.errors import InvalidRequest, NotFound, NotReady, Overloaded, PromptTooLong
 from engine.metrics import Metrics
@@ -29,6 +30,7 @@ from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, Result, Usage
 from engine.serving.events import Row, RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus, JobView, new_job_id
+from engine.serving.store.keys import SqliteKeyStore
 
 
 def fake_decode(ids: Sequence[int]) -> str:
@@ -289,6 +291,8 @@ async def open_stack(
 # ---- a real `engine serve` subprocess for the end-to-end tests ---------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+# The line `engine serve` logs once it serves, in text or JSON format.
+READY = re.compile(r'[ "]ready: ')
 
 
 def free_port() -> int:
@@ -338,13 +342,19 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.0) -> ServerProcess:
-    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line."""
+def start_server(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    timeout_s: float = 120.0,
+    command: Sequence[str] = (sys.executable, "-m", "engine"),
+    environ: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line. ``command`` is
+    how ``engine`` is run (an installed one: ``[".../bin/engine"]``), ``environ`` its environment."""
     http_port, grpc_port = free_port(), free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "engine",
+        *command,
         "serve",
         "--http-port",
         str(http_port),
@@ -352,13 +362,13 @@ def start_server(args: Sequence[str], log_path: Path, *, timeout_s: float = 120.
         str(grpc_port),
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env)
     server = ServerProcess(proc, log_path, http_port, grpc_port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if " ready: " in server.log():
+        if READY.search(server.log()):
             return server
         if proc.poll() is not None:
             raise RuntimeError(f"engine serve exited with {proc.returncode}:\n{server.log()}")

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.api.auth import (
-    Authenticator,
-    RateLimiter,
-    SqliteKeyStore,
-    create_key,
-    digest,
-    open_key_store,
-    split_key,
-)
+from engine.api.auth import Authenticator, RateLimiter, create_key, digest, split_key
 from engine.cli import main
 from engine.errors import InvalidRequest, Overloaded, Unauthenticated
+from engine.serving.store.keys import SqliteKeyStore, open_key_store
 
 
 class FakeClock:
@@ -167,3 +160,26 @@ def test_redis_key_store(tmp_path: Path) -> None:
             Authenticator(store).authenticate(key)
         create_key(store, "alice")  # the name is free again
         store.close()
+
+
+def test_on_redis_one_rate_limit_bucket_per_key_serves_every_server(redis_url: str | None) -> None:
+    if redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import uuid
+
+    url = f"{redis_url}?prefix=rl{uuid.uuid4().hex}:"
+    a, b = open_key_store(url), open_key_store(url)  # two servers' key stores
+    try:
+        key = create_key(a, "alice")
+        replicas = [Authenticator(s, rate_limit_per_minute=4) for s in (a, b)]
+        for i in range(4):  # the bucket holds 4, taken through either server
+            auth = replicas[i % 2]
+            auth.admit(auth.authenticate(key))
+        for auth in replicas:
+            with pytest.raises(Overloaded, match="rate limit of 4 requests per minute") as info:
+                auth.admit("alice")
+            assert 0 < info.value.retry_after_s <= 15
+        replicas[0].admit("bob")  # another key: its own bucket
+    finally:
+        a.close()
+        b.close()

@@ -17,7 +17,8 @@ from engine.metrics import Metrics
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-METRIC = re.compile(r"\bengine_[a-z_]+")
+METRIC = re.compile(r"\b(?:engine|process)_[a-z_]+")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def dashboard() -> dict[str, Any]:
@@ -46,15 +47,33 @@ def test_dashboard_is_importable_as_is() -> None:
     d = dashboard()
     assert d["uid"] and d["title"] and d["schemaVersion"] >= 30
     assert d["id"] is None  # Grafana assigns it on import
-    assert [i["name"] for i in d["__inputs"]] == ["DS_PROMETHEUS"]
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for p in d["panels"]:
-        assert p["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        assert p["datasource"] == DATASOURCE, p["title"]
+        for t in p["targets"]:
+            assert t.get("datasource", DATASOURCE) == DATASOURCE, p["title"]
         assert p["targets"], p["title"]
         assert {"x", "y", "w", "h"} <= set(p["gridPos"])
         for t in p["targets"]:
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+
+
+def test_dashboard_loads_by_file_provisioning() -> None:
+    """No import placeholder (file provisioning cannot fill one): a datasource variable instead,
+    which Grafana sets to the default Prometheus (deploy/grafana/provisioning provides one)."""
+    d = dashboard()
+    assert "__inputs" not in d
+    assert "${DS_" not in DASHBOARD.read_text()
+    (variable,) = [v for v in d["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["name"] == "datasource" and variable["query"] == "prometheus"
+
+
+def test_queue_depth_takes_max_over_replicas() -> None:
+    """Every replica on a shared store reports the shared queue: summing would count it N times."""
+    exprs = dashboard_exprs()
+    assert any(e.startswith("max(engine_queue_depth") for e in exprs), exprs
+    assert not any(re.search(r"\b(sum|avg)\b[^)]*engine_queue_depth", e) for e in exprs), exprs
 
 
 def test_dashboard_covers_what_operators_need() -> None:
@@ -89,3 +108,9 @@ def test_prometheus_config_passes_promtool() -> None:
         [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_process_metrics_are_exported_on_the_servers_registry() -> None:
+    text = Metrics().render().decode()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert f"\n{name} " in text, name

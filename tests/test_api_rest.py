@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from engine._version import __version__
 from engine.api.client import InProcessClient
 from engine.api.rest import EngineApp, ResponseResponse, SubmitResponse, create_app
 from tests.api_fakes import FakeStack, open_stack
@@ -73,6 +74,8 @@ async def test_seed_flow_submit_then_poll(http: httpx.AsyncClient, stack: FakeSt
         "queuePosition": "0",
         "completion": ["BOLOGNESE RECIPE"],
         "usage": {"prompt_tokens": 17, "completion_tokens": 16, "total_tokens": 33},
+        "finishReason": ["eos"],
+        "tokenIds": [[ord(c) for c in "BOLOGNESE RECIPE"]],
     }
 
 
@@ -118,6 +121,8 @@ async def test_queue_position_is_a_string_while_waiting(http: httpx.AsyncClient,
         "queuePosition": "2",
         "completion": None,
         "usage": None,
+        "finishReason": None,
+        "tokenIds": None,
     }
     # The queue holds 3: the next is 429 with Retry-After.
     r = await http.post("/v1/submit", json={"prompt": "x"}, headers=key)
@@ -304,6 +309,7 @@ async def test_info(http: httpx.AsyncClient) -> None:
     assert info["model"] == "fake/flan-t5"
     assert info["randomWeights"] is True
     assert info["maxNewTokensLimit"] == 512
+    assert info["version"] == __version__  # one version: pyproject reads it, `engine --version` prints it
 
 
 async def test_metrics_count_requests_by_route_template_and_code(

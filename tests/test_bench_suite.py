@@ -100,6 +100,27 @@ def test_overrides_and_missing_reference_venv() -> None:
     assert build_plan("quick", cuda_devices=0, baselines=[]).baselines == frozenset()
 
 
+def test_onnxruntime_peer_runs_greedy_at_the_engine_levels_or_is_skipped() -> None:
+    plan = build_plan("quick", cuda_devices=0, baselines=["onnxruntime"])
+    onnx = [j for j in plan.jobs("small") if j.kind is Kind.ONNX]
+    assert {j.strategy.name for j in onnx} == {"greedy"}  # its loop is greedy only
+    assert sorted(j.concurrency for j in onnx) == sorted(plan.engine_concurrency)
+    assert all(j.target is None and j.contender == "onnxruntime int8" for j in onnx)
+    missing = build_plan("quick", cuda_devices=0, baselines=["onnxruntime"], onnx_available=False)
+    assert Kind.ONNX not in missing.baselines
+    assert any(s.what == "onnxruntime baseline" and "make onnx" in s.reason for s in missing.skipped)
+
+
+def test_onnxruntime_speedup_pairs_the_same_concurrency() -> None:
+    ours = Job(Kind.ENGINE, INT8, "small", GREEDY, 16)
+    ms = [
+        measurement(ours, 0, [1.0] * 16, duration=2.0),
+        measurement(Job(Kind.ONNX, None, "small", GREEDY, 16), 0, [1.0] * 16, duration=5.0),
+        measurement(Job(Kind.ONNX, None, "small", GREEDY, 1), 0, [1.0] * 16, duration=50.0),
+    ]
+    assert speedups_for(ours.key, ms).vs_onnxruntime == 2.5
+
+
 def test_rotation_runs_each_job_once_per_round_from_a_different_start() -> None:
     jobs = build_plan("quick", cuda_devices=0).jobs("small")
     orders = [rotated(jobs, r, 3) for r in range(3)]

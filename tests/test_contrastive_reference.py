@@ -1,4 +1,4 @@
-"""Our contrastive search gives Transformers 4.55.4's token ids (CONTRASTIVE.md "What is checked").
+"""Our contrastive search gives Transformers 4.55.4's token ids (docs/contrastive.md, "What is checked").
 
 All reference generations of a model kind run in one subprocess (module-scoped fixture). Where ids
 differ, the reference's own scores at the first differing step must be a near-tie

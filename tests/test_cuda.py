@@ -6,7 +6,7 @@ these tests carry that promise over to the GPU. Skipped where no GPU is seen (CI
 
 float32 on a GPU sums in another order than on the CPU. A contrastive choice may therefore differ
 only where the CPU's two best candidate scores were within NEAR_TIE of each other (the same rule as
-CONTRASTIVE.md's, with a margin for float32 on two devices); anything else is a bug.
+docs/contrastive.md's, with a margin for float32 on two devices); anything else is a bug.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ the same model folder, to the token."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -363,10 +364,13 @@ def test_health_readiness_and_metrics_after_traffic(env: Env) -> None:
         "engine_prompt_tokens_total",
         "engine_jobs_total",
         "engine_model_info",
+        "engine_time_to_first_token_seconds_bucket",
+        "engine_prompt_length_tokens_bucket",
+        "engine_generation_length_tokens_bucket",
     ):
         assert f"\n{name}" in text, name
     assert 'engine_requests_total{code="200",route="/v1/submit"}' in text
-    assert 'engine_jobs_total{status="completed"}' in text
+    assert re.search(r'engine_jobs_total\{finish_reason="(eos|stop|length)",status="completed"\}', text)
     assert 'engine_requests_total{code="OK",route="/engine.v1.Engine/Generate"}' in text
     series = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")

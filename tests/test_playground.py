@@ -123,3 +123,40 @@ def test_readable_on_a_phone(served: tuple[ServerProcess, str], browser: object)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground-phone.png"), full_page=True)
     page.close()
+
+
+def test_the_completion_grows_token_by_token_before_the_job_is_done(
+    served: tuple[ServerProcess, str], browser: object, flan_model_dir: Path
+) -> None:
+    """The page reads the job's event stream: its output shows text while the status is not
+    Done yet, grows in many steps, and ends as the offline engine's text."""
+    server, key = served
+    prompt = "Tell me a long story:"
+    params = {"max_new_tokens": 300, "min_new_tokens": 300, "top_k": 8, "penalty_alpha": 0.6}
+    expected = Engine(flan_model_dir).generate([prompt], **params)[0].text
+    page = browser.new_page(viewport={"width": 1200, "height": 900})  # type: ignore[attr-defined]
+    page.goto(server.url + "/")
+    page.wait_for_selector("#demo-banner:not([hidden])")
+    page.fill("#api-key", key)
+    page.fill("#prompt", prompt)
+    page.evaluate(
+        """(params) => { for (const [name, value] of Object.entries(params))
+             document.getElementById(name).value = String(value); }""",
+        params,
+    )
+    page.evaluate(
+        """() => { window.seen = [];
+        new MutationObserver(() => window.seen.push([
+            document.getElementById('completion').textContent.length,
+            document.getElementById('status').textContent]))
+          .observe(document.getElementById('completion'), {childList: true, characterData: true, subtree: true}); }"""
+    )
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent === 'Done.'", timeout=120_000)
+    assert page.inner_text("#completion") == expected
+    seen = page.evaluate("window.seen")
+    growing = [length for length, status in seen if status != "Done." and length > 0]
+    assert len(set(growing)) >= 10, seen  # many partial outputs shown while it ran
+    assert growing == sorted(growing)
+    assert any(status.startswith("Generating") for _, status in seen), seen
+    page.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.api.auth import Authenticator, SqliteKeyStore, create_key
+from engine.api.auth import Authenticator, create_key
 from engine.api.client import InProcessClient
 from engine.api.grpc_service import EngineServicer
 from engine.api.rest import create_app
@@ -23,6 +23,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.base import JobStore, QueueLoad
+from engine.serving.store.keys import SqliteKeyStore
 from tests.api_fakes import INFO, fake_decode
 from tests.fakes import FakeEngine, fake_tokenize, start_service, until
 from tests.test_store import result

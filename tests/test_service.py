@@ -224,7 +224,7 @@ def test_job_timeout_fails_queued_and_running_jobs_with_the_reason() -> None:
         gate.set()  # the engine's late result for the running job is dropped
         await until(lambda: not svc._scheduler.running)  # type: ignore[union-attr]
         assert (await svc.get("a", running.job.id)).job.status is JobStatus.FAILED
-        assert metrics.jobs.labels(status="failed")._value.get() == 2
+        assert metrics.jobs.labels(status="failed", finish_reason="")._value.get() == 2
         await svc.stop()
 
     run(body)
@@ -370,7 +370,10 @@ def test_metrics_are_observed() -> None:
         for v in views:
             await svc.wait("a", v.job.id, 10)
         text = metrics.render().decode()
-        assert 'engine_jobs_total{status="completed"} 3.0' in text
+        assert 'engine_jobs_total{finish_reason="length",status="completed"} 3.0' in text
+        assert "engine_time_to_first_token_seconds_count 3.0" in text
+        assert "engine_prompt_length_tokens_count 6.0" in text
+        assert "engine_generation_length_tokens_sum 48.0" in text
         assert "engine_generated_tokens_total 48.0" in text
         assert "engine_prompt_tokens_total 15.0" in text
         assert "engine_queue_depth 0.0" in text

@@ -7,8 +7,12 @@ answers (a contender that generated fewer tokens than asked shows it; nothing is
   benchmarks/loadgen.py's closed loop, ``concurrency`` clients.
 - ``EngineOnly``: ``Engine.generate_requests`` in this process, ``concurrency`` requests per call.
 - ``Ct2Direct``: ``ctranslate2.Translator.translate_batch`` with the options the engine passes.
-- ``Transformers``: generate() in a .venv-ref subprocess (hf_timer.py), one request at a time,
-  float32 on CPU, with the faster of 1 and all cores as torch's thread count (``pick_threads``).
+- ``TransformersTimer``: generate() in a .venv-ref subprocess (benchmarks/hf_timer.py), one request
+  at a time, float32 on CPU, with the faster of 1 and all cores as torch's thread count
+  (``pick_threads``); bench_contrastive.py and bench_cuda.py time whole batches with it (``time``).
+- ``OnnxRuntimeTimer``: ONNX Runtime int8 in a .venv-onnx subprocess (benchmarks/onnx_timer.py),
+  greedy only, in its own KV-cached loop.
+Also the inputs the single-figure benchmarks share: ``forced_prompts`` and ``ct2_greedy``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from benchmarks.common import cores
 from benchmarks.suite.matrix import Target
 from benchmarks.suite.workloads import Prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
-HF_TIMER = ROOT / "benchmarks" / "suite" / "hf_timer.py"
+HF_TIMER = ROOT / "benchmarks" / "hf_timer.py"
+ONNX_PYTHON = ROOT / ".venv-onnx" / "bin" / "python"
+ONNX_TIMER = ROOT / "benchmarks" / "onnx_timer.py"
 
 
 @dataclass(frozen=True)
@@ -208,59 +217,62 @@ class Ct2Direct:
         return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
 
 
-# ---------------------------------------------------------------------------------- Transformers
-class Transformers:
-    """Transformers 4.55.x (.venv-ref) kept alive in a subprocess so its runs interleave with ours."""
+# ---------------------------------------------------------------------------------- timers
+class _Timer:
+    """A generate loop in another Python, kept alive so that its runs interleave with ours: JSON
+    lines over stdin/stdout (benchmarks/hf_timer.py and onnx_timer.py; their docstrings give the
+    protocol). The first line it writes describes it (``info``)."""
 
-    def __init__(self, hf_dir: Path) -> None:
-        if not REF_PYTHON.is_file():
-            raise RuntimeError(f"{REF_PYTHON} is missing: run `make ref` for the Transformers baseline")
-        self.proc = subprocess.Popen(
-            [str(REF_PYTHON), str(HF_TIMER), str(hf_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    def __init__(self, command: Sequence[str], name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
-        self.threads = int(self.info["threads"])
-        self.thread_trials: dict[int, float] = {}
+        self.threads: int | None = self.info.get("threads")
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the Transformers timer ({HF_TIMER.name}) exited; see its stderr above")
+            raise RuntimeError(f"the {self.name} timer exited; see its stderr above")
         out: dict[str, Any] = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"the {self.name} timer: {out['error']}")
         return out
 
-    def _call(self, ids: Sequence[int], params: dict[str, Any], threads: int) -> tuple[float, int]:
+    def call(
+        self, batch: Sequence[Sequence[int]], params: dict[str, Any], threads: int | None = None
+    ) -> tuple[float, list[int]]:
+        """Seconds for one generate call on ``batch`` and each row's new-token count."""
         assert self.proc.stdin is not None
-        request = {"input_ids": [list(ids)], "params": params, "threads": threads}
+        request: dict[str, Any] = {"input_ids": [list(ids) for ids in batch], "params": params}
+        if threads is not None:
+            request["threads"] = threads
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = self._read()
-        return float(answer["seconds"]), int(answer["lengths"][0])
+        return float(answer["seconds"]), [int(n) for n in answer["lengths"]]
 
-    def pick_threads(
-        self, ids: Sequence[int], params: dict[str, Any], choices: Sequence[int], tries: int = 2
-    ) -> int:
-        """Keep the thread count that runs ``params`` fastest (best of ``tries`` each)."""
-        for threads in dict.fromkeys(choices):
-            self.thread_trials[threads] = min(self._call(ids, params, threads)[0] for _ in range(tries))
-        self.threads = min(self.thread_trials, key=lambda t: self.thread_trials[t])
-        return self.threads
+    def time(self, batch: Sequence[Sequence[int]], params: dict[str, Any]) -> float:
+        """Seconds for one call whose every row must get exactly max_new_tokens (forced lengths)."""
+        seconds, lengths = self.call(batch, params, self.threads)
+        if any(n != params["max_new_tokens"] for n in lengths):
+            raise RuntimeError(
+                f"the {self.name} timer generated {lengths} tokens, not {params['max_new_tokens']}"
+            )
+        return seconds
 
     def run(
         self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
     ) -> CellResult:
-        del concurrency  # one at a time: that is the baseline
+        """The suite's cell: one request at a time (that is how these baselines serve)."""
+        del concurrency
         latencies: list[float] = []
         tokens = 0
         start = time.perf_counter()
         for i in range(requests):
-            seconds, generated = self._call(prompts[i % len(prompts)].ids, params, self.threads)
+            seconds, lengths = self.call([prompts[i % len(prompts)].ids], params, self.threads)
             latencies.append(seconds)
-            tokens += generated
+            tokens += lengths[0]
         return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
 
     def stop(self) -> None:
@@ -273,3 +285,79 @@ class Transformers:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+    close = stop
+
+
+class TransformersTimer(_Timer):
+    """Transformers 4.55.x (.venv-ref) generate(): float32 on CPU unless told otherwise."""
+
+    def __init__(
+        self,
+        hf_dir: Path,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        python: Path = REF_PYTHON,
+    ) -> None:
+        if not python.is_file():
+            raise RuntimeError(f"{python} is missing: run `make ref` for the Transformers baseline")
+        args = [str(python), str(HF_TIMER), str(hf_dir)]
+        if threads is not None or device != "cpu" or dtype != "float32":
+            args += [str(threads if threads is not None else cores()), device, dtype]
+        super().__init__(args, "Transformers")
+        self.thread_trials: dict[int, float] = {}
+
+    def pick_threads(
+        self, ids: Sequence[int], params: dict[str, Any], choices: Sequence[int], tries: int = 2
+    ) -> int:
+        """Keep the thread count that runs ``params`` fastest (best of ``tries`` each)."""
+        for threads in dict.fromkeys(choices):
+            self.thread_trials[threads] = min(self.call([ids], params, threads)[0] for _ in range(tries))
+        self.threads = min(self.thread_trials, key=lambda t: self.thread_trials[t])
+        return self.threads
+
+
+class OnnxRuntimeTimer(_Timer):
+    """ONNX Runtime int8 (.venv-onnx, `make onnx`): the same checkpoint exported with optimum and
+    quantized dynamically, greedy in its own KV-cached loop (benchmarks/onnx_timer.py)."""
+
+    def __init__(self, hf_dir: Path, threads: int, work_dir: Path, python: Path = ONNX_PYTHON) -> None:
+        if not python.is_file():
+            raise RuntimeError(f"{python} is missing: run `make onnx` for the ONNX Runtime peer")
+        super().__init__(
+            [str(python), str(ONNX_TIMER), str(hf_dir), str(work_dir), str(threads)], "ONNX Runtime"
+        )
+
+    def run(
+        self, prompts: Sequence[Prompt], params: dict[str, Any], requests: int, concurrency: int
+    ) -> CellResult:
+        """The suite's cell: ``concurrency`` requests per call, as Ct2Direct and EngineOnly."""
+        latencies: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for chunk in _chunks(requests, concurrency):
+            seconds, lengths = self.call([prompts[i % len(prompts)].ids for i in chunk], params)
+            latencies += [seconds] * len(chunk)
+            tokens += sum(lengths)
+        return CellResult(tuple(latencies), time.perf_counter() - start, tokens, ())
+
+
+# ---------------------------------------------------------------------------------- inputs
+def forced_prompts(batch: int, tokens: int) -> list[list[int]]:
+    """``batch`` prompts of ``tokens`` ids (EOS last), the same for a given batch size."""
+    rng = np.random.default_rng(batch)
+    return [[*(int(i) for i in rng.integers(3, 30000, size=tokens - 1)), 1] for _ in range(batch)]
+
+
+def ct2_greedy(translator: Any, vocab: list[str], batch: list[list[int]], new_tokens: int) -> float:
+    """Seconds for CTranslate2 greedy with exactly ``new_tokens`` tokens per row."""
+    source = [[vocab[i] for i in ids] for ids in batch]
+    start = time.perf_counter()
+    out = translator.translate_batch(
+        source, beam_size=1, max_decoding_length=new_tokens, min_decoding_length=new_tokens
+    )
+    seconds = time.perf_counter() - start
+    if not all(len(r.hypotheses[0]) == new_tokens for r in out):
+        raise RuntimeError("CTranslate2 did not generate the forced number of tokens")
+    return seconds

@@ -146,26 +146,32 @@ class Speedups:
     vs_transformers: float | None
     vs_ctranslate2: float | None
     vs_server_b1: float | None
+    vs_onnxruntime: float | None = None
 
 
 def speedups_for(key: str, measurements: Sequence[Measurement]) -> Speedups:
     """Speedups of the contender ``key`` over each baseline that handled the same requests:
     Transformers one at a time (same shape and strategy), CTranslate2 direct and the server at
-    --max-batch-size 1 (same target and concurrency)."""
+    --max-batch-size 1 (same target and concurrency), ONNX Runtime int8 (same concurrency: it runs
+    c requests per call)."""
     mine = [m for m in measurements if m.key == key]
     if not mine:
         raise KeyError(f"no measurement of {key!r}")
     me = mine[0]
 
-    def of(kind: Kind, same_target: bool) -> float | None:
+    def of(kind: Kind, same_target: bool, same_concurrency: bool | None = None) -> float | None:
+        same_concurrency = same_target if same_concurrency is None else same_concurrency
         base = [
             m
             for m in measurements
             if m.kind is kind
             and m.shape == me.shape
             and m.strategy == me.strategy
-            and (not same_target or (m.target == me.target and m.concurrency == me.concurrency))
+            and (not same_target or m.target == me.target)
+            and (not same_concurrency or m.concurrency == me.concurrency)
         ]
         return speedup(mine, base) if base else None
 
-    return Speedups(of(Kind.HF, False), of(Kind.CT2, True), of(Kind.SERVER_B1, True))
+    return Speedups(
+        of(Kind.HF, False), of(Kind.CT2, True), of(Kind.SERVER_B1, True), of(Kind.ONNX, False, True)
+    )

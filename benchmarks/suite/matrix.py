@@ -28,14 +28,24 @@ class Kind(Enum):
     ENGINE = "engine-only"  # Engine.generate_requests in this process, c requests per call
     CT2 = "ctranslate2"  # ctranslate2.Translator.translate_batch, no engine code at all
     HF = "transformers"  # Transformers' generate() in .venv-ref, one request at a time
+    # ONNX Runtime int8 (optimum export, dynamic quantization) in .venv-onnx, its own KV-cached
+    # greedy loop, c requests per call: the peer CPU users pick for fast T5.
+    ONNX = "onnxruntime int8"
 
     @property
     def is_baseline(self) -> bool:
-        return self in (Kind.SERVER_B1, Kind.CT2, Kind.HF)
+        return self in (Kind.SERVER_B1, Kind.CT2, Kind.HF, Kind.ONNX)
 
 
 # The baselines' names on the command line (--baselines).
-BASELINES: dict[str, Kind] = {"server-b1": Kind.SERVER_B1, "ctranslate2": Kind.CT2, "transformers": Kind.HF}
+BASELINES: dict[str, Kind] = {
+    "server-b1": Kind.SERVER_B1,
+    "ctranslate2": Kind.CT2,
+    "transformers": Kind.HF,
+    "onnxruntime": Kind.ONNX,
+}
+# What the ONNX Runtime peer runs (its loop is greedy only).
+ONNX_STRATEGIES = ("greedy",)
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ class Job:
     """One thing timed in a round: who (kind, target) handles which cell."""
 
     kind: Kind
-    target: Target | None  # None for Transformers (its own float32 CPU run)
+    target: Target | None  # None for Transformers and ONNX Runtime (their own models, on CPU)
     shape: str
     strategy: Strategy
     concurrency: int
@@ -188,6 +198,9 @@ class Plan:
                         out.append(Job(Kind.CT2, target, shape, strategy, c))
                 if Kind.SERVER_B1 in self.baselines and c in self.b1_concurrency:
                     out.append(Job(Kind.SERVER_B1, self.b1_target, shape, strategy, c))
+                onnx = Kind.ONNX in self.baselines and strategy.name in ONNX_STRATEGIES
+                if onnx and c in self.engine_concurrency:
+                    out.append(Job(Kind.ONNX, None, shape, strategy, c))
             if Kind.HF in self.baselines and strategy in self.hf_strategies:
                 out.append(Job(Kind.HF, None, shape, strategy, 1))
         return out
@@ -218,6 +231,7 @@ def build_plan(
     prompt_tokens: int = 100,
     baselines: Sequence[str] | None = None,
     hf_available: bool = True,
+    onnx_available: bool = True,
 ) -> Plan:
     """The plan for ``preset`` with the given overrides. ``cuda_devices`` is what CTranslate2 sees
     (``ctranslate2.get_cuda_device_count()``); CUDA targets are skipped, with a note, when it is 0."""
@@ -263,6 +277,9 @@ def build_plan(
     if Kind.HF in chosen and not hf_available:
         chosen.discard(Kind.HF)
         skipped.append(Skipped("transformers baseline", "no .venv-ref (run `make ref`)"))
+    if Kind.ONNX in chosen and not onnx_available:
+        chosen.discard(Kind.ONNX)
+        skipped.append(Skipped("onnxruntime baseline", "no .venv-onnx (run `make onnx`)"))
 
     def within(levels_of_preset: tuple[int, ...] | None) -> tuple[int, ...]:
         if levels_of_preset is None:

@@ -2,7 +2,7 @@
 
 One figure per shape: a column per strategy, latency on top, tokens/s below. Our server's targets
 are solid lines; engine-only dashed; the server at --max-batch-size 1 and CTranslate2 direct
-dotted; Transformers (one request at a time, so no concurrency) a horizontal grey line.
+dotted; ONNX Runtime int8 (greedy, c requests per call) dash-dotted; Transformers (one request at a time, so no concurrency) a horizontal grey line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.suite.figures import Figures, Measurement, aggregate
 from benchmarks.suite.matrix import Kind, Plan
 
-STYLE = {Kind.SERVER: "-", Kind.ENGINE: "--", Kind.SERVER_B1: ":", Kind.CT2: ":"}
+STYLE = {Kind.SERVER: "-", Kind.ENGINE: "--", Kind.SERVER_B1: ":", Kind.CT2: ":", Kind.ONNX: "-."}
 
 
 def plot_shape(plan: Plan, shape: str, measurements: Sequence[Measurement], path: Path) -> Path:

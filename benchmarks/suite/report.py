@@ -131,6 +131,7 @@ def cell_table(
                 _x(s.vs_transformers) if f.kind is not Kind.HF else "1.00x",
                 _x(s.vs_ctranslate2) if f.kind in (Kind.SERVER, Kind.ENGINE) else "",
                 _x(s.vs_server_b1) if f.kind in (Kind.SERVER, Kind.ENGINE) else "",
+                _x(s.vs_onnxruntime) if f.kind in (Kind.SERVER, Kind.ENGINE) else "",
                 floor_pct,
             ]
         )
@@ -147,6 +148,7 @@ def cell_table(
         "vs Transformers",
         "vs CTranslate2",
         "vs server b1",
+        "vs ONNX Runtime int8",
         "of floor",
     ]
     return table(headers, rows)
@@ -281,6 +283,7 @@ def figures_json(measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
                 "vs_transformers": s.vs_transformers,
                 "vs_ctranslate2": s.vs_ctranslate2,
                 "vs_server_b1": s.vs_server_b1,
+                "vs_onnxruntime": s.vs_onnxruntime,
             }
         )
     return out

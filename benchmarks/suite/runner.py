@@ -60,15 +60,19 @@ def open_contenders(
     """Every contender the jobs need, started once; servers and subprocesses stopped on the way out."""
     opened: dict[tuple[Kind, str | None], Contender] = {}
     servers: list[tuple[str, c.Server]] = []
-    hf: c.Transformers | None = None
+    timers: list[c.TransformersTimer | c.OnnxRuntimeTimer] = []
     try:
         for job in jobs:
             who = _who(job)
             if who in opened:
                 continue
             if job.kind is Kind.HF:
-                hf = c.Transformers(models.hf_dir)
-                opened[who] = hf
+                timers.append(c.TransformersTimer(models.hf_dir))
+                opened[who] = timers[-1]
+                continue
+            if job.kind is Kind.ONNX:
+                timers.append(c.OnnxRuntimeTimer(models.hf_dir, cores(), models.hf_dir.parent / "onnx"))
+                opened[who] = timers[-1]
                 continue
             assert job.target is not None
             folder = models.folder(job.target.model_quantization)
@@ -88,8 +92,8 @@ def open_contenders(
             tail = server.log_tail()
             if server.stop(keep_log=logs / f"{name}.log") != 0:
                 print(f"a server exited with an error; its log ends with:\n{tail}", flush=True)
-        if hf is not None:
-            hf.stop()
+        for timer in timers:
+            timer.stop()
 
 
 def only_running(
@@ -162,7 +166,7 @@ def run(
                 bar.set_description(f"{shape}: warm-up")
                 warmed: set[tuple[tuple[Kind, str | None], str]] = set()
                 hf = opened.get((Kind.HF, None))
-                if isinstance(hf, c.Transformers):
+                if isinstance(hf, c.TransformersTimer):
                     probe = STRATEGIES["greedy"].request_params(THREAD_PROBE_TOKENS)
                     hf.pick_threads(prompts[0].ids, probe, (1, cores()))
                     trials = ", ".join(

@@ -7,7 +7,7 @@ Both clients speak the service's protobuf messages and raise ``ApiFailure`` with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -26,6 +26,19 @@ class EngineClient(Protocol):
     async def get_result(self, api_key: str | None, request: Any) -> Any: ...
 
     async def cancel(self, api_key: str | None, request: Any) -> Any: ...
+
+    async def generate(self, api_key: str | None, request: Any) -> Any:
+        """Submit and wait for the terminal job; cancelling the call cancels the job."""
+        ...
+
+    def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        """Submit and stream (GenerateStreamResponse messages); closing the stream early cancels
+        the job."""
+        ...
+
+    def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        """Stream a job submitted earlier; closing the stream leaves the job running."""
+        ...
 
     async def info(self) -> Any: ...
 
@@ -58,6 +71,26 @@ class InProcessClient:
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._servicer.cancel, api_key, request)
 
+    async def generate(self, api_key: str | None, request: Any) -> Any:
+        return await self._call(self._servicer.generate, api_key, request)
+
+    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        async for message in self._stream(self._servicer.generate_stream(api_key, request)):
+            yield message
+
+    async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        async for message in self._stream(self._servicer.stream_result(api_key, request)):
+            yield message
+
+    async def _stream(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for message in messages:
+                yield message
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
+        finally:
+            await messages.aclose()  # type: ignore[attr-defined]
+
     async def info(self) -> Any:
         return await self._call(self._servicer.server_info, None, engine_pb2.InfoRequest())
 
@@ -79,7 +112,7 @@ class RemoteClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _call(
-        self, method: Any, api_key: str | None, request: Any, timeout_s: float, *extra: tuple[str, str]
+        self, method: Any, api_key: str | None, request: Any, timeout_s: float | None, *extra: tuple[str, str]
     ) -> Any:
         metadata = (((API_KEY_METADATA, api_key),) if api_key else ()) + extra
         try:
@@ -99,6 +132,31 @@ class RemoteClient:
 
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._stub.Cancel, api_key, request, self._timeout_s)
+
+    async def generate(self, api_key: str | None, request: Any) -> Any:
+        # It waits for the whole job: no deadline beyond the server's own job timeout.
+        return await self._call(self._stub.Generate, api_key, request, None)
+
+    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        async for message in self._stream(self._stub.GenerateStream, api_key, request):
+            yield message
+
+    async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        async for message in self._stream(self._stub.StreamResult, api_key, request):
+            yield message
+
+    async def _stream(self, method: Any, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        metadata = ((API_KEY_METADATA, api_key),) if api_key else ()
+        call = method(request, metadata=metadata)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            pairs: Any = exc.trailing_metadata() or ()
+            trailers = {str(k): v for k, v in pairs if isinstance(v, str)}
+            raise ApiFailure(reply_for_rpc_error(exc.code(), exc.details(), trailers)) from exc
+        finally:
+            call.cancel()  # a no-op once the call has ended; else the server sees it go away
 
     async def info(self) -> Any:
         return await self._call(self._stub.Info, None, engine_pb2.InfoRequest(), self._timeout_s)

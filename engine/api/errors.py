@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.errors import EngineError, Overloaded
+from engine.errors import EngineError, NotReady, Overloaded
 from engine.serving.jobs import JobError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def reply_for_exception(exc: BaseException) -> ErrorReply:
     if isinstance(exc, ApiFailure):
         return exc.reply
     if isinstance(exc, EngineError):
-        retry = exc.retry_after_s if isinstance(exc, Overloaded) else None
+        retry = exc.retry_after_s if isinstance(exc, Overloaded | NotReady) else None
         return reply_for_code(exc.code, exc.message, retry)
     log.error("internal error", exc_info=exc)
     return reply_for_code("internal", "internal server error; the server log has the details")

@@ -27,7 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine import logs
+from engine._version import __version__
 from engine.api.auth import Authenticator
+from engine.api.deltas import Decode, TextDeltas
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.errors import InvalidRequest, NotReady
@@ -45,8 +48,6 @@ API_KEY_METADATA = "apikey"
 # and idempotency key answer the job the first call made (JobService.submit).
 IDEMPOTENCY_METADATA = "idempotency-key"
 MAX_WAIT_S = 30.0
-
-Decode = Callable[[Sequence[int]], str]
 
 STATUS_TO_PB = {
     JobStatus.QUEUED: engine_pb2.JOB_STATUS_QUEUED,
@@ -170,6 +171,12 @@ def job_to_pb(view: JobView, served_model: str = "") -> Any:
         msg.result.usage.prompt_tokens = r.usage.prompt_tokens
         msg.result.usage.completion_tokens = r.usage.completion_tokens
         msg.result.usage.total_tokens = r.usage.total_tokens
+        for u in r.usages:
+            msg.result.usages.add(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.total_tokens,
+            )
         for reason in r.finish_reasons:
             known = _finish_reason(reason)
             msg.result.finish_reasons.append(
@@ -186,33 +193,6 @@ def _finish_reason(value: str) -> FinishReason | None:
         return FinishReason(value)
     except ValueError:
         return None
-
-
-class _TextStream:
-    """Incremental detokenization: the text each new token adds. Sentencepiece can change earlier
-    characters (byte pieces that complete a UTF-8 sequence), so text is only released once the
-    decoded prefix is stable; the final result's text flushes the rest."""
-
-    def __init__(self, decode: Decode | None) -> None:
-        self._decode = decode
-        self._ids: list[int] = []
-        self._sent = ""
-
-    def push(self, token_id: int) -> str:
-        if self._decode is None:
-            return ""
-        self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd") or not text.startswith(self._sent):
-            return ""
-        delta, self._sent = text[len(self._sent) :], text
-        return delta
-
-    def finish(self, final_text: str) -> str:
-        if self._decode is None or not final_text.startswith(self._sent):
-            return ""
-        delta, self._sent = final_text[len(self._sent) :], final_text
-        return delta
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
@@ -272,18 +252,36 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         job_id = view.job.id
         yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
         async with self._cancel_on_disconnect(owner, job_id):
-            texts = [_TextStream(self._decode) for _ in prompts]
-            async for event in self.service.stream(owner, job_id):
-                index = event.row.prompt_index
-                token = engine_pb2.TokenEvent(job_id=job_id, prompt_index=index, token_id=event.token_id)
-                if event.token_id >= 0:
-                    token.text = texts[index].push(event.token_id)
-                if event.result is not None:
-                    token.text += texts[index].finish(event.result.text)
-                    token.finished = True
-                    token.finish_reason = FINISH_TO_PB[event.result.finish_reason]
-                yield engine_pb2.GenerateStreamResponse(token=token)
-            view = await self.service.wait(owner, job_id)
+            async for message in self._tokens_then_job(owner, view.job):
+                yield message
+
+    async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+        owner = self.auth.authenticate(api_key)
+        view = await self.service.get(owner, _job_id(request.id))
+        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+        if view.job.status.terminal:
+            return
+        async for message in self._tokens_then_job(owner, view.job):
+            yield message
+
+    async def _tokens_then_job(self, owner: str, job: Job) -> AsyncIterator[Any]:
+        """The job's token events with the text each adds, then the terminal job (a failed job
+        raises its error instead)."""
+        decode = self._decode
+        texts = [TextDeltas(decode, job.params.stop) if decode is not None else None for _ in job.prompts]
+        async for event in self.service.stream(owner, job.id):
+            index = event.row.prompt_index
+            deltas = texts[index]
+            token = engine_pb2.TokenEvent(job_id=job.id, prompt_index=index, token_id=event.token_id)
+            if event.token_id >= 0 and deltas is not None:
+                token.text = deltas.push(event.token_id)
+            if event.result is not None:
+                if deltas is not None:
+                    token.text += deltas.finish(event.result.text)
+                token.finished = True
+                token.finish_reason = FINISH_TO_PB[event.result.finish_reason]
+            yield engine_pb2.GenerateStreamResponse(token=token)
+        view = await self.service.wait(owner, job.id)
         if view.job.status is JobStatus.FAILED:
             raise ApiFailure(reply_for_job_error(view.job.error))
         yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
@@ -299,6 +297,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             max_prompts_per_request=i.max_prompts_per_request,
             auth_required=i.auth_required,
             ready=self.service.ready,
+            version=__version__,
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:
@@ -337,16 +336,31 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def Info(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._unary("Info", self.server_info, request, context)
 
+    # grpc.aio takes a streaming handler only if it is an async generator function itself.
     async def GenerateStream(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        messages = self.generate_stream(_api_key(context), request)
+        async for message in self._streaming("GenerateStream", messages, context):
+            yield message
+
+    async def StreamResult(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        messages = self.stream_result(_api_key(context), request)
+        async for message in self._streaming("StreamResult", messages, context):
+            yield message
+
+    async def _streaming(
+        self, method: str, messages: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
-            async for message in self.generate_stream(_api_key(context), request):
+            async for message in messages:
                 yield message
         except Exception as exc:
-            await self._abort("GenerateStream", exc, context)
+            await self._abort(method, exc, context)
         else:
-            self._observe("GenerateStream", grpc.StatusCode.OK)
+            self._observe(method, grpc.StatusCode.OK)
 
     async def _unary(
         self,
@@ -406,6 +420,7 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | N
 def _job_id(raw: str) -> str:
     if not raw:
         raise InvalidRequest("id is required: the job id that Submit returned")
+    logs.bind(job_id=raw)
     return raw
 
 

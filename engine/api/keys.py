@@ -6,9 +6,10 @@ import argparse
 import datetime as dt
 import sys
 
-from engine.api.auth import create_key, open_key_store
+from engine.api.auth import create_key
 from engine.config import Config
 from engine.errors import NotFound
+from engine.serving.store.keys import open_key_store
 
 
 def run_keys_command(args: argparse.Namespace, cfg: Config) -> int:

@@ -9,7 +9,7 @@ internal errors (logged, never shown).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine._version import __version__
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
-from engine.api.grpc_service import MAX_WAIT_S, PB_TO_STATUS, params_to_struct
+from engine.api.grpc_service import FINISH_TO_PB, MAX_WAIT_S, PB_TO_STATUS, params_to_struct
 from engine.api.pb import engine_pb2
+from engine.api.sse import EventStream, sse_frame
 from engine.errors import EngineError, InvalidRequest
 from engine.metrics import Metrics
 from engine.serving.jobs import JobError, JobStatus
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
 MAX_BODY_BYTES = 4 * 1024 * 1024
+FINISH_NAMES = {pb: reason.value for reason, pb in FINISH_TO_PB.items()}
 BODY_FIELDS = ("prompt", "params", "model")
 
 # The ASGI callable's types (as starlette.types spells them).
@@ -84,6 +87,14 @@ class ResponseData(BaseModel):
     queuePosition: str
     completion: list[str] | None = Field(description="One text per prompt once completed, else null.")
     usage: UsageModel | None = Field(description="Token counts once completed, else null.")
+    finishReason: list[str] | None = Field(
+        default=None,
+        description='Per prompt once completed: "eos" (the model ended), "stop" (a stop sequence) or '
+        '"length" (max_new_tokens).',
+    )
+    tokenIds: list[list[int]] | None = Field(
+        default=None, description="Per prompt once completed: the generated token ids (no EOS)."
+    )
 
 
 class ResponseResponse(BaseModel):
@@ -110,6 +121,7 @@ class InfoResponse(BaseModel):
     maxPromptsPerRequest: int
     authRequired: bool
     ready: bool
+    version: str = Field(description="The server's package version (`engine --version`).")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -161,6 +173,70 @@ WAIT_PARAMETER: dict[str, Any] = {
 }
 
 
+LAST_EVENT_ID_PARAMETER: dict[str, Any] = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0},
+    "description": "Resume a stream after this event id (what EventSource sends on reconnect).",
+}
+
+
+def parse_last_event_id(raw: str | None) -> int:
+    if raw is None or not raw.strip():
+        return 0
+    if not raw.strip().isdigit():
+        raise InvalidRequest(
+            f"Last-Event-ID must be the id of an event of this stream (an integer), got {raw!r}"
+        )
+    return int(raw.strip())
+
+
+async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
+    """The seed stream's events (DESIGN.md, the stream route): one per token with the text it adds
+    and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
+    the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""
+    if PB_TO_STATUS[job.status].terminal:
+        yield done_event(job)
+        return
+    event_id = 0
+    try:
+        async for message in messages:
+            if not message.HasField("token"):
+                yield done_event(message.job)
+                return
+            t = message.token
+            if t.token_id < 0 and not t.text:
+                continue  # the end of a prompt that adds nothing: done says it
+            event_id += 1
+            if event_id <= after:
+                continue
+            data: dict[str, Any] = {"prompt": t.prompt_index, "token_id": t.token_id, "text": t.text}
+            if t.finished:
+                data["finish_reason"] = FINISH_NAMES.get(t.finish_reason, "length")
+            yield sse_frame(data, event_id=event_id)
+    except ApiFailure as exc:  # the job failed: done carries its status and the reason
+        yield sse_frame(
+            {
+                "id": job.id,
+                "status": JobStatus.FAILED.value,
+                "queuePosition": "0",
+                "completion": None,
+                "usage": None,
+                "error": {"code": exc.reply.code, "message": exc.reply.message},
+            },
+            event="done",
+        )
+
+
+def done_event(job: Any) -> bytes:
+    data = response_data(job)
+    if PB_TO_STATUS[job.status] is JobStatus.FAILED:
+        reply = failed_job_reply(job)
+        data["error"] = {"code": reply.code, "message": reply.message}
+    return sse_frame(data, event="done")
+
+
 def request_key(request: Request) -> str | None:
     return api_key_from(request.headers.get("apikey"), request.headers.get("authorization"))
 
@@ -203,6 +279,8 @@ def response_data(job: Any) -> dict[str, Any]:
     status = PB_TO_STATUS[job.status]
     completion = None
     usage = None
+    reasons = None
+    token_ids = None
     if status is JobStatus.COMPLETED and job.HasField("result"):
         completion = list(job.result.completion)
         u = job.result.usage
@@ -211,12 +289,16 @@ def response_data(job: Any) -> dict[str, Any]:
             "completion_tokens": u.completion_tokens,
             "total_tokens": u.total_tokens,
         }
+        reasons = [FINISH_NAMES.get(r, "length") for r in job.result.finish_reasons]
+        token_ids = [list(t.ids) for t in job.result.token_ids]
     return {
         "id": job.id,
         "status": status.value,
         "queuePosition": str(job.queue_position),
         "completion": completion,
         "usage": usage,
+        "finishReason": reasons,
+        "tokenIds": token_ids,
     }
 
 
@@ -388,7 +470,7 @@ def create_app(
 ) -> EngineApp:
     app = EngineApp(
         title="FLAN-T5 inference engine",
-        version="1.0",
+        version=__version__,
         description="The seed's submit/poll API over the engine's gRPC service. Send your key in the "
         "`apiKey` header (or `Authorization: Bearer <key>`).",
         docs_url="/docs",
@@ -506,6 +588,21 @@ def create_app(
         job = await client.cancel(request_key(request), engine_pb2.CancelRequest(id=job_id))
         return success(response_data(job))
 
+    @app.get(
+        "/v1/response/{job_id}/stream",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+            **ERROR_RESPONSES,
+        },
+        summary="Stream a job's tokens as server-sent events, then the job",
+        openapi_extra={"parameters": [*KEY_PARAMETERS, LAST_EVENT_ID_PARAMETER]},
+    )
+    async def stream(job_id: str, request: Request) -> Response:
+        after = parse_last_event_id(request.headers.get("last-event-id"))
+        messages = client.stream_result(request_key(request), engine_pb2.StreamResultRequest(id=job_id))
+        first = await anext(messages)  # an unknown id or key answers here, before the stream starts
+        return EventStream(seed_events(first.job, messages, after))
+
     @app.get("/v1/info", response_model=InfoResponse, summary="What this server serves")
     async def info() -> InfoResponse:
         i = await client.info()
@@ -518,6 +615,7 @@ def create_app(
             maxPromptsPerRequest=i.max_prompts_per_request,
             authRequired=i.auth_required,
             ready=i.ready,
+            version=i.version,
         )
 
     @app.get("/healthz", summary="The process is alive")

@@ -19,9 +19,11 @@ from typing import Any
 
 import uvicorn
 
-from engine.api.auth import Authenticator, open_key_store
+from engine.api.access_log import AccessLog
+from engine.api.auth import Authenticator
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
+from engine.api.openai_routes import mount as mount_openai_routes
 from engine.api.rest import create_app
 from engine.config import Config
 from engine.errors import NotReady
@@ -77,18 +79,28 @@ async def _serve(cfg: Config) -> int:
     from engine.runtime.engine import Engine
     from engine.serving.service import JobService
     from engine.serving.store.base import open_store
+    from engine.serving.store.keys import open_key_store
+    from engine.serving.store.url import parse_store_url
     from engine.serving.worker import run_in_new_thread
 
-    cfg, random_weights = await asyncio.to_thread(_resolve_model, cfg)
-    # Loaded on a thread of its own: CTranslate2's workers inherit its scheduling policy.
-    engine = await run_in_new_thread(Engine.from_config, cfg, batch_scheduling=cfg.batch_scheduling)
-    store = open_store(cfg.store_url)
-    keys = open_key_store(cfg.store_url)
+    # The store first: a second server on a SQLite file in use fails at once (it holds no lock
+    # and has changed nothing), not after loading a model.
+    store_url = parse_store_url(cfg.store_url)
+    store = open_store(store_url)
+    keys = open_key_store(store_url)
+    try:
+        cfg, random_weights = await asyncio.to_thread(_resolve_model, cfg)
+        # Loaded on a thread of its own: CTranslate2's workers inherit its scheduling policy.
+        engine = await run_in_new_thread(Engine.from_config, cfg, batch_scheduling=cfg.batch_scheduling)
+    except BaseException:
+        keys.close()
+        store.close()
+        raise
     if not cfg.auth_disabled and keys.count() == 0:
         log.warning(
             "no API keys yet: every request will answer 401 until you create one with "
             "`engine keys create --name NAME --store %s`",
-            cfg.store_url,
+            store_url.redacted,
         )
     auth = Authenticator(keys, rate_limit_per_minute=cfg.rate_limit_per_minute, disabled=cfg.auth_disabled)
     service = JobService(cfg, store, engine, metrics)
@@ -161,13 +173,16 @@ async def _serve_shim(cfg: Config, metrics: Metrics, stop: asyncio.Event) -> int
 async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
-    app = create_app(client, metrics, public_url=cfg.public_url)
+    app: Any = create_app(client, metrics, public_url=cfg.public_url)
+    mount_openai_routes(app, client)
+    if cfg.access_log:
+        app = AccessLog(app)
     config = uvicorn.Config(
         app,
         host=cfg.http_host,
         port=cfg.http_port,
         log_config=None,  # keep the CLI's logging format
-        access_log=False,  # one line per poll would drown the log
+        access_log=False,  # uvicorn's own: ours (--access-log) has job ids, key names and JSON
         lifespan="off",
         timeout_graceful_shutdown=int(HTTP_GRACE_S),
     )

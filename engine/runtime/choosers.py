@@ -4,7 +4,7 @@
 A chooser applies the logits processors in force (Transformers 4.55's, in its order), then
 proposes ``width`` candidate ids with their probabilities; the decoder runs one row per candidate.
 With ``alpha`` > 0 the batch then scores the candidates by contrastive search (their hidden
-states' degeneration penalty, CONTRASTIVE.md) and keeps the best; otherwise the first candidate is
+states' degeneration penalty, docs/contrastive.md) and keeps the best; otherwise the first candidate is
 the choice and the decoder needs no hidden states beyond the chosen row's.
 
 Adding a strategy: a chooser class here and its row in ``CHOOSERS`` (and, if CTranslate2 can run

@@ -63,7 +63,7 @@ def resolve_device(device: str) -> str:
         raise InvalidRequest(
             "device cuda was requested but ctranslate2.get_cuda_device_count() is 0: this "
             "CTranslate2 build sees no usable CUDA GPU (no GPU, no driver, or no libcublas.so.12; "
-            "see GPU.md). Use --device cpu or --device auto"
+            "see docs/gpu.md). Use --device cpu or --device auto"
         )
     return device
 

@@ -3,7 +3,7 @@
 Each row has its chooser (choosers.py: greedy, contrastive search, sampling). Per step: each
 row's chooser proposes its candidates from its processed logits; ONE decoder step runs every
 row's candidates against that row's KV cache (shared by its candidates, not copied); rows that
-score by contrastive search (CONTRASTIVE.md) take the best ``(1 - α) p - α penalty``, the others
+score by contrastive search (docs/contrastive.md) take the best ``(1 - α) p - α penalty``, the others
 their one candidate; the chosen K/V row and hidden state are kept (copy-on-select) and only the
 chosen hidden state goes through the lm_head.
 

@@ -1,9 +1,10 @@
 """JobService: the facade every transport (gRPC, REST shim, tests, harness) calls.
 
 It validates and stores jobs, answers reads from the store, and owns the background tasks: the
-scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. Additions to
-the interface of /work/briefs/service-interface.md: ``model_name`` (what ``model`` must match),
-``queue_depth()`` and ``retry_after_s()``.
+scheduler's two loops (scheduler.py), the job-timeout sweep and the result-TTL purge. What the
+transports call of it is written down once, as ``ServiceLike`` in engine/api/grpc_service.py;
+beyond that, ``model_name`` (what a request's ``model`` must match), ``queue_depth()`` and
+``retry_after_s()``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
 from engine.metrics import Metrics
@@ -23,8 +25,9 @@ from engine.runtime.protocols import EngineLike
 from engine.serving.batching import BatchLimits, lane_of
 from engine.serving.clock import Clock, RealClock
 from engine.serving.events import JobEvents, RowEvent, stored_final_events
+from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
-from engine.serving.scheduler import Scheduler, timeout_error
+from engine.serving.scheduler import Scheduler
 from engine.serving.store.base import JobStore, Replay
 from engine.serving.worker import EngineWorker
 
@@ -62,7 +65,8 @@ class JobService:
         self.config = config
         self.store = store
         self.engine = engine
-        self.metrics = metrics
+        # Always present: without one from the server, a registry nobody scrapes (tests).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.clock: Clock = clock or RealClock()
         self.limits = BatchLimits(
             max_batch_size=config.max_batch_size,
@@ -70,6 +74,15 @@ class JobService:
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
         )
         self.events = JobEvents()
+        # Every end of a job (store, waiters, metrics) goes through it, the service's included.
+        self.finisher = Finisher(
+            store=store,
+            events=self.events,
+            metrics=self.metrics,
+            clock=self.clock,
+            job_timeout_s=config.job_timeout_s,
+        )
+        self.finisher.on_claimed = self._on_claimed
         self._scheduler: Scheduler | None = None
         self._worker: EngineWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,11 +115,10 @@ class JobService:
             worker=self._worker,
             clock=self.clock,
             limits=self.limits,
-            job_timeout_s=self.config.job_timeout_s,
+            finisher=self.finisher,
             metrics=self.metrics,
             events=self.events,
         )
-        self._scheduler.on_claimed = self._on_claimed
         self._set_depth_gauge()
         self._tasks = [
             asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
@@ -195,6 +207,7 @@ class JobService:
             created_at=self.clock.time(),
             model=model,
         )
+        logs.bind(job_id=job.id)  # the rest of the request's log lines name the job
         sched = self._scheduler
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
@@ -270,12 +283,8 @@ class JobService:
         if updated.status is JobStatus.CANCELLED and job.status is not JobStatus.CANCELLED:
             self._set_depth_gauge()
             if self._scheduler is not None:
-                self._scheduler.mark_cancelled(job_id)
                 self._scheduler.input_ids.pop(job_id, None)
-            if self.metrics is not None:
-                self.metrics.jobs.labels(status=JobStatus.CANCELLED.value).inc()
-                self.metrics.request_latency.observe(max(0.0, now - job.created_at))
-            self.events.finish(job_id)
+            self.finisher.cancelled(job, now)
         return JobView(updated, 0)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView:
@@ -403,8 +412,7 @@ class JobService:
         self._set_depth_gauge()
 
     def _set_depth_gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.store.queue_depth())
+        self.metrics.queue_depth.set(self.store.queue_depth())
 
     async def _until_terminal(
         self, job_id: str, fut: asyncio.Future[Job | None], timeout_s: float | None
@@ -439,6 +447,8 @@ class JobService:
             await self.clock.sleep(period)
             try:
                 self._expire(timeout)
+            except NotReady:
+                pass  # the store is down: its StoreHealth logs that, once, not every period
             except Exception:
                 log.exception("timeout sweep failed; retrying in %.1f s", period)
 
@@ -448,17 +458,20 @@ class JobService:
             job = self.store.get(job_id)
             if job is None:
                 continue
-            if self.store.fail(job_id, None, timeout_error(job, timeout, now, running=False), now):
-                if self._scheduler is not None:
-                    self._scheduler.input_ids.pop(job_id, None)
-                if self.metrics is not None:
-                    self.metrics.jobs.labels(status=JobStatus.FAILED.value).inc()
-                    self.metrics.request_latency.observe(max(0.0, now - job.created_at))
-                self.events.finish(job_id)
+            if self.finisher.expire_queued(job, now) and self._scheduler is not None:
+                self._scheduler.input_ids.pop(job_id, None)
         self._set_depth_gauge()
+        self.finisher.expire_running(now)
         if self._scheduler is not None:
-            self._scheduler.expire_running(now)
             self._scheduler.sync_cancellations()
+            stranded = self.store.reconcile(set(self._scheduler.running))
+            if stranded:
+                log.warning(
+                    "%d job(s) whose end could not be written to the store go back to the queue: %s",
+                    len(stranded),
+                    ", ".join(stranded[:5]),
+                )
+                self._scheduler.notify_all()
             self._free_token_ids(self._scheduler)
 
     def _free_token_ids(self, sched: Scheduler) -> None:
@@ -480,6 +493,8 @@ class JobService:
             await self.clock.sleep(period)
             try:
                 purged = self.store.purge_expired(self.clock.time(), ttl)
+            except NotReady:
+                continue  # the store is down (logged by its StoreHealth)
             except Exception:
                 log.exception("result purge failed; retrying in %.0f s", period)
                 continue

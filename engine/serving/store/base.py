@@ -4,21 +4,32 @@ Small on purpose so that a Redis implementation (for many machines) can follow t
 every state change is one conditional transition (``claim`` only takes QUEUED jobs, ``complete``
 only finishes a RUNNING job of the given attempt), which maps to one transaction or one script.
 All methods are synchronous and fast (well under a millisecond on SQLite); the service calls them
-from the event loop.
+from the event loop. So that a store outage never stalls the loop, every call is bounded by the
+store's timeouts (``timeout_s`` in the URL), and once a call has failed the store is marked down
+and calls fail at once (NotReady, a generic message) until a probe on a thread of its own sees it
+answer again (``StoreHealth``).
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import json
-from collections.abc import Sequence
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Protocol, TypeVar, cast
 
-from engine.errors import InvalidRequest
+from engine.errors import NotReady
 from engine.runtime.result import Usage
 from engine.serving.batching import Lane, QueueEntry
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
+from engine.serving.store.url import StoreUrl, parse_store_url, redact_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,13 @@ class JobStore(abc.ABC):
     def requeue(self, job_id: str, attempt: int) -> bool:
         """RUNNING (this attempt) -> QUEUED at its old place (graceful shutdown that could not finish)."""
 
+    def reconcile(self, running_here: set[str]) -> list[str]:
+        """Called every second or so with the ids of the jobs this process runs: a job RUNNING in
+        the store that no loop of this process runs (a store failure interrupted its end: its
+        completion or its requeue could not be written) goes back to the queue, so that it is
+        retried or fails within job_timeout_s. Returns the ids it let go."""
+        return []
+
     @abc.abstractmethod
     def requeue_running(self) -> list[str]:
         """On start: every RUNNING job (its worker died with the last process) -> QUEUED at its old
@@ -154,56 +172,138 @@ class JobStore(abc.ABC):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> JobStore:
-    """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``;
-    option ``?synchronous=full`` fsyncs every commit (default ``normal``: a commit survives a
-    process crash, and only a power loss can lose the last ones). Or ``redis://host:port/db``
-    (options ``lease_s``, ``prefix``) for several servers sharing one queue."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
+def open_store(url: str | StoreUrl) -> JobStore:
+    """The job store of a store URL (engine.serving.store.url has the forms and options)."""
+    parsed = parse_store_url(url)
+    if parsed.is_sqlite:
         from engine.serving.store.sqlite import SqliteJobStore
 
-        if parts.netloc:
-            raise InvalidRequest(
-                f"store URL {url!r}: a SQLite URL has no host; use sqlite:///relative/path.db "
-                "or sqlite:////absolute/path.db"
-            )
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if not path:
-            raise InvalidRequest(f"store URL {url!r} names no database file, e.g. sqlite:///./data/engine.db")
-        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = sorted(set(options) - {"synchronous"})
-        if unknown:
-            raise InvalidRequest(
-                f"store URL {url!r}: unknown option(s) {', '.join(unknown)}; known: synchronous"
-            )
-        synchronous = options.get("synchronous", "normal").lower()
-        if synchronous not in ("normal", "full"):
-            raise InvalidRequest(
-                f"store URL {url!r}: synchronous must be normal or full, got {synchronous!r}"
-            )
-        return SqliteJobStore(path, synchronous=synchronous)
-    if parts.scheme in ("redis", "rediss"):
-        from engine.serving.store.redis import DEFAULT_LEASE_S, DEFAULT_PREFIX, RedisJobStore
+        return SqliteJobStore(parsed.path, synchronous=parsed.synchronous, timeout_s=parsed.timeout_s)
+    from engine.serving.store.redis import RedisJobStore
 
-        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = sorted(set(options) - {"lease_s", "prefix"})
-        if unknown:
-            raise InvalidRequest(
-                f"store URL {url!r}: unknown option(s) {', '.join(unknown)}; known: lease_s, prefix"
-            )
+    return RedisJobStore(parsed)
+
+
+# -- failures: one message for clients, throttled logs, fail fast while the store is down ---------
+RETRY_AFTER_S = 1.0
+PROBE_EVERY_S = 1.0  # how often a store that answers is checked (readiness), off the event loop
+PROBE_DOWN_EVERY_S = 0.25  # ... and one that does not (how soon it is used again)
+LOG_EVERY_S = 10.0
+
+
+class StoreHealth:
+    """Whether a store answers, known without asking it on the event loop.
+
+    A failed call marks the store down: until a probe (on a thread of its own, with the store's
+    timeouts) succeeds, calls fail at once with NotReady instead of each waiting for a timeout on
+    the event loop. Failures are logged at most once per ``LOG_EVERY_S`` (a store outage under
+    load would otherwise write a line per request), with the store's redacted URL, never the
+    client's message or the URL's password."""
+
+    def __init__(self, shown: str, probe: Callable[[], object], *, what: str = "job store") -> None:
+        self.shown = shown
+        self.what = what  # "job store", "key store": what the logs and the 503 name
+        self._probe = probe
+        self._down_since: float | None = None
+        self._logged_at = -math.inf
+        self._failures = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._probe_loop, name="store-probe", daemon=True)
+        self._thread.start()
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    def check(self) -> None:
+        if self._down_since is not None:
+            raise NotReady(f"the {self.what} is unavailable; retry in a moment", retry_after_s=RETRY_AFTER_S)
+
+    def failed(self, exc: BaseException) -> NotReady:
+        """Mark the store down; the NotReady to raise (its message says nothing of the store)."""
+        now = time.monotonic()
+        with self._lock:
+            self._failures += 1
+            if self._down_since is None and self._thread is not None:  # a probe will clear it
+                self._down_since = now
+            if now - self._logged_at >= LOG_EVERY_S:
+                self._logged_at = now
+                log.warning(
+                    "the %s %s failed (%d failure(s) so far; %s: %s); calls answer 503 until "
+                    "it answers again",
+                    self.what,
+                    self.shown,
+                    self._failures,
+                    type(exc).__name__,
+                    redact_text(str(exc)),
+                )
+        return NotReady(f"the {self.what} is unavailable; retry in a moment", retry_after_s=RETRY_AFTER_S)
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(PROBE_EVERY_S if self._down_since is None else PROBE_DOWN_EVERY_S):
+            try:
+                self._probe()
+            except Exception as exc:
+                if self._down_since is None:
+                    self.failed(exc)
+                continue
+            with self._lock:
+                if self._down_since is not None:
+                    log.warning(
+                        "the %s %s answers again (down %.1f s)",
+                        self.what,
+                        self.shown,
+                        time.monotonic() - self._down_since,
+                    )
+                    self._down_since = None
+                    self._failures = 0
+                    self._logged_at = -math.inf
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+class _Guarded(Protocol):
+    health: StoreHealth
+    errors: tuple[type[BaseException], ...]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_call(method: F) -> F:
+    """A store method: fails at once while the store is down, and turns the store's own errors
+    into NotReady (503 / UNAVAILABLE at the edges) with a message that names nothing of the store."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Guarded, *args: Any, **kwargs: Any) -> Any:
+        self.health.check()
         try:
-            lease_s = float(options.get("lease_s", DEFAULT_LEASE_S))
-        except ValueError:
-            lease_s = -1.0
-        if not lease_s > 0:
-            raise InvalidRequest(f"store URL {url!r}: lease_s must be a positive number of seconds")
-        # The client gets the URL without our options (redis-py would reject them).
-        client_url = parts._replace(query="").geturl()
-        return RedisJobStore(client_url, prefix=options.get("prefix", DEFAULT_PREFIX), lease_s=lease_s)
-    raise InvalidRequest(
-        f"store URL {url!r} is not supported; use sqlite:///path/engine.db (or redis://host:port/db)"
-    )
+            return method(self, *args, **kwargs)
+        except self.errors as exc:
+            raise self.health.failed(exc) from exc
+
+    return cast(F, wrapper)
+
+
+def store_errors(method: F) -> F:
+    """``store_call`` without failing fast: for the calls that must reach the store even while it
+    is marked down (the commit of submits already written, which rolls them back if it fails)."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Guarded, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except self.errors as exc:
+            raise self.health.failed(exc) from exc
+
+    return cast(F, wrapper)
 
 
 def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:

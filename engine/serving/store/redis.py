@@ -2,7 +2,7 @@
 
 Every transition is one Lua script, so it is atomic across servers: ``claim`` takes only QUEUED
 jobs (two servers never run the same job), ``complete`` only finishes a RUNNING job of the given
-attempt. Keys, under a prefix (default ``engine:jobs:``):
+attempt. Keys, under the URL's prefix + ``jobs:`` (default ``engine:jobs:``):
 
 - ``job:<id>``: a hash with the job (params, result and error as JSON, like the SQLite columns);
 - ``queued`` (all lanes), ``lane:<lane>``, ``key:<lane>:<batch key>``, scored by the queue ``seq``:
@@ -27,8 +27,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
@@ -38,17 +38,18 @@ from engine.serving.store.base import (
     JobStore,
     QueueLoad,
     Replay,
+    StoreHealth,
     decode_error,
     decode_result,
     encode_error,
     encode_result,
     queue_entry,
+    store_call,
 )
+from engine.serving.store.url import StoreUrl, parse_store_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "engine:jobs:"
-DEFAULT_LEASE_S = 30.0
 
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
@@ -147,6 +148,9 @@ local f = redis.call('HMGET', j, 'status', 'attempts')
 if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
 local status = ARGV[5] == 'result' and 'completed' or 'failed'
 redis.call('HSET', j, 'status', status, 'finished_at', ARGV[4], ARGV[5], ARGV[6])
+-- An audit count of results written: 1 for every job, however many servers ran it (the soak
+-- benchmark checks it after kill -9s).
+redis.call('HINCRBY', j, 'ends', 1)
 redis.call('ZREM', P..'running', id)
 redis.call('ZADD', P..'done:'..status, ARGV[4], id)
 return 1
@@ -243,40 +247,53 @@ end
 return n
 """
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+def connect(url: StoreUrl) -> Any:
+    """A Redis client for a store URL: every call bounded by the URL's timeouts, and at most one
+    immediate retry on a fresh connection (a connection from before a Redis restart fails once),
+    instead of redis-py's default of ten retries with backoff, which held the event loop for
+    seconds during an outage."""
+    try:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError as exc:  # pragma: no cover - redis is a dependency of the dev extra
+        raise InvalidRequest(
+            "a redis:// store needs the redis client: pip install 'flan-t5-engine[redis]'"
+        ) from exc
+    return redis.Redis.from_url(
+        url.client_url,
+        decode_responses=True,
+        socket_timeout=url.timeout_s,
+        socket_connect_timeout=url.connect_timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
 
 
-def _store_errors(method: F) -> F:
-    """Redis unreachable or failing is the store being unavailable (503 at the edges)."""
+def redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
 
-    def wrapper(self: RedisJobStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except self._redis_errors as exc:
-            raise NotReady(f"the Redis job store at {self.url} failed ({exc}); is Redis running?") from exc
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return cast(F, wrapper)
+    return (redis.RedisError, OSError)
 
 
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, lease_s: float = DEFAULT_LEASE_S) -> None:
-        try:
-            import redis
-        except ImportError as exc:  # pragma: no cover - redis is a dependency of the dev extra
-            raise InvalidRequest(
-                "a redis:// store needs the redis client: pip install 'flan-t5-engine[redis]'"
-            ) from exc
-        self.url = url
-        self.prefix = prefix
-        self.lease_s = lease_s
-        self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
-        self._r: Any = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5.0)
+    def __init__(
+        self, url: str | StoreUrl, *, prefix: str | None = None, lease_s: float | None = None
+    ) -> None:
+        self.url = parse_store_url(url)
+        self.prefix = self.url.jobs_prefix if prefix is None else prefix
+        self.lease_s = self.url.lease_s if lease_s is None else lease_s
+        self.errors = redis_errors()
+        self._r: Any = connect(self.url)
+        self.health = StoreHealth(self.url.redacted, self._r.ping)
         try:
             self._r.ping()
-        except redis.RedisError as exc:
-            raise NotReady(f"cannot reach the Redis job store at {url} ({exc}); is Redis running?") from exc
+        except self.errors as exc:
+            raise NotReady(
+                f"cannot reach the Redis job store at {self.url} ({type(exc).__name__}); is Redis running?"
+            ) from exc
         self._scripts = {
             name: self._r.register_script(_LUA_HELPERS + body)
             for name, body in (
@@ -298,6 +315,7 @@ class RedisJobStore(JobStore):
         self._closed = False
         self._leases = threading.Thread(target=self._lease_loop, name="redis-leases", daemon=True)
         self._leases.start()
+        self.health.start()
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](keys=[], args=[self.prefix, *args])
@@ -316,15 +334,15 @@ class RedisJobStore(JobStore):
                 requeued = self._run("requeue_expired", time.time())
                 if requeued:
                     log.warning("requeued %d job(s) whose server stopped renewing its lease", len(requeued))
-            except self._redis_errors as exc:
-                log.warning("lease renewal at %s failed (%s); retrying", self.url, exc)
+            except self.errors as exc:
+                self.health.failed(exc)
 
     def _release(self, job_id: str) -> None:
         with self._mine_lock:
             self._mine.discard(job_id)
 
     # -- interface -----------------------------------------------------------------------------
-    @_store_errors
+    @store_call
     def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
@@ -354,28 +372,28 @@ class RedisJobStore(JobStore):
         # The owner's length first: owners and keys may hold ':' without two pairs meeting.
         return self._k(f"idem:{len(owner)}:{owner}:{idempotency_key}")
 
-    @_store_errors
+    @store_call
     def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
         earlier = self._r.get(self._idempotency_name(owner, idempotency_key))
         if earlier is None or not self._r.exists(self._k(f"job:{earlier}")):
             return None
         return str(earlier)
 
-    @_store_errors
+    @store_call
     def get(self, job_id: str) -> Job | None:
         data = self._r.hgetall(self._k(f"job:{job_id}"))
         return _job(job_id, data) if data else None
 
-    @_store_errors
+    @store_call
     def position(self, job_id: str) -> int:
         rank = self._r.zrank(self._k("queued"), job_id)
         return 0 if rank is None else int(rank)
 
-    @_store_errors
+    @store_call
     def queue_depth(self) -> int:
         return int(self._r.zcard(self._k("queued")))
 
-    @_store_errors
+    @store_call
     def load(self, owner: str) -> QueueLoad:
         pipe = self._r.pipeline(transaction=True)
         pipe.zcard(self._k("queued"))
@@ -383,14 +401,14 @@ class RedisJobStore(JobStore):
         jobs, (tokens, owner_jobs, owner_tokens) = pipe.execute()
         return QueueLoad(int(jobs), int(tokens or 0), int(owner_jobs or 0), int(owner_tokens or 0))
 
-    @_store_errors
+    @store_call
     def still_queued(self, job_ids: Sequence[str]) -> set[str]:
         if not job_ids:
             return set()
         scores = self._r.zmscore(self._k("queued"), list(job_ids))
         return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
 
-    @_store_errors
+    @store_call
     def count(self, status: JobStatus) -> int:
         if status is JobStatus.QUEUED:
             return self.queue_depth()
@@ -398,7 +416,7 @@ class RedisJobStore(JobStore):
             return int(self._r.zcard(self._k("running")))
         return int(self._r.zcard(self._k(f"done:{status.value}")))
 
-    @_store_errors
+    @store_call
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
         rows = self._run("queued", lane.value, limit, batch_key or "")
         out = [
@@ -408,69 +426,76 @@ class RedisJobStore(JobStore):
         out.sort(key=lambda e: e.seq)
         return out
 
-    @_store_errors
+    @store_call
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
         if not job_ids:
             return []
         claimed = self._run("claim", repr(now), time.time() + self.lease_s, *job_ids)
         if not claimed:
             return []
-        with self._mine_lock:
-            self._mine.update(claimed)
         pipe = self._r.pipeline(transaction=False)
         for job_id in claimed:
             pipe.hgetall(self._k(f"job:{job_id}"))
+        # Should this second round trip fail, the jobs are RUNNING under a lease that nobody
+        # renews: they go back to the queue once it runs out (lease_s), run by whichever server.
         jobs = [(int(d["seq"]), _job(i, d)) for i, d in zip(claimed, pipe.execute(), strict=True) if d]
+        with self._mine_lock:
+            self._mine.update(job.id for _, job in jobs)
         return [job for _, job in sorted(jobs, key=lambda sj: sj[0])]
 
-    @_store_errors
+    @store_call
     def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
         self._release(job_id)
         return bool(self._run("finish", job_id, attempt, repr(now), "result", encode_result(result)))
 
-    @_store_errors
+    @store_call
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
         if attempt is None:
             return bool(self._run("fail_queued", job_id, repr(now), encode_error(error)))
         self._release(job_id)
         return bool(self._run("finish", job_id, attempt, repr(now), "error", encode_error(error)))
 
-    @_store_errors
+    @store_call
     def cancel(self, job_id: str, now: float) -> Job | None:
         self._run("cancel", job_id, repr(now))
         self._release(job_id)
         return self.get(job_id)
 
-    @_store_errors
+    @store_call
     def requeue(self, job_id: str, attempt: int) -> bool:
         self._release(job_id)
         return bool(self._run("requeue", job_id, attempt))
 
-    @_store_errors
+    def reconcile(self, running_here: set[str]) -> list[str]:
+        """Leases renew only for the jobs that this server's loops run: a job whose end could not
+        be written (the store failed) stops being renewed and goes back to the queue once its
+        lease runs out, found from the store by whichever server looks first."""
+        with self._mine_lock:
+            dropped = self._mine - running_here
+            self._mine &= running_here
+        return sorted(dropped)
+
+    @store_call
     def requeue_running(self) -> list[str]:
         return list(self._run("requeue_expired", time.time()))
 
-    @_store_errors
+    @store_call
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:
         return list(self._r.zrangebyscore(self._k("created"), "-inf", f"({cutoff!r}", start=0, num=limit))
 
-    @_store_errors
+    @store_call
     def purge_expired(self, now: float, ttl_s: float) -> int:
         return int(self._run("purge", repr(now - ttl_s)))
 
     def ping(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            return bool(self._r.ping())
-        except self._redis_errors:
-            return False
+        return not self._closed and self.health.up
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
+        self.health.stop()
         if self._leases is not threading.current_thread():
             self._leases.join(timeout=5)
         self._r.close()

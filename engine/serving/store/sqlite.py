@@ -11,16 +11,18 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
+import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from engine.errors import NotReady
+from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
@@ -29,12 +31,16 @@ from engine.serving.store.base import (
     JobStore,
     QueueLoad,
     Replay,
+    StoreHealth,
     decode_error,
     decode_result,
     encode_error,
     encode_result,
     queue_entry,
+    store_call,
+    store_errors,
 )
+from engine.serving.store.url import DEFAULT_SQLITE_TIMEOUT_S
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,6 +69,7 @@ CREATE INDEX IF NOT EXISTS jobs_queued_lane ON jobs(lane, batch_key, seq) WHERE 
 CREATE INDEX IF NOT EXISTS jobs_queued_owner ON jobs(lane, owner, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_owner_key ON jobs(lane, owner, batch_key, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_queued_created ON jobs(created_at) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 """
 
@@ -76,25 +83,9 @@ _JOB_COLUMNS = (
     "id, owner, prompts, params, model, status, created_at, started_at, finished_at, attempts, result, error"
 )
 _ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens, owner"
-F = TypeVar("F", bound=Callable[..., Any])
 CHECKPOINT_EVERY_S = 0.5
 log = logging.getLogger(__name__)
 _Q = JobStatus.QUEUED.value
-
-
-def _store_errors(method: F) -> F:
-    """A database error is the store being unavailable (503 at the edges), never a stack trace."""
-
-    @functools.wraps(method)
-    def wrapper(self: SqliteJobStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise NotReady(
-                f"the job store {self.path} failed ({exc}); check its disk and permissions"
-            ) from exc
-
-    return cast(F, wrapper)
 
 
 class _QueueIndex:
@@ -175,16 +166,30 @@ class _QueueIndex:
 
 
 class SqliteJobStore(JobStore):
-    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+    """One server process per file: the store holds an exclusive lock (``<file>.lock``, with the
+    holder's pid in it) from before it changes anything in the file until it closes, and a second
+    server on the same file fails at once, naming the file and the first server's pid."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "normal", timeout_s: float = DEFAULT_SQLITE_TIMEOUT_S
+    ) -> None:
         self.path = str(path)
+        self._lock_file: int | None = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = lock_database(self.path)
+        self.health = StoreHealth(self.path, self._probe)
+        self._timeout_ms = max(1, int(timeout_s * 1000))
         try:
             # Autocommit; multi-statement changes open their own transactions.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            # A write waits this long for another process's lock (``engine keys``, a backup), on
+            # the event loop: bounded small, and a store that stays locked answers 503.
+            self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "idempotency_key" not in columns:
@@ -200,6 +205,7 @@ class SqliteJobStore(JobStore):
             ):
                 self._queue.add(job_id, *place)
         except sqlite3.Error as exc:
+            self._unlock()
             raise NotReady(f"cannot open the job store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
         self._group: list[str] = []  # deferred enqueues in the open transaction
@@ -212,6 +218,21 @@ class SqliteJobStore(JobStore):
                 target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
             )
             self._checkpointer.start()
+            self.health.start()
+
+    def _probe(self) -> None:
+        """On the probe thread: can this store write? (a write lock taken and given back)."""
+        con = sqlite3.connect(self.path, isolation_level=None, timeout=self._timeout_ms / 1000)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # closing the descriptor releases the flock
+            self._lock_file = None
 
     def _checkpoint_loop(self) -> None:
         con = sqlite3.connect(self.path, isolation_level=None)
@@ -252,14 +273,14 @@ class SqliteJobStore(JobStore):
         return self._change(sql, args) == 1
 
     # -- interface -----------------------------------------------------------------------------
-    @_store_errors
+    @store_call
     def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
         with self._lock:
             self._end_group()
             self._check_replay(job.owner, idempotency_key)
             return self._insert(job, prompt_tokens, idempotency_key)
 
-    @_store_errors
+    @store_call
     def enqueue_deferred(
         self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
     ) -> QueueEntry:
@@ -286,7 +307,7 @@ class SqliteJobStore(JobStore):
             self._queue.remove(job_id)
         self._lost.update(group)
 
-    @_store_errors
+    @store_errors
     def commit_deferred(self) -> None:
         with self._lock:
             self._end_group()
@@ -311,7 +332,7 @@ class SqliteJobStore(JobStore):
         ).fetchone()
         return None if row is None else str(row[0])
 
-    @_store_errors
+    @store_call
     def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
         with self._lock:
             return self._idempotent(owner, idempotency_key)
@@ -346,7 +367,7 @@ class SqliteJobStore(JobStore):
         self._queue.add(job.id, seq, lane.value, job.owner, prompt_tokens, stored)
         return queue_entry(job, seq, lane, key, prompt_tokens)
 
-    @_store_errors
+    @store_call
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             queued = self._queue.job(job_id)
@@ -371,11 +392,11 @@ class SqliteJobStore(JobStore):
         with self._lock:
             return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
 
-    @_store_errors
+    @store_call
     def count(self, status: JobStatus) -> int:
         return int(self._one("SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,))[0])
 
-    @_store_errors
+    @store_call
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
         where = "status = 'queued' AND lane = ?" + ("" if batch_key is None else " AND batch_key = ?")
         args: tuple[Any, ...] = (lane.value,) if batch_key is None else (lane.value, batch_key)
@@ -397,7 +418,7 @@ class SqliteJobStore(JobStore):
                 rows.sort(key=lambda r: r[1])
         return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows]
 
-    @_store_errors
+    @store_call
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
         if not job_ids:
             return []
@@ -430,7 +451,8 @@ class SqliteJobStore(JobStore):
                         ).fetchall()
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             jobs = [_job(r) for r in rows]
             for job_id in ids:
@@ -444,7 +466,7 @@ class SqliteJobStore(JobStore):
                 self._queue.remove(job_id)
         return jobs
 
-    @_store_errors
+    @store_call
     def complete(self, job_id: str, attempt: int, result: JobResult, now: float) -> bool:
         return self._changed_one(
             "UPDATE jobs SET status = 'completed', finished_at = ?, result = ?"
@@ -452,7 +474,7 @@ class SqliteJobStore(JobStore):
             (now, encode_result(result), job_id, attempt),
         )
 
-    @_store_errors
+    @store_call
     def complete_many(self, completions: Sequence[Completion], now: float) -> list[bool]:
         if not completions:
             return []
@@ -472,11 +494,12 @@ class SqliteJobStore(JobStore):
                 ]
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
         return changed
 
-    @_store_errors
+    @store_call
     def fail(self, job_id: str, attempt: int | None, error: JobError, now: float) -> bool:
         err = encode_error(error)
         if attempt is None:
@@ -495,7 +518,7 @@ class SqliteJobStore(JobStore):
             (now, err, job_id, attempt),
         )
 
-    @_store_errors
+    @store_call
     def cancel(self, job_id: str, now: float) -> Job | None:
         with self._lock:
             self._end_group()
@@ -508,7 +531,7 @@ class SqliteJobStore(JobStore):
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
-    @_store_errors
+    @store_call
     def requeue(self, job_id: str, attempt: int) -> bool:
         with self._lock:
             self._end_group()
@@ -521,7 +544,15 @@ class SqliteJobStore(JobStore):
                 self._queue.add(job_id, *row)
         return row is not None
 
-    @_store_errors
+    @store_call
+    def reconcile(self, running_here: set[str]) -> list[str]:
+        """One process per file: every RUNNING job that this process does not run is stranded."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
+        stranded = [(job_id, attempt) for job_id, attempt in rows if job_id not in running_here]
+        return [job_id for job_id, attempt in stranded if self.requeue(job_id, attempt)]
+
+    @store_call
     def requeue_running(self) -> list[str]:
         with self._lock:
             self._end_group()
@@ -535,13 +566,14 @@ class SqliteJobStore(JobStore):
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             for job_id, *place in rows:
                 self._queue.add(job_id, *place)
         return [row[0] for row in rows]
 
-    @_store_errors
+    @store_call
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:
         with self._lock:
             rows = self._db.execute(
@@ -550,7 +582,7 @@ class SqliteJobStore(JobStore):
             ).fetchall()
         return [r[0] for r in rows]
 
-    @_store_errors
+    @store_call
     def purge_expired(self, now: float, ttl_s: float) -> int:
         return self._change(
             "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
@@ -559,16 +591,11 @@ class SqliteJobStore(JobStore):
         )
 
     def ping(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            self._one("SELECT 1")
-        except sqlite3.Error:
-            return False
-        return True
+        return not self._closed and self.health.up
 
     def close(self) -> None:
         self._stop_checkpoints.set()
+        self.health.stop()
         if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
             self._checkpointer.join(timeout=5)
         with self._lock:
@@ -579,9 +606,32 @@ class SqliteJobStore(JobStore):
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._db.close()
+                self._unlock()
 
 
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(DecodingParams))
+
+
+def lock_database(path: str) -> int:
+    """Take the exclusive lock of a SQLite job store (``<path>.lock``) for this process, or fail
+    with an error that names the file and the process holding it. Returns the lock's descriptor."""
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise InvalidRequest(
+            f"the job store {path} is in use by another server (pid {holder}, lock {lock_path}); "
+            "one server per SQLite file. To run several servers, share a Redis store "
+            "(--store redis://host:6379/0); to run a second server here, give it its own --store file"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _params_dict(params: DecodingParams) -> dict[str, Any]:
