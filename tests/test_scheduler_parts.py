@@ -95,7 +95,7 @@ def test_a_step_is_schedule_then_execute_then_update() -> None:
         assert [list(t) for t in done.result.token_ids] == [
             expected_tokens(fake_tokenize(p), 3) for p in ("one two", "three")
         ]
-        assert sample(parts.metrics, "engine_jobs_total", status="completed") == 1
+        assert sample(parts.metrics, "engine_jobs_total", status="completed", finish_reason="length") == 1
         assert sample(parts.metrics, "engine_jobs_running") == 0
         assert parts.finisher.running == {}
 
@@ -140,7 +140,7 @@ def test_the_finisher_ends_queued_and_running_jobs_in_the_store_waiters_and_metr
             stored = parts.store.get(job.id)
             assert stored is not None and stored.status is JobStatus.FAILED
             assert stored.error is not None and stored.error.code == "timeout"
-        assert sample(parts.metrics, "engine_jobs_total", status="failed") == 2
+        assert sample(parts.metrics, "engine_jobs_total", status="failed", finish_reason="") == 2
 
     run(body)
 
