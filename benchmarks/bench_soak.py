@@ -80,11 +80,12 @@ def ensure_model() -> Path:
 class Server:
     """One ``engine serve`` on fixed ports (a restart binds the same ones)."""
 
-    def __init__(self, name: str, store: str, model: Path, folder: Path) -> None:
+    def __init__(self, name: str, store: str, model: Path, folder: Path, extra: list[str]) -> None:
         self.name = name
         self.store = store
         self.model = model
         self.folder = folder
+        self.extra = extra
         self.http_port, self.grpc_port = free_port(), free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -111,6 +112,7 @@ class Server:
             str(self.grpc_port),
             "--rate-limit-per-minute",
             "0",
+            *self.extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         with open(log_path, "wb") as log_file:
@@ -328,6 +330,7 @@ def main() -> int:
     p.add_argument("--drain-s", type=float, default=180.0, help="longest wait for accepted jobs at the end")
     p.add_argument("--flood-clients", type=int, default=45)
     p.add_argument("--quiet-clients", type=int, default=5)
+    p.add_argument("--server-args", default="", help="more engine serve flags for both servers")
     args = p.parse_args()
 
     model = ensure_model()
@@ -335,7 +338,11 @@ def main() -> int:
     with redis_server(folder) as redis_port:
         store = f"redis://127.0.0.1:{redis_port}/0?lease_s={LEASE_S:g}"
         keys = {"flood": create_key(store, "flood"), "quiet": create_key(store, "quiet")}
-        steady, victim = Server("server1", store, model, folder), Server("server2", store, model, folder)
+        extra = args.server_args.split()
+        steady, victim = (
+            Server("server1", store, model, folder, extra),
+            Server("server2", store, model, folder, extra),
+        )
         servers = [steady, victim]
         for s in servers:
             s.start()
@@ -398,6 +405,8 @@ def main() -> int:
     alone = [s for _, s in rec.latencies.get("alone", [])]
     flood = [s for _, s in rec.latencies.get("flood", [])]
     flood_calm = [s for t, s in rec.latencies.get("flood", []) if not in_window(t)]
+    p50_alone = percentile(alone, 50) if alone else float("nan")
+    p50_flood = percentile(flood, 50) if flood else float("nan")
     p99_alone = percentile(alone, 99) if alone else float("nan")
     p99_flood = percentile(flood, 99) if flood else float("nan")
     p99_calm = percentile(flood_calm, 99) if flood_calm else float("nan")
@@ -410,7 +419,8 @@ def main() -> int:
         f"requests to a dead server: {rec.unreachable}; 429: {rec.rejected_429}; kills: {len(windows)}",
         f"quiet key p99: alone {p99_alone * 1000:.0f} ms ({len(alone)} jobs), with the flood "
         f"{p99_flood * 1000:.0f} ms ({len(flood)} jobs; {p99_flood / p99_alone:.2f}x), outside kill windows "
-        f"{p99_calm * 1000:.0f} ms ({p99_calm / p99_alone:.2f}x)",
+        f"{p99_calm * 1000:.0f} ms ({p99_calm / p99_alone:.2f}x); p50 alone {p50_alone * 1000:.0f} ms, "
+        f"with the flood {p50_flood * 1000:.0f} ms",
         f"RSS server1 (never killed): {rss_start[0]:.0f} MiB at the flood's start, {rss_end[0]:.0f} MiB at its end; "
         f"Redis: {rss_start[1]:.0f} -> {rss_end[1]:.0f} MiB",
     ]
@@ -432,6 +442,7 @@ def main() -> int:
             "p99_flood_outside_windows_s": p99_calm,
             "rss_mib_start": rss_start,
             "rss_mib_end": rss_end,
+            "quiet_latencies_s": rec.latencies,
             "summary": lines,
         },
     )

@@ -16,6 +16,11 @@ from typing import Any
 from engine import logs
 from engine._version import __version__
 from engine.errors import EngineError
+from engine.limits import (
+    DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+)
 
 DESCRIPTION = """\
 FLAN-T5 inference engine: quantized CTranslate2 models, contrastive search, dynamic batching,
@@ -163,7 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--result-ttl-s", type=float, default=None, help="keep results this long (default 86400)")
     g.add_argument(
-        "--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens (default 512)"
+        "--max-new-tokens-limit",
+        type=int,
+        default=None,
+        help=f"largest max_new_tokens (default {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
+    )
+    g.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=None,
+        help=f"prompts in one request (default {DEFAULT_MAX_PROMPTS_PER_REQUEST})",
+    )
+    g.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=None,
+        help=f"UTF-8 bytes of one prompt; the HTTP body and gRPC message limits follow from it "
+        f"(default {DEFAULT_MAX_PROMPT_BYTES})",
     )
     g.add_argument(
         "--rate-limit-per-minute",

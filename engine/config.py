@@ -12,6 +12,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from engine.errors import InvalidRequest
+from engine.limits import (
+    DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    RequestLimits,
+)
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,10 @@ class Config:
     # A lone job waits this long for company when the engine is idle; while the engine is busy,
     # batches fill by themselves. 2 ms keeps the queue path under 5 ms p50 (benchmarks/RESULTS.md).
     max_queue_delay_ms: float = 2.0
-    # limits
-    max_new_tokens_limit: int = 512
-    max_prompts_per_request: int = 64  # prompts in one request (the prompt array's length)
+    # limits on a request (engine/limits.py: defined there, checked once at the edge)
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # the prompt array's length
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes of one prompt
     rate_limit_per_minute: int = 600  # per API key; 0 disables
     # logging
     log_format: str = "text"  # "text" | "json"
@@ -67,6 +74,15 @@ class Config:
     # demo fallback / auth
     allow_demo_model: bool = True  # no --model and no model found: serve the random-weight demo model
     auth_disabled: bool = False  # no API keys: every request is accepted (local experiments only)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The limits the edge checks, and the transports' byte limits derived from them."""
+        return RequestLimits(
+            max_new_tokens=self.max_new_tokens_limit,
+            max_prompts=self.max_prompts_per_request,
+            max_prompt_bytes=self.max_prompt_bytes,
+        )
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -100,6 +116,7 @@ class Config:
             "max_queued_tokens_per_key",
             "max_new_tokens_limit",
             "max_prompts_per_request",
+            "max_prompt_bytes",
             "inter_threads",
         )
         for name in positive:

@@ -12,9 +12,11 @@ class EngineError(Exception):
 
     code = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # When a retry may succeed (REST Retry-After, gRPC retry-after trailer); None: do not say.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(EngineError):
@@ -45,10 +47,10 @@ class Overloaded(EngineError):
     """Queue full or rate limit hit (REST 429 + Retry-After, gRPC RESOURCE_EXHAUSTED)."""
 
     code = "overloaded"
+    retry_after_s: float  # always said
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, retry_after_s)
 
 
 class NotReady(EngineError):
@@ -56,10 +58,6 @@ class NotReady(EngineError):
     ``retry_after_s``, when set, becomes the reply's Retry-After."""
 
     code = "not_ready"
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class ModelError(EngineError):

@@ -247,8 +247,6 @@ INFO = ServerInfo(
     random_weights=True,
     device="cpu",
     compute_type="int8",
-    max_new_tokens_limit=512,
-    max_prompts_per_request=64,
     auth_required=True,
 )
 
@@ -263,7 +261,9 @@ class FakeStack:
     bob: str
 
 
-def fake_stack(tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs: object) -> FakeStack:
+def fake_stack(
+    tmp_db: str, *, rate_limit_per_minute: int = 0, info: ServerInfo | None = None, **service_kwargs: object
+) -> FakeStack:
     """A servicer over a FakeJobService with two keys, alice and bob, in a SQLite key store."""
     keys = SqliteKeyStore(tmp_db)
     alice = create_key(keys, "alice")
@@ -271,16 +271,16 @@ def fake_stack(tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs:
     metrics = Metrics()
     service = FakeJobService(**service_kwargs)  # type: ignore[arg-type]
     auth = Authenticator(keys, rate_limit_per_minute=rate_limit_per_minute)
-    servicer = EngineServicer(service, auth, INFO, metrics=metrics, decode=fake_decode)
+    servicer = EngineServicer(service, auth, info or INFO, metrics=metrics, decode=fake_decode)
     return FakeStack(service, servicer, metrics, keys, alice, bob)
 
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    tmp_db: str, *, rate_limit_per_minute: int = 0, **service_kwargs: object
+    tmp_db: str, *, rate_limit_per_minute: int = 0, info: ServerInfo | None = None, **service_kwargs: object
 ) -> AsyncIterator[FakeStack]:
     """``fake_stack`` for the length of an ``async with``: its job service and key store closed after."""
-    stack = fake_stack(tmp_db, rate_limit_per_minute=rate_limit_per_minute, **service_kwargs)
+    stack = fake_stack(tmp_db, rate_limit_per_minute=rate_limit_per_minute, info=info, **service_kwargs)
     try:
         yield stack
     finally:

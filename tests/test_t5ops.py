@@ -1,6 +1,8 @@
 """The fused layer functions (engine/runtime/_t5ops.c via t5ops.py) against numpy.
 
-Each function against a float64 numpy formula.
+Each function against a float64 numpy formula; then whole runtimes, the fused path (t5_fused.py)
+against the numpy path (t5_math.py, the reference) on the tiny test models: encoder outputs and
+decoder steps within float32 rounding, and the same contrastive and greedy ids.
 
 Tolerances: float32 sums in another order and a polynomial exp within ~2 ulp give errors of a few
 1e-7 of the largest value per operation.
@@ -14,7 +16,12 @@ import numpy as np
 import pytest
 
 from engine.runtime import qlinear, t5ops
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.kv_cache import mask_value as _mask_value
+from engine.runtime.params import DecodingParams
+from engine.runtime.result import GenerationRequest
+from engine.runtime.t5 import T5Runtime
+from tests import models
 
 pytestmark = pytest.mark.skipif(
     not t5ops.available(),
@@ -22,6 +29,10 @@ pytestmark = pytest.mark.skipif(
     "_t5ops.c existed needs `python setup.py build_ext --inplace`)",
 )
 OP_TOLERANCE = 2e-6  # relative to the largest output value, one operation
+RUNTIME_TOLERANCE = 1e-5  # relative to the largest value, a whole float32 encoder or decoder step
+# int8 folders: the products quantize each activation row (int16 with VNNI: steps of 1/32767 of the
+# row's largest value; int8 with AMX: 1/254), so a last-bit difference upstream can move a rounding.
+INT8_TOLERANCE = 3e-2 if qlinear._AMX else 5e-4
 MASK = _mask_value(np.float32)
 
 
@@ -174,3 +185,73 @@ def test_the_kernel_switch_turns_the_fused_functions_off() -> None:
     finally:
         qlinear.use_kernel(True)
     assert t5ops.available()
+
+
+# ------------------------------------------------------------------------- whole runtimes
+def _runtime(kind: str, quantization: str) -> T5Runtime:
+    return T5Runtime.load(models.converted_model(kind, quantization), threads=2)
+
+
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+@pytest.mark.parametrize("quantization", ["float32", "int8"])
+def test_fused_runtime_equals_the_numpy_path(kind: str, quantization: str) -> None:
+    """Encoder outputs and five decoder steps (4 rows a sequence, a batch of 3 prompts of different
+    lengths, caches of different lengths): the fused path within float32 rounding of numpy's."""
+    runtime = _runtime(kind, quantization)
+    prompts = [list(p) for p in models.prompts(1, (7, 12, 3))]
+    runs = {}
+    for fused in (False, True):
+        runtime.use_fused(fused)
+        assert runtime.fused is fused
+        encoded = runtime.encode_batch(prompts)
+        cache = runtime.new_cache(encoded, capacity=8)
+        rng = np.random.default_rng(1)
+        choices = rng.integers(0, 4, size=(5, 3))
+        steps = []
+        for choice in choices:
+            step = runtime.decoder_step(cache, rng.integers(0, 900, size=(3, 4)))
+            steps.append(step)
+            cache.commit(step, choice)
+            if len(steps) == 2:
+                cache.filter([2, 0, 1])  # rows reordered between steps: the caches follow
+                choices[2:] = choices[2:, [2, 0, 1]]
+        runs[fused] = (encoded, steps)
+    (enc_np, steps_np), (enc_fused, steps_fused) = runs[False], runs[True]
+    tolerance = RUNTIME_TOLERANCE if quantization == "float32" else INT8_TOLERANCE
+    for enc_a, enc_b in zip(enc_np, enc_fused, strict=True):
+        _close(enc_b.keys, enc_a.keys.astype(np.float64), tolerance)
+        _close(enc_b.values, enc_a.values.astype(np.float64), tolerance)
+    for step_a, step_b in zip(steps_np, steps_fused, strict=True):
+        for name in ("hidden", "unit_hidden", "new_k", "new_v"):
+            _close(getattr(step_b, name), getattr(step_a, name).astype(np.float64), tolerance)
+
+
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 12},
+        {"max_new_tokens": 12},
+    ],
+)
+def test_fused_runtime_gives_the_numpy_paths_ids(kind: str, params: dict[str, object]) -> None:
+    runtime = _runtime(kind, "float32")
+    decoding = DecodingParams.from_dict(params)
+    requests = [GenerationRequest(p, decoding) for p in models.prompts(3, (9, 17, 4, 30))]
+    ids = {}
+    for fused in (False, True):
+        runtime.use_fused(fused)
+        ids[fused] = [r.token_ids for r in run_on_decoder(runtime, requests)]
+    assert ids[True] == ids[False]
+    assert all(len(row) > 0 for row in ids[True])
+
+
+def test_the_kernel_switch_turns_the_fused_path_off() -> None:
+    runtime = _runtime("flan", "float32")
+    assert runtime.fused
+    try:
+        qlinear.use_kernel(False)
+        assert not runtime.fused
+    finally:
+        qlinear.use_kernel(True)
+    assert runtime.fused

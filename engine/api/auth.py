@@ -92,6 +92,12 @@ class RateLimiter:
             self._buckets[owner] = (tokens - 1.0, now)
 
 
+MISSING_KEY_MESSAGE = (
+    "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
+    "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
+)
+
+
 def rate_limited(per_minute: int, wait_s: float) -> Overloaded:
     return Overloaded(
         f"rate limit of {per_minute} requests per minute for this key reached; retry in {math.ceil(wait_s)} s",
@@ -125,10 +131,7 @@ class Authenticator:
         if self.disabled:
             return ANONYMOUS
         if not api_key:
-            raise Unauthenticated(
-                "missing API key: send it in the apiKey header (or Authorization: Bearer <key>; "
-                "gRPC: metadata apikey). Create one with `engine keys create --name NAME`"
-            )
+            raise Unauthenticated(MISSING_KEY_MESSAGE)
         dig = digest(api_key)
         now = self._clock()
         hit = self._cache.get(dig)

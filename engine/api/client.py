@@ -13,14 +13,21 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.api.auth import MISSING_KEY_MESSAGE
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_rpc_error
 from engine.api.grpc_service import API_KEY_METADATA, IDEMPOTENCY_METADATA, SERVICE_NAME, EngineServicer
 from engine.api.pb import engine_pb2, engine_pb2_grpc
+from engine.errors import Unauthenticated
+from engine.limits import MAX_WAIT_S
 
 T = TypeVar("T")
 
 
 class EngineClient(Protocol):
+    async def authenticate(self, api_key: str | None) -> None:
+        """Raises (401) for a key that cannot be right, before the shim reads a request's body."""
+        ...
+
     async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any: ...
 
     async def get_result(self, api_key: str | None, request: Any) -> Any: ...
@@ -56,6 +63,12 @@ class InProcessClient:
     async def _call(self, fn: Callable[[str | None, Any], Awaitable[T]], key: str | None, request: Any) -> T:
         try:
             return await fn(key, request)
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
+
+    async def authenticate(self, api_key: str | None) -> None:
+        try:
+            self._servicer.auth.authenticate(api_key)
         except Exception as exc:
             raise ApiFailure(reply_for_exception(exc)) from exc
 
@@ -122,13 +135,21 @@ class RemoteClient:
             trailers = {str(k): v for k, v in pairs if isinstance(v, str)}
             raise ApiFailure(reply_for_rpc_error(exc.code(), exc.details(), trailers)) from exc
 
+    async def authenticate(self, api_key: str | None) -> None:
+        """Only that a key is there (the remote server is the one that knows the keys): a request
+        without one is refused before its body is read; a wrong one, by the server."""
+        if not api_key:
+            raise ApiFailure(reply_for_exception(Unauthenticated(MISSING_KEY_MESSAGE)))
+
     async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         extra = () if idempotency_key is None else ((IDEMPOTENCY_METADATA, idempotency_key),)
         return await self._call(self._stub.Submit, api_key, request, self._timeout_s, *extra)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
-        # A long poll holds the call open for up to wait_s.
-        return await self._call(self._stub.GetResult, api_key, request, self._timeout_s + request.wait_s)
+        # A long poll holds the call open for up to wait_s; the server checks wait_s's range (a
+        # NaN or an infinity must not become the deadline on the way there).
+        wait_s = request.wait_s if 0 < request.wait_s <= MAX_WAIT_S else 0.0
+        return await self._call(self._stub.GetResult, api_key, request, self._timeout_s + wait_s)
 
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._stub.Cancel, api_key, request, self._timeout_s)

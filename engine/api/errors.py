@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.errors import EngineError, NotReady, Overloaded
+from engine.errors import EngineError
+from engine.limits import MAX_ERROR_MESSAGE_CHARS
 from engine.serving.jobs import JobError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class ApiFailure(Exception):
 
 
 def reply_for_code(code: str, message: str, retry_after_s: float | None = None) -> ErrorReply:
+    """Messages are cut to MAX_ERROR_MESSAGE_CHARS: one that quotes a client's huge value must
+    not grow the reply (gRPC sends it in a header, where 8 KiB is all there is)."""
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[: MAX_ERROR_MESSAGE_CHARS - 15] + "... (truncated)"
     return ErrorReply(code, message, STATUS_BY_CODE.get(code, INTERNAL), retry_after_s)
 
 
@@ -104,8 +109,7 @@ def reply_for_exception(exc: BaseException) -> ErrorReply:
     if isinstance(exc, ApiFailure):
         return exc.reply
     if isinstance(exc, EngineError):
-        retry = exc.retry_after_s if isinstance(exc, Overloaded | NotReady) else None
-        return reply_for_code(exc.code, exc.message, retry)
+        return reply_for_code(exc.code, exc.message, exc.retry_after_s)
     log.error("internal error", exc_info=exc)
     return reply_for_code("internal", "internal server error; the server log has the details")
 

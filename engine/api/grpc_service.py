@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -33,7 +33,15 @@ from engine.api.auth import Authenticator
 from engine.api.deltas import Decode, TextDeltas
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
 from engine.api.pb import engine_pb2, engine_pb2_grpc
-from engine.errors import InvalidRequest, NotReady
+from engine.errors import InvalidRequest, NotReady, PromptTooLong, Unauthenticated
+from engine.limits import (
+    MAX_API_KEY_CHARS,
+    MAX_JOB_ID_CHARS,
+    MAX_MODEL_NAME_CHARS,
+    MAX_WAIT_S,
+    RequestLimits,
+    shorten,
+)
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason
@@ -47,7 +55,6 @@ API_KEY_METADATA = "apikey"
 # Submit with this metadata (REST: the Idempotency-Key header) is safe to retry: the same key
 # and idempotency key answer the job the first call made (JobService.submit).
 IDEMPOTENCY_METADATA = "idempotency-key"
-MAX_WAIT_S = 30.0
 
 STATUS_TO_PB = {
     JobStatus.QUEUED: engine_pb2.JOB_STATUS_QUEUED,
@@ -67,15 +74,24 @@ FINISH_TO_PB = {
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """What the server serves; the Info call and the playground's banner."""
+    """What the server serves and accepts; the Info call and the playground's banner."""
 
     model: str
     random_weights: bool
     device: str
     compute_type: str
-    max_new_tokens_limit: int
-    max_prompts_per_request: int
     auth_required: bool
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # The checkpoint it came from (engine.json's source): also accepted as ``model``.
+    model_source: str = ""
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return self.limits.max_new_tokens
+
+    @property
+    def max_prompts_per_request(self) -> int:
+        return self.limits.max_prompts
 
 
 class ServiceLike(Protocol):
@@ -145,10 +161,28 @@ def _plain(value: Any) -> Any:
 
 
 def params_to_struct(params: dict[str, Any] | None) -> struct_pb2.Struct:
+    """JSON params as a Struct. Struct numbers are doubles: an integer too large for one (400
+    digits) becomes an infinity, which the validation then rejects by name."""
     s = struct_pb2.Struct()
     if params:
-        s.update(params)
+        s.update({k: _struct_safe(v) for k, v in params.items()})
     return s
+
+
+def _struct_safe(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+        return value
+    if isinstance(value, dict):
+        return {k: _struct_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_struct_safe(v) for v in value]
+    return value
 
 
 def job_to_pb(view: JobView, served_model: str = "") -> Any:
@@ -210,7 +244,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.info = info
         self.metrics = metrics
         self.model_name = info.model
-        self.max_new_tokens_limit = info.max_new_tokens_limit
+        self.limits = info.limits
+        self._served_models = frozenset(n for n in (info.model, info.model_source) if n)
         self._decode = decode
 
     # ---- transport-independent face: raises engine errors -------------------------------
@@ -244,6 +279,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             view = await self.service.wait(owner, view.job.id)
         if view.job.status is JobStatus.FAILED:
             raise ApiFailure(reply_for_job_error(view.job.error))
+        if not view.job.status.terminal:
+            # wait() ends early only when the server stops (it raises NotReady then); never answer
+            # OK for a job that has not finished.
+            raise NotReady(
+                f"job {view.job.id} did not finish before the server stopped; retry", retry_after_s=1.0
+            )
         return job_to_pb(view, self.model_name)
 
     async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
@@ -301,15 +342,51 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:
+        """The one place where a job-creating request's limits and model are checked."""
         owner = self.auth.authenticate(api_key)
-        params = params_from_struct(request.params, max_new_tokens_limit=self.max_new_tokens_limit)
-        model = request.model or None
-        if model is not None and self.model_name and model != self.model_name:
-            raise InvalidRequest(
-                f"model {model!r} is not served here; this server serves {self.model_name!r}"
-            )
+        prompts = self._checked_prompts(request.prompts)
+        params = params_from_struct(request.params, max_new_tokens_limit=self.limits.max_new_tokens)
+        model = self._checked_model(request.model)
         self.auth.admit(owner)
-        return owner, list(request.prompts), params, model
+        return owner, prompts, params, model
+
+    def _checked_prompts(self, raw: Sequence[str]) -> list[str]:
+        prompts = list(raw)
+        limit = self.limits.max_prompts
+        if len(prompts) > limit:
+            raise InvalidRequest(
+                f"too many prompts: {len(prompts)}; at most {limit} prompts per request on this server; "
+                "split the request"
+            )
+        max_bytes = self.limits.max_prompt_bytes
+        for i, prompt in enumerate(prompts):
+            # A character is 1 to 4 bytes: only a prompt that might be over the limit is encoded.
+            if (
+                len(prompt) * 4 > max_bytes
+                and (size := len(prompt.encode("utf-8", "surrogatepass"))) > max_bytes
+            ):
+                raise PromptTooLong(
+                    f"prompt {i} is {size} bytes of UTF-8, over this server's limit of {max_bytes} "
+                    "bytes per prompt; shorten it"
+                )
+        return prompts
+
+    def _checked_model(self, model: str) -> str | None:
+        """One rule for REST and gRPC: absent or empty means the served model; otherwise the
+        model folder's name (what /v1/info and Info report) or the checkpoint it came from."""
+        if not model:
+            return None
+        if model in self._served_models:
+            return model
+        if len(model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidRequest(
+                f"model must be at most {MAX_MODEL_NAME_CHARS} characters, got {len(model)}; "
+                f"this server serves {self.model_name!r} (or leave model out)"
+            )
+        raise InvalidRequest(
+            f"model {shorten(model)} is not served here; this server serves {self.model_name!r} "
+            "(or leave model out)"
+        )
 
     def _cancel_on_disconnect(self, owner: str, job_id: str) -> _CancelOnDisconnect:
         return _CancelOnDisconnect(self.service, owner, job_id)
@@ -407,19 +484,38 @@ class _CancelOnDisconnect:
 
 
 def _api_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    return _metadata(context, API_KEY_METADATA)
+    key = _metadata(context, API_KEY_METADATA)
+    return None if key is None else checked_api_key(key)
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == name:
-            return value if isinstance(value, str) else value.decode()
+            return value if isinstance(value, str) else value.decode("latin-1")
     return None
+
+
+def checked_api_key(key: str) -> str:
+    """What any transport accepts as a key before looking it up: visible ASCII, bounded."""
+    if len(key) > MAX_API_KEY_CHARS or not (key.isascii() and key.isprintable()) or " " in key:
+        raise Unauthenticated(
+            f"malformed API key ({len(key)} characters): keys are at most {MAX_API_KEY_CHARS} "
+            "visible ASCII characters (no spaces), as `engine keys create` prints them"
+        )
+    return key
+
+
+_JOB_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _job_id(raw: str) -> str:
     if not raw:
         raise InvalidRequest("id is required: the job id that Submit returned")
+    if len(raw) > MAX_JOB_ID_CHARS or not _JOB_ID_CHARS.issuperset(raw):
+        raise InvalidRequest(
+            f"{shorten(raw, 40)} is not a job id: ids are at most {MAX_JOB_ID_CHARS} letters, digits, "
+            "- or _, as Submit returned them"
+        )
     logs.bind(job_id=raw)
     return raw
 
@@ -430,8 +526,13 @@ class GrpcServer:
 
     def __init__(self, servicer: EngineServicer, address: str) -> None:
         self.servicer = servicer
+        # The largest valid request and no more: a larger message is refused (RESOURCE_EXHAUSTED)
+        # before the servicer sees it.
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+            options=[
+                ("grpc.max_receive_message_length", servicer.limits.grpc_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
         )
         engine_pb2_grpc.add_EngineServicer_to_server(servicer, self.server)
         self.health = AioHealthServicer()

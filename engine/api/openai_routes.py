@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes (DESIGN.md, "OpenAI-compatible routes"): ``GET /v1/models``,
+"""The OpenAI-compatible routes (docs/api.md, the OpenAI-compatible routes): ``GET /v1/models``,
 ``POST /v1/completions`` and ``POST /v1/chat/completions``, mounted beside the seed's shim on the
 same app and the same ``EngineClient``.
 
@@ -93,6 +93,7 @@ class OpenAIRoutes:
     # ---- the job -----------------------------------------------------------------------------
     async def _generate(self, request: Request, parse: Callable[[dict[str, Any]], OpenAIRequest]) -> Response:
         key = request_key(request)
+        await self.client.authenticate(key)  # 401 before the body is read
         oa = parse(parse_body(await request.body()))
         model_id = await self.served_model()
         submit = engine_pb2.SubmitRequest(

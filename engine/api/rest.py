@@ -1,4 +1,4 @@
-"""The REST shim: the seed's submit/poll API (DESIGN.md, "The submit/poll API"), transcoded to the
+"""The REST shim: the seed's submit/poll API (docs/api.md), transcoded to the
 gRPC service through an ``EngineClient`` (in process, or a remote gRPC server).
 
 Every answer that is not a success is the envelope ``{"success": false, "error": {"code",
@@ -9,7 +9,7 @@ internal errors (logged, never shown).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,28 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine._version import __version__
+from engine.api.body import ASGIApp, BodyLimit, Message, Receive, Scope, Send
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
-from engine.api.grpc_service import FINISH_TO_PB, MAX_WAIT_S, PB_TO_STATUS, params_to_struct
+from engine.api.grpc_service import FINISH_TO_PB, PB_TO_STATUS, checked_api_key, params_to_struct
 from engine.api.pb import engine_pb2
 from engine.api.sse import EventStream, sse_frame
 from engine.errors import EngineError, InvalidRequest
+from engine.limits import MAX_WAIT_S, RequestLimits, shorten
 from engine.metrics import Metrics
 from engine.serving.jobs import JobError, JobStatus
 
 log = logging.getLogger(__name__)
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
-MAX_BODY_BYTES = 4 * 1024 * 1024
 FINISH_NAMES = {pb: reason.value for reason, pb in FINISH_TO_PB.items()}
 BODY_FIELDS = ("prompt", "params", "model")
-
-# The ASGI callable's types (as starlette.types spells them).
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 # ---- schemas (they are what /openapi.json publishes) -----------------------------------------
@@ -193,7 +187,7 @@ def parse_last_event_id(raw: str | None) -> int:
 
 
 async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
-    """The seed stream's events (DESIGN.md, the stream route): one per token with the text it adds
+    """The seed stream's events (docs/api.md, "Streaming"): one per token with the text it adds
     and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
     the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""
     if PB_TO_STATUS[job.status].terminal:
@@ -215,7 +209,14 @@ async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> Asy
             if t.finished:
                 data["finish_reason"] = FINISH_NAMES.get(t.finish_reason, "length")
             yield sse_frame(data, event_id=event_id)
-    except ApiFailure as exc:  # the job failed: done carries its status and the reason
+    except ApiFailure as exc:
+        if exc.reply.code == "not_ready":
+            # The server stops before the job ends (it stays queued): no done, which would say the
+            # job is over; the stream just ends, and an EventSource reconnects (to another server,
+            # or this one restarted) with Last-Event-ID after the retry time given here.
+            yield b"retry: 1000\n\n"
+            return
+        # The job failed: done carries its status and the reason.
         yield sse_frame(
             {
                 "id": job.id,
@@ -238,17 +239,19 @@ def done_event(job: Any) -> bytes:
 
 
 def request_key(request: Request) -> str | None:
-    return api_key_from(request.headers.get("apikey"), request.headers.get("authorization"))
+    key = api_key_from(request.headers.get("apikey"), request.headers.get("authorization"))
+    return None if key is None else checked_api_key(key)
 
 
 def parse_wait(raw: str | None) -> float:
+    """The number; its range (finite, 0 to MAX_WAIT_S) is the service's one check (GetResult)."""
     if raw is None or raw == "":
         return 0.0
     try:
         return float(raw)
     except ValueError:
         raise InvalidRequest(
-            f"wait must be a number of seconds between 0 and {MAX_WAIT_S:g}, got {raw!r}"
+            f"wait must be a number of seconds between 0 and {MAX_WAIT_S:g}, got {shorten(raw, 40)}"
         ) from None
 
 
@@ -361,8 +364,7 @@ def validation_message(exc: RequestValidationError) -> str:
 
 
 class RequestMetrics:
-    """ASGI middleware: engine_requests_total{route,code} by route template (bounded labels) and
-    the body size limit (413 before reading a huge body)."""
+    """ASGI middleware: engine_requests_total{route,code} by route template (bounded labels)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -373,16 +375,6 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         status = 500
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            reply = reply_for_code(
-                "payload_too_large", f"the request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MiB"
-            )
-            response = error_response(reply)
-            status = response.status_code
-            await response(scope, receive, send)
-            self._observe(scope, status)
-            return
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -467,7 +459,11 @@ def create_app(
     metrics: Metrics,
     *,
     public_url: str | None = None,
+    limits: RequestLimits | None = None,
 ) -> EngineApp:
+    """The REST app. ``limits`` (engine/limits.py; the defaults when None) sets the body limit
+    that every route gets, on the bytes as they arrive (engine/api/body.py)."""
+    body_limit = (limits or RequestLimits()).http_body_bytes
     app = EngineApp(
         title="FLAN-T5 inference engine",
         version=__version__,
@@ -545,13 +541,15 @@ def create_app(
         },
     )
     async def submit(request: Request) -> JSONResponse:
+        key = request_key(request)
+        await client.authenticate(key)  # 401 before the body is read
         # The body is read as JSON whatever Content-Type says: `curl -d '{...}'` labels it a form.
         body = parse_submit_body(await request.body())
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         message = engine_pb2.SubmitRequest(
             prompts=prompts, params=params_to_struct(body.params), model=body.model or ""
         )
-        job = await client.submit(request_key(request), message, request.headers.get("idempotency-key"))
+        job = await client.submit(key, message, request.headers.get("idempotency-key"))
         base = public_base or base_url(request)
         return success(
             {
@@ -569,10 +567,10 @@ def create_app(
         openapi_extra={"parameters": [*KEY_PARAMETERS, WAIT_PARAMETER]},
     )
     async def response(job_id: str, request: Request) -> JSONResponse:
+        key = request_key(request)
+        await client.authenticate(key)  # 401 before anything else is looked at
         wait = parse_wait(request.query_params.get("wait"))
-        job = await client.get_result(
-            request_key(request), engine_pb2.GetResultRequest(id=job_id, wait_s=wait)
-        )
+        job = await client.get_result(key, engine_pb2.GetResultRequest(id=job_id, wait_s=wait))
         if PB_TO_STATUS[job.status] is JobStatus.FAILED:
             return error_response(failed_job_reply(job))
         return success(response_data(job))
@@ -658,18 +656,22 @@ def create_app(
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit_bytes=body_limit)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it counts the 413s too
     api_routes = {
         (m, getattr(r, "path", "")): r for r in app.routes for m in getattr(r, "methods", None) or ()
     }
     app.hot = RequestMetrics(
-        HotRoutes(
-            {
-                ("POST", "submit"): (api_routes[("POST", "/v1/submit")], submit),
-                ("GET", "response"): (api_routes[("GET", "/v1/response/{job_id}")], response),
-                ("DELETE", "response"): (api_routes[("DELETE", "/v1/response/{job_id}")], cancel),
-            },
-            on_error,
+        BodyLimit(
+            HotRoutes(
+                {
+                    ("POST", "submit"): (api_routes[("POST", "/v1/submit")], submit),
+                    ("GET", "response"): (api_routes[("GET", "/v1/response/{job_id}")], response),
+                    ("DELETE", "response"): (api_routes[("DELETE", "/v1/response/{job_id}")], cancel),
+                },
+                on_error,
+            ),
+            body_limit,
         ),
         metrics,
     )

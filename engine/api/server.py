@@ -21,6 +21,7 @@ import uvicorn
 
 from engine.api.access_log import AccessLog
 from engine.api.auth import Authenticator
+from engine.api.body import lingering_http_protocol
 from engine.api.client import EngineClient, InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer, ServerInfo
 from engine.api.openai_routes import mount as mount_openai_routes
@@ -110,9 +111,9 @@ async def _serve(cfg: Config) -> int:
         random_weights=random_weights,
         device=engine.device,
         compute_type=engine.compute_type,
-        max_new_tokens_limit=cfg.max_new_tokens_limit,
-        max_prompts_per_request=cfg.max_prompts_per_request,
         auth_required=not cfg.auth_disabled,
+        limits=cfg.request_limits,
+        model_source=engine.manifest.source,
     )
     metrics.model_info.labels(model=info.model, device=info.device, compute_type=info.compute_type).set(1)
     servicer = EngineServicer(service, auth, info, metrics=metrics, decode=engine.tokenizer.decode)
@@ -142,10 +143,14 @@ async def _serve(cfg: Config) -> int:
         log.info("stopping: no new jobs; draining the running batch (up to %.0f s)", DRAIN_TIMEOUT_S)
         return 0 if stop.is_set() else 1
     finally:
-        await service.stop(drain_timeout_s=min(DRAIN_TIMEOUT_S, cfg.job_timeout_s))
+        # Draining, both servers still answer: polls read results, waits for jobs that finish in
+        # time get them, and every wait for one that does not gets 503 / UNAVAILABLE. The store
+        # closes last, once no request can read it any more.
+        await service.stop(drain_timeout_s=min(DRAIN_TIMEOUT_S, cfg.job_timeout_s), close_store=False)
         if grpc_server is not None:
             await grpc_server.stop(grace_s=2.0)
         await _stop_http(http, http_task)
+        store.close()
         keys.close()
         log.info("stopped")
 
@@ -173,7 +178,7 @@ async def _serve_shim(cfg: Config, metrics: Metrics, stop: asyncio.Event) -> int
 async def _start_http(
     cfg: Config, client: EngineClient, metrics: Metrics
 ) -> tuple[_HttpServer, asyncio.Task[None]]:
-    app: Any = create_app(client, metrics, public_url=cfg.public_url)
+    app: Any = create_app(client, metrics, public_url=cfg.public_url, limits=cfg.request_limits)
     mount_openai_routes(app, client)
     if cfg.access_log:
         app = AccessLog(app)
@@ -185,6 +190,7 @@ async def _start_http(
         access_log=False,  # uvicorn's own: ours (--access-log) has job ids, key names and JSON
         lifespan="off",
         timeout_graceful_shutdown=int(HTTP_GRACE_S),
+        http=lingering_http_protocol(),
     )
     http = _HttpServer(config)
     task = asyncio.get_running_loop().create_task(_run_http(http))

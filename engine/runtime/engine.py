@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequest, ModelError, PromptTooLong
+from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
 from engine.model.manifest import TOKENIZER_NAME, Manifest
 from engine.model.tokenizer import Tokenizer
 from engine.runtime.backends import Backend, backend_for, needs_decoder
 from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
-from engine.runtime.params import DEFAULT_MAX_NEW_TOKENS_LIMIT, DecodingParams, Strategy
+from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, Usage
 from engine.runtime.stop import StopCut, stop_sequences
@@ -126,7 +127,7 @@ class Engine:
     # -- the Python API --------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], **params: Any) -> list[Result]:
-        """One ``Result`` per prompt. ``params`` are the request's decoding parameters (DESIGN.md)."""
+        """One ``Result`` per prompt. ``params`` are the request's decoding parameters (docs/api.md)."""
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings, not a single string")
         decoding = DecodingParams.from_dict(params, max_new_tokens_limit=self.max_new_tokens_limit)
@@ -164,11 +165,6 @@ class Engine:
         """
         for i, request in enumerate(requests):
             self._check_length(i, request.input_ids)
-            if request.params.max_new_tokens > self.max_new_tokens_limit:
-                raise InvalidRequest(
-                    f"max_new_tokens must be at most {self.max_new_tokens_limit}, "
-                    f"got {request.params.max_new_tokens}"
-                )
         results: dict[int, Result] = {}
         for group in _groups(requests):
             params = requests[group[0]].params

@@ -3,8 +3,9 @@
 CTranslate2 has no step-level API and no hidden-state output for encoder-decoder models, which
 contrastive search needs; this runtime reads the same converted weights (``model.bin``). It is
 three modules put together: t5_weights.py (loading), kv_cache.py (the decoder's state between
-steps) and t5_math.py (the forward pass as plain functions). What is here: device, dtype and
-thread choices, the position-bias tables, and the step's hand-over to CUDA graphs.
+steps) and t5_math.py (the forward pass as plain functions; on CPU with the compiled kernel,
+t5_fused.py: the same pass on the kernel's fused attention, norm and activation). What is here:
+device, dtype and thread choices, the position-bias tables, and the step's hand-over to CUDA graphs.
 
 Shapes: B sequences, m rows per sequence (contrastive candidates), H heads, D = d_kv, T cached
 decoder positions, S encoder positions.
@@ -22,7 +23,7 @@ from engine.errors import InvalidRequest
 from engine.model.manifest import Manifest
 from engine.model.shapes import T5Shape
 from engine.model.weights import ModelFile, read_model_file
-from engine.runtime import qlinear, t5_math
+from engine.runtime import qlinear, t5_fused, t5_math, t5ops
 from engine.runtime.kv_cache import Array, DecoderCache, EncoderOutput, StepOutput, mask_value
 from engine.runtime.t5_math import ArrayMatmul, Compute, Matmul, relative_position_bucket
 from engine.runtime.t5_weights import DecoderLayer, T5Weights, Weight, load_weights
@@ -58,6 +59,7 @@ class T5Runtime:
         self._dec_bias_by_distance: np.ndarray | None = None
         self._own_bias: Array | None = None
         self._graphs: DecoderGraphs | None = None  # see use_cuda_graphs()
+        self._fused_on = True  # see use_fused()
 
     @property
     def threads(self) -> int:
@@ -125,6 +127,18 @@ class T5Runtime:
             decoder_start_token_id=decoder_start_token_id,
         )
 
+    # ------------------------------------------------------------------ fused layers
+    def use_fused(self, on: bool) -> None:
+        """Attention, norms and activations in the compiled kernel (t5_fused.py) where it runs, or
+        numpy (t5_math.py, the reference: tests compare the two)."""
+        self._fused_on = on
+
+    @property
+    def fused(self) -> bool:
+        """Whether the forward pass runs t5_fused.py: on CPU in float32, with the compiled kernel in
+        use (qlinear.use_kernel, Config.qlinear) and built with its fused functions."""
+        return self._fused_on and self.xp is np and self.dtype == np.float32 and t5ops.available()
+
     # ------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, on: bool) -> None:
         """On CUDA, replay a captured decoder step instead of launching its ~500 operations one by
@@ -164,6 +178,7 @@ class T5Runtime:
             if min(ids) < 0 or max(ids) >= s.vocab_size:
                 raise InvalidRequest(f"token ids must be in [0, {s.vocab_size})")
         batch, n = len(prompts), max(len(ids) for ids in prompts)
+        c, w = self._compute, self.weights
         padded = np.zeros((batch, n), dtype=np.int64)
         key_mask = np.zeros((batch, 1, 1, n), dtype=np.float32)
         for b, ids in enumerate(prompts):
@@ -176,14 +191,16 @@ class T5Runtime:
             num_buckets=s.relative_attention_num_buckets,
             max_distance=s.relative_attention_max_distance,
         )
-        # [B, H, S, S]: relative position bias plus the padding mask of the keys (kept in the dtype's range).
-        host_bias = np.maximum(
-            self.weights.encoder_bias_table[buckets].transpose(2, 0, 1)[None] + key_mask,
-            mask_value(self.dtype),
-        )
-        bias = xp.asarray(host_bias, dtype=self.dtype)
-        c, w = self._compute, self.weights
-        enc = t5_math.encoder(c, w, xp.asarray(padded.reshape(-1)), bias, batch, n)
+        position_bias = self.weights.encoder_bias_table[buckets].transpose(2, 0, 1)  # [H, S, S]
+        if self.fused:  # the kernel skips each prompt's padded keys itself
+            lengths = np.array([len(ids) for ids in prompts], dtype=np.int64)
+            bias = np.ascontiguousarray(position_bias, dtype=np.float32)
+            enc = t5_fused.encoder(c, w, padded.reshape(-1), bias, lengths)
+        else:
+            # [B, H, S, S]: the position bias plus the padding mask of the keys (kept in the dtype's range).
+            host_bias = np.maximum(position_bias[None] + key_mask, mask_value(self.dtype))
+            bias = xp.asarray(host_bias, dtype=self.dtype)
+            enc = t5_math.encoder(c, w, xp.asarray(padded.reshape(-1)), bias, batch, n)
         kv = t5_math.cross_kv(c, w, enc, batch, n)  # [2, B, L, H, S, D]
         return [
             EncoderOutput(
@@ -240,6 +257,11 @@ class T5Runtime:
         """``decoder_step`` one operation at a time, attending over the batch's longest past only."""
         batch, m = tokens.shape
         width = int(cache.lengths.max()) if batch else 0
+        if self.fused:  # the kernel reads the bias by distance itself
+            table = self._bias_by_distance(width)
+            return t5_fused.decoder_step(
+                self._compute, self.weights, cache, tokens.reshape(-1), (batch, m), table
+            )
         past_bias = self.xp.asarray(self.past_bias_host(cache.lengths, width))
         token_ids = self.xp.asarray(tokens.reshape(-1))
         return self.step_on_device(cache, token_ids, (batch, m), past_bias, self.own_bias(), width)

@@ -19,6 +19,7 @@ from typing import Any
 from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
+from engine.limits import MAX_IDEMPOTENCY_KEY_CHARS
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
@@ -33,14 +34,11 @@ from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-# An Idempotency-Key: what Stripe and the IETF draft allow, bounded (the store keeps it per job).
-IDEMPOTENCY_KEY_MAX_CHARS = 255
-
 
 def check_idempotency_key(key: str) -> None:
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all(" " <= c <= "~" for c in key):
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
         raise InvalidRequest(
-            f"the idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters "
+            f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
             "(a UUID is a good choice)"
         )
 
@@ -88,6 +86,7 @@ class JobService:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopping = False
+        self._drained = False  # stopping, and the running jobs finished or went back to the queue
         self._commit: asyncio.Future[None] | None = None  # the shared commit of waiting submits
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -128,9 +127,11 @@ class JobService:
         ]
         self._started = True
 
-    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+    async def stop(self, drain_timeout_s: float = 30.0, *, close_store: bool = True) -> None:
         """Stop accepting (NotReady), let the running batch finish within ``drain_timeout_s``,
-        put back in the queue what did not, and close the store."""
+        put back in the queue what did not, answer every wait for a job that did not finish with
+        NotReady (``wait``), and close the store (unless ``close_store`` is False: the caller
+        closes it once its servers stopped, so that late reads still find it open)."""
         if not self._started or self._stopping:
             return
         self._stopping = True
@@ -157,10 +158,12 @@ class JobService:
             with contextlib.suppress(EngineError):
                 self.store.requeue(rj.job.id, rj.attempt)
         sched.running.clear()
+        self._drained = True  # before the waiters wake: they answer NotReady, not the job as it is
         self.events.finish_all()
         if self._worker is not None:
             self._worker.stop()
-        self.store.close()
+        if close_store:
+            self.store.close()
 
     @property
     def ready(self) -> bool:
@@ -180,17 +183,9 @@ class JobService:
         repeats one of the same owner answers the job that one made, for as long as the store
         holds it (result_ttl_s after it ended), across restarts and servers sharing the store."""
         self._check_accepting()
+        # The request's limits (prompt count and size, max_new_tokens, model) were checked at the
+        # edge (engine/api/grpc_service.py, engine/limits.py); here only the types are.
         prompts = self._check_prompts(prompts)
-        if params.max_new_tokens > self.config.max_new_tokens_limit:
-            raise InvalidRequest(
-                f"max_new_tokens must be at most {self.config.max_new_tokens_limit} on this server, "
-                f"got {params.max_new_tokens}"
-            )
-        if model is not None and model not in (self.model_name, self.engine.manifest.source):
-            raise InvalidRequest(
-                f"model {model!r} is not served here; this server serves {self.model_name!r} "
-                "(or leave model out)"
-            )
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
             earlier = self.store.find_idempotent(owner, idempotency_key)
@@ -288,19 +283,40 @@ class JobService:
         return JobView(updated, 0)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float | None = None) -> JobView:
-        """Once the job is terminal, or after ``timeout_s`` (then it is returned as it is)."""
+        """Once the job is terminal, or after ``timeout_s`` (then it is returned as it is).
+
+        Raises NotReady (with a Retry-After) when the server stops before the job ends here: a
+        queued job once stopping began (this server no longer runs any), any unfinished job once
+        the drain is over. A caller never mistakes the shutdown for the job's end or for a plain
+        long-poll timeout, and retries (on another server sharing the store, or after a restart:
+        the job stays queued)."""
         # The waiter exists before the store is read, so an end between the two is not missed.
         fut = self.events.waiter(job_id)
         try:
             job = self._owned(owner, job_id)
             if job.status.terminal:
                 return JobView(job, 0)
+            if self._drained or (self._stopping and job.status is JobStatus.QUEUED):
+                raise self._stopped_before(job_id)
             ended = await self._until_terminal(job_id, fut, timeout_s)
         finally:
             self.events.discard_waiter(job_id, fut)
         if ended is not None and ended.owner == owner:
             return JobView(ended, 0)  # as stored at its end: no read back
-        return await self.get(owner, job_id)
+        if self._drained:  # woken by the shutdown (finish_all), not by the job's end
+            raise self._stopped_before(job_id)
+        view = await self.get(owner, job_id)
+        if self._stopping and not view.job.status.terminal:
+            raise self._stopped_before(job_id)  # left the engine unfinished (aborted, requeued)
+        return view
+
+    @staticmethod
+    def _stopped_before(job_id: str) -> NotReady:
+        return NotReady(
+            f"the server is stopping and job {job_id} has not finished here; it stays queued for "
+            "the next server: retry",
+            retry_after_s=1.0,
+        )
 
     async def stream(self, owner: str, job_id: str) -> AsyncIterator[RowEvent]:
         """Token events as they are generated (each names its ``Row``: job id, prompt index), then
@@ -394,11 +410,6 @@ class JobService:
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
             raise InvalidRequest(f"every prompt must be a string; prompt(s) {bad[:5]} are not")
-        limit = self.config.max_prompts_per_request
-        if len(prompts) > limit:
-            raise InvalidRequest(
-                f"too many prompts: {len(prompts)}, the limit is {limit} per request; split the request"
-            )
         return list(prompts)
 
     def _owned(self, owner: str, job_id: str) -> Job:
