@@ -350,6 +350,15 @@ async def test_malformed_keys_are_401(http: httpx.AsyncClient, stub: Any, stack:
             grpc.StatusCode.UNAUTHENTICATED,
             "malformed API key",
         )
+    # The streaming calls read the key inside their handler too.
+    for call in (
+        stub.GenerateStream(submit("x"), metadata=(("apikey", "k" * 300),)),
+        stub.StreamResult(engine_pb2.StreamResultRequest(id="0" * 32), metadata=(("apikey", "k" * 300),)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [m async for m in call]
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        assert "malformed API key" in (info.value.details() or "")
     # Larger than gRPC's metadata limit: refused by the transport, still not a server error.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Submit(submit("x"), metadata=(("apikey", "k" * 100_000),))
@@ -398,6 +407,53 @@ async def test_huge_values_in_messages_are_cut(http: httpx.AsyncClient, stub: An
         grpc.StatusCode.INVALID_ARGUMENT,
         "model must be at most 256",
     )
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (all that a SubmitRequest is made of)."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while n > 0x7F:
+            out += bytes([(n & 0x7F) | 0x80])
+            n >>= 7
+        return out + bytes([n])
+
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def nested_submit(depth: int) -> bytes:
+    """SubmitRequest(prompts=["x"], params={"seed": [[...["x"]...]]}) with ``depth`` lists, as
+    bytes: past protobuf's depth limit no client library builds it, but a client can send it."""
+    value = _ld(3, b"x")  # Value.string_value
+    for _ in range(depth):
+        value = _ld(6, _ld(1, value))  # Value.list_value of ListValue.values
+    return _ld(1, b"x") + _ld(2, _ld(1, _ld(1, b"seed") + _ld(2, value)))
+
+
+async def test_nesting_and_undecodable_messages_are_4xx(
+    http: httpx.AsyncClient, grpc_server: GrpcServer, stack: FakeStack
+) -> None:
+    key = {"apiKey": stack.alice, "Content-Type": "application/json"}
+    body = b'{"prompt": "x", "params": {"seed": ' + b"[" * 150 + b"]" * 150 + b"}}"
+    envelope(await http.post("/v1/submit", content=body, headers=key), 422, "invalid_request", "nests")
+    meta = (("apikey", stack.alice),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_server.port}") as channel:
+        for method in ("Submit", "Generate"):
+            call = channel.unary_unary(
+                f"/engine.v1.Engine/{method}", request_serializer=None, response_deserializer=None
+            )
+            await rpc_error(call(nested_submit(3), metadata=meta), grpc.StatusCode.INVALID_ARGUMENT, "seed")
+            for raw in (nested_submit(200), b"\xff\xff\xff"):
+                await rpc_error(
+                    call(raw, metadata=meta), grpc.StatusCode.INVALID_ARGUMENT, "cannot be decoded"
+                )
+        stream = channel.unary_stream(
+            "/engine.v1.Engine/GenerateStream", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [m async for m in stream(nested_submit(200), metadata=meta)]
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
 
 
 # ---- each limit checked once, at the edge, the same on both transports ---------------------------
