@@ -1,8 +1,8 @@
 """Shutdown semantics over real sockets (issue 11 item 9): `engine serve` as a subprocess, SIGTERM
-while a unary Generate, a REST long poll and the seed's event stream wait for a job that cannot
-finish before the server stops. None may answer as if it had: gRPC UNAVAILABLE and REST 503 with a
-retry-after, the stream ends without its done event; the client retries, the job stays queued and
-completes on the next start."""
+while a unary Generate, a GenerateStream, a REST long poll and the seed's event stream wait for
+jobs that cannot finish before the server stops. None may answer as if they had: gRPC UNAVAILABLE
+and REST 503 with a retry-after, the event stream ends without its done event; the client
+retries, the jobs stay queued and complete on the next start."""
 
 from __future__ import annotations
 
@@ -67,7 +67,16 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
                 engine_pb2.SubmitRequest(prompts=["good morning"]), metadata=(("apikey", key),), timeout=60
             )
         )
-        time.sleep(1.5)  # both are waiting now
+        streamed = in_thread(
+            lambda: list(
+                stub.GenerateStream(
+                    engine_pb2.SubmitRequest(prompts=["good evening"]),
+                    metadata=(("apikey", key),),
+                    timeout=60,
+                )
+            )
+        )
+        time.sleep(1.5)  # all of them are waiting now
         assert not long_poll.done(), long_poll.result().text
         assert not generate.done(), generate.exception()
         assert not stream.done(), stream.result().text
@@ -81,6 +90,11 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
         assert "has not finished" in err.details() and "retry" in err.details()
         trailers = dict(err.trailing_metadata() or ())
         assert trailers.get("error-code") == "not_ready" and trailers.get("retry-after") == "1"
+
+        with pytest.raises(grpc.RpcError) as info:
+            streamed.result(timeout=30)
+        err = info.value
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
 
         reply = long_poll.result(timeout=30)
         assert reply.status_code == 503, reply.text

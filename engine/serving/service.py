@@ -305,7 +305,10 @@ class JobService:
             return JobView(ended, 0)  # as stored at its end: no read back
         if self._drained:  # woken by the shutdown (finish_all), not by the job's end
             raise self._stopped_before(job_id)
-        return await self.get(owner, job_id)
+        view = await self.get(owner, job_id)
+        if self._stopping and not view.job.status.terminal:
+            raise self._stopped_before(job_id)  # left the engine unfinished (aborted, requeued)
+        return view
 
     @staticmethod
     def _stopped_before(job_id: str) -> NotReady:

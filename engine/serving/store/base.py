@@ -207,6 +207,7 @@ class StoreHealth:
         self._down_since: float | None = None
         self._logged_at = -math.inf
         self._failures = 0
+        self._logged_down = False  # the last failure was logged: log the recovery too
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -232,6 +233,7 @@ class StoreHealth:
                 self._down_since = now
             if now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
+                self._logged_down = True
                 log.warning(
                     "the %s %s failed (%d failure(s) so far; %s: %s); calls answer 503 until "
                     "it answers again",
@@ -253,15 +255,16 @@ class StoreHealth:
                 continue
             with self._lock:
                 if self._down_since is not None:
-                    log.warning(
-                        "the %s %s answers again (down %.1f s)",
-                        self.what,
-                        self.shown,
-                        time.monotonic() - self._down_since,
-                    )
+                    if self._logged_down:  # a store that flaps logs twice per LOG_EVERY_S at most
+                        log.warning(
+                            "the %s %s answers again (down %.1f s)",
+                            self.what,
+                            self.shown,
+                            time.monotonic() - self._down_since,
+                        )
+                        self._logged_down = False
                     self._down_since = None
                     self._failures = 0
-                    self._logged_at = -math.inf
 
     def stop(self) -> None:
         self._stop.set()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +53,12 @@ log = logging.getLogger(__name__)
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
 local P = ARGV[1]
+-- Lease times are Redis's clock, not the servers': a server whose clock steps neither steals
+-- another's jobs nor keeps its own past their lease.
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local function queue_fields(id)
   return redis.call('HMGET', P..'job:'..id, 'seq', 'lane', 'batch_key', 'created_at', 'owner', 'prompt_tokens')
 end
@@ -123,7 +128,7 @@ queue(id)
 return {seq}
 """
 
-# ARGV: prefix, now, lease deadline, ids...
+# ARGV: prefix, now, lease_s, ids...
 _CLAIM = """
 local claimed = {}
 for i = 4, #ARGV do
@@ -133,7 +138,7 @@ for i = 4, #ARGV do
     unqueue(id)
     redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
     redis.call('HINCRBY', j, 'attempts', 1)
-    redis.call('ZADD', P..'running', ARGV[3], id)
+    redis.call('ZADD', P..'running', server_now() + tonumber(ARGV[3]), id)
     claimed[#claimed + 1] = id
   end
 end
@@ -193,9 +198,9 @@ requeue(ARGV[2])
 return 1
 """
 
-# ARGV: prefix, now: every running job whose lease ran out -> QUEUED
+# ARGV: prefix: every running job whose lease ran out -> QUEUED
 _REQUEUE_EXPIRED = """
-local ids = redis.call('ZRANGEBYSCORE', P..'running', '-inf', ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', P..'running', '-inf', server_now())
 local out = {}
 for _, id in ipairs(ids) do
   if redis.call('HGET', P..'job:'..id, 'status') == 'running' then
@@ -224,9 +229,10 @@ end
 return out
 """
 
-# ARGV: prefix, deadline, ids...: extend the leases of jobs still running
+# ARGV: prefix, lease_s, ids...: extend the leases of jobs still running
 _RENEW = """
-for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', ARGV[2], ARGV[i]) end
+local deadline = server_now() + tonumber(ARGV[2])
+for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', deadline, ARGV[i]) end
 return 1
 """
 
@@ -250,12 +256,14 @@ return n
 
 def connect(url: StoreUrl) -> Any:
     """A Redis client for a store URL: every call bounded by the URL's timeouts, and at most one
-    immediate retry on a fresh connection (a connection from before a Redis restart fails once),
-    instead of redis-py's default of ten retries with backoff, which held the event loop for
-    seconds during an outage."""
+    immediate retry on a fresh connection after a connection error (a connection from before a
+    Redis restart fails once), none after a timeout (a paused Redis would hold the caller twice as
+    long), instead of redis-py's default of ten retries with backoff, which held the event loop
+    for seconds during an outage."""
     try:
         import redis
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.retry import Retry
     except ImportError as exc:  # pragma: no cover - redis is a dependency of the dev extra
         raise InvalidRequest(
@@ -266,7 +274,7 @@ def connect(url: StoreUrl) -> Any:
         decode_responses=True,
         socket_timeout=url.timeout_s,
         socket_connect_timeout=url.connect_timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,
     )
@@ -330,8 +338,8 @@ class RedisJobStore(JobStore):
                 with self._mine_lock:
                     mine = list(self._mine)
                 if mine:
-                    self._run("renew", time.time() + self.lease_s, *mine)
-                requeued = self._run("requeue_expired", time.time())
+                    self._run("renew", self.lease_s, *mine)
+                requeued = self._run("requeue_expired")
                 if requeued:
                     log.warning("requeued %d job(s) whose server stopped renewing its lease", len(requeued))
             except self.errors as exc:
@@ -430,7 +438,7 @@ class RedisJobStore(JobStore):
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
         if not job_ids:
             return []
-        claimed = self._run("claim", repr(now), time.time() + self.lease_s, *job_ids)
+        claimed = self._run("claim", repr(now), self.lease_s, *job_ids)
         if not claimed:
             return []
         pipe = self._r.pipeline(transaction=False)
@@ -477,7 +485,7 @@ class RedisJobStore(JobStore):
 
     @store_call
     def requeue_running(self) -> list[str]:
-        return list(self._run("requeue_expired", time.time()))
+        return list(self._run("requeue_expired"))
 
     @store_call
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:

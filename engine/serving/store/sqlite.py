@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
+    LOG_EVERY_S,
     Completion,
     JobStore,
     QueueLoad,
@@ -236,6 +238,7 @@ class SqliteJobStore(JobStore):
 
     def _checkpoint_loop(self) -> None:
         con = sqlite3.connect(self.path, isolation_level=None)
+        logged_at = -LOG_EVERY_S
         try:
             con.execute("PRAGMA busy_timeout=5000")
             while not self._stop_checkpoints.wait(CHECKPOINT_EVERY_S):
@@ -243,7 +246,9 @@ class SqliteJobStore(JobStore):
                     # PASSIVE: copies what it can without blocking readers or the writer.
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
-                    log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
+                    if time.monotonic() - logged_at >= LOG_EVERY_S:  # a full disk: not twice a second
+                        logged_at = time.monotonic()
+                        log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
         finally:
             con.close()
 
