@@ -1,4 +1,4 @@
-"""FLAN-T5 inference engine. ``from engine import Engine`` is the Python API (see DESIGN.md)."""
+"""FLAN-T5 inference engine. ``from engine import Engine`` is the Python API (docs/api.md)."""
 
 from __future__ import annotations
 

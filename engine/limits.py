@@ -26,10 +26,21 @@ DEFAULT_MAX_PROMPT_BYTES = 16 * 1024
 
 # Fixed.
 MAX_WAIT_S = 30.0  # a long poll's longest wait (REST ?wait=, gRPC GetResult.wait_s)
-MAX_PARAMS_BYTES = 4 * 1024  # the params object as sent (twelve known names with their values)
+# Decoding parameters (DecodingParams.from_dict checks them, and the ranges of the others).
+MAX_BEAMS = 16
+MAX_TOP_K = 200
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_LENGTH = 256  # characters per stop sequence
+# The params object as sent, UTF-8: the stop sequences at their longest (4 bytes a character, a few
+# bytes of framing each), and 1 KiB for every other parameter's name and value.
+MAX_PARAMS_BYTES = 1024 + MAX_STOP_SEQUENCES * (4 * MAX_STOP_LENGTH + 16)
+MAX_PARAMS_DEPTH = 8  # arrays or objects in params (stop is one): protobuf stops at 100 levels
 MAX_MODEL_NAME_CHARS = 256
 MAX_JOB_ID_CHARS = 64  # ours are 32 hex digits
 MAX_API_KEY_CHARS = 256  # ours are about 60 ASCII characters
+# An Idempotency-Key: what Stripe and the IETF draft allow (the store keeps it per job); checked by
+# JobService.submit, the one place that reads it.
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_ERROR_MESSAGE_CHARS = 1024  # a gRPC status message travels in a header (8 KiB for all of them)
 
 # JSON's worst case for text: a character of 2 or 4 UTF-8 bytes written as \uXXXX escapes (6 or 12

@@ -1,4 +1,4 @@
-"""Prometheus metrics (contract: the names in DESIGN.md). One ``Metrics`` object per process,
+"""Prometheus metrics (contract: the names in docs/metrics.md). One ``Metrics`` object per process,
 created at start and passed to the layers that observe; ``/metrics`` renders its registry."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Shutdown semantics over real sockets (issue 11 item 9): `engine serve` as a subprocess, SIGTERM
-while a unary Generate and a REST long poll wait for jobs that cannot finish before the server
-stops. Neither may answer success: gRPC UNAVAILABLE and REST 503, both with a retry-after, so that
-the client retries; the jobs stay queued and complete on the next start."""
+while a unary Generate, a GenerateStream, a REST long poll and the seed's event stream wait for
+jobs that cannot finish before the server stops. None may answer as if they had: gRPC UNAVAILABLE
+and REST 503 with a retry-after, the event stream ends without its done event; the client
+retries, the jobs stay queued and complete on the next start."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
             lambda: requests.get(f"{server.url}/v1/response/{polled_id}?wait=25", headers=headers, timeout=60)
         )
 
+        stream = in_thread(
+            lambda: requests.get(f"{server.url}/v1/response/{polled_id}/stream", headers=headers, timeout=60)
+        )
+
         channel = grpc.insecure_channel(server.grpc_target)
         stub = engine_pb2_grpc.EngineStub(channel)
         generate = in_thread(
@@ -62,9 +67,19 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
                 engine_pb2.SubmitRequest(prompts=["good morning"]), metadata=(("apikey", key),), timeout=60
             )
         )
-        time.sleep(1.5)  # both are waiting now
+        streamed = in_thread(
+            lambda: list(
+                stub.GenerateStream(
+                    engine_pb2.SubmitRequest(prompts=["good evening"]),
+                    metadata=(("apikey", key),),
+                    timeout=60,
+                )
+            )
+        )
+        time.sleep(1.5)  # all of them are waiting now
         assert not long_poll.done(), long_poll.result().text
         assert not generate.done(), generate.exception()
+        assert not stream.done(), stream.result().text
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
 
@@ -76,12 +91,21 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
         trailers = dict(err.trailing_metadata() or ())
         assert trailers.get("error-code") == "not_ready" and trailers.get("retry-after") == "1"
 
+        with pytest.raises(grpc.RpcError) as info:
+            streamed.result(timeout=30)
+        err = info.value
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+
         reply = long_poll.result(timeout=30)
         assert reply.status_code == 503, reply.text
         assert reply.headers["Retry-After"] == "1"
         body = reply.json()
         assert body["success"] is False and body["error"]["code"] == "not_ready"
         assert polled_id in body["error"]["message"]
+        # The seed's event stream ends without a done event (the job is not over) and tells an
+        # EventSource when to reconnect (with Last-Event-ID, to this job on the next server).
+        events = stream.result(timeout=30).text
+        assert "event: done" not in events and events.endswith("retry: 1000\n\n"), events
         assert time.monotonic() - started < 20  # answered at the drain's end, not at a timeout
         channel.close()
         assert server.proc.wait(60) == 0, server.log()

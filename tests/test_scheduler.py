@@ -334,9 +334,9 @@ def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_
 ) -> None:
     """32 prompts at top_k 50 need 1,600 decoder rows; the decoder has 256 (5 prompts at a time).
     The job is accepted and completes: its prompts wait for room instead of failing the job."""
+    from engine.limits import MAX_TOP_K
     from engine.runtime.contrastive import DEFAULT_MAX_ROWS
     from engine.runtime.engine import Engine
-    from engine.runtime.params import MAX_TOP_K
 
     # No single prompt can need more rows than the decoder has, so admission never has to
     # refuse one at submit; raising MAX_TOP_K past the decoder's rows would need that check.

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes (DESIGN.md, "OpenAI-compatible routes"): ``GET /v1/models``,
+"""The OpenAI-compatible routes (docs/api.md, the OpenAI-compatible routes): ``GET /v1/models``,
 ``POST /v1/completions`` and ``POST /v1/chat/completions``, mounted beside the seed's shim on the
 same app and the same ``EngineClient``.
 

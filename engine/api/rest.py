@@ -1,4 +1,4 @@
-"""The REST shim: the seed's submit/poll API (DESIGN.md, "The submit/poll API"), transcoded to the
+"""The REST shim: the seed's submit/poll API (docs/api.md), transcoded to the
 gRPC service through an ``EngineClient`` (in process, or a remote gRPC server).
 
 Every answer that is not a success is the envelope ``{"success": false, "error": {"code",
@@ -187,7 +187,7 @@ def parse_last_event_id(raw: str | None) -> int:
 
 
 async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
-    """The seed stream's events (DESIGN.md, the stream route): one per token with the text it adds
+    """The seed stream's events (docs/api.md, "Streaming"): one per token with the text it adds
     and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
     the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""
     if PB_TO_STATUS[job.status].terminal:
@@ -209,7 +209,14 @@ async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> Asy
             if t.finished:
                 data["finish_reason"] = FINISH_NAMES.get(t.finish_reason, "length")
             yield sse_frame(data, event_id=event_id)
-    except ApiFailure as exc:  # the job failed: done carries its status and the reason
+    except ApiFailure as exc:
+        if exc.reply.code == "not_ready":
+            # The server stops before the job ends (it stays queued): no done, which would say the
+            # job is over; the stream just ends, and an EventSource reconnects (to another server,
+            # or this one restarted) with Last-Event-ID after the retry time given here.
+            yield b"retry: 1000\n\n"
+            return
+        # The job failed: done carries its status and the reason.
         yield sse_frame(
             {
                 "id": job.id,

@@ -1,4 +1,4 @@
-"""The model ``make serve`` uses when none is configured (DESIGN.md "Command line").
+"""The model ``make serve`` uses when none is configured (docs/api.md, "Command line").
 
 In order: ``models/flan-t5-small`` when it holds a model folder; else ``google/flan-t5-small``
 converted from the Hub into it (giving up within seconds when the Hub cannot be reached); else

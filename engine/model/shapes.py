@@ -130,7 +130,7 @@ class T5Shape:
             raise ModelError(f"config.json has an invalid T5 shape: {exc}") from exc
 
 
-# FLAN-T5's real shapes (DESIGN.md "Model conversion").
+# FLAN-T5's real shapes (docs/api.md, `engine demo-model`).
 PRESETS: dict[str, T5Shape] = {
     "small": T5Shape(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
     "base": T5Shape(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),

@@ -125,7 +125,7 @@ class Engine:
     # -- the Python API --------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], **params: Any) -> list[Result]:
-        """One ``Result`` per prompt. ``params`` are the request's decoding parameters (DESIGN.md)."""
+        """One ``Result`` per prompt. ``params`` are the request's decoding parameters (docs/api.md)."""
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings, not a single string")
         decoding = DecodingParams.from_dict(params, max_new_tokens_limit=self.max_new_tokens_limit)

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import InvalidRequest
-from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
+from engine.limits import (
+    DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    MAX_BEAMS,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_K,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 64
-MAX_BEAMS = 16
-MAX_TOP_K = 200
-MAX_STOP_SEQUENCES = 4  # as OpenAI's API
-MAX_STOP_LENGTH = 256  # characters per stop sequence
 
 
 class Strategy(enum.Enum):

@@ -1,6 +1,6 @@
 """Reading a converted model (``model.bin``) into the arrays our T5 runtime computes with.
 
-CTranslate2's variable names (CONTRASTIVE.md, "Reading the converted weights"): self-attention
+CTranslate2's variable names (docs/contrastive.md, "Reading the converted weights"): self-attention
 Q/K/V fused in ``linear_0``; cross-attention Q in ``linear_0``, K/V fused in ``linear_1``; int8
 weights with a per-row scale. On CPU each weight matrix becomes a ``qlinear.Linear`` (int8 kept
 with its scales for the compiled kernel); on CUDA a dequantized device array in the compute dtype.
