@@ -21,7 +21,7 @@ import pytest
 
 from engine.api.openai_protocol import chat_prompt, decoding_params
 from engine.runtime.engine import Engine
-from tests.api_fakes import ServerProcess, create_key_cli, start_server
+from harness.processes import ServerProcess, create_key_cli, start_server
 
 pytestmark = pytest.mark.e2e
 
