@@ -246,7 +246,6 @@ def bad_requests(c: openai.OpenAI) -> None:
         ({"top_p": 0.5}, "top_p", "temperature > 0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
-        ({"model": "gpt-4"}, "model", "not served"),
     ]
     for kwargs, param, words in cases:
         args: dict[str, Any] = {"model": "", "prompt": "x", **kwargs}
@@ -257,6 +256,16 @@ def bad_requests(c: openai.OpenAI) -> None:
         assert bad.value.status_code == 400 and err["type"] == "invalid_request_error", err
         assert err["param"] == param, err
         assert words in err["message"], err
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.completions.create(model="gpt-4", prompt="x")
+    body: Any = missing.value.body
+    assert body == {
+        "message": body["message"],
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    assert "not served" in body["message"]
     with pytest.raises(openai.BadRequestError) as bad:
         tool_turn: Any = [{"role": "tool", "content": "x"}]
         c.chat.completions.create(model="", messages=tool_turn)
