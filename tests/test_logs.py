@@ -16,7 +16,7 @@ import requests
 from engine import logs
 from engine.config import Config
 from engine.errors import InvalidRequest
-from tests.api_fakes import create_key_cli, start_server
+from harness.processes import create_key_cli, start_server
 
 
 @pytest.fixture

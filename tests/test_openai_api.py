@@ -21,7 +21,7 @@ import pytest
 
 from engine.api.openai_protocol import chat_prompt, decoding_params
 from engine.runtime.engine import Engine
-from tests.api_fakes import ServerProcess, create_key_cli, start_server
+from harness.processes import ServerProcess, create_key_cli, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -112,7 +112,15 @@ def test_default_max_tokens_is_16_and_n_repeats_each_prompt(env: Env, offline: E
     assert out.usage.completion_tokens == 2 * sum(r.usage.completion_tokens for r in expected)
 
 
-@pytest.mark.parametrize("extra", [GREEDY, CONTRASTIVE], ids=["greedy", "contrastive"])
+STREAM_STRATEGIES = {
+    "greedy": GREEDY,
+    "contrastive": CONTRASTIVE,
+    "beam": {"num_beams": 3},
+    "seeded sampling": {"temperature": 0.8, "seed": 7},
+}
+
+
+@pytest.mark.parametrize("extra", list(STREAM_STRATEGIES.values()), ids=list(STREAM_STRATEGIES))
 def test_streamed_deltas_add_up_to_the_non_streamed_text(
     env: Env, offline: Engine, extra: dict[str, Any]
 ) -> None:
@@ -147,7 +155,7 @@ def streamed_and_plain(c: openai.OpenAI, extra: dict[str, Any], offline: Engine)
     assert usage is not None and plain.usage is not None
     assert usage.model_dump() == plain.usage.model_dump()
     assert chunks > len(PROMPTS) + 1  # token by token, not one chunk per prompt
-    params = {"max_new_tokens": 24, **extra}
+    params = decoding_params(extra, 24, 16)  # the job's params, as the route maps them
     assert texts == [r.text for r in offline.generate(PROMPTS, **params)]
 
 

@@ -42,7 +42,7 @@ from engine.api.openai_protocol import (
 )
 from engine.api.pb import engine_pb2
 from engine.api.rest import FINISH_NAMES, request_key
-from engine.api.sse import EventStream, sse_frame, unless_disconnected
+from engine.api.sse import EventStream, aclose, sse_frame, unless_disconnected
 from engine.serving.jobs import JobStatus
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class OpenAIRoutes:
         except Exception as exc:
             error = error_for(exc)
             yield sse_frame(error.body())
+        finally:
+            await aclose(stream)  # a client gone before the end: its job is cancelled now
         yield DONE
 
 
