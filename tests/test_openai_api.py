@@ -84,6 +84,7 @@ def test_models_lists_the_served_model(env: Env) -> None:
     with client(env) as c:
         models = c.models.list()
     assert [m.id for m in models.data] == [env.model_dir.name]
+    assert models.data[0].model_dump()["root"] == "test:flan:seed=0"  # engine.json's source
 
 
 def test_completion_equals_the_offline_engine(env: Env, offline: Engine) -> None:
