@@ -344,7 +344,7 @@ async def main(args: argparse.Namespace) -> int:
         if "store_redis" in sections:
             import shutil
 
-            from tests.fakes import redis_server
+            from harness.processes import redis_server
 
             if shutil.which("redis-server") is None:
                 print("store_redis: skipped, redis-server is not installed", flush=True)

@@ -34,6 +34,7 @@ MAX_STOP_LENGTH = 256  # characters per stop sequence
 # The params object as sent, UTF-8: the stop sequences at their longest (4 bytes a character, a few
 # bytes of framing each), and 1 KiB for every other parameter's name and value.
 MAX_PARAMS_BYTES = 1024 + MAX_STOP_SEQUENCES * (4 * MAX_STOP_LENGTH + 16)
+MAX_PARAMS_DEPTH = 8  # arrays or objects in params (stop is one): protobuf stops at 100 levels
 MAX_MODEL_NAME_CHARS = 256
 MAX_JOB_ID_CHARS = 64  # ours are 32 hex digits
 MAX_API_KEY_CHARS = 256  # ours are about 60 ASCII characters

@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from google.protobuf import struct_pb2
 
-from engine.api.body import lingering_http_protocol
+from engine.api.body import LINGER_MAX_BYTES, _LingeringTransport, lingering_http_protocol
 from engine.api.client import InProcessClient, RemoteClient
 from engine.api.grpc_service import GrpcServer
 from engine.api.openai_routes import mount as mount_openai_routes
@@ -28,7 +28,8 @@ from engine.api.rest import create_app
 from engine.config import Config
 from engine.limits import MAX_ERROR_MESSAGE_CHARS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, RequestLimits
 from engine.metrics import Metrics
-from tests.api_fakes import INFO, FakeStack, free_port, open_stack
+from harness.processes import free_port
+from tests.api_fakes import INFO, FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -215,6 +216,38 @@ async def test_a_100_kb_job_id_over_a_socket_is_a_4xx(socket_url: tuple[str, int
     assert len(data) < 4096  # the message names the id by its start and length, not whole
 
 
+class FakeTransport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+async def test_only_a_close_with_a_body_still_arriving_lingers() -> None:
+    idle = FakeTransport()
+    _LingeringTransport(idle, lambda: False).close()  # type: ignore[arg-type]
+    assert idle.calls == ["close"]  # an idle keep-alive connection, a reply after the whole body
+    busy = FakeTransport()
+    lingering = _LingeringTransport(busy, lambda: True)  # type: ignore[arg-type]
+    lingering.close()
+    assert busy.calls == ["write_eof", "resume_reading"] and lingering.is_closing()
+    lingering.discard(LINGER_MAX_BYTES + 1)  # the client keeps sending: closed at the cap
+    assert busy.calls[-1] == "close"
+
+
 async def test_keep_alive_survives_ordinary_requests(socket_url: tuple[str, int], stack: FakeStack) -> None:
     """Only a reply given before its body was read closes the connection."""
     host, port = socket_url
@@ -350,6 +383,15 @@ async def test_malformed_keys_are_401(http: httpx.AsyncClient, stub: Any, stack:
             grpc.StatusCode.UNAUTHENTICATED,
             "malformed API key",
         )
+    # The streaming calls read the key inside their handler too.
+    for call in (
+        stub.GenerateStream(submit("x"), metadata=(("apikey", "k" * 300),)),
+        stub.StreamResult(engine_pb2.StreamResultRequest(id="0" * 32), metadata=(("apikey", "k" * 300),)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [m async for m in call]
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        assert "malformed API key" in (info.value.details() or "")
     # Larger than gRPC's metadata limit: refused by the transport, still not a server error.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Submit(submit("x"), metadata=(("apikey", "k" * 100_000),))
@@ -398,6 +440,53 @@ async def test_huge_values_in_messages_are_cut(http: httpx.AsyncClient, stub: An
         grpc.StatusCode.INVALID_ARGUMENT,
         "model must be at most 256",
     )
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (all that a SubmitRequest is made of)."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while n > 0x7F:
+            out += bytes([(n & 0x7F) | 0x80])
+            n >>= 7
+        return out + bytes([n])
+
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def nested_submit(depth: int) -> bytes:
+    """SubmitRequest(prompts=["x"], params={"seed": [[...["x"]...]]}) with ``depth`` lists, as
+    bytes: past protobuf's depth limit no client library builds it, but a client can send it."""
+    value = _ld(3, b"x")  # Value.string_value
+    for _ in range(depth):
+        value = _ld(6, _ld(1, value))  # Value.list_value of ListValue.values
+    return _ld(1, b"x") + _ld(2, _ld(1, _ld(1, b"seed") + _ld(2, value)))
+
+
+async def test_nesting_and_undecodable_messages_are_4xx(
+    http: httpx.AsyncClient, grpc_server: GrpcServer, stack: FakeStack
+) -> None:
+    key = {"apiKey": stack.alice, "Content-Type": "application/json"}
+    body = b'{"prompt": "x", "params": {"seed": ' + b"[" * 150 + b"]" * 150 + b"}}"
+    envelope(await http.post("/v1/submit", content=body, headers=key), 422, "invalid_request", "nests")
+    meta = (("apikey", stack.alice),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_server.port}") as channel:
+        for method in ("Submit", "Generate"):
+            call = channel.unary_unary(
+                f"/engine.v1.Engine/{method}", request_serializer=None, response_deserializer=None
+            )
+            await rpc_error(call(nested_submit(3), metadata=meta), grpc.StatusCode.INVALID_ARGUMENT, "seed")
+            for raw in (nested_submit(200), b"\xff\xff\xff"):
+                await rpc_error(
+                    call(raw, metadata=meta), grpc.StatusCode.INVALID_ARGUMENT, "cannot be decoded"
+                )
+        stream = channel.unary_stream(
+            "/engine.v1.Engine/GenerateStream", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [m async for m in stream(nested_submit(200), metadata=meta)]
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
 
 
 # ---- each limit checked once, at the edge, the same on both transports ---------------------------

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -38,6 +39,7 @@ from engine.limits import (
     MAX_API_KEY_CHARS,
     MAX_JOB_ID_CHARS,
     MAX_MODEL_NAME_CHARS,
+    MAX_PARAMS_DEPTH,
     MAX_WAIT_S,
     RequestLimits,
     shorten,
@@ -165,11 +167,11 @@ def params_to_struct(params: dict[str, Any] | None) -> struct_pb2.Struct:
     digits) becomes an infinity, which the validation then rejects by name."""
     s = struct_pb2.Struct()
     if params:
-        s.update({k: _struct_safe(v) for k, v in params.items()})
+        s.update({k: _struct_safe(v, k, 1) for k, v in params.items()})
     return s
 
 
-def _struct_safe(value: Any) -> Any:
+def _struct_safe(value: Any, name: str, depth: int) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -178,10 +180,16 @@ def _struct_safe(value: Any) -> Any:
         except OverflowError:
             return math.inf if value > 0 else -math.inf
         return value
-    if isinstance(value, dict):
-        return {k: _struct_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_struct_safe(v) for v in value]
+    if isinstance(value, dict | list):
+        # A Struct is a protobuf message: nested past protobuf's own depth limit it cannot be built.
+        if depth > MAX_PARAMS_DEPTH:
+            raise InvalidRequest(
+                f"params.{name[:40]} nests arrays or objects more than {MAX_PARAMS_DEPTH} deep; "
+                "parameters are numbers, booleans, strings or arrays of strings"
+            )
+        if isinstance(value, dict):
+            return {k: _struct_safe(v, name, depth + 1) for k, v in value.items()}
+        return [_struct_safe(v, name, depth + 1) for v in value]
     return value
 
 
@@ -339,6 +347,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             auth_required=i.auth_required,
             ready=self.service.ready,
             version=__version__,
+            model_source=i.model_source,
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:
@@ -417,22 +426,25 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def GenerateStream(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        messages = self.generate_stream(_api_key(context), request)
-        async for message in self._streaming("GenerateStream", messages, context):
+        async for message in self._streaming("GenerateStream", self.generate_stream, request, context):
             yield message
 
     async def StreamResult(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        messages = self.stream_result(_api_key(context), request)
-        async for message in self._streaming("StreamResult", messages, context):
+        async for message in self._streaming("StreamResult", self.stream_result, request, context):
             yield message
 
     async def _streaming(
-        self, method: str, messages: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        fn: Callable[[str | None, Any], AsyncIterator[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Any]:
         try:
-            async for message in messages:
+            # The request and the key are read inside: what is wrong with them is a status too.
+            async for message in fn(_api_key(context), _decoded(request)):
                 yield message
         except Exception as exc:
             await self._abort(method, exc, context)
@@ -447,7 +459,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> Any:
         try:
-            reply = await fn(_api_key(context), request)
+            reply = await fn(_api_key(context), _decoded(request))
         except Exception as exc:
             await self._abort(method, exc, context)
             raise  # unreachable: abort raises
@@ -520,6 +532,55 @@ def _job_id(raw: str) -> str:
     return raw
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that protobuf could not parse (corrupt, or nested past its depth
+    limit); the handler answers INVALID_ARGUMENT instead of grpc's UNKNOWN with the exception."""
+
+    reason: str
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(f"the request message cannot be decoded: {request.reason}")
+    return request
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+class _HandlerCapture:
+    """Takes the method handlers that the generated code registers, so that they can be
+    registered again with lenient deserializers (the generated code names every method)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        return None
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_servicer(servicer: EngineServicer, server: grpc.aio.Server) -> None:
+    capture = _HandlerCapture()
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, capture)
+    handlers = {
+        name: h._replace(request_deserializer=_lenient(h.request_deserializer))
+        for name, h in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
 class GrpcServer:
     """The grpc.aio server: the Engine service, grpc.health.v1 (SERVING while the job service is
     ready, on "" and on engine.v1.Engine) and server reflection."""
@@ -534,7 +595,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        engine_pb2_grpc.add_EngineServicer_to_server(servicer, self.server)
+        add_servicer(servicer, self.server)
         self.health = AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (

@@ -20,8 +20,16 @@ class Clock(Protocol):
 
 
 class RealClock:
+    """Unix seconds that never step: the wall clock read once, at start, then advanced by the
+    monotonic clock. A wall-clock step (NTP, an operator, a VM resumed) moves neither the queue
+    delays nor the job timeouts of a running server; stored times stay Unix seconds."""
+
+    def __init__(self) -> None:
+        self._wall0 = time.time()
+        self._mono0 = time.monotonic()
+
     def time(self) -> float:
-        return time.time()
+        return self._wall0 + (time.monotonic() - self._mono0)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

@@ -137,7 +137,13 @@ class Finisher:
                 [Completion(rj.job.id, rj.attempt, result) for rj, _, result in done], now
             )
         except BaseException:
-            # Still in ``running``: the loop's supervisor puts them back in the queue.
+            # Still in ``running``: the loop's supervisor puts them back in the queue, or, if the
+            # store cannot take that either, the service's reconcile sweep does once it can.
+            log.warning(
+                "the results of %d finished job(s) could not be written to the store; they go back "
+                "to the queue and run again",
+                len(done),
+            )
             for rj, _, _ in done:
                 self.events.finish(rj.job.id)
             raise

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,8 @@ from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     JobStore,
+    LimitReached,
+    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 # Shared Lua helpers: take a job out of the queue's sets / put it back at its place.
 _LUA_HELPERS = """
 local P = ARGV[1]
+-- Lease times are Redis's clock, not the servers': a server whose clock steps neither steals
+-- another's jobs nor keeps its own past their lease.
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local function queue_fields(id)
   return redis.call('HMGET', P..'job:'..id, 'seq', 'lane', 'batch_key', 'created_at', 'owner', 'prompt_tokens')
 end
@@ -102,9 +109,11 @@ local function requeue(id)
 end
 """
 
-# ARGV: prefix, id, idempotency key name or '', then field/value pairs of the job hash (lane,
-# batch_key, created_at among them). Returns {seq}, or {-1, earlier id} for a replay: the key
-# names a job the store still holds (the name is deleted with that job by the purge).
+# ARGV: prefix, id, idempotency key name or '', the four QueueLimits (or four ''), owner, prompt
+# tokens, then field/value pairs of the job hash (lane, batch_key, created_at among them).
+# Returns {seq}; {-1, earlier id} for a replay: the key names a job the store still holds (the
+# name is deleted with that job by the purge); {-2, limit, queued load...} past a limit (the
+# same order of checks as QueueLimits.passed).
 _ENQUEUE = """
 local id, idem = ARGV[2], ARGV[3]
 local j = P..'job:'..id
@@ -112,18 +121,30 @@ if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') e
 if idem ~= '' then
   local earlier = redis.call('GET', idem)
   if earlier and redis.call('EXISTS', P..'job:'..earlier) == 1 then return {-1, earlier} end
-  redis.call('SET', idem, id)
 end
+if ARGV[4] ~= '' then
+  local owner, tokens = ARGV[8], tonumber(ARGV[9])
+  local l = redis.call('HMGET', P..'load', 'tokens', 'jobs:'..owner, 'tokens:'..owner)
+  local load = {redis.call('ZCARD', P..'queued'), tonumber(l[1] or '0'), tonumber(l[2] or '0'),
+    tonumber(l[3] or '0')}
+  local passed = nil
+  if load[1] >= tonumber(ARGV[4]) then passed = 'max_queue_size'
+  elseif load[2] + tokens > tonumber(ARGV[5]) then passed = 'max_queued_tokens'
+  elseif load[3] >= tonumber(ARGV[6]) then passed = 'max_queued_jobs_per_key'
+  elseif load[4] + tokens > tonumber(ARGV[7]) then passed = 'max_queued_tokens_per_key' end
+  if passed then return {-2, passed, load[1], load[2], load[3], load[4]} end
+end
+if idem ~= '' then redis.call('SET', idem, id) end
 local seq = redis.call('INCR', P..'seq')
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
 if idem ~= '' then redis.call('HSET', j, 'idem', idem) end
 queue(id)
 return {seq}
 """
 
-# ARGV: prefix, now, lease deadline, ids...
+# ARGV: prefix, now, lease_s, ids...
 _CLAIM = """
 local claimed = {}
 for i = 4, #ARGV do
@@ -133,7 +154,7 @@ for i = 4, #ARGV do
     unqueue(id)
     redis.call('HSET', j, 'status', 'running', 'started_at', ARGV[2])
     redis.call('HINCRBY', j, 'attempts', 1)
-    redis.call('ZADD', P..'running', ARGV[3], id)
+    redis.call('ZADD', P..'running', server_now() + tonumber(ARGV[3]), id)
     claimed[#claimed + 1] = id
   end
 end
@@ -193,9 +214,9 @@ requeue(ARGV[2])
 return 1
 """
 
-# ARGV: prefix, now: every running job whose lease ran out -> QUEUED
+# ARGV: prefix: every running job whose lease ran out -> QUEUED
 _REQUEUE_EXPIRED = """
-local ids = redis.call('ZRANGEBYSCORE', P..'running', '-inf', ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', P..'running', '-inf', server_now())
 local out = {}
 for _, id in ipairs(ids) do
   if redis.call('HGET', P..'job:'..id, 'status') == 'running' then
@@ -224,9 +245,10 @@ end
 return out
 """
 
-# ARGV: prefix, deadline, ids...: extend the leases of jobs still running
+# ARGV: prefix, lease_s, ids...: extend the leases of jobs still running
 _RENEW = """
-for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', ARGV[2], ARGV[i]) end
+local deadline = server_now() + tonumber(ARGV[2])
+for i = 3, #ARGV do redis.call('ZADD', P..'running', 'XX', deadline, ARGV[i]) end
 return 1
 """
 
@@ -250,12 +272,14 @@ return n
 
 def connect(url: StoreUrl) -> Any:
     """A Redis client for a store URL: every call bounded by the URL's timeouts, and at most one
-    immediate retry on a fresh connection (a connection from before a Redis restart fails once),
-    instead of redis-py's default of ten retries with backoff, which held the event loop for
-    seconds during an outage."""
+    immediate retry on a fresh connection after a connection error (a connection from before a
+    Redis restart fails once), none after a timeout (a paused Redis would hold the caller twice as
+    long), instead of redis-py's default of ten retries with backoff, which held the event loop
+    for seconds during an outage."""
     try:
         import redis
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.retry import Retry
     except ImportError as exc:  # pragma: no cover - redis is a dependency of the dev extra
         raise InvalidRequest(
@@ -266,7 +290,7 @@ def connect(url: StoreUrl) -> Any:
         decode_responses=True,
         socket_timeout=url.timeout_s,
         socket_connect_timeout=url.connect_timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,
     )
@@ -330,8 +354,8 @@ class RedisJobStore(JobStore):
                 with self._mine_lock:
                     mine = list(self._mine)
                 if mine:
-                    self._run("renew", time.time() + self.lease_s, *mine)
-                requeued = self._run("requeue_expired", time.time())
+                    self._run("renew", self.lease_s, *mine)
+                requeued = self._run("requeue_expired")
                 if requeued:
                     log.warning("requeued %d job(s) whose server stopped renewing its lease", len(requeued))
             except self.errors as exc:
@@ -343,7 +367,13 @@ class RedisJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
+    ) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
@@ -363,9 +393,21 @@ class RedisJobStore(JobStore):
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
         idem = "" if idempotency_key is None else self._idempotency_name(job.owner, idempotency_key)
-        reply = self._run("enqueue", job.id, idem, *flat)
-        if int(reply[0]) < 0:
+        bounds: list[Any] = (
+            ["", "", "", ""]
+            if limits is None
+            else [
+                limits.max_queue_size,
+                limits.max_queued_tokens,
+                limits.max_queued_jobs_per_key,
+                limits.max_queued_tokens_per_key,
+            ]
+        )
+        reply = self._run("enqueue", job.id, idem, *bounds, job.owner, prompt_tokens, *flat)
+        if int(reply[0]) == -1:
             raise Replay(reply[1])
+        if int(reply[0]) == -2:
+            raise LimitReached(reply[1], QueueLoad(*(int(x) for x in reply[2:6])))
         return queue_entry(job, int(reply[0]), lane, key, prompt_tokens)
 
     def _idempotency_name(self, owner: str, idempotency_key: str) -> str:
@@ -430,7 +472,7 @@ class RedisJobStore(JobStore):
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
         if not job_ids:
             return []
-        claimed = self._run("claim", repr(now), time.time() + self.lease_s, *job_ids)
+        claimed = self._run("claim", repr(now), self.lease_s, *job_ids)
         if not claimed:
             return []
         pipe = self._r.pipeline(transaction=False)
@@ -477,7 +519,7 @@ class RedisJobStore(JobStore):
 
     @store_call
     def requeue_running(self) -> list[str]:
-        return list(self._run("requeue_expired", time.time()))
+        return list(self._run("requeue_expired"))
 
     @store_call
     def queued_before(self, cutoff: float, limit: int = 1000) -> list[str]:

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
+    LOG_EVERY_S,
     Completion,
     JobStore,
+    LimitReached,
+    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
@@ -236,6 +240,7 @@ class SqliteJobStore(JobStore):
 
     def _checkpoint_loop(self) -> None:
         con = sqlite3.connect(self.path, isolation_level=None)
+        logged_at = -LOG_EVERY_S
         try:
             con.execute("PRAGMA busy_timeout=5000")
             while not self._stop_checkpoints.wait(CHECKPOINT_EVERY_S):
@@ -243,7 +248,9 @@ class SqliteJobStore(JobStore):
                     # PASSIVE: copies what it can without blocking readers or the writer.
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
-                    log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
+                    if time.monotonic() - logged_at >= LOG_EVERY_S:  # a full disk: not twice a second
+                        logged_at = time.monotonic()
+                        log.warning("WAL checkpoint of %s failed (%s); retrying", self.path, exc)
         finally:
             con.close()
 
@@ -274,19 +281,29 @@ class SqliteJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
+    ) -> QueueEntry:
         with self._lock:
             self._end_group()
-            self._check_replay(job.owner, idempotency_key)
+            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
             return self._insert(job, prompt_tokens, idempotency_key)
 
     @store_call
     def enqueue_deferred(
-        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
     ) -> QueueEntry:
         with self._lock:
             # Sees the open group's rows too: a repeat within one group commit is a replay.
-            self._check_replay(job.owner, idempotency_key)
+            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
             if not self._group:
                 self._db.execute("BEGIN")
             try:
@@ -319,12 +336,20 @@ class SqliteJobStore(JobStore):
                 return True
             return False
 
-    def _check_replay(self, owner: str, idempotency_key: str | None) -> None:
-        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored."""
+    def _check_admission(
+        self, owner: str, tokens: int, idempotency_key: str | None, limits: QueueLimits | None
+    ) -> None:
+        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored, else
+        ``LimitReached`` past a limit (the in-memory queue index is exact: one process a file)."""
         if idempotency_key is not None:
             earlier = self._idempotent(owner, idempotency_key)
             if earlier is not None:
                 raise Replay(earlier)
+        if limits is not None:
+            load = self._queue.load(owner)
+            passed = limits.passed(load, tokens)
+            if passed is not None:
+                raise LimitReached(passed, load)
 
     def _idempotent(self, owner: str, idempotency_key: str) -> str | None:
         row = self._db.execute(
