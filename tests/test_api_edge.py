@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from google.protobuf import struct_pb2
 
-from engine.api.body import lingering_http_protocol
+from engine.api.body import LINGER_MAX_BYTES, _LingeringTransport, lingering_http_protocol
 from engine.api.client import InProcessClient, RemoteClient
 from engine.api.grpc_service import GrpcServer
 from engine.api.openai_routes import mount as mount_openai_routes
@@ -28,7 +28,8 @@ from engine.api.rest import create_app
 from engine.config import Config
 from engine.limits import MAX_ERROR_MESSAGE_CHARS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, RequestLimits
 from engine.metrics import Metrics
-from tests.api_fakes import INFO, FakeStack, free_port, open_stack
+from harness.processes import free_port
+from tests.api_fakes import INFO, FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -213,6 +214,38 @@ async def test_a_100_kb_job_id_over_a_socket_is_a_4xx(socket_url: tuple[str, int
     writer.close()
     assert 400 <= reply_status(data) < 500, data[:300]
     assert len(data) < 4096  # the message names the id by its start and length, not whole
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+async def test_only_a_close_with_a_body_still_arriving_lingers() -> None:
+    idle = FakeTransport()
+    _LingeringTransport(idle, lambda: False).close()  # type: ignore[arg-type]
+    assert idle.calls == ["close"]  # an idle keep-alive connection, a reply after the whole body
+    busy = FakeTransport()
+    lingering = _LingeringTransport(busy, lambda: True)  # type: ignore[arg-type]
+    lingering.close()
+    assert busy.calls == ["write_eof", "resume_reading"] and lingering.is_closing()
+    lingering.discard(LINGER_MAX_BYTES + 1)  # the client keeps sending: closed at the cap
+    assert busy.calls[-1] == "close"
 
 
 async def test_keep_alive_survives_ordinary_requests(socket_url: tuple[str, int], stack: FakeStack) -> None:

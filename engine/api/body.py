@@ -138,10 +138,12 @@ LINGER_MAX_BYTES = 1024 * 1024
 
 class _LingeringTransport:
     """The connection's transport as uvicorn sees it, except that ``close()`` half-closes and
-    lingers (see the module's docstring)."""
+    lingers (see the module's docstring) while a request's body is still arriving (``unread()``);
+    any other close (an idle keep-alive connection, a reply after the whole body) is immediate."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, unread: Callable[[], bool]) -> None:
         self._transport = transport
+        self._unread = unread
         self.lingering = False
         self._discarded = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -156,7 +158,7 @@ class _LingeringTransport:
         t = self._transport
         if self.lingering or t.is_closing():
             return
-        if not t.can_write_eof():
+        if not self._unread() or not t.can_write_eof():
             t.close()
             return
         self.lingering = True
@@ -184,8 +186,12 @@ def lingering_http_protocol() -> type[asyncio.Protocol]:
 
     class LingeringProtocol(Base):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self._lingering = _LingeringTransport(transport)  # type: ignore[arg-type]
+            self._lingering = _LingeringTransport(transport, self._body_unread)  # type: ignore[arg-type]
             super().connection_made(self._lingering)
+
+        def _body_unread(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is not None and bool(cycle.more_body)
 
         def data_received(self, data: bytes) -> None:
             if self._lingering.lingering:
