@@ -62,7 +62,7 @@ system-deps:
 	@bash scripts/system-deps.sh
 
 test: $(STAMP) $(REF_STAMP) system-deps
-	$(BIN)/ruff check engine tests scripts benchmarks
+	$(BIN)/ruff check engine tests scripts benchmarks harness
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -71,8 +71,8 @@ test-cuda: $(STAMP)
 	$(BIN)/python -m pytest -m cuda $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine tests scripts benchmarks
-	$(BIN)/ruff format --check engine tests scripts benchmarks
+	$(BIN)/ruff check engine tests scripts benchmarks harness
+	$(BIN)/ruff format --check engine tests scripts benchmarks harness
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

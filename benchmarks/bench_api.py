@@ -186,7 +186,7 @@ async def shim_cpu_per_job(reps: int = 5, jobs: int = 300) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.api_fakes import create_key_cli, start_server
+    from harness.processes import create_key_cli, start_server
 
     shim = await shim_cpu_per_job()
     print(

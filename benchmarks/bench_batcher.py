@@ -77,8 +77,8 @@ class TimedEngine:
         self.call_seconds.append(time.perf_counter() - t0)
         return out
 
-    def contrastive_batch(self) -> Any:
-        return self.inner.contrastive_batch()
+    def decoder_batch(self) -> Any:
+        return self.inner.decoder_batch()
 
 
 def load_engine(model_dir: Path) -> Any:
@@ -344,7 +344,7 @@ async def main(args: argparse.Namespace) -> int:
         if "store_redis" in sections:
             import shutil
 
-            from tests.fakes import redis_server
+            from harness.processes import redis_server
 
             if shutil.which("redis-server") is None:
                 print("store_redis: skipped, redis-server is not installed", flush=True)

@@ -182,7 +182,8 @@ def create_key(store: str, name: str) -> str:
 @dataclass
 class Record:
     accepted: set[str] = field(default_factory=set)
-    latencies: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # phase -> (start, s)
+    # phase -> (completion time, seconds, job id) of the quiet key's jobs
+    latencies: dict[str, list[tuple[float, float, str]]] = field(default_factory=dict)
     server_errors: list[tuple[float, int, str]] = field(default_factory=list)  # (time, status, route)
     unreachable: int = 0  # connection refused / reset: a killed server
     rejected_429: int = 0
@@ -258,7 +259,9 @@ class Client:
             if job_id is None:
                 return
             if await self.wait(http, job_id):
-                self.rec.latencies.setdefault(phase, []).append((time.time(), time.perf_counter() - start))
+                self.rec.latencies.setdefault(phase, []).append(
+                    (time.time(), time.perf_counter() - start, job_id)
+                )
 
     async def flood(self, http: httpx.AsyncClient, burst: int) -> None:
         while not self.stop.is_set():
@@ -314,6 +317,16 @@ def store_audit(redis_port: int, ids: set[str]) -> dict[str, int]:
         if attempts is not None and int(attempts) > 1:
             counts["rerun"] += 1
     return counts
+
+
+def job_times(redis_port: int, ids: list[str]) -> list[tuple[float, float]]:
+    """(created_at, finished_at) of each job, as the servers stamped them."""
+    import redis
+
+    pipe = redis.Redis(port=redis_port, decode_responses=True).pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(f"{PREFIX}job:{job_id}", "created_at", "finished_at")
+    return [(float(a), float(b)) for a, b in pipe.execute() if a is not None and b is not None]
 
 
 def redis_rss_mib(redis_port: int) -> float:
@@ -394,6 +407,10 @@ def main() -> int:
                 if audit["other"] == 0 or time.monotonic() > deadline:
                     break
                 time.sleep(2)
+            server_times = {
+                phase: job_times(redis_port, [job_id for _, _, job_id in rows])
+                for phase, rows in rec.latencies.items()
+            }
         finally:
             for s in servers:
                 s.stop()
@@ -402,9 +419,12 @@ def main() -> int:
         return any(a <= t <= b for a, b in windows)
 
     outside = [e for e in rec.server_errors if not in_window(e[0])]
-    alone = [s for _, s in rec.latencies.get("alone", [])]
-    flood = [s for _, s in rec.latencies.get("flood", [])]
-    flood_calm = [s for t, s in rec.latencies.get("flood", []) if not in_window(t)]
+    alone = [s for _, s, _ in rec.latencies.get("alone", [])]
+    flood = [s for _, s, _ in rec.latencies.get("flood", [])]
+    flood_calm = [s for t, s, _ in rec.latencies.get("flood", []) if not in_window(t)]
+    # The scheduler's part of each: accepted (created_at) to result stored (finished_at).
+    in_server = {phase: [b - a for a, b in server_times.get(phase, [])] for phase in ("alone", "flood")}
+    p99_server = {phase: percentile(v, 99) if v else float("nan") for phase, v in in_server.items()}
     p50_alone = percentile(alone, 50) if alone else float("nan")
     p50_flood = percentile(flood, 50) if flood else float("nan")
     p99_alone = percentile(alone, 99) if alone else float("nan")
@@ -421,6 +441,8 @@ def main() -> int:
         f"{p99_flood * 1000:.0f} ms ({len(flood)} jobs; {p99_flood / p99_alone:.2f}x), outside kill windows "
         f"{p99_calm * 1000:.0f} ms ({p99_calm / p99_alone:.2f}x); p50 alone {p50_alone * 1000:.0f} ms, "
         f"with the flood {p50_flood * 1000:.0f} ms",
+        f"quiet key p99 in the server (accepted to result stored): alone {p99_server['alone'] * 1000:.0f} ms, "
+        f"with the flood {p99_server['flood'] * 1000:.0f} ms ({p99_server['flood'] / p99_server['alone']:.2f}x)",
         f"RSS server1 (never killed): {rss_start[0]:.0f} MiB at the flood's start, {rss_end[0]:.0f} MiB at its end; "
         f"Redis: {rss_start[1]:.0f} -> {rss_end[1]:.0f} MiB",
     ]
@@ -440,6 +462,7 @@ def main() -> int:
             "p99_alone_s": p99_alone,
             "p99_flood_s": p99_flood,
             "p99_flood_outside_windows_s": p99_calm,
+            "p99_in_server_s": p99_server,
             "rss_mib_start": rss_start,
             "rss_mib_end": rss_end,
             "quiet_latencies_s": rec.latencies,

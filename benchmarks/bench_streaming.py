@@ -131,7 +131,7 @@ async def phase(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.api_fakes import create_key_cli, start_server
+    from harness.processes import create_key_cli, start_server
 
     model = ensure_model()
     tmp = Path(tempfile.mkdtemp(prefix="bench-streaming-"))

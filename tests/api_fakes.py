@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from engine.api.auth import Authenticator, create_key
 from engine.api.grpc_service import EngineServicer, ServerInfo
@@ -288,90 +281,4 @@ async def open_stack(
         stack.keys.close()
 
 
-# ---- a real `engine serve` subprocess for the end-to-end tests ---------------------------------
-
-ROOT = Path(__file__).resolve().parents[1]
-# The line `engine serve` logs once it serves, in text or JSON format.
-READY = re.compile(r'[ "]ready: ')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def create_key_cli(store_url: str, name: str) -> str:
-    """``engine keys create`` as a user runs it: the key is the last line of its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "engine", "keys", "create", "--name", name, "--store", store_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
-    return proc.stdout.strip().splitlines()[-1]
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    http_port: int
-    grpc_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
-def start_server(
-    args: Sequence[str],
-    log_path: Path,
-    *,
-    timeout_s: float = 120.0,
-    command: Sequence[str] = (sys.executable, "-m", "engine"),
-    environ: Mapping[str, str] | None = None,
-) -> ServerProcess:
-    """``engine serve ARGS`` on free ports; returns once it logged its ``ready`` line. ``command`` is
-    how ``engine`` is run (an installed one: ``[".../bin/engine"]``), ``environ`` its environment."""
-    http_port, grpc_port = free_port(), free_port()
-    cmd = [
-        *command,
-        "serve",
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        *args,
-    ]
-    env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env)
-    server = ServerProcess(proc, log_path, http_port, grpc_port)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if READY.search(server.log()):
-            return server
-        if proc.poll() is not None:
-            raise RuntimeError(f"engine serve exited with {proc.returncode}:\n{server.log()}")
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"engine serve did not log ready within {timeout_s} s:\n{server.log()}")
+# A real `engine serve` subprocess: harness/processes.py (benchmarks use it too).

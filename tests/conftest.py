@@ -12,8 +12,8 @@ import pytest
 
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
+from harness.processes import redis_server
 from tests import models
-from tests.fakes import redis_server
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,11 @@ prompts with the word ``reject``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine.config import Config
@@ -116,45 +112,6 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout_s} s")
         await asyncio.sleep(0.002)
-
-
-@contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free port (no persistence); yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def fake_text(token_ids: Sequence[int]) -> str:
@@ -288,11 +245,11 @@ class FakeEngine:
         finally:
             self._leave()
 
-    def contrastive_batch(self) -> FakeContrastiveBatch:
-        return FakeContrastiveBatch(self)
+    def decoder_batch(self) -> FakeDecoderBatch:
+        return FakeDecoderBatch(self)
 
 
-class FakeContrastiveBatch:
+class FakeDecoderBatch:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self.rows: dict[str, _Row] = {}

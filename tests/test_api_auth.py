@@ -142,7 +142,7 @@ def test_keys_create_prints_the_key_alone_on_the_last_line_of_the_command(tmp_pa
 def test_redis_key_store(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make system-deps installs it)")
-    from tests.fakes import redis_server
+    from harness.processes import redis_server
 
     with redis_server(tmp_path) as url:
         store = open_key_store(url)

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.runtime.engine import Engine
-from tests.api_fakes import ServerProcess, create_key_cli, free_port, start_server
+from harness.processes import ServerProcess, create_key_cli, free_port, start_server
 from tests.test_api_dashboard import dashboard_exprs, dashboard_metrics
 
 pytestmark = pytest.mark.e2e
@@ -472,7 +472,7 @@ def test_serve_with_a_redis_store(env: Env, offline: Engine) -> None:
     seed's flow."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make system-deps installs it)")
-    from tests.fakes import redis_server
+    from harness.processes import redis_server
 
     with redis_server(env.tmp) as url:
         key = create_key_cli(url, "erin")

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from engine.api.pb import engine_pb2, engine_pb2_grpc
-from tests.api_fakes import create_key_cli, start_server
+from harness.processes import create_key_cli, start_server
 
 pytestmark = pytest.mark.e2e
 

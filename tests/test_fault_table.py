@@ -23,7 +23,7 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.api_fakes import ServerProcess, create_key_cli, free_port, start_server
+from harness.processes import ServerProcess, create_key_cli, free_port, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

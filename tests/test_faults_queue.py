@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api_fakes import ServerProcess, create_key_cli, start_server
-from tests.fakes import redis_server
+from harness.processes import ServerProcess, create_key_cli, redis_server, start_server
 
 pytestmark = pytest.mark.e2e
 

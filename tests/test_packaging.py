@@ -25,7 +25,7 @@ import pytest
 import tomllib
 
 from engine._version import __version__
-from tests.api_fakes import start_server
+from harness.processes import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 # Never in the runtime: the reference, the test tools, the build tools.

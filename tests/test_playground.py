@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.runtime.engine import Engine
-from tests.api_fakes import ServerProcess, create_key_cli, start_server
+from harness.processes import ServerProcess, create_key_cli, start_server
 
 pytestmark = pytest.mark.e2e
 

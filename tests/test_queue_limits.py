@@ -22,7 +22,7 @@ from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.service import JobService
-from engine.serving.store.base import JobStore, QueueLoad
+from engine.serving.store.base import JobStore, LimitReached, QueueLimits, QueueLoad
 from engine.serving.store.keys import SqliteKeyStore
 from tests.api_fakes import INFO, fake_decode
 from tests.fakes import FakeEngine, fake_tokenize, start_service, until
@@ -196,3 +196,59 @@ def test_token_ids_of_a_job_another_server_ran_are_freed(redis_stores: Callable[
         await here.stop()
 
     run(body)
+
+
+def test_servers_sharing_redis_cannot_pass_a_limit_together(redis_stores: Callable[[], JobStore]) -> None:
+    """The check is in the enqueue script, atomic with the write: two servers racing for the last
+    places of a key's share get exactly those places between them."""
+    stores = [redis_stores(), redis_stores()]
+    limits = QueueLimits(
+        max_queue_size=100,
+        max_queued_tokens=10**6,
+        max_queued_jobs_per_key=5,
+        max_queued_tokens_per_key=10**6,
+    )
+    accepted: list[str] = []
+    refused: list[LimitReached] = []
+
+    def submit(n: int) -> None:
+        job = Job(id=f"j{n}", owner="a", prompts=("p",), params=P, created_at=1.0)
+        try:
+            stores[n % 2].enqueue(job, 2, limits=limits)
+            accepted.append(job.id)
+        except LimitReached as full:
+            refused.append(full)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(accepted) == 5 and len(refused) == 15
+    assert {r.limit for r in refused} == {"max_queued_jobs_per_key"}
+    assert stores[0].load("a") == QueueLoad(5, 10, 5, 10)
+    for s in stores:
+        s.close()
+
+
+def test_the_store_refuses_past_each_limit_in_order(job_store: JobStore) -> None:
+    def job(n: int, owner: str) -> Job:
+        return Job(id=f"j{n}", owner=owner, prompts=("p",), params=P, created_at=1.0)
+
+    limits = QueueLimits(
+        max_queue_size=4, max_queued_tokens=30, max_queued_jobs_per_key=2, max_queued_tokens_per_key=15
+    )
+    job_store.enqueue(job(1, "a"), 10, limits=limits)
+    with pytest.raises(LimitReached) as info:
+        job_store.enqueue(job(2, "a"), 6, limits=limits)  # 16 tokens for a: past 15
+    assert info.value.limit == "max_queued_tokens_per_key" and info.value.load == QueueLoad(1, 10, 1, 10)
+    job_store.enqueue(job(3, "a"), 5, limits=limits)
+    with pytest.raises(LimitReached, match="max_queued_jobs_per_key"):
+        job_store.enqueue(job(4, "a"), 1, limits=limits)
+    job_store.enqueue(job(5, "b"), 14, limits=limits)
+    with pytest.raises(LimitReached, match="max_queued_tokens"):
+        job_store.enqueue(job(6, "c"), 2, limits=limits)  # 31 in all: past the server's 30
+    job_store.enqueue(job(7, "c"), 1, limits=limits)
+    with pytest.raises(LimitReached, match="max_queue_size"):
+        job_store.enqueue(job(8, "d"), 0, limits=limits)
+    assert job_store.get("j2") is None and job_store.queue_depth() == 4

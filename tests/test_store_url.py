@@ -117,7 +117,7 @@ def test_keys_commands_with_a_down_redis_say_so_without_the_password() -> None:
 def test_every_url_option_works_for_the_keys_commands_and_keys_share_the_jobs_prefix(tmp_path: Path) -> None:
     import redis
 
-    from tests.fakes import redis_server
+    from harness.processes import redis_server
 
     with redis_server(tmp_path) as base:
         url = f"{base}?lease_s=3&prefix=tenant1:&timeout_s=0.5&connect_timeout_s=0.5"

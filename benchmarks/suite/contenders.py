@@ -61,7 +61,7 @@ class Server:
     server's default batcher."""
 
     def __init__(self, model_dir: Path, target: Target, *, max_batch_size: int | None = None) -> None:
-        from tests.api_fakes import create_key_cli, start_server
+        from harness.processes import create_key_cli, start_server
 
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-suite-"))
         store = f"sqlite:///{self.workdir}/engine.db"

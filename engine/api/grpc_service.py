@@ -347,6 +347,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             auth_required=i.auth_required,
             ready=self.service.ready,
             version=__version__,
+            model_source=i.model_source,
         )
 
     def _admit(self, api_key: str | None, request: Any) -> tuple[str, list[str], DecodingParams, str | None]:

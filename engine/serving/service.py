@@ -29,7 +29,7 @@ from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler
-from engine.serving.store.base import JobStore, Replay
+from engine.serving.store.base import JobStore, LimitReached, QueueLimits, Replay
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ class JobService:
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+        )
+        self.queue_limits = QueueLimits(
+            max_queue_size=config.max_queue_size,
+            max_queued_tokens=config.max_queued_tokens,
+            max_queued_jobs_per_key=config.max_queued_jobs_per_key,
+            max_queued_tokens_per_key=config.max_queued_tokens_per_key,
         )
         self.events = JobEvents()
         # Every end of a job (store, waiters, metrics) goes through it, the service's included.
@@ -193,7 +199,7 @@ class JobService:
                 return await self._replay(owner, earlier, prompts, params, model)
         input_ids = self.engine.tokenize(prompts)  # PromptTooLong says which prompt and by how much
         tokens = sum(len(ids) for ids in input_ids)
-        self._check_queue_limits(owner, tokens)
+        self._check_request_fits(tokens)
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -208,10 +214,12 @@ class JobService:
         sched.input_ids[job.id] = input_ids
         try:
             try:
-                self.store.enqueue_deferred(job, tokens, idempotency_key)
+                self.store.enqueue_deferred(job, tokens, idempotency_key, self.queue_limits)
             except Replay as replay:  # the same key came in since find_idempotent (another server)
                 sched.input_ids.pop(job.id, None)
                 return await self._replay(owner, replay.job_id, prompts, params, model)
+            except LimitReached as full:
+                raise self._overloaded(full, tokens) from None
             position = self.store.position(job.id)
             self._set_depth_gauge()
             sched.notify(lane_of(params))
@@ -370,37 +378,35 @@ class JobService:
         if not self._started:
             raise NotReady("the job service is starting; retry in a moment")
 
-    def _check_queue_limits(self, owner: str, tokens: int) -> None:
-        """The queue's limits, in all and per API key, checked here once for every transport:
-        429 with Retry-After naming the limit, or 400 for a request no queue state can admit."""
-        cfg = self.config
-        most = min(cfg.max_queued_tokens, cfg.max_queued_tokens_per_key)
+    def _check_request_fits(self, tokens: int) -> None:
+        """400 for a request that no state of the queue can admit (the queue's own limits are
+        checked by the store, atomically with the enqueue: ``_overloaded``)."""
+        most = min(self.queue_limits.max_queued_tokens, self.queue_limits.max_queued_tokens_per_key)
         if tokens > most:
             raise InvalidRequest(
                 f"this request has {tokens} prompt tokens; one API key may have at most {most} queued "
                 "(max_queued_tokens_per_key, max_queued_tokens): split it into smaller requests"
             )
-        load = self.store.load(owner)
-        if load.jobs >= cfg.max_queue_size:
-            why = f"the queue is full ({load.jobs} jobs waiting, max_queue_size {cfg.max_queue_size}); retry later"
-        elif load.tokens + tokens > cfg.max_queued_tokens:
-            why = (
+
+    def _overloaded(self, full: LimitReached, tokens: int) -> Overloaded:
+        """429 with Retry-After, naming the limit the job would have passed."""
+        load, limit = full.load, getattr(self.queue_limits, full.limit)
+        why = {
+            "max_queue_size": f"the queue is full ({load.jobs} jobs waiting, max_queue_size {limit}); retry later",
+            "max_queued_tokens": (
                 f"the queue is full ({load.tokens} prompt tokens waiting; this request's {tokens} would "
-                f"pass max_queued_tokens {cfg.max_queued_tokens}); retry later"
-            )
-        elif load.owner_jobs >= cfg.max_queued_jobs_per_key:
-            why = (
+                f"pass max_queued_tokens {limit}); retry later"
+            ),
+            "max_queued_jobs_per_key": (
                 f"this API key has {load.owner_jobs} jobs queued, the limit max_queued_jobs_per_key is "
-                f"{cfg.max_queued_jobs_per_key}; retry once some have finished"
-            )
-        elif load.owner_tokens + tokens > cfg.max_queued_tokens_per_key:
-            why = (
+                f"{limit}; retry once some have finished"
+            ),
+            "max_queued_tokens_per_key": (
                 f"this API key has {load.owner_tokens} prompt tokens queued; this request's {tokens} would "
-                f"pass max_queued_tokens_per_key {cfg.max_queued_tokens_per_key}; retry once some have finished"
-            )
-        else:
-            return
-        raise Overloaded(why, retry_after_s=self.retry_after_s())
+                f"pass max_queued_tokens_per_key {limit}; retry once some have finished"
+            ),
+        }[full.limit]
+        return Overloaded(why, retry_after_s=self.retry_after_s())
 
     def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):

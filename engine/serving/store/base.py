@@ -51,6 +51,40 @@ class QueueLoad:
     owner_tokens: int
 
 
+@dataclass(frozen=True)
+class QueueLimits:
+    """The queue's limits (Config's names), which ``enqueue`` checks atomically with the write,
+    so that servers sharing a store cannot pass them together."""
+
+    max_queue_size: int  # jobs
+    max_queued_tokens: int  # prompt tokens
+    max_queued_jobs_per_key: int
+    max_queued_tokens_per_key: int
+
+    def passed(self, load: QueueLoad, tokens: int) -> str | None:
+        """The limit that one more job of ``tokens`` prompt tokens would pass, if any (first of the
+        server's, then the key's)."""
+        if load.jobs >= self.max_queue_size:
+            return "max_queue_size"
+        if load.tokens + tokens > self.max_queued_tokens:
+            return "max_queued_tokens"
+        if load.owner_jobs >= self.max_queued_jobs_per_key:
+            return "max_queued_jobs_per_key"
+        if load.owner_tokens + tokens > self.max_queued_tokens_per_key:
+            return "max_queued_tokens_per_key"
+        return None
+
+
+class LimitReached(Exception):
+    """``enqueue`` refused: one more job would pass ``limit`` (a QueueLimits field); ``load`` is
+    what was queued."""
+
+    def __init__(self, limit: str, load: QueueLoad) -> None:
+        super().__init__(limit)
+        self.limit = limit
+        self.load = load
+
+
 class Replay(Exception):
     """``enqueue`` with an idempotency key that the owner already used: ``job_id`` is that job."""
 
@@ -61,24 +95,35 @@ class Replay(Exception):
 
 class JobStore(abc.ABC):
     @abc.abstractmethod
-    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
+    ) -> QueueEntry:
         """Write a QUEUED job durably; it goes to the back of the queue. With an
         ``idempotency_key`` that ``job.owner`` used for a job the store still holds, nothing is
-        written and ``Replay`` names that job (checked and recorded atomically, across servers)."""
+        written and ``Replay`` names that job; else, past one of ``limits``, nothing is written
+        and ``LimitReached`` names it. Both are checked atomically with the write, across servers."""
 
     @abc.abstractmethod
     def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
         """The id of the job ``owner`` submitted with this key, while the store holds it."""
 
     def enqueue_deferred(
-        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
     ) -> QueueEntry:
         """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
         arrive together share one commit. The job is queued at once (positions, depth, claims
         see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
         False: a submit is answered only then. Stores whose every write is durable at once keep
         this default."""
-        return self.enqueue(job, prompt_tokens, idempotency_key)
+        return self.enqueue(job, prompt_tokens, idempotency_key, limits)
 
     def commit_deferred(self) -> None:
         """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are

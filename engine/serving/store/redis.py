@@ -35,6 +35,8 @@ from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     JobStore,
+    LimitReached,
+    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
@@ -107,9 +109,11 @@ local function requeue(id)
 end
 """
 
-# ARGV: prefix, id, idempotency key name or '', then field/value pairs of the job hash (lane,
-# batch_key, created_at among them). Returns {seq}, or {-1, earlier id} for a replay: the key
-# names a job the store still holds (the name is deleted with that job by the purge).
+# ARGV: prefix, id, idempotency key name or '', the four QueueLimits (or four ''), owner, prompt
+# tokens, then field/value pairs of the job hash (lane, batch_key, created_at among them).
+# Returns {seq}; {-1, earlier id} for a replay: the key names a job the store still holds (the
+# name is deleted with that job by the purge); {-2, limit, queued load...} past a limit (the
+# same order of checks as QueueLimits.passed).
 _ENQUEUE = """
 local id, idem = ARGV[2], ARGV[3]
 local j = P..'job:'..id
@@ -117,11 +121,23 @@ if redis.call('EXISTS', j) == 1 then return redis.error_reply('job id exists') e
 if idem ~= '' then
   local earlier = redis.call('GET', idem)
   if earlier and redis.call('EXISTS', P..'job:'..earlier) == 1 then return {-1, earlier} end
-  redis.call('SET', idem, id)
 end
+if ARGV[4] ~= '' then
+  local owner, tokens = ARGV[8], tonumber(ARGV[9])
+  local l = redis.call('HMGET', P..'load', 'tokens', 'jobs:'..owner, 'tokens:'..owner)
+  local load = {redis.call('ZCARD', P..'queued'), tonumber(l[1] or '0'), tonumber(l[2] or '0'),
+    tonumber(l[3] or '0')}
+  local passed = nil
+  if load[1] >= tonumber(ARGV[4]) then passed = 'max_queue_size'
+  elseif load[2] + tokens > tonumber(ARGV[5]) then passed = 'max_queued_tokens'
+  elseif load[3] >= tonumber(ARGV[6]) then passed = 'max_queued_jobs_per_key'
+  elseif load[4] + tokens > tonumber(ARGV[7]) then passed = 'max_queued_tokens_per_key' end
+  if passed then return {-2, passed, load[1], load[2], load[3], load[4]} end
+end
+if idem ~= '' then redis.call('SET', idem, id) end
 local seq = redis.call('INCR', P..'seq')
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', j, 'seq', seq, unpack(fields))
 if idem ~= '' then redis.call('HSET', j, 'idem', idem) end
 queue(id)
@@ -351,7 +367,13 @@ class RedisJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
+    ) -> QueueEntry:
         lane = lane_of(job.params)
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
@@ -371,9 +393,21 @@ class RedisJobStore(JobStore):
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
         idem = "" if idempotency_key is None else self._idempotency_name(job.owner, idempotency_key)
-        reply = self._run("enqueue", job.id, idem, *flat)
-        if int(reply[0]) < 0:
+        bounds: list[Any] = (
+            ["", "", "", ""]
+            if limits is None
+            else [
+                limits.max_queue_size,
+                limits.max_queued_tokens,
+                limits.max_queued_jobs_per_key,
+                limits.max_queued_tokens_per_key,
+            ]
+        )
+        reply = self._run("enqueue", job.id, idem, *bounds, job.owner, prompt_tokens, *flat)
+        if int(reply[0]) == -1:
             raise Replay(reply[1])
+        if int(reply[0]) == -2:
+            raise LimitReached(reply[1], QueueLoad(*(int(x) for x in reply[2:6])))
         return queue_entry(job, int(reply[0]), lane, key, prompt_tokens)
 
     def _idempotency_name(self, owner: str, idempotency_key: str) -> str:

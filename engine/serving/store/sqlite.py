@@ -31,6 +31,8 @@ from engine.serving.store.base import (
     LOG_EVERY_S,
     Completion,
     JobStore,
+    LimitReached,
+    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
@@ -279,19 +281,29 @@ class SqliteJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
+    ) -> QueueEntry:
         with self._lock:
             self._end_group()
-            self._check_replay(job.owner, idempotency_key)
+            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
             return self._insert(job, prompt_tokens, idempotency_key)
 
     @store_call
     def enqueue_deferred(
-        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None
+        self,
+        job: Job,
+        prompt_tokens: int,
+        idempotency_key: str | None = None,
+        limits: QueueLimits | None = None,
     ) -> QueueEntry:
         with self._lock:
             # Sees the open group's rows too: a repeat within one group commit is a replay.
-            self._check_replay(job.owner, idempotency_key)
+            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
             if not self._group:
                 self._db.execute("BEGIN")
             try:
@@ -324,12 +336,20 @@ class SqliteJobStore(JobStore):
                 return True
             return False
 
-    def _check_replay(self, owner: str, idempotency_key: str | None) -> None:
-        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored."""
+    def _check_admission(
+        self, owner: str, tokens: int, idempotency_key: str | None, limits: QueueLimits | None
+    ) -> None:
+        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored, else
+        ``LimitReached`` past a limit (the in-memory queue index is exact: one process a file)."""
         if idempotency_key is not None:
             earlier = self._idempotent(owner, idempotency_key)
             if earlier is not None:
                 raise Replay(earlier)
+        if limits is not None:
+            load = self._queue.load(owner)
+            passed = limits.passed(load, tokens)
+            if passed is not None:
+                raise LimitReached(passed, load)
 
     def _idempotent(self, owner: str, idempotency_key: str) -> str | None:
         row = self._db.execute(
