@@ -148,3 +148,25 @@ def test_a_store_marked_down_fails_fast_and_comes_back(tmp_path: Path) -> None:
         time.sleep(0.02)
     assert store.get("x") is None
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_results_are_purged_in_bounded_batches(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A day of results is not deleted in one call that could outlast the store's timeout."""
+    from engine.serving.jobs import Job
+    from engine.serving.store.base import Completion
+    from tests.test_store import result
+
+    store = open_store(kind, tmp_path, request)
+    jobs = [
+        Job(id=f"p{i}", owner="a", prompts=("x",), params=DecodingParams(), created_at=10.0) for i in range(7)
+    ]
+    for j in jobs:
+        store.enqueue(j, 1)
+    store.claim([j.id for j in jobs], 20.0)
+    store.complete_many([Completion(j.id, 1, result()) for j in jobs], 30.0)
+    assert [store.purge_expired(100.0, 10.0, limit=3) for _ in range(4)] == [3, 3, 1, 0]
+    assert all(store.get(j.id) is None for j in jobs)
+    store.close()

@@ -30,6 +30,7 @@ from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.url import StoreUrl, parse_store_url, redact_text
 
 log = logging.getLogger(__name__)
+PURGE_BATCH = 500  # finished jobs deleted per purge call: each call stays well within a timeout
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,10 @@ class JobStore(abc.ABC):
         """Ids of queued jobs enqueued before ``cutoff`` (for job_timeout_s)."""
 
     @abc.abstractmethod
-    def purge_expired(self, now: float, ttl_s: float) -> int:
-        """Delete finished jobs older than ``ttl_s``; returns how many."""
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
+        """Delete up to ``limit`` finished jobs older than ``ttl_s``; returns how many. One call is
+        bounded (a day of results purged at once could outlast the store's timeout); call again
+        while it returns ``limit``."""
 
     @abc.abstractmethod
     def ping(self) -> bool:

@@ -34,6 +34,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
+    PURGE_BATCH,
     JobStore,
     LimitReached,
     QueueLimits,
@@ -255,16 +256,18 @@ return 1
 # ARGV: prefix, cutoff: delete finished jobs older than cutoff
 _PURGE = """
 local n = 0
+local limit = tonumber(ARGV[3])
 for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
+  if n >= limit then break end
   local set = P..'done:'..status
-  local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2])
+  local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2], 'LIMIT', 0, limit - n)
   for _, id in ipairs(ids) do
     local idem = redis.call('HGET', P..'job:'..id, 'idem')
     if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     redis.call('DEL', P..'job:'..id)
+    redis.call('ZREM', set, id)
     n = n + 1
   end
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', '('..ARGV[2])
 end
 return n
 """
@@ -526,8 +529,8 @@ class RedisJobStore(JobStore):
         return list(self._r.zrangebyscore(self._k("created"), "-inf", f"({cutoff!r}", start=0, num=limit))
 
     @store_call
-    def purge_expired(self, now: float, ttl_s: float) -> int:
-        return int(self._run("purge", repr(now - ttl_s)))
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
+        return int(self._run("purge", repr(now - ttl_s), limit))
 
     def ping(self) -> bool:
         return not self._closed and self.health.up

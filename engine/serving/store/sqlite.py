@@ -29,6 +29,7 @@ from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     LOG_EVERY_S,
+    PURGE_BATCH,
     Completion,
     JobStore,
     LimitReached,
@@ -612,11 +613,11 @@ class SqliteJobStore(JobStore):
         return [r[0] for r in rows]
 
     @store_call
-    def purge_expired(self, now: float, ttl_s: float) -> int:
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
         return self._change(
-            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
-            " AND status IN ('completed', 'failed', 'cancelled')",
-            (now - ttl_s,),
+            "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
+            " AND finished_at < ? AND status IN ('completed', 'failed', 'cancelled') LIMIT ?)",
+            (now - ttl_s, limit),
         )
 
     def ping(self) -> bool:
