@@ -170,3 +170,40 @@ def test_results_are_purged_in_bounded_batches(
     assert [store.purge_expired(100.0, 10.0, limit=3) for _ in range(4)] == [3, 3, 1, 0]
     assert all(store.get(j.id) is None for j in jobs)
     store.close()
+
+
+def test_every_replica_on_one_redis_reports_the_shared_queue_depth(
+    redis_stores: Callable[[], JobStore],
+) -> None:
+    """engine_queue_depth is the shared queue's depth on each replica (a dashboard takes max over
+    replicas; a sum would count the queue once per replica)."""
+    import threading
+
+    from engine.metrics import Metrics
+
+    async def body() -> None:
+        gates = [threading.Event(), threading.Event()]
+        metrics = [Metrics(), Metrics()]
+        a, b = [
+            await start_service(FakeEngine(gate=g), store=redis_stores(), metrics=m)
+            for g, m in zip(gates, metrics, strict=True)
+        ]
+        b._scheduler.stop_claiming()  # type: ignore[union-attr]  # b only watches the queue
+        for i in range(8):  # all through replica a; b has seen no submit
+            await a.submit("alice", [f"q{i}"], DecodingParams(max_new_tokens=4))
+
+        def depths() -> list[float]:
+            return [m.registry.get_sample_value("engine_queue_depth") or 0.0 for m in metrics]
+
+        shared = a.store.queue_depth()
+        assert 0 < shared < 8  # a's gated engine holds what it took
+        deadline = time.monotonic() + 5
+        while depths() != [shared, shared]:  # b learns it from the store within a sweep
+            assert time.monotonic() < deadline, (depths(), shared)
+            await asyncio.sleep(0.05)
+        for g in gates:
+            g.set()
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
