@@ -69,8 +69,10 @@ def test_bound_context_reaches_records_of_that_context_only(captured: list[loggi
         logs.bind(job_id="job-1")
         logging.getLogger("test.logs").info("inside")
 
-    contextvars.copy_context().run(in_request)
-    logging.getLogger("test.logs").info("outside")
+    # A server runs each request in a task of its own, i.e. in a copy of the loop's context.
+    loop_context = contextvars.Context()
+    loop_context.run(lambda: contextvars.copy_context().run(in_request))
+    loop_context.run(logging.getLogger("test.logs").info, "outside")
     inside, outside = captured
     assert (getattr(inside, "job_id", None), getattr(inside, "key_name", None)) == ("job-1", "alice")
     assert getattr(outside, "job_id", None) is None and getattr(outside, "key_name", None) is None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from engine.runtime import qlinear, t5ops
-from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.kv_cache import mask_value as _mask_value
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
@@ -244,7 +244,7 @@ def test_fused_runtime_gives_the_numpy_paths_ids(kind: str, params: dict[str, ob
     ids = {}
     for fused in (False, True):
         runtime.use_fused(fused)
-        ids[fused] = [r.token_ids for r in generate_contrastive(runtime, requests)]
+        ids[fused] = [r.token_ids for r in run_on_decoder(runtime, requests)]
     assert ids[True] == ids[False]
     assert all(len(row) > 0 for row in ids[True])
 

@@ -26,7 +26,7 @@ from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
 from engine.api.grpc_service import FINISH_TO_PB, PB_TO_STATUS, checked_api_key, params_to_struct
 from engine.api.pb import engine_pb2
-from engine.api.sse import EventStream, sse_frame
+from engine.api.sse import EventStream, aclose, sse_frame
 from engine.errors import EngineError, InvalidRequest
 from engine.limits import MAX_WAIT_S, RequestLimits, shorten
 from engine.metrics import Metrics
@@ -187,6 +187,15 @@ def parse_last_event_id(raw: str | None) -> int:
 
 
 async def seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
+    """``_seed_events``, closing ``messages`` (the subscription) as soon as the reader stops."""
+    try:
+        async for frame in _seed_events(job, messages, after):
+            yield frame
+    finally:
+        await aclose(messages)
+
+
+async def _seed_events(job: Any, messages: AsyncIterator[Any], after: int) -> AsyncIterator[bytes]:
     """The seed stream's events (docs/api.md, "Streaming"): one per token with the text it adds
     and an increasing id (those up to ``after`` are skipped: a resumed stream), then ``done`` with
     the job as GET /v1/response/{id} answers it. A finished job gets ``done`` at once."""

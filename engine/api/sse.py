@@ -37,6 +37,14 @@ def sse_frame(
     return ("\n".join(lines) + "\n\n").encode()
 
 
+async def aclose(messages: AsyncIterator[Any]) -> None:
+    """Close an async generator now, not whenever the garbage collector gets to it: closing a
+    stream's source is what cancels its job (GenerateStream) or ends its subscription."""
+    close = getattr(messages, "aclose", None)
+    if close is not None:
+        await close()
+
+
 async def _until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
