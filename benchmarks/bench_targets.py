@@ -57,7 +57,7 @@ from benchmarks.suite.contenders import (  # noqa: E402
 from benchmarks.suite.machine import measure_bandwidth  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime import qlinear  # noqa: E402
-from engine.runtime.contrastive import generate_contrastive  # noqa: E402
+from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.engine import Engine  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -211,7 +211,7 @@ def main() -> None:
             runtime.use_fused(fused)
             requests = [GenerationRequest(tuple(ids), params) for ids in batch]
             start = time.perf_counter()
-            results = generate_contrastive(runtime, requests)
+            results = run_on_decoder(runtime, requests)
             seconds = time.perf_counter() - start
             runtime.use_fused(True)
             forced_lengths(results)
