@@ -88,16 +88,16 @@ def test_a_flood_on_a_redis_fleet_does_not_make_another_keys_job_wait_behind_it(
                     )
                     assert r.status_code == 200, r.text
 
-            await asyncio.gather(*(one(i) for i in range(300)))
+            await asyncio.gather(*(one(i) for i in range(400)))
             ahead = queued(redis_url)  # (its own queuePosition may be 0: its turn can come at once)
             r = await submit(http, servers[1].url, quiet_key, {"prompt": "just one", "params": LONG})
             assert r.status_code == 200, r.text
-            assert ahead >= 100, f"the flood must still be queued when the quiet key submits ({ahead} queued)"
+            assert ahead >= 60, f"the flood must still be queued when the quiet key submits ({ahead} queued)"
             data = await wait_done(http, servers[0].url, quiet_key, r.json()["data"]["id"])
             assert data["status"] == "completed"
             flood_done_meanwhile = completed_while(redis_url, r.json()["data"]["id"])
             # In turn, on both servers: the quiet job went into a next batch. First in, first out
-            # would have run the (at least) 100 flood jobs ahead of it first.
+            # would have run the (at least) 60 flood jobs ahead of it first.
             assert flood_done_meanwhile <= 12, f"{flood_done_meanwhile} flood jobs completed before it"
 
     try:
