@@ -77,8 +77,8 @@ class TimedEngine:
         self.call_seconds.append(time.perf_counter() - t0)
         return out
 
-    def contrastive_batch(self) -> Any:
-        return self.inner.contrastive_batch()
+    def decoder_batch(self) -> Any:
+        return self.inner.decoder_batch()
 
 
 def load_engine(model_dir: Path) -> Any:

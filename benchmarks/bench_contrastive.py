@@ -36,8 +36,8 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
 from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
-from engine.runtime import contrastive, qlinear, t5_math  # noqa: E402
-from engine.runtime.contrastive import ContrastiveBatch, generate_contrastive  # noqa: E402
+from engine.runtime import decoder_batch, qlinear, t5_math  # noqa: E402
+from engine.runtime.decoder_batch import DecoderBatch, run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
@@ -69,7 +69,7 @@ def prompts(batch: int) -> list[list[int]]:
 def ours(runtime: T5Runtime, batch: list[list[int]]) -> float:
     params = DecodingParams.from_dict(PARAMS)
     start = time.perf_counter()
-    results = generate_contrastive(runtime, [GenerationRequest(tuple(ids), params) for ids in batch])
+    results = run_on_decoder(runtime, [GenerationRequest(tuple(ids), params) for ids in batch])
     seconds = time.perf_counter() - start
     assert all(len(r.token_ids) == NEW_TOKENS for r in results)
     return seconds
@@ -109,8 +109,8 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
     wrap(t5_math, "cross_attention", "cross-attention (q, o)", decoder_part=True)
     wrap(t5_math, "feed_forward", "feed-forward", decoder_part=True)
     wrap(runtime, "logits", "lm_head")
-    wrap(contrastive, "degeneration_penalty", "degeneration penalty")
-    wrap(ContrastiveBatch, "_candidates", "processors + softmax + top-k")
+    wrap(decoder_batch, "degeneration_penalty", "degeneration penalty")
+    wrap(DecoderBatch, "_candidates", "processors + softmax + top-k")
     wrap(runtime, "decoder_step", "decoder step (total)")
     try:
         yield

@@ -29,7 +29,7 @@ import ctranslate2  # noqa: E402
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
 from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
 from engine.model.demo import build_demo_model  # noqa: E402
-from engine.runtime.contrastive import generate_contrastive  # noqa: E402
+from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
@@ -66,7 +66,7 @@ def ours(runtime: T5Runtime, batch: list[list[int]], raw: dict[str, Any]) -> flo
     params = DecodingParams.from_dict(raw)
     sync()
     start = time.perf_counter()
-    results = generate_contrastive(runtime, [GenerationRequest(tuple(ids), params) for ids in batch])
+    results = run_on_decoder(runtime, [GenerationRequest(tuple(ids), params) for ids in batch])
     sync()
     seconds = time.perf_counter() - start
     assert all(len(r.token_ids) == NEW_TOKENS for r in results)

@@ -245,11 +245,11 @@ class FakeEngine:
         finally:
             self._leave()
 
-    def contrastive_batch(self) -> FakeContrastiveBatch:
-        return FakeContrastiveBatch(self)
+    def decoder_batch(self) -> FakeDecoderBatch:
+        return FakeDecoderBatch(self)
 
 
-class FakeContrastiveBatch:
+class FakeDecoderBatch:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self.rows: dict[str, _Row] = {}

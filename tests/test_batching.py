@@ -75,10 +75,10 @@ def test_batch_keys_follow_decoding_params() -> None:
     assert batch_key_text(DecodingParams(do_sample=True, temperature=0.5)) != batch_key_text(
         DecodingParams(do_sample=True, temperature=0.7)
     )
-    assert lane_of(DecodingParams(penalty_alpha=0.6, top_k=4)) is Lane.CONTRASTIVE
+    assert lane_of(DecodingParams(penalty_alpha=0.6, top_k=4)) is Lane.DECODER
     assert lane_of(DecodingParams(num_beams=2)) is Lane.BATCH
     # A seeded draw needs a generator of its own: our decoder's lane; unseeded sampling batches.
-    assert lane_of(DecodingParams(do_sample=True, seed=3)) is Lane.CONTRASTIVE
+    assert lane_of(DecodingParams(do_sample=True, seed=3)) is Lane.DECODER
     assert lane_of(DecodingParams(do_sample=True)) is Lane.BATCH
 
 
@@ -123,5 +123,5 @@ def test_lengths_far_from_the_heads_wait_for_their_own_batch() -> None:
 
 
 def test_contrastive_entries_never_join_a_batch_lane_head() -> None:
-    queue = [entry(0), entry(1, lane=Lane.CONTRASTIVE)]
+    queue = [entry(0), entry(1, lane=Lane.DECODER)]
     assert plan_batch(queue, T0 + 1, LIMITS).job_ids == ("j0",)

@@ -1,4 +1,5 @@
-"""Contrastive search's pieces and continuous batching (engine/runtime/contrastive.py)."""
+"""Contrastive search's pieces (engine/runtime/choosers.py) and continuous batching
+(engine/runtime/decoder_batch.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,8 @@ from transformers.generation.logits_process import (
 )
 
 from engine.errors import InvalidRequest, Overloaded
-from engine.runtime.contrastive import (
-    ContrastiveBatch,
-    _History,
-    draw,
-    generate_contrastive,
-    process_logits,
-    softmax_rows,
-    top_k,
-    warp_logits,
-)
+from engine.runtime.choosers import History, draw, process_logits, softmax_rows, top_k, warp_logits
+from engine.runtime.decoder_batch import DecoderBatch, run_on_decoder
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent
 from engine.runtime.t5 import T5Runtime
@@ -61,7 +54,7 @@ def req(seed: int, n: int, **params: object) -> GenerationRequest:
 
 
 def alone(runtime: T5Runtime, request: GenerationRequest) -> Result:
-    return generate_contrastive(runtime, [request])[0]
+    return run_on_decoder(runtime, [request])[0]
 
 
 # ------------------------------------------------------------------ logits processors
@@ -80,7 +73,7 @@ def alone(runtime: T5Runtime, request: GenerationRequest) -> Result:
 def test_processors_equal_transformers(raw: dict[str, object]) -> None:
     params = DecodingParams.from_dict({"max_new_tokens": 20, **raw})
     rng = np.random.default_rng(0)
-    history = _History([0], params.no_repeat_ngram_size)
+    history = History([0], params.no_repeat_ngram_size)
     tokens = [0]
     hf = []
     if params.repetition_penalty != 1.0:
@@ -113,7 +106,7 @@ def test_top_k_orders_by_value_then_index() -> None:
 
 
 # ------------------------------------------------------------------ continuous batching
-def drain(batch: ContrastiveBatch) -> dict[str, Result]:
+def drain(batch: DecoderBatch) -> dict[str, Result]:
     results: dict[str, Result] = {}
     while len(batch):
         for event in batch.step():
@@ -130,7 +123,7 @@ def test_batch_of_mixed_requests_equals_each_alone(runtime: T5Runtime) -> None:
         req(4, 14, penalty_alpha=0.0),  # greedy joins the same batch (1 row)
         req(5, 3, repetition_penalty=1.4, no_repeat_ngram_size=2),
     ]
-    together = generate_contrastive(runtime, requests)
+    together = run_on_decoder(runtime, requests)
     for request, result in zip(requests, together, strict=True):
         assert result == alone(runtime, request)
     assert together[2].finish_reason is FinishReason.LENGTH and len(together[2].token_ids) == 5
@@ -139,7 +132,7 @@ def test_batch_of_mixed_requests_equals_each_alone(runtime: T5Runtime) -> None:
 
 def test_request_joining_mid_flight_gets_the_same_ids(runtime: T5Runtime) -> None:
     first, second = req(10, 8, max_new_tokens=16), req(11, 19, top_k=8)
-    batch = ContrastiveBatch(runtime)
+    batch = DecoderBatch(runtime)
     batch.add("a", first)
     events: list[TokenEvent] = []
     for _ in range(5):
@@ -154,7 +147,7 @@ def test_request_joining_mid_flight_gets_the_same_ids(runtime: T5Runtime) -> Non
 
 
 def test_cancelled_request_leaves_at_the_next_step(runtime: T5Runtime) -> None:
-    batch = ContrastiveBatch(runtime)
+    batch = DecoderBatch(runtime)
     batch.add("keep", req(20, 7))
     batch.add("drop", req(21, 12))
     for _ in range(3):
@@ -177,7 +170,7 @@ def test_cancelled_request_leaves_at_the_next_step(runtime: T5Runtime) -> None:
 
 
 def test_finished_rows_are_freed_at_once(runtime: T5Runtime) -> None:
-    batch = ContrastiveBatch(runtime)
+    batch = DecoderBatch(runtime)
     batch.add("short", req(30, 6, max_new_tokens=2))
     batch.add("long", req(31, 6, max_new_tokens=8))
     batch.step()
@@ -189,7 +182,7 @@ def test_finished_rows_are_freed_at_once(runtime: T5Runtime) -> None:
 
 
 def test_batch_rejects_what_it_cannot_run(runtime: T5Runtime) -> None:
-    batch = ContrastiveBatch(runtime, max_rows=8)
+    batch = DecoderBatch(runtime, max_rows=8)
     batch.add("a", req(40, 5))
     with pytest.raises(InvalidRequest, match="already in the batch"):
         batch.add("a", req(41, 5))
@@ -203,9 +196,9 @@ def test_batch_rejects_what_it_cannot_run(runtime: T5Runtime) -> None:
         batch.add("e", GenerationRequest((5, 10**6), DecodingParams()))
     with pytest.raises(InvalidRequest, match="at least one token"):
         batch.add("f", GenerationRequest((), DecodingParams()))
-    # generate_contrastive queues what does not fit yet and still returns every result in order.
+    # run_on_decoder queues what does not fit yet and still returns every result in order.
     requests = [req(50 + i, 4 + i, max_new_tokens=4) for i in range(5)]
-    assert generate_contrastive(runtime, requests, max_rows=8) == generate_contrastive(runtime, requests)
+    assert run_on_decoder(runtime, requests, max_rows=8) == run_on_decoder(runtime, requests)
 
 
 def test_on_token_stops_a_request(runtime: T5Runtime) -> None:
@@ -215,7 +208,7 @@ def test_on_token_stops_a_request(runtime: T5Runtime) -> None:
         seen.append((index, token))
         return index == 1 and len([s for s in seen if s[0] == 1]) == 3
 
-    results = generate_contrastive(runtime, [req(60, 5), req(61, 6)], on_token=on_token)
+    results = run_on_decoder(runtime, [req(60, 5), req(61, 6)], on_token=on_token)
     assert results[1].finish_reason is FinishReason.CANCELLED and len(results[1].token_ids) == 3
     assert [t for i, t in seen if i == 0] == list(results[0].token_ids)
 
@@ -272,9 +265,9 @@ def test_seeded_sampling_is_reproducible_and_independent_of_its_batch(runtime: T
     other_seed = GenerationRequest(a.input_ids, DecodingParams.from_dict({**a.params.to_dict(), "seed": 99}))
     assert alone(runtime, other_seed).token_ids != alone_a.token_ids
     # In one continuous batch with contrastive and greedy rows, and joining mid-flight: the same.
-    together = generate_contrastive(runtime, [req(72, 9), a, req(73, 4, penalty_alpha=0.0), b])
+    together = run_on_decoder(runtime, [req(72, 9), a, req(73, 4, penalty_alpha=0.0), b])
     assert together[1] == alone_a and together[3] == alone(runtime, b)
-    batch = ContrastiveBatch(runtime)
+    batch = DecoderBatch(runtime)
     batch.add("c", req(74, 11))
     for _ in range(3):
         batch.step()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
 from engine.runtime.t5 import T5Runtime
@@ -78,9 +78,7 @@ class Compared:
 
 def _run_ours(runtime: T5Runtime, case: dict[str, Any]) -> list[list[int]]:
     params = DecodingParams.from_dict(case["params"])
-    results = generate_contrastive(
-        runtime, [GenerationRequest(tuple(ids), params) for ids in case["input_ids"]]
-    )
+    results = run_on_decoder(runtime, [GenerationRequest(tuple(ids), params) for ids in case["input_ids"]])
     return [list(r.token_ids) for r in results]
 
 

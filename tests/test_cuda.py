@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.runtime import contrastive
-from engine.runtime.contrastive import generate_contrastive
+from engine.runtime import decoder_batch
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.engine import Engine
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest
@@ -36,7 +36,7 @@ NEAR_TIE = 1e-4
 def _ids(runtime: T5Runtime, case: dict[str, Any]) -> list[list[int]]:
     params = DecodingParams.from_dict(case["params"])
     requests = [GenerationRequest(tuple(ids), params) for ids in case["input_ids"]]
-    return [list(r.token_ids) for r in generate_contrastive(runtime, requests)]
+    return [list(r.token_ids) for r in run_on_decoder(runtime, requests)]
 
 
 def _margins(
@@ -44,7 +44,7 @@ def _margins(
 ) -> list[float]:
     """The gap between the two best contrastive scores at each step of ``ids`` decoded alone."""
     gaps: list[float] = []
-    original = contrastive.contrastive_scores
+    original = decoder_batch.contrastive_scores
 
     def recording(*args: Any) -> np.ndarray:
         score = original(*args)
@@ -53,7 +53,7 @@ def _margins(
         return score
 
     with monkeypatch.context() as m:
-        m.setattr(contrastive, "contrastive_scores", recording)
+        m.setattr(decoder_batch, "contrastive_scores", recording)
         _ids(runtime, {"input_ids": [ids], "params": params})
     return gaps
 
@@ -108,11 +108,11 @@ def test_decoder_steps_replay_a_checked_cuda_graph(kind: str) -> None:
     gpu.use_cuda_graphs(True)
     raw = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 16, "min_new_tokens": 16}
     requests = [GenerationRequest(ids, DecodingParams.from_dict(raw)) for ids in prompts(21, (6, 25, 11))]
-    on_gpu = generate_contrastive(gpu, requests)
+    on_gpu = run_on_decoder(gpu, requests)
     status = gpu.graph_status()
     assert status.startswith("on ("), status
     assert gpu._graphs is not None and gpu._graphs.replays >= 10 and gpu._graphs.captures >= 1
-    assert on_gpu == generate_contrastive(cpu, requests)
+    assert on_gpu == run_on_decoder(cpu, requests)
     gpu.use_cuda_graphs(False)
     assert gpu.graph_status() == "off"
 
@@ -125,7 +125,7 @@ def test_cupy_greedy_equals_ctranslate2_on_cuda(kind: str) -> None:
     inputs = prompts(7, (3, 17, 9, 30))
     expected = ct2_greedy(folder, inputs, 24, device="cuda")
     params = DecodingParams.from_dict({"max_new_tokens": 24})
-    got = generate_contrastive(runtime, [GenerationRequest(ids, params) for ids in inputs])
+    got = run_on_decoder(runtime, [GenerationRequest(ids, params) for ids in inputs])
     assert [list(r.token_ids) for r in got] == expected
     assert any(len(e) > 10 for e in expected)
 
@@ -162,7 +162,7 @@ def test_float16_contrastive_runs_on_cuda() -> None:
     folder = models.converted_model("flan", "float16")
     engine = Engine(folder, "cuda", "float16")
     results = engine.generate(TEXTS, penalty_alpha=0.6, top_k=4, max_new_tokens=16, min_new_tokens=16)
-    runtime = engine._contrastive()
+    runtime = engine._decoder()
     assert runtime.dtype == np.float16 and runtime.xp.__name__ == "cupy"
     assert all(len(r.token_ids) == 16 and r.finish_reason is FinishReason.LENGTH for r in results)
     assert all(0 <= t < runtime.shape.vocab_size for r in results for t in r.token_ids)

@@ -46,7 +46,7 @@ EXACT: dict[str, dict[str, Any]] = {
     "beam4": {"max_new_tokens": 24, "num_beams": 4},
     "beam3-length-penalty-2": {"max_new_tokens": 24, "num_beams": 3, "length_penalty": 2.0},
     "beam2-length-penalty-negative": {"max_new_tokens": 24, "num_beams": 2, "length_penalty": -0.5},
-    # Runs on our KV-cached decoder (engine/runtime/contrastive.py); here to check the Engine's wiring.
+    # Runs on our KV-cached decoder (engine/runtime/decoder_batch.py); here to check the Engine's wiring.
     "contrastive": {"max_new_tokens": 24, "penalty_alpha": 0.6, "top_k": 4},
 }
 # Beam search with logits processors: CTranslate2 applies them before its log-softmax and

@@ -84,6 +84,7 @@ def test_models_lists_the_served_model(env: Env) -> None:
     with client(env) as c:
         models = c.models.list()
     assert [m.id for m in models.data] == [env.model_dir.name]
+    assert models.data[0].model_dump()["root"] == "test:flan:seed=0"  # engine.json's source
 
 
 def test_completion_equals_the_offline_engine(env: Env, offline: Engine) -> None:
@@ -246,7 +247,6 @@ def bad_requests(c: openai.OpenAI) -> None:
         ({"top_p": 0.5}, "top_p", "temperature > 0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
-        ({"model": "gpt-4"}, "model", "not served"),
     ]
     for kwargs, param, words in cases:
         args: dict[str, Any] = {"model": "", "prompt": "x", **kwargs}
@@ -257,6 +257,16 @@ def bad_requests(c: openai.OpenAI) -> None:
         assert bad.value.status_code == 400 and err["type"] == "invalid_request_error", err
         assert err["param"] == param, err
         assert words in err["message"], err
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.completions.create(model="gpt-4", prompt="x")
+    body: Any = missing.value.body
+    assert body == {
+        "message": body["message"],
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    assert "not served" in body["message"]
     with pytest.raises(openai.BadRequestError) as bad:
         tool_turn: Any = [{"role": "tool", "content": "x"}]
         c.chat.completions.create(model="", messages=tool_turn)

@@ -9,7 +9,7 @@ import pytest
 
 from engine.errors import InvalidRequest
 from engine.runtime import qlinear
-from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.params import DecodingParams
 from engine.runtime.qlinear import KERNEL_MAX_ROWS, Linear, blas_linear
 from engine.runtime.result import GenerationRequest
@@ -143,7 +143,7 @@ def test_int8_runtime_with_kernel_tracks_the_numpy_path(kind: str, monkeypatch: 
     def hidden_and_ids(runtime: T5Runtime) -> tuple[np.ndarray, tuple[int, ...]]:
         cache = runtime.new_cache([runtime.encode(prompt)], capacity=4)
         step = runtime.decoder_step(cache, np.array([[0, 5, 9, 11]]))
-        (result,) = generate_contrastive(runtime, [GenerationRequest(prompt, params)])
+        (result,) = run_on_decoder(runtime, [GenerationRequest(prompt, params)])
         return step.hidden, result.token_ids
 
     with_kernel = hidden_and_ids(T5Runtime.load(folder))

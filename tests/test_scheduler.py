@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from engine.runtime.params import DecodingParams
-from engine.runtime.protocols import ContrastiveBatchLike
+from engine.runtime.protocols import DecoderBatchLike
 from engine.runtime.result import GenerationRequest, TokenEvent
 from engine.serving.clock import FakeClock
 from engine.serving.jobs import JobStatus
@@ -335,7 +335,7 @@ def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_
     """32 prompts at top_k 50 need 1,600 decoder rows; the decoder has 256 (5 prompts at a time).
     The job is accepted and completes: its prompts wait for room instead of failing the job."""
     from engine.limits import MAX_TOP_K
-    from engine.runtime.contrastive import DEFAULT_MAX_ROWS
+    from engine.runtime.decoder_batch import DEFAULT_MAX_ROWS
     from engine.runtime.engine import Engine
 
     # No single prompt can need more rows than the decoder has, so admission never has to
@@ -346,7 +346,7 @@ def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_
     sizes: list[int] = []  # requests in the decoder at each step
 
     class WatchedBatch:
-        def __init__(self, inner: ContrastiveBatchLike) -> None:
+        def __init__(self, inner: DecoderBatchLike) -> None:
             self.inner = inner
 
         def add(self, request_id: str, request: GenerationRequest) -> None:
@@ -367,8 +367,8 @@ def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_
         tokenize = staticmethod(engine.tokenize)
         generate_requests = staticmethod(engine.generate_requests)
 
-        def contrastive_batch(self) -> WatchedBatch:
-            return WatchedBatch(engine.contrastive_batch())
+        def decoder_batch(self) -> WatchedBatch:
+            return WatchedBatch(engine.decoder_batch())
 
     watched = Watched()
     params = DecodingParams(max_new_tokens=3, penalty_alpha=0.6, top_k=50)

@@ -99,7 +99,7 @@ def test_our_decoder_frees_the_row_on_the_matching_step(engine: Engine) -> None:
     for raw in ({}, {"penalty_alpha": 0.6, "top_k": 4}, {"do_sample": True, "seed": 3}):
         params = {**raw, "max_new_tokens": 20, "min_new_tokens": 20}
         (ids,) = engine.tokenize(prompts(1, seed=5))
-        batch = engine.contrastive_batch()
+        batch = engine.decoder_batch()
         batch.add("full", GenerationRequest(ids, DecodingParams.from_dict(params)))
         full = drain(batch)["full"]
         stop = stop_inside(engine, full.token_ids)

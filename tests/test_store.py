@@ -97,7 +97,7 @@ def test_roundtrip_keeps_every_field(store: JobStore) -> None:
     entry = store.enqueue(j, prompt_tokens=11)
     assert entry.num_prompts == 2 and entry.prompt_tokens == 11 and entry.max_new_tokens == 7
     # A seeded draw runs on our decoder (its own generator): the contrastive lane.
-    assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.CONTRASTIVE
+    assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.DECODER
     assert store.get("a") == j
     [running] = store.claim(["a"], NOW + 1)
     assert running.status is JobStatus.RUNNING and running.attempts == 1 and running.started_at == NOW + 1
@@ -177,7 +177,7 @@ def test_queued_lists_a_lane_and_key_oldest_first(store: JobStore) -> None:
     store.enqueue(job(2, DecodingParams(num_beams=2)), 1)
     store.enqueue(job(3), 1)
     assert [e.job_id for e in store.queued(Lane.BATCH, 10)] == ["job0", "job2", "job3"]
-    assert [e.job_id for e in store.queued(Lane.CONTRASTIVE, 10)] == ["job1"]
+    assert [e.job_id for e in store.queued(Lane.DECODER, 10)] == ["job1"]
     key = batch_key_text(DecodingParams())
     assert [e.job_id for e in store.queued(Lane.BATCH, 10, key)] == ["job0", "job3"]
     assert [e.job_id for e in store.queued(Lane.BATCH, 1)] == ["job0"]

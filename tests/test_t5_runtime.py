@@ -14,7 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from engine.errors import InvalidRequest, ModelError
 from engine.model.weights import read_model_file
 from engine.runtime import t5 as t5_module
-from engine.runtime.contrastive import generate_contrastive
+from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import FinishReason, GenerationRequest
 from engine.runtime.t5 import T5Runtime, relative_position_bucket
@@ -45,7 +45,7 @@ def test_greedy_equals_ctranslate2_float32(kind: str) -> None:
     # k = 1, and alpha = 0 with k > 1: both are greedy on the same decoder path.
     for raw in ({"max_new_tokens": 24}, {"max_new_tokens": 24, "penalty_alpha": 0.0, "top_k": 4}):
         params = DecodingParams.from_dict(raw)
-        got = generate_contrastive(runtime, [GenerationRequest(ids, params) for ids in inputs])
+        got = run_on_decoder(runtime, [GenerationRequest(ids, params) for ids in inputs])
         assert [list(r.token_ids) for r in got] == expected
         for r, e in zip(got, expected, strict=True):
             assert r.finish_reason is (FinishReason.LENGTH if len(e) == 24 else FinishReason.EOS)
@@ -95,7 +95,7 @@ def test_int8_folder_keeps_int8_weights_and_their_dequantized_copy() -> None:
     np.testing.assert_array_equal(runtime.lm_head.dense, mf.float32("decoder/projection/weight"))
     assert runtime.shape.output_scale == pytest.approx(64**-0.5)
     params = DecodingParams.from_dict({"max_new_tokens": 5, "min_new_tokens": 5})
-    (result,) = generate_contrastive(runtime, [GenerationRequest(prompts(1, (6,))[0], params)])
+    (result,) = run_on_decoder(runtime, [GenerationRequest(prompts(1, (6,))[0], params)])
     assert len(result.token_ids) == 5
 
 
@@ -142,7 +142,7 @@ def test_cuda_code_path_gives_the_cpu_ids(kind: str, numpy_as_cupy: ModuleType) 
     assert cuda.xp is numpy_as_cupy and cpu.xp is np
     params = DecodingParams.from_dict({"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 12})
     requests = [GenerationRequest(ids, params) for ids in prompts(11, (5, 19, 8))]
-    assert generate_contrastive(cuda, requests) == generate_contrastive(cpu, requests)
+    assert run_on_decoder(cuda, requests) == run_on_decoder(cpu, requests)
 
 
 def test_float16_masks_stay_in_range(numpy_as_cupy: ModuleType) -> None:
@@ -153,5 +153,5 @@ def test_float16_masks_stay_in_range(numpy_as_cupy: ModuleType) -> None:
     params = DecodingParams.from_dict(
         {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 8, "min_new_tokens": 8}
     )
-    results = generate_contrastive(runtime, [GenerationRequest(ids, params) for ids in prompts(12, (3, 21))])
+    results = run_on_decoder(runtime, [GenerationRequest(ids, params) for ids in prompts(12, (3, 21))])
     assert [len(r.token_ids) for r in results] == [8, 8]

@@ -405,6 +405,8 @@ def openai_error(reply: ErrorReply) -> OpenAIError:
     message, param = reply.message, None
     if reply.code == "invalid_request":
         message, param = _openai_names(message)
+        if param == "model":  # OpenAI answers a model it does not serve with 404
+            status, code = 404, "model_not_found"
     return OpenAIError(status, message, kind, param, code, reply.retry_after_header)
 
 

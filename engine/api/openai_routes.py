@@ -70,18 +70,23 @@ class OpenAIRoutes:
 
     def __init__(self, client: EngineClient) -> None:
         self.client = client
-        self._model: str | None = None
+        self._model: tuple[str, str] | None = None
 
     async def served_model(self) -> str:
         """The served model's name (its folder's name): what /v1/models lists and replies carry."""
+        return (await self._served())[0]
+
+    async def _served(self) -> tuple[str, str]:
+        """(name, source): the model folder's name and where it came from (engine.json)."""
         if self._model is None:
-            self._model = str((await self.client.info()).model)
+            info = await self.client.info()
+            self._model = (str(info.model), str(info.model_source or info.model))
         return self._model
 
     # ---- routes ------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
-        model_id = await self.served_model()
-        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "engine", "root": model_id}
+        model_id, source = await self._served()
+        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "engine", "root": source}
         return JSONResponse({"object": "list", "data": [model]})
 
     async def completions(self, request: Request) -> Response:

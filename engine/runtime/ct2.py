@@ -10,15 +10,15 @@ greedy, beam search (``num_beams``, ``length_penalty``), ``min_new_tokens`` -> `
 ``repetition_penalty`` and ``no_repeat_ngram_size``. Where the two differ, and what is done:
 - CTranslate2 leaves the decoder-start token out of the history that ``repetition_penalty`` and
   ``no_repeat_ngram_size`` look at; Transformers keeps it in. The outputs differ only once the
-  model emits the decoder-start id itself (pad, 0), which trained T5 checkpoints do not do; the
-  Engine hands such greedy rows over to its own exact decoder in float32 (see engine.py).
+  model emits the decoder-start id itself (pad, 0), which trained T5 checkpoints do not do; in
+  float32 such greedy requests run on our own exact decoder instead (backends.py).
 - In beam search CTranslate2 applies those processors (and ``min_new_tokens``) to the logits before
   its log-softmax, Transformers to the log-probabilities after it, so beam scores differ once a
   processor removes or scales a token. Beam search with processors is therefore close to, not
   always identical to, Transformers; without processors it is identical.
 - Sampling draws from CTranslate2's own generator, which it seeds once per worker thread: an
   unseeded draw. A request with a ``seed`` runs on our own decoder instead, with a generator of its
-  own (``DecodingParams.runs_on_own_decoder``).
+  own (``backends.needs_decoder``).
 """
 
 from __future__ import annotations
@@ -174,7 +174,6 @@ class Hypothesis:
 
     token_ids: tuple[int, ...]
     ended_with_eos: bool
-    stopped: bool = False  # the step callback asked this row to stop
 
 
 class CT2Translator:
@@ -246,15 +245,11 @@ class CT2Translator:
         if options.beam_size > 1:
             if on_step is not None:
                 raise InvalidRequest("token streaming is not available for beam search")
-            return self._run(self._translator, source, options, None)
-        return self._run(self._translator, source, options, on_step)
+            return self._run(source, options, None)
+        return self._run(source, options, on_step)
 
     def _run(
-        self,
-        translator: ctranslate2.Translator,
-        source: list[list[str]],
-        options: DecodeOptions,
-        on_step: StepCallback | None,
+        self, source: list[list[str]], options: DecodeOptions, on_step: StepCallback | None
     ) -> list[Hypothesis]:
         kwargs = options.kwargs()
         if self.inter_threads > 1 and len(source) > 1:
@@ -263,12 +258,11 @@ class CT2Translator:
             kwargs["max_batch_size"] = -(-len(source) // self.inter_threads)
             kwargs["batch_type"] = "examples"
         if options.beam_size > 1:
-            results = self._call(translator, source, kwargs)
+            results = self._call(source, kwargs)
             return [self._from_tokens(r.hypotheses[0]) for r in results]
 
         # Greedy and sampling: the callback sees every id (EOS included), in order, per row.
         rows: list[list[int]] = [[] for _ in source]
-        stopped = [False] * len(source)
         errors: list[BaseException] = []
         eos_id = self.eos_id
 
@@ -278,12 +272,10 @@ class CT2Translator:
             if on_step is None or errors:
                 return bool(errors)
             try:
-                stop = bool(on_step(row, step.token_id))
+                return bool(on_step(row, step.token_id))
             except BaseException as exc:  # re-raised below, outside CTranslate2's thread
                 errors.append(exc)
                 return True
-            stopped[row] = stop and step.token_id != eos_id
-            return stop
 
         # CTranslate2 may drop its reference to the callback on its worker thread after the call
         # returns. Were that the last reference to something that owns a Translator, the
@@ -295,7 +287,7 @@ class CT2Translator:
             return holder[0](step) if holder else True
 
         try:
-            self._call(translator, source, {**kwargs, "callback": trampoline})
+            self._call(source, {**kwargs, "callback": trampoline})
         finally:
             holder.clear()
         if errors:
@@ -305,15 +297,14 @@ class CT2Translator:
             finally:
                 del error
         out = []
-        for ids, stop in zip(rows, stopped, strict=True):
+        for ids in rows:
             eos = bool(ids) and ids[-1] == eos_id
-            out.append(Hypothesis(tuple(ids[:-1] if eos else ids), ended_with_eos=eos, stopped=stop))
+            out.append(Hypothesis(tuple(ids[:-1] if eos else ids), ended_with_eos=eos))
         return out
 
-    @staticmethod
-    def _call(translator: ctranslate2.Translator, source: list[list[str]], kwargs: dict[str, Any]) -> Any:
+    def _call(self, source: list[list[str]], kwargs: dict[str, Any]) -> Any:
         try:
-            return translator.translate_batch(source, **kwargs)
+            return self._translator.translate_batch(source, **kwargs)
         except (RuntimeError, ValueError) as exc:
             raise ModelError(f"CTranslate2 failed: {exc}") from exc
 

@@ -1,9 +1,10 @@
 """``Engine``: the Python API (``from engine import Engine``) and the runtime behind the server.
 
 It loads a model folder (engine.json, spiece.model, the CTranslate2 model), tokenizes, groups
-requests that can share one decoder call, and turns CTranslate2's output into typed ``Result``s.
-Greedy, beam search and sampling run on CTranslate2; contrastive search, and sampling with a seed,
-on our own KV-cached decoder (engine/runtime/t5.py + contrastive.py), which is loaded on first use.
+requests that can share one decoder call, and turns each backend's output into typed ``Result``s.
+backends.py picks the backend of a group: CTranslate2 (greedy, beam search, unseeded sampling) or
+our own KV-cached decoder (engine/runtime/t5.py + decoder_batch.py: contrastive search, seeded
+sampling, greedy where it is exact or faster), which is loaded on first use.
 
 Batching: requests with equal ``DecodingParams.batch_key()`` share one ``translate_batch`` call,
 decoded up to the group's largest ``max_new_tokens``; a request that asked fewer tokens is stopped
@@ -28,6 +29,7 @@ from engine.errors import InvalidRequest, ModelError, PromptTooLong
 from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
 from engine.model.manifest import TOKENIZER_NAME, Manifest
 from engine.model.tokenizer import Tokenizer
+from engine.runtime.backends import Backend, backend_for, needs_decoder
 from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.protocols import OnToken
@@ -36,7 +38,7 @@ from engine.runtime.stop import StopCut, stop_sequences
 
 if TYPE_CHECKING:
     from engine.config import Config
-    from engine.runtime.contrastive import ContrastiveBatch
+    from engine.runtime.decoder_batch import DecoderBatch
     from engine.runtime.t5 import T5Runtime
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,8 @@ class Engine:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.cuda_graphs = cuda_graphs  # see Config.cuda_graphs
         self.intra_threads = intra_threads
-        self._contrastive_runtime: T5Runtime | None = None
-        self._contrastive_lock = threading.Lock()
+        self._decoder_runtime: T5Runtime | None = None
+        self._decoder_lock = threading.Lock()
         if self.manifest.random_weights:
             log.warning(
                 "%s has RANDOM WEIGHTS (a demo model): its outputs are not meaningful text", model_dir
@@ -165,17 +167,21 @@ class Engine:
             self._check_length(i, request.input_ids)
         results: dict[int, Result] = {}
         for group in _groups(requests):
-            if requests[group[0]].params.runs_on_own_decoder:
-                results.update(self._run_contrastive(requests, group, on_token))
+            params = requests[group[0]].params
+            backend = backend_for(
+                params, device=self.device, compute_type=self.compute_type, batch_size=len(group)
+            )
+            if backend is Backend.DECODER:
+                results.update(self._run_decoder(requests, group, on_token))
             else:
                 results.update(self._run_ct2(requests, group, on_token))
         return [results[i] for i in range(len(requests))]
 
-    def contrastive_batch(self) -> ContrastiveBatch:
-        """A continuous batch on our KV-cached decoder (contrastive search, greedy, seeded sampling)."""
-        from engine.runtime.contrastive import ContrastiveBatch
+    def decoder_batch(self) -> DecoderBatch:
+        """A continuous batch on our KV-cached decoder (every strategy but beam search)."""
+        from engine.runtime.decoder_batch import DecoderBatch
 
-        return ContrastiveBatch(self._contrastive(), detokenize=self.tokenizer.decode)
+        return DecoderBatch(self._decoder(), detokenize=self.tokenizer.decode)
 
     # -- CTranslate2 -----------------------------------------------------------------------------
 
@@ -191,24 +197,10 @@ class Engine:
         stops = [stop_sequences(p.stop, self.tokenizer.decode) for p in params]
         cuts: list[StopCut | None] = [None] * len(group)
         eos = self.manifest.eos_token_id
-        start = self.manifest.decoder_start_token_id
-        # Transformers' repetition penalty and no-repeat-ngram also see the decoder-start token,
-        # CTranslate2's do not: the two agree until the model emits that id itself. In float32,
-        # where token-exactness is the promise, such a row stops there and is finished by our own
-        # decoder, which keeps the decoder-start token in its history as Transformers does.
-        exact = (
-            params[0].strategy is Strategy.GREEDY
-            and (params[0].repetition_penalty != 1.0 or params[0].no_repeat_ngram_size > 0)
-            and self.compute_type == "float32"
-        )
-        handed_over: set[int] = set()
 
         def on_step(row: int, token_id: int) -> bool:
             if token_id == eos:
                 return False
-            if exact and token_id == start:
-                handed_over.add(row)
-                return True
             ids = generated[row]
             ids.append(token_id)
             if on_token is not None and on_token(group[row], token_id):
@@ -222,7 +214,7 @@ class Engine:
             return len(ids) >= params[row].max_new_tokens
 
         uniform = all(p.max_new_tokens == limit for p in params)
-        watched = on_token is not None or not uniform or exact or any(stops)
+        watched = on_token is not None or not uniform or any(stops)
         callback: StepCallback | None = on_step if options.beam_size == 1 and watched else None
         hyps = self.translator.translate(batch, options, on_step=callback)
         if options.beam_size > 1:
@@ -241,31 +233,10 @@ class Engine:
                             cuts[row] = None
                             hyps[row] = replace(hyp, token_ids=hyp.token_ids[:n], ended_with_eos=False)
                             break
-        results = {}
-        for row, (index, hyp) in enumerate(zip(group, hyps, strict=True)):
-            if row in handed_over:
-                results[index] = self._finish_exact(requests[index], index, len(generated[row]), on_token)
-            else:
-                results[index] = self._result(requests[index], hyp, cancelled[row], cuts[row])
-        return results
-
-    def _finish_exact(
-        self, request: GenerationRequest, index: int, streamed: int, on_token: OnToken | None
-    ) -> Result:
-        """Greedy decoding of one request on our own decoder; its first ``streamed`` tokens were
-        already reported (they are the same: both decoders are exact up to there)."""
-        log.debug("request %d emitted the decoder-start id; finishing it on the exact decoder", index)
-        batch = self.contrastive_batch()
-        batch.add("0", request)
-        produced = 0
-        while True:
-            for event in batch.step():
-                if event.token_id >= 0:
-                    produced += 1
-                    if produced > streamed and on_token is not None and on_token(index, event.token_id):
-                        batch.cancel("0")
-                if event.result is not None:
-                    return event.result
+        return {
+            index: self._result(requests[index], hyp, cancelled[row], cuts[row])
+            for row, (index, hyp) in enumerate(zip(group, hyps, strict=True))
+        }
 
     def _result(
         self, request: GenerationRequest, hyp: Hypothesis, cancelled: bool, cut: StopCut | None
@@ -286,48 +257,41 @@ class Engine:
             finish_reason=reason,
         )
 
-    # -- contrastive search ----------------------------------------------------------------------
+    # -- our decoder -----------------------------------------------------------------------------
 
-    def _contrastive(self) -> T5Runtime:
+    def _decoder(self) -> T5Runtime:
         """Our KV-cached decoder, loaded once on first use: it reads model.bin into its own arrays."""
-        with self._contrastive_lock:
-            if self._contrastive_runtime is None:
+        with self._decoder_lock:
+            if self._decoder_runtime is None:
                 from engine.runtime.t5 import T5Runtime
 
                 # CuPy has no bfloat16: bfloat16 compute types run our decoder in float32, since
                 # bfloat16 weights can exceed float16's range.
                 half = self.compute_type in ("float16", "int8_float16")
                 dtype = "float16" if self.device == "cuda" and half else "float32"
-                self._contrastive_runtime = T5Runtime.load(
+                self._decoder_runtime = T5Runtime.load(
                     self.model_dir, device=self.device, dtype=dtype, threads=self.intra_threads
                 )
                 if self.device == "cuda" and self.cuda_graphs:
-                    self._contrastive_runtime.use_cuda_graphs(True)
-                    log.info("contrastive decoder: CUDA graphs %s", self._contrastive_runtime.graph_status())
+                    self._decoder_runtime.use_cuda_graphs(True)
+                    log.info("our decoder: CUDA graphs %s", self._decoder_runtime.graph_status())
                 if self.device == "cpu":
                     from engine.runtime.qlinear import kernel_status
 
-                    log.info("contrastive decoder: %s", kernel_status())
-            return self._contrastive_runtime
+                    log.info("our decoder: %s", kernel_status())
+            return self._decoder_runtime
 
-    def _run_contrastive(
+    def _run_decoder(
         self, requests: Sequence[GenerationRequest], group: list[int], on_token: OnToken | None
     ) -> dict[int, Result]:
-        """Run a group to completion on the continuous batch, streaming its events to on_token."""
-        batch = self.contrastive_batch()
-        waiting = list(reversed(group))
-        results: dict[int, Result] = {}
-        while waiting or len(batch):
-            while waiting and (not len(batch) or batch.fits(requests[waiting[-1]])):
-                index = waiting.pop()
-                batch.add(str(index), requests[index])
-            for event in batch.step():
-                index = int(event.request_id)
-                if event.token_id >= 0 and on_token is not None and on_token(index, event.token_id):
-                    batch.cancel(event.request_id)
-                if event.result is not None:
-                    results[index] = event.result
-        return results
+        """Run a group to completion on our decoder's continuous batch, streaming to on_token."""
+        from engine.runtime.decoder_batch import run_to_completion
+
+        def on_row_token(row: int, token_id: int) -> bool | None:
+            return None if on_token is None else on_token(group[row], token_id)
+
+        results = run_to_completion(self.decoder_batch(), [requests[i] for i in group], on_row_token)
+        return dict(zip(group, results, strict=True))
 
 
 def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
@@ -336,7 +300,7 @@ def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
     for i, request in enumerate(requests):
         params = request.params
         key: tuple[Any, ...] = params.batch_key()
-        if params.runs_on_own_decoder:
+        if needs_decoder(params):
             # One continuous batch for all of them: its rows are independent of each other
             # (contrastive rows of any alpha and k, sampling rows each with its own generator).
             key = ("own decoder",)

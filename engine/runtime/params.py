@@ -65,14 +65,6 @@ class DecodingParams:
             return Strategy.CONTRASTIVE
         return Strategy.GREEDY
 
-    @property
-    def runs_on_own_decoder(self) -> bool:
-        """Contrastive search, and sampling with a seed, run on our KV-cached decoder
-        (engine/runtime/contrastive.py); the rest on CTranslate2. A seeded draw needs a generator
-        of its own, which CTranslate2 cannot give a request (it seeds each worker thread once)."""
-        s = self.strategy
-        return s is Strategy.CONTRASTIVE or (s is Strategy.SAMPLE and self.seed is not None)
-
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one engine call (everything but the length limit and
         the stop sequences, which every backend applies per row).

@@ -13,8 +13,8 @@ from engine.runtime.result import GenerationRequest, Result, TokenEvent
 OnToken = Callable[[int, int], bool | None]
 
 
-class ContrastiveBatchLike(Protocol):
-    """Continuous batching: requests join and leave between decoder steps."""
+class DecoderBatchLike(Protocol):
+    """Our decoder's continuous batch: requests join and leave between decoder steps."""
 
     def add(self, request_id: str, request: GenerationRequest) -> None: ...
 
@@ -41,4 +41,6 @@ class EngineLike(Protocol):
         """One batched call. Requests may mix strategies; the engine groups them by batch_key."""
         ...
 
-    def contrastive_batch(self) -> ContrastiveBatchLike: ...
+    def decoder_batch(self) -> DecoderBatchLike:
+        """A new continuous batch on our decoder (for requests whose backend it is)."""
+        ...

@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.runtime.backends import needs_decoder
 from engine.runtime.params import DecodingParams
 
 # A job joins the head's batch only when its max_new_tokens is within this factor of the head's
@@ -35,15 +36,15 @@ _EPSILON_S = 1e-9
 
 
 class Lane(enum.Enum):
-    """Which loop runs a job: one-shot batched engine calls, or the continuous contrastive batch."""
+    """Which loop runs a job: one-shot batched engine calls, or our decoder's continuous batch."""
 
     BATCH = "batch"
-    CONTRASTIVE = "contrastive"
+    DECODER = "contrastive"  # the value stored rows already hold
 
 
 def lane_of(params: DecodingParams) -> Lane:
     """Our decoder's continuous batch (contrastive search, seeded sampling) or CTranslate2's calls."""
-    return Lane.CONTRASTIVE if params.runs_on_own_decoder else Lane.BATCH
+    return Lane.DECODER if needs_decoder(params) else Lane.BATCH
 
 
 def batch_key_text(params: DecodingParams) -> str:

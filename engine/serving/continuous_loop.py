@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import EngineError, InvalidRequest, Overloaded
 from engine.runtime.params import DecodingParams
-from engine.runtime.protocols import ContrastiveBatchLike
+from engine.runtime.protocols import DecoderBatchLike
 from engine.runtime.result import GenerationRequest, Result, TokenEvent
 from engine.serving.batching import Lane, QueueEntry, fair_order
 from engine.serving.events import JobEvents, Row, RowEvent
@@ -42,7 +42,7 @@ Join = tuple[Row, GenerationRequest | _Pending]
 class StepPlan:
     """What ``schedule`` decided for the next step: rows that join, rows that leave."""
 
-    batch: ContrastiveBatchLike | None  # None: a fresh batch
+    batch: DecoderBatchLike | None  # None: a fresh batch
     adds: list[Join]
     cancels: list[Row]
 
@@ -51,7 +51,7 @@ class StepPlan:
 class StepOutput:
     """What one step on the worker gives back to ``update``."""
 
-    batch: ContrastiveBatchLike
+    batch: DecoderBatchLike
     events: list[RowEvent]
     deferred: list[Join]  # rows that did not fit yet
     rejected: dict[Row, EngineError]  # rows the decoder refused: their jobs fail
@@ -89,7 +89,7 @@ class ContinuousLoop(Loop):
         super().__init__(parts, wakeup)
         self.events = events
         # The loop's state between steps.
-        self.batch: ContrastiveBatchLike | None = None
+        self.batch: DecoderBatchLike | None = None
         self.active: dict[str, _ActiveJob] = {}
         self.waiting: list[Join] = []  # claimed rows not in the batch yet
         self.cancels: list[Row] = []
@@ -103,7 +103,7 @@ class ContinuousLoop(Loop):
                 self._reset()
                 if not self.claiming():
                     return
-                if not self.store.queued(Lane.CONTRASTIVE, 1):
+                if not self.store.queued(Lane.DECODER, 1):
                     await self.wakeup.sleep(IDLE_POLL_S)
                     continue
             plan = self.schedule()
@@ -152,7 +152,7 @@ class ContinuousLoop(Loop):
         if free <= 0:
             return []
         chosen: list[QueueEntry] = []
-        queue = self.store.queued(Lane.CONTRASTIVE, max(64, self.limits.max_batch_size))
+        queue = self.store.queued(Lane.DECODER, max(64, self.limits.max_batch_size))
         for entry in fair_order(queue, self.turn):
             first = rows == 0 and not chosen  # the head always gets in: no starvation
             if not first and (
@@ -178,7 +178,7 @@ class ContinuousLoop(Loop):
     # -- execute: on the worker thread -----------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepOutput:
         """Rows leave, rows join (those that do not fit yet wait), one decoder step."""
-        batch = plan.batch if plan.batch is not None else self.engine.contrastive_batch()
+        batch = plan.batch if plan.batch is not None else self.engine.decoder_batch()
         for row in plan.cancels:
             batch.cancel(row.engine_id)
         deferred: list[Join] = []

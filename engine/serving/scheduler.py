@@ -73,7 +73,7 @@ class Scheduler:
         self.batch_loop = BatchLoop(
             parts, forwarder=TokenForwarder(asyncio.get_running_loop(), events), wakeup=self._wake[Lane.BATCH]
         )
-        self.continuous_loop = ContinuousLoop(parts, events=events, wakeup=self._wake[Lane.CONTRASTIVE])
+        self.continuous_loop = ContinuousLoop(parts, events=events, wakeup=self._wake[Lane.DECODER])
 
     @property
     def batch_seconds_ewma(self) -> float:
@@ -118,7 +118,7 @@ class Scheduler:
         await self._supervised(Lane.BATCH, self.batch_loop.run)
 
     async def run_contrastive(self) -> None:
-        await self._supervised(Lane.CONTRASTIVE, self.continuous_loop.run)
+        await self._supervised(Lane.DECODER, self.continuous_loop.run)
 
     async def _supervised(self, lane: Lane, loop: Callable[[], Awaitable[None]]) -> None:
         """Keep a loop alive through store outages: log, put its jobs back in the queue, retry."""

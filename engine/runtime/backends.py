@@ -1,0 +1,60 @@
+"""Which backend runs a request: CTranslate2's batched ``translate_batch``, or our decoder.
+
+The one place that decides it (``backend_for``); the rest of the code asks. What each backend can
+run is a table (``RUNS_ON``): beam search only on CTranslate2; contrastive search only on our decoder
+(CTranslate2 has no hidden states and no step-level API); sampling with a seed only on our decoder
+(CTranslate2 seeds each worker thread once, so a request cannot have its own generator). Where both
+can run a strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
+or exactness decides: in float32, greedy with repetition penalty or no-repeat-ngram runs on our
+decoder, since CTranslate2 leaves the decoder-start token out of those processors' history and
+Transformers keeps it (ct2.py).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from engine.runtime.params import DecodingParams, Strategy
+
+
+class Backend(enum.Enum):
+    CTRANSLATE2 = "ctranslate2"
+    DECODER = "decoder"  # ours: engine/runtime/decoder_batch.py
+
+
+_BOTH = frozenset({Backend.CTRANSLATE2, Backend.DECODER})
+RUNS_ON: dict[Strategy, frozenset[Backend]] = {
+    Strategy.GREEDY: _BOTH,
+    Strategy.BEAM: frozenset({Backend.CTRANSLATE2}),
+    Strategy.SAMPLE: _BOTH,  # seeded: our decoder only (see needs_decoder)
+    Strategy.CONTRASTIVE: frozenset({Backend.DECODER}),
+}
+
+# Greedy without processors: up to how many prompts in one call our decoder is faster than
+# CTranslate2, per (device, compute type); absent: CTranslate2 always. See RESULTS.md,
+# "Greedy: which backend" for the figures that chose these.
+GREEDY_ON_DECODER: dict[tuple[str, str], int] = {}
+
+
+def needs_decoder(params: DecodingParams) -> bool:
+    """Only our decoder can run it: contrastive search, and sampling with a seed. Such requests
+    take the scheduler's continuous lane whatever the device."""
+    if params.strategy is Strategy.SAMPLE:
+        return params.seed is not None
+    return RUNS_ON[params.strategy] == {Backend.DECODER}
+
+
+def backend_for(params: DecodingParams, *, device: str, compute_type: str, batch_size: int = 1) -> Backend:
+    """The backend for a call of ``batch_size`` requests with these (batch-compatible) params."""
+    if needs_decoder(params):
+        return Backend.DECODER
+    runs_on = RUNS_ON[params.strategy]
+    if runs_on == {Backend.CTRANSLATE2}:
+        return Backend.CTRANSLATE2
+    if params.strategy is Strategy.GREEDY:
+        processors = params.repetition_penalty != 1.0 or params.no_repeat_ngram_size > 0
+        if processors and compute_type == "float32":
+            return Backend.DECODER  # token-exact with Transformers where CTranslate2 is not
+        if batch_size <= GREEDY_ON_DECODER.get((device, compute_type), 0):
+            return Backend.DECODER
+    return Backend.CTRANSLATE2
