@@ -159,9 +159,11 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
-        of each owner that has some, merged oldest first, so that a key whose backlog is older
-        than the window still shows every other key's head (batching.fair_order takes turns)."""
+        """The batching policy's input: the oldest queued jobs of a lane (and batch key) of each
+        owner that has some, merged oldest first, so that a key whose backlog is older than the
+        window still shows every other key's head (batching.fair_order takes turns). Each owner
+        gives ``per_owner(limit, owners)`` jobs: ``limit`` while few keys have work, fewer (at
+        least its head) when many do, so that a read stays about ``4 * limit`` jobs."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -370,6 +372,11 @@ def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: i
         job.params.max_new_tokens,
         job.owner,
     )
+
+
+def per_owner(limit: int, owners: int) -> int:
+    """How many queued jobs ``JobStore.queued`` reads of each of ``owners`` keys with work."""
+    return max(1, min(limit, 4 * limit // max(1, owners)))
 
 
 # -- JSON forms of results and errors, shared by the stores ---------------------------------------

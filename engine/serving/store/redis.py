@@ -230,12 +230,16 @@ end
 return out
 """
 
-# ARGV: prefix, lane, limit, batch key or '': the oldest ``limit`` queued jobs of each owner with
-# work in the lane, as flat lists of the QueueEntry fields (one round trip, one consistent view)
+# ARGV: prefix, lane, limit, batch key or '': the oldest per_owner(limit, owners) queued jobs of
+# each owner with work in the lane, as flat lists of the QueueEntry fields (one round trip, one
+# consistent view)
 _QUEUED = """
 local lane, limit, key = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local out = {}
-for _, owner in ipairs(redis.call('HKEYS', P..'owners:'..lane)) do
+local owners = redis.call('HKEYS', P..'owners:'..lane)
+-- store.base.per_owner: fewer of each when many keys have work, at least each one's head
+limit = math.max(1, math.min(limit, math.floor(4 * limit / math.max(1, #owners))))
+for _, owner in ipairs(owners) do
   local set = key == '' and P..'own:'..lane..':'..owner or P..'ownkey:'..lane..':'..key..':'..owner
   for _, id in ipairs(redis.call('ZRANGE', set, 0, limit - 1)) do
     local f = redis.call('HMGET', P..'job:'..id, 'seq', 'created_at', 'lane', 'batch_key',

@@ -41,6 +41,7 @@ from engine.serving.store.base import (
     decode_result,
     encode_error,
     encode_result,
+    per_owner,
     queue_entry,
     store_call,
     store_errors,
@@ -438,11 +439,12 @@ class SqliteJobStore(JobStore):
                     f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
                 ).fetchall()
             else:
+                each = per_owner(limit, len(owners))
                 for owner in owners:
                     rows.extend(
                         self._db.execute(
                             f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} AND owner = ? ORDER BY seq LIMIT ?",
-                            (*args, owner, limit),
+                            (*args, owner, each),
                         ).fetchall()
                     )
                 rows.sort(key=lambda r: r[1])
