@@ -31,8 +31,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,18 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import OUT_DIR, machine, save_json  # noqa: E402
 from benchmarks.loadgen import percentile  # noqa: E402
+from harness.processes import ServerProcess, create_key_cli, redis_server, start_server  # noqa: E402
 
 MODEL_DIR = OUT_DIR / "models" / "demo-small-int8"
 PROMPT = "A step by step recipe to make bolognese pasta:"
 BODY = {"prompt": PROMPT, "params": {"max_new_tokens": 8, "min_new_tokens": 8}}
 LEASE_S = 5.0
 PREFIX = "engine:jobs:"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
@@ -78,105 +71,39 @@ def ensure_model() -> Path:
 
 
 class Server:
-    """One ``engine serve`` on fixed ports (a restart binds the same ones)."""
+    """One ``engine serve`` that the run kills -9 and starts again (on new free ports)."""
 
-    def __init__(self, name: str, store: str, model: Path, folder: Path, extra: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], folder: Path) -> None:
         self.name = name
-        self.store = store
-        self.model = model
+        self.args = args
         self.folder = folder
-        self.extra = extra
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: ServerProcess | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        assert self.process is not None
+        return self.process.url
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.proc.pid
+
+    def start(self) -> None:
         self.starts += 1
-        log_path = self.folder / f"{self.name}-{self.starts}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--model",
-            str(self.model),
-            "--store",
-            self.store,
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--rate-limit-per-minute",
-            "0",
-            *self.extra,
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-        with open(log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.folder, env=env
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if " ready: " in log_path.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: see {log_path}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not log ready within {timeout_s} s: see {log_path}")
+        log = self.folder / f"{self.name}-{self.starts}.log"
+        # This checkout's engine, whatever is installed in the environment.
+        self.process = start_server(self.args, log, environ={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.process is not None and self.process.proc.poll() is None:
+            self.process.proc.send_signal(signal.SIGKILL)
+            self.process.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-
-@contextlib.contextmanager
-def redis_server(folder: Path) -> Any:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def create_key(store: str, name: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "engine", "keys", "create", "--name", name, "--store", store],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    return out.stdout.strip().splitlines()[-1]
+        if self.process is not None:
+            self.process.stop(timeout_s=30)
 
 
 @dataclass
@@ -348,14 +275,20 @@ def main() -> int:
 
     model = ensure_model()
     folder = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    with redis_server(folder) as redis_port:
-        store = f"redis://127.0.0.1:{redis_port}/0?lease_s={LEASE_S:g}"
-        keys = {"flood": create_key(store, "flood"), "quiet": create_key(store, "quiet")}
-        extra = args.server_args.split()
-        steady, victim = (
-            Server("server1", store, model, folder, extra),
-            Server("server2", store, model, folder, extra),
-        )
+    with redis_server(folder) as redis_url:
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        store = f"{redis_url}?lease_s={LEASE_S:g}"
+        keys = {"flood": create_key_cli(store, "flood"), "quiet": create_key_cli(store, "quiet")}
+        serve = [
+            "--model",
+            str(model),
+            "--store",
+            store,
+            "--rate-limit-per-minute",
+            "0",
+            *args.server_args.split(),
+        ]
+        steady, victim = Server("server1", serve, folder), Server("server2", serve, folder)
         servers = [steady, victim]
         for s in servers:
             s.start()
@@ -368,8 +301,7 @@ def main() -> int:
                     keys, servers, rec, args.baseline_s, flood=0, quiet=args.quiet_clients, phase="alone"
                 )
             )
-            assert steady.proc is not None
-            rss_start = (rss_mib(steady.proc.pid), redis_rss_mib(redis_port))
+            rss_start = (rss_mib(steady.pid), redis_rss_mib(redis_port))
 
             async def killer(stop: asyncio.Event) -> None:
                 while not stop.is_set():
@@ -400,7 +332,7 @@ def main() -> int:
                     killer=killer,
                 )
             )
-            rss_end = (rss_mib(steady.proc.pid), redis_rss_mib(redis_port))
+            rss_end = (rss_mib(steady.pid), redis_rss_mib(redis_port))
             deadline = time.monotonic() + args.drain_s
             while True:
                 audit = store_audit(redis_port, rec.accepted)

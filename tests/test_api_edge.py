@@ -383,6 +383,9 @@ async def test_malformed_keys_are_401(http: httpx.AsyncClient, stub: Any, stack:
             grpc.StatusCode.UNAUTHENTICATED,
             "malformed API key",
         )
+    # Info needs no key and does not look at one.
+    info = await stub.Info(engine_pb2.InfoRequest(), metadata=(("apikey", "k" * 300),))
+    assert info.model == "fake/flan-t5"
     # The streaming calls read the key inside their handler too.
     for call in (
         stub.GenerateStream(submit("x"), metadata=(("apikey", "k" * 300),)),

@@ -12,7 +12,7 @@ import pytest
 
 from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, fair_order
-from engine.serving.jobs import JobStatus
+from engine.serving.jobs import Job, JobStatus
 from engine.serving.store.base import JobStore
 from tests.fakes import FakeEngine, start_service
 
@@ -68,3 +68,15 @@ def test_fair_order_counts_prompts_not_jobs() -> None:
 def test_one_owner_keeps_queue_order() -> None:
     queue = [entry(i, "a") for i in range(5)]
     assert fair_order(queue, after="zzz") == queue
+
+
+def test_the_store_shows_every_keys_head_and_bounds_the_read_when_many_keys_wait(job_store: JobStore) -> None:
+    for owner in range(40):
+        for n in range(3):
+            job = Job(id=f"k{owner}-{n}", owner=f"key{owner}", prompts=("p",), params=GREEDY, created_at=1.0)
+            job_store.enqueue(job, 2)
+    few = [e.job_id for e in job_store.queued(Lane.BATCH, 8)]
+    assert len(few) == 40  # 4 * 8 / 40 rounds down to 0: at least each key's head
+    assert set(few) == {f"k{owner}-0" for owner in range(40)}
+    many = job_store.queued(Lane.BATCH, 64)  # 4 * 64 / 40 = 6, more than any key has
+    assert len(many) == 120 and [e.seq for e in many] == sorted(e.seq for e in many)

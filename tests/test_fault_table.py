@@ -386,18 +386,6 @@ def test_row_disk_full_during_submits_and_during_a_completion(
             assert r.status_code == 200
             accepted.append(r.json()["data"]["id"])
         wait_completed(server, key, accepted)
-        # A long job is running when the disk fills: its completion (16 x 600 tokens, more than
-        # the room left in the WAL file) cannot be written.
-        long = requests.post(
-            f"{server.url}/v1/submit",
-            headers={"apiKey": key},
-            json={
-                "prompt": [f"long {i}" for i in range(16)],
-                "params": {"max_new_tokens": 600, "min_new_tokens": 600},
-            },
-            timeout=5,
-        )
-        assert long.status_code == 200, long.text
         filler = fill(small_disk)
         refused = [submit(server, key, f"full {i}") for i in range(20)]
         codes = {r.status_code for r in refused}
@@ -408,16 +396,48 @@ def test_row_disk_full_during_submits_and_during_a_completion(
                 assert r.headers.get("Retry-After") and "unavailable" in r.json()["error"]["message"]
             else:
                 accepted.append(r.json()["data"]["id"])  # answered 200: it is on disk
-        # The long job finishes meanwhile; its results cannot be written. Once the disk has room,
-        # it goes back to the queue (found from the store, not from memory) and runs again.
-        until(
-            lambda: "could not be written to the store" in server.log(), "the failed completion", timeout_s=60
-        )
         filler.unlink()
         until(lambda: ready(server), "ready once the disk has room")
-        wait_completed(server, key, [*accepted, long.json()["data"]["id"]])
+        # The disk fills while a long job runs: its results (64 x 400 tokens, more than the room
+        # left in the WAL file) cannot be written. Once the disk has room, it goes back to the
+        # queue (found from the store, not from memory) and runs again. A job that finished
+        # before the disk was full (a fast machine) proves nothing: then try again.
+        for _ in range(3):
+            long = requests.post(
+                f"{server.url}/v1/submit",
+                headers={"apiKey": key},
+                json={
+                    "prompt": [f"long {i}" for i in range(64)],
+                    "params": {"max_new_tokens": 400, "min_new_tokens": 400},
+                },
+                timeout=5,
+            )
+            assert long.status_code == 200, long.text
+            accepted.append(long.json()["data"]["id"])
+            until(lambda: job_status(server, key, accepted[-1]) == "running", "the long job to run")
+            filler = fill(small_disk)
+            until(
+                lambda: (
+                    "could not be written to the store" in server.log()
+                    or job_status(server, key, accepted[-1]) == "completed"
+                ),
+                "the long job's end",
+                timeout_s=90,
+            )
+            filler.unlink()
+            if "could not be written to the store" in server.log():
+                break
+        assert "could not be written to the store" in server.log()
+        until(lambda: ready(server), "ready once the disk has room")
+        wait_completed(server, key, accepted)
     finally:
         assert server.stop() == 0
+
+
+def job_status(server: ServerProcess, key: str, job_id: str) -> str | None:
+    """The job's status, or None while the store does not answer (503)."""
+    r = requests.get(f"{server.url}/v1/response/{job_id}", headers={"apiKey": key}, timeout=5)
+    return str(r.json()["data"]["status"]) if r.status_code == 200 else None
 
 
 def test_row_multi_replica_shared_rate_limit_and_a_replica_killed_under_load(

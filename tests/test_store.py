@@ -389,7 +389,9 @@ def test_the_job_service_runs_on_redis(redis_url: str | None) -> None:
 
     async def body() -> None:
         store = RedisJobStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
-        svc = await start_service(store=store, max_queue_delay_ms=20.0)
+        # The batcher waits a second for a fuller batch, so that on a loaded machine it does not
+        # claim the first jobs before the fifth is submitted (queue positions are read at submit).
+        svc = await start_service(store=store, max_queue_delay_ms=1000.0)
         views = [await svc.submit("a", [f"p {i}"], DecodingParams(max_new_tokens=6)) for i in range(5)]
         assert [v.queue_position for v in views] == [0, 1, 2, 3, 4]
         contrastive = await svc.submit(

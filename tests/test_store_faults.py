@@ -148,3 +148,62 @@ def test_a_store_marked_down_fails_fast_and_comes_back(tmp_path: Path) -> None:
         time.sleep(0.02)
     assert store.get("x") is None
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_results_are_purged_in_bounded_batches(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A day of results is not deleted in one call that could outlast the store's timeout."""
+    from engine.serving.jobs import Job
+    from engine.serving.store.base import Completion
+    from tests.test_store import result
+
+    store = open_store(kind, tmp_path, request)
+    jobs = [
+        Job(id=f"p{i}", owner="a", prompts=("x",), params=DecodingParams(), created_at=10.0) for i in range(7)
+    ]
+    for j in jobs:
+        store.enqueue(j, 1)
+    store.claim([j.id for j in jobs], 20.0)
+    store.complete_many([Completion(j.id, 1, result()) for j in jobs], 30.0)
+    assert [store.purge_expired(100.0, 10.0, limit=3) for _ in range(4)] == [3, 3, 1, 0]
+    assert all(store.get(j.id) is None for j in jobs)
+    store.close()
+
+
+def test_every_replica_on_one_redis_reports_the_shared_queue_depth(
+    redis_stores: Callable[[], JobStore],
+) -> None:
+    """engine_queue_depth is the shared queue's depth on each replica (a dashboard takes max over
+    replicas; a sum would count the queue once per replica)."""
+    import threading
+
+    from engine.metrics import Metrics
+
+    async def body() -> None:
+        gates = [threading.Event(), threading.Event()]
+        metrics = [Metrics(), Metrics()]
+        a, b = [
+            await start_service(FakeEngine(gate=g), store=redis_stores(), metrics=m)
+            for g, m in zip(gates, metrics, strict=True)
+        ]
+        b._scheduler.stop_claiming()  # type: ignore[union-attr]  # b only watches the queue
+        for i in range(8):  # all through replica a; b has seen no submit
+            await a.submit("alice", [f"q{i}"], DecodingParams(max_new_tokens=4))
+
+        def depths() -> list[float]:
+            return [m.registry.get_sample_value("engine_queue_depth") or 0.0 for m in metrics]
+
+        shared = a.store.queue_depth()
+        assert 0 < shared < 8  # a's gated engine holds what it took
+        deadline = time.monotonic() + 5
+        while depths() != [shared, shared]:  # b learns it from the store within a sweep
+            assert time.monotonic() < deadline, (depths(), shared)
+            await asyncio.sleep(0.05)
+        for g in gates:
+            g.set()
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -80,12 +80,14 @@ def _heads(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.astype(np.float64).reshape(rows.shape[0], heads, -1).transpose(1, 0, 2)
 
 
+# The kernel splits (sequence, head) pairs over threads only from 4 M multiply-adds (counted over
+# the capacity): a capacity of 1200 with 6 heads of 64 takes that path.
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("heads,d_kv", [(4, 16), (6, 64), (2, 24)])
-def test_decoder_self_attention(threads: int, heads: int, d_kv: int) -> None:
+@pytest.mark.parametrize("heads,d_kv,cap", [(4, 16, 40), (6, 64, 40), (2, 24, 40), (6, 64, 1200)])
+def test_decoder_self_attention(threads: int, heads: int, d_kv: int, cap: int) -> None:
     rng = np.random.default_rng(heads * d_kv)
-    batch, m, cap = 3, 4, 40
-    lengths = np.array([0, 7, 33], dtype=np.int64)  # an empty past, a short one, a long one
+    batch, m = 3, 4
+    lengths = np.array([0, 7, cap - 7], dtype=np.int64)  # an empty past, a short one, a long one
     inner = heads * d_kv
     qkv = rng.standard_normal((batch * m, 3 * inner)).astype(np.float32)
     cache_k = rng.standard_normal((batch, heads, cap, d_kv)).astype(np.float32)
@@ -130,11 +132,12 @@ def test_cross_attention(threads: int) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_encoder_attention(threads: int) -> None:
+@pytest.mark.parametrize("width,heads,d_kv", [(13, 3, 16), (140, 4, 64)])  # the second: threaded
+def test_encoder_attention(threads: int, width: int, heads: int, d_kv: int) -> None:
     rng = np.random.default_rng(9)
-    batch, width, heads, d_kv = 2, 13, 3, 16
+    batch = 2
     inner = heads * d_kv
-    lengths = np.array([13, 6], dtype=np.int64)
+    lengths = np.array([width, 6], dtype=np.int64)
     qkv = rng.standard_normal((batch * width, 3 * inner)).astype(np.float32)
     position_bias = rng.standard_normal((heads, width, width)).astype(np.float32)
     out = t5ops.encoder_attention(qkv, position_bias, lengths, batch=batch, threads=threads)

@@ -420,7 +420,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         return await self._unary("Generate", self.generate, request, context)
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._unary("Info", self.server_info, request, context)
+        return await self._unary("Info", self.server_info, request, context, keyed=False)
 
     # grpc.aio takes a streaming handler only if it is an async generator function itself.
     async def GenerateStream(
@@ -457,9 +457,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         fn: Callable[[str | None, Any], Awaitable[Any]],
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        keyed: bool = True,
     ) -> Any:
         try:
-            reply = await fn(_api_key(context), _decoded(request))
+            # Info needs no key: one that a client sends anyway is not looked at.
+            reply = await fn(_api_key(context) if keyed else None, _decoded(request))
         except Exception as exc:
             await self._abort(method, exc, context)
             raise  # unreachable: abort raises

@@ -27,8 +27,13 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 #include "_t5ops.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-/* Work (multiply-adds) below which one thread is faster than waking a second one. */
-#define PARALLEL_MIN_WORK (1 << 16)
+/* Work (multiply-adds of scores and values, counted over the cache's capacity) from which a call
+   splits its (sequence, head) pairs over threads. A decoder layer's attention is 10-200 us of work,
+   and every parallel region waits for its last thread: on a loaded machine (2 cores shared by
+   several processes) a woken thread waited for a scheduler slice, and 2-thread regions took 8 ms
+   where one thread took under 1 ms (measured ad hoc for products, load average 4-12). So only
+   calls of several milliseconds (the encoder of a batch) use the second thread. */
+#define PARALLEL_MIN_WORK (1 << 22)
 /* Attention heads up to this width (T5's d_kv is 64): q, the output row and one key are held in
    registers, 16 floats each. */
 #define MAX_D 256

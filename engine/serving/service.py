@@ -29,7 +29,7 @@ from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.scheduler import Scheduler
-from engine.serving.store.base import JobStore, LimitReached, QueueLimits, Replay
+from engine.serving.store.base import PURGE_BATCH, JobStore, LimitReached, QueueLimits, Replay
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -508,8 +508,14 @@ class JobService:
         period = min(60.0, ttl / 10)
         while True:
             await self.clock.sleep(period)
+            purged = 0
             try:
-                purged = self.store.purge_expired(self.clock.time(), ttl)
+                while True:  # in bounded batches, letting requests in between
+                    n = self.store.purge_expired(self.clock.time(), ttl, limit=PURGE_BATCH)
+                    purged += n
+                    if n < PURGE_BATCH:
+                        break
+                    await asyncio.sleep(0)
             except NotReady:
                 continue  # the store is down (logged by its StoreHealth)
             except Exception:

@@ -30,6 +30,7 @@ from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.url import StoreUrl, parse_store_url, redact_text
 
 log = logging.getLogger(__name__)
+PURGE_BATCH = 500  # finished jobs deleted per purge call: each call stays well within a timeout
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,11 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        """The batching policy's input: the oldest ``limit`` queued jobs of a lane (and batch key)
-        of each owner that has some, merged oldest first, so that a key whose backlog is older
-        than the window still shows every other key's head (batching.fair_order takes turns)."""
+        """The batching policy's input: the oldest queued jobs of a lane (and batch key) of each
+        owner that has some, merged oldest first, so that a key whose backlog is older than the
+        window still shows every other key's head (batching.fair_order takes turns). Each owner
+        gives ``per_owner(limit, owners)`` jobs: ``limit`` while few keys have work, fewer (at
+        least its head) when many do, so that a read stays about ``4 * limit`` jobs."""
 
     @abc.abstractmethod
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -206,8 +209,10 @@ class JobStore(abc.ABC):
         """Ids of queued jobs enqueued before ``cutoff`` (for job_timeout_s)."""
 
     @abc.abstractmethod
-    def purge_expired(self, now: float, ttl_s: float) -> int:
-        """Delete finished jobs older than ``ttl_s``; returns how many."""
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
+        """Delete up to ``limit`` finished jobs older than ``ttl_s``; returns how many. One call is
+        bounded (a day of results purged at once could outlast the store's timeout); call again
+        while it returns ``limit``."""
 
     @abc.abstractmethod
     def ping(self) -> bool:
@@ -367,6 +372,11 @@ def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: i
         job.params.max_new_tokens,
         job.owner,
     )
+
+
+def per_owner(limit: int, owners: int) -> int:
+    """How many queued jobs ``JobStore.queued`` reads of each of ``owners`` keys with work."""
+    return max(1, min(limit, 4 * limit // max(1, owners)))
 
 
 # -- JSON forms of results and errors, shared by the stores ---------------------------------------

@@ -34,6 +34,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
+    PURGE_BATCH,
     JobStore,
     LimitReached,
     QueueLimits,
@@ -229,12 +230,16 @@ end
 return out
 """
 
-# ARGV: prefix, lane, limit, batch key or '': the oldest ``limit`` queued jobs of each owner with
-# work in the lane, as flat lists of the QueueEntry fields (one round trip, one consistent view)
+# ARGV: prefix, lane, limit, batch key or '': the oldest per_owner(limit, owners) queued jobs of
+# each owner with work in the lane, as flat lists of the QueueEntry fields (one round trip, one
+# consistent view)
 _QUEUED = """
 local lane, limit, key = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local out = {}
-for _, owner in ipairs(redis.call('HKEYS', P..'owners:'..lane)) do
+local owners = redis.call('HKEYS', P..'owners:'..lane)
+-- store.base.per_owner: fewer of each when many keys have work, at least each one's head
+limit = math.max(1, math.min(limit, math.floor(4 * limit / math.max(1, #owners))))
+for _, owner in ipairs(owners) do
   local set = key == '' and P..'own:'..lane..':'..owner or P..'ownkey:'..lane..':'..key..':'..owner
   for _, id in ipairs(redis.call('ZRANGE', set, 0, limit - 1)) do
     local f = redis.call('HMGET', P..'job:'..id, 'seq', 'created_at', 'lane', 'batch_key',
@@ -255,16 +260,18 @@ return 1
 # ARGV: prefix, cutoff: delete finished jobs older than cutoff
 _PURGE = """
 local n = 0
+local limit = tonumber(ARGV[3])
 for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
+  if n >= limit then break end
   local set = P..'done:'..status
-  local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2])
+  local ids = redis.call('ZRANGEBYSCORE', set, '-inf', '('..ARGV[2], 'LIMIT', 0, limit - n)
   for _, id in ipairs(ids) do
     local idem = redis.call('HGET', P..'job:'..id, 'idem')
     if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     redis.call('DEL', P..'job:'..id)
+    redis.call('ZREM', set, id)
     n = n + 1
   end
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', '('..ARGV[2])
 end
 return n
 """
@@ -526,8 +533,8 @@ class RedisJobStore(JobStore):
         return list(self._r.zrangebyscore(self._k("created"), "-inf", f"({cutoff!r}", start=0, num=limit))
 
     @store_call
-    def purge_expired(self, now: float, ttl_s: float) -> int:
-        return int(self._run("purge", repr(now - ttl_s)))
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
+        return int(self._run("purge", repr(now - ttl_s), limit))
 
     def ping(self) -> bool:
         return not self._closed and self.health.up

@@ -29,6 +29,7 @@ from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     LOG_EVERY_S,
+    PURGE_BATCH,
     Completion,
     JobStore,
     LimitReached,
@@ -40,6 +41,7 @@ from engine.serving.store.base import (
     decode_result,
     encode_error,
     encode_result,
+    per_owner,
     queue_entry,
     store_call,
     store_errors,
@@ -225,7 +227,11 @@ class SqliteJobStore(JobStore):
             self.health.start()
 
     def _probe(self) -> None:
-        """On the probe thread: can this store write? (a write lock taken and given back)."""
+        """On the probe thread: can this store write? (a write lock taken and given back). Not
+        while this process's own group of submits holds the lock until its commit, a loop turn
+        later: that wait says nothing about the file, and would mark a busy store down."""
+        if self._group:
+            return
         con = sqlite3.connect(self.path, isolation_level=None, timeout=self._timeout_ms / 1000)
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -433,11 +439,12 @@ class SqliteJobStore(JobStore):
                     f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
                 ).fetchall()
             else:
+                each = per_owner(limit, len(owners))
                 for owner in owners:
                     rows.extend(
                         self._db.execute(
                             f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} AND owner = ? ORDER BY seq LIMIT ?",
-                            (*args, owner, limit),
+                            (*args, owner, each),
                         ).fetchall()
                     )
                 rows.sort(key=lambda r: r[1])
@@ -608,11 +615,11 @@ class SqliteJobStore(JobStore):
         return [r[0] for r in rows]
 
     @store_call
-    def purge_expired(self, now: float, ttl_s: float) -> int:
+    def purge_expired(self, now: float, ttl_s: float, limit: int = PURGE_BATCH) -> int:
         return self._change(
-            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
-            " AND status IN ('completed', 'failed', 'cancelled')",
-            (now - ttl_s,),
+            "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
+            " AND finished_at < ? AND status IN ('completed', 'failed', 'cancelled') LIMIT ?)",
+            (now - ttl_s, limit),
         )
 
     def ping(self) -> bool:
