@@ -125,7 +125,7 @@ class JobService:
         self._set_depth_gauge()
         self._tasks = [
             asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
-            asyncio.create_task(self._scheduler.run_contrastive(), name="contrastive-loop"),
+            asyncio.create_task(self._scheduler.run_continuous(), name="continuous-loop"),
             asyncio.create_task(self._sweep_timeouts(), name="timeouts"),
             asyncio.create_task(self._purge_results(), name="purge"),
             asyncio.create_task(self.remote_ends.run(), name="remote-ends"),
@@ -274,7 +274,7 @@ class JobService:
 
     async def cancel(self, owner: str, job_id: str) -> JobView:
         """Queued: cancelled at once. Running: cancelled at once in the store; its rows leave the
-        engine at their next token (next step for contrastive). Finished: returned unchanged."""
+        engine at their next token (next step on our decoder's continuous batch). Finished: returned unchanged."""
         job = self._owned(owner, job_id)
         if job.status.terminal:
             return JobView(job, 0)
