@@ -154,7 +154,7 @@ async def shim_cpu_per_job(reps: int = 5, jobs: int = 300) -> dict[str, float]:
     from engine.api.client import InProcessClient
     from engine.api.pb import engine_pb2
     from engine.api.rest import create_app
-    from tests.api_fakes import fake_stack
+    from harness.api_fakes import fake_stack
 
     body = json.dumps({"prompt": PROMPT, "params": PARAMS}).encode()
     rest_ms: list[float] = []

@@ -136,7 +136,7 @@ async def section_speedup(engine: EngineLike, tmp: Path, reps: int) -> dict[str,
 async def section_overhead(engine: Any, tmp: Path, jobs: int) -> dict[str, Any]:
     timed = TimedEngine(engine)
     params = DecodingParams(max_new_tokens=32, min_new_tokens=32)
-    from tests.fakes import FakeEngine
+    from harness.fakes import FakeEngine
 
     # The FakeEngine answers at once: its whole latency is the queue path (store, scheduler,
     # worker thread hand-offs, result write).
@@ -257,7 +257,7 @@ LONG = (64, 96, 128)
 
 async def lengths_run(ratio: float, seed: int, jobs: int, rate_per_s: float) -> dict[str, Any]:
     from engine.serving.batching import BatchLimits
-    from tests.fakes import FakeEngine
+    from harness.fakes import FakeEngine
 
     engine = FakeEngine(step_delay_s=0.004, row_delay_s=0.0004)
     svc = JobService(Config(max_queue_delay_ms=5.0), SqliteJobStore(":memory:"), engine)

@@ -29,7 +29,7 @@ from engine.serving.jobs import JobResult, JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.base import Completion
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine
+from harness.fakes import FakeEngine
 
 OWNER = "harness"
 

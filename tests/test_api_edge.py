@@ -28,8 +28,8 @@ from engine.api.rest import create_app
 from engine.config import Config
 from engine.limits import MAX_ERROR_MESSAGE_CHARS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, RequestLimits
 from engine.metrics import Metrics
+from harness.api_fakes import INFO, FakeStack, open_stack
 from harness.processes import free_port
-from tests.api_fakes import INFO, FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 

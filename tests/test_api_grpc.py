@@ -20,7 +20,7 @@ from engine.api.grpc_service import GrpcServer
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.api.rest import create_app
 from engine.metrics import Metrics
-from tests.api_fakes import FakeStack, open_stack
+from harness.api_fakes import FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 

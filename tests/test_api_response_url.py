@@ -10,7 +10,7 @@ import pytest
 
 from engine.api.client import InProcessClient
 from engine.api.rest import create_app
-from tests.api_fakes import open_stack
+from harness.api_fakes import open_stack
 
 pytestmark = pytest.mark.anyio
 

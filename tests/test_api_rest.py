@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from engine._version import __version__
 from engine.api.client import InProcessClient
 from engine.api.rest import EngineApp, ResponseResponse, SubmitResponse, create_app
-from tests.api_fakes import FakeStack, open_stack
+from harness.api_fakes import FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 

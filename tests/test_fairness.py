@@ -14,7 +14,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.batching import Lane, QueueEntry, fair_order
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.store.base import JobStore
-from tests.fakes import FakeEngine, start_service
+from harness.fakes import FakeEngine, start_service
 
 GREEDY = DecodingParams(max_new_tokens=4)
 CONTRASTIVE = DecodingParams(max_new_tokens=4, penalty_alpha=0.6, top_k=4)

@@ -485,7 +485,7 @@ def test_row_clock_step_of_60_s_moves_no_timer(monkeypatch: pytest.MonkeyPatch) 
 
     from engine.runtime.params import DecodingParams
     from engine.serving.clock import RealClock
-    from tests.fakes import FakeEngine, start_service
+    from harness.fakes import FakeEngine, start_service
 
     async def body() -> None:
         gate = threading.Event()

@@ -26,8 +26,8 @@ from engine.serving.jobs import Job, JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.base import JobStore, Replay
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.api_fakes import INFO, fake_decode
-from tests.fakes import FakeEngine, start_service, until
+from harness.api_fakes import INFO, fake_decode
+from harness.fakes import FakeEngine, start_service, until
 from tests.test_store import result
 
 P = DecodingParams(max_new_tokens=4)

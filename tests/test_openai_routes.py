@@ -17,7 +17,7 @@ from engine.api.grpc_service import GrpcServer
 from engine.api.openai_routes import mount
 from engine.api.rest import create_app
 from engine.metrics import Metrics
-from tests.api_fakes import FakeStack, open_stack
+from harness.api_fakes import FakeStack, open_stack
 
 pytestmark = pytest.mark.anyio
 

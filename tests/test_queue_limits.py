@@ -24,8 +24,8 @@ from engine.serving.jobs import Job, JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.base import JobStore, LimitReached, QueueLimits, QueueLoad
 from engine.serving.store.keys import SqliteKeyStore
-from tests.api_fakes import INFO, fake_decode
-from tests.fakes import FakeEngine, fake_tokenize, start_service, until
+from harness.api_fakes import INFO, fake_decode
+from harness.fakes import FakeEngine, fake_tokenize, start_service, until
 from tests.test_store import result
 
 P = DecodingParams(max_new_tokens=4)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.serving.jobs import JobStatus
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import expected_tokens, fake_tokenize
+from harness.fakes import expected_tokens, fake_tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "scripts" / "serving_harness.py"

@@ -17,7 +17,7 @@ from engine.serving.jobs import Job, JobResult, JobStatus
 from engine.serving.remote_ends import REMOTE_POLL_S, RemoteEnds
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, start_service, until
+from harness.fakes import FakeEngine, start_service, until
 
 NOW = 1_700_000_000.0
 

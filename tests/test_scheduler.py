@@ -12,7 +12,7 @@ from engine.runtime.protocols import DecoderBatchLike
 from engine.runtime.result import GenerationRequest, TokenEvent
 from engine.serving.clock import FakeClock
 from engine.serving.jobs import JobStatus
-from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
+from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
 
 GREEDY = DecodingParams(max_new_tokens=8)
 CONTRASTIVE = DecodingParams(max_new_tokens=8, penalty_alpha=0.6, top_k=4)

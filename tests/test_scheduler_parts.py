@@ -18,7 +18,7 @@ from engine.serving.jobs import Job, JobStatus
 from engine.serving.loop_base import LoopParts, Wakeup
 from engine.serving.store.sqlite import SqliteJobStore
 from engine.serving.worker import EngineWorker
-from tests.fakes import FakeEngine, expected_tokens, fake_tokenize
+from harness.fakes import FakeEngine, expected_tokens, fake_tokenize
 
 CONTRASTIVE = DecodingParams(max_new_tokens=3, penalty_alpha=0.6, top_k=4)
 

@@ -20,7 +20,7 @@ from engine.serving.events import Row
 from engine.serving.jobs import JobStatus
 from engine.serving.service import JobService
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, expected_tokens, fake_text, fake_tokenize, start_service, until
+from harness.fakes import FakeEngine, expected_tokens, fake_text, fake_tokenize, start_service, until
 
 P8 = DecodingParams(max_new_tokens=8)
 

@@ -14,7 +14,7 @@ from engine.errors import NotReady
 from engine.runtime.params import DecodingParams
 from engine.serving.jobs import JobStatus
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, start_service, until
+from harness.fakes import FakeEngine, start_service, until
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.runtime.params import DecodingParams
 from engine.serving.events import JobEvents, Row, RowEvent, TokenForwarder
-from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
+from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:

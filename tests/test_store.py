@@ -385,7 +385,7 @@ def test_the_job_service_runs_on_redis(redis_url: str | None) -> None:
     import asyncio
 
     from engine.serving.store.redis import RedisJobStore
-    from tests.fakes import expected_tokens, fake_tokenize, start_service
+    from harness.fakes import expected_tokens, fake_tokenize, start_service
 
     async def body() -> None:
         store = RedisJobStore(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
@@ -414,7 +414,7 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: s
 
     from engine.runtime.result import FinishReason
     from engine.serving.store.redis import RedisJobStore
-    from tests.fakes import FakeEngine, start_service, until
+    from harness.fakes import FakeEngine, start_service, until
 
     async def body() -> None:
         prefix = f"test:{uuid.uuid4().hex}:"
@@ -440,7 +440,7 @@ def test_wait_and_stream_on_one_server_for_a_job_another_server_runs(redis_url: 
     import asyncio
 
     from engine.serving.store.redis import RedisJobStore
-    from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
+    from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
 
     async def body() -> None:
         prefix = f"test:{uuid.uuid4().hex}:"

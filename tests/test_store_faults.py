@@ -18,7 +18,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
-from tests.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
+from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
 
 JOB_TIMEOUT_S = 8.0
 
