@@ -37,8 +37,11 @@ GREEDY_ON_DECODER: dict[tuple[str, str], int] = {}
 
 
 def needs_decoder(params: DecodingParams) -> bool:
-    """Only our decoder can run it: contrastive search, and sampling with a seed. Such requests
+    """Only our decoder can run it: contrastive search, sampling with a seed, and any request for
+    logprobs (CTranslate2 gives no per-step log-probabilities over the vocabulary). Such requests
     take the scheduler's continuous lane whatever the device."""
+    if params.logprobs is not None:
+        return True
     if params.strategy is Strategy.SAMPLE:
         return params.seed is not None
     return RUNS_ON[params.strategy] == {Backend.DECODER}
