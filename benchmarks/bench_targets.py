@@ -88,6 +88,12 @@ TARGETS: list[tuple[str, str, str, float, str, tuple[int, ...]]] = [
     ("contrastive vs Transformers", HF_CONTRASTIVE, ENGINE_CONTRASTIVE, 8.0, ">=", (1,)),
     ("contrastive vs Transformers", HF_CONTRASTIVE, ENGINE_CONTRASTIVE, 5.0, ">=", (8,)),
     ("contrastive time / our greedy's", ENGINE_CONTRASTIVE, ENGINE_GREEDY, 1.3, "<=", (8,)),
+    # The same greedy targets for our decoder: what the engine's greedy would give on it
+    # (backends.GREEDY_ON_DECODER decides which backend the engine uses).
+    ("greedy on our decoder vs Transformers", HF_GREEDY, OURS_GREEDY, 6.0, ">=", (1,)),
+    ("greedy on our decoder vs Transformers", HF_GREEDY, OURS_GREEDY, 5.0, ">=", (8,)),
+    ("greedy on our decoder vs ONNX Runtime int8", ORT, OURS_GREEDY, 2.0, ">=", (1, 8)),
+    ("contrastive time / greedy on our decoder's", ENGINE_CONTRASTIVE, OURS_GREEDY, 1.3, "<=", (8,)),
 ]
 
 

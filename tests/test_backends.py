@@ -1,0 +1,81 @@
+"""Which backend runs a request (engine/runtime/backends.py): the one choice, from its tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.runtime import backends
+from engine.runtime.backends import Backend, backend_for, needs_decoder
+from engine.runtime.choosers import CHOOSERS
+from engine.runtime.engine import Engine
+from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.result import GenerationRequest
+
+
+@pytest.mark.parametrize(
+    ("raw", "compute_type", "expected"),
+    [
+        ({"num_beams": 4}, "float32", Backend.CTRANSLATE2),
+        ({"penalty_alpha": 0.6, "top_k": 4}, "int8", Backend.DECODER),
+        ({"do_sample": True, "seed": 3}, "int8", Backend.DECODER),
+        ({"do_sample": True}, "int8", Backend.CTRANSLATE2),
+        # Token-exact with Transformers only on our decoder (the decoder-start token's history).
+        ({"repetition_penalty": 1.2}, "float32", Backend.DECODER),
+        ({"no_repeat_ngram_size": 3}, "float32", Backend.DECODER),
+        ({"repetition_penalty": 1.2}, "int8_float32", Backend.CTRANSLATE2),  # not in the greedy table
+    ],
+)
+def test_backend_per_strategy(raw: dict[str, object], compute_type: str, expected: Backend) -> None:
+    params = DecodingParams.from_dict(raw)
+    assert backend_for(params, device="cpu", compute_type=compute_type) is expected
+
+
+def test_plain_greedy_follows_the_measured_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    greedy = DecodingParams()
+    monkeypatch.setattr(backends, "GREEDY_ON_DECODER", {("cpu", "int8"): 4})
+    for batch_size, expected in ((1, Backend.DECODER), (4, Backend.DECODER), (5, Backend.CTRANSLATE2)):
+        assert backend_for(greedy, device="cpu", compute_type="int8", batch_size=batch_size) is expected
+    assert backend_for(greedy, device="cuda", compute_type="int8", batch_size=1) is Backend.CTRANSLATE2
+    # Beam search never moves, whatever the table says.
+    assert backend_for(DecodingParams(num_beams=2), device="cpu", compute_type="int8") is Backend.CTRANSLATE2
+
+
+def test_needs_decoder_is_what_only_our_decoder_runs() -> None:
+    assert needs_decoder(DecodingParams(penalty_alpha=0.6, top_k=4))
+    assert needs_decoder(DecodingParams(do_sample=True, seed=1))
+    assert not needs_decoder(DecodingParams(do_sample=True))
+    assert not needs_decoder(DecodingParams())
+    assert not needs_decoder(DecodingParams(num_beams=3))
+
+
+def test_every_strategy_has_a_backend_and_a_chooser_row() -> None:
+    for strategy in Strategy:
+        assert backends.RUNS_ON[strategy]
+        assert strategy in CHOOSERS
+        assert (CHOOSERS[strategy] is not None) == (Backend.DECODER in backends.RUNS_ON[strategy])
+
+
+def test_greedy_gives_the_same_ids_on_either_backend(
+    flan_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table may send greedy either way: both backends give the same ids (float32)."""
+    engine = Engine(flan_model_dir, compute_type="float32", intra_threads=1)
+    requests = [
+        GenerationRequest(ids, DecodingParams(max_new_tokens=n), i)
+        for i, (ids, n) in enumerate(
+            zip(engine.tokenize(["ka bo zu", "mi lo tifudo pe se"]), (12, 20), strict=True)
+        )
+    ]
+    on_ct2 = engine.generate_requests(requests)
+    monkeypatch.setattr(backends, "GREEDY_ON_DECODER", {("cpu", "float32"): 8})
+    streamed: list[tuple[int, int]] = []
+
+    def on_token(index: int, token_id: int) -> bool:
+        streamed.append((index, token_id))
+        return False
+
+    on_decoder = engine.generate_requests(requests, on_token=on_token)
+    assert on_decoder == on_ct2
+    assert [t for i, t in streamed if i == 1] == list(on_ct2[1].token_ids)
