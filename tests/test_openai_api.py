@@ -554,3 +554,33 @@ def test_chat_logprobs_streamed_and_not(env: Env, offline: Engine) -> None:
     assert streamed == want
     for e in want:  # greedy: the chosen token is the most likely one
         assert e["logprob"] <= 0 and e["top_logprobs"][0]["token"] == e["token"]
+
+
+def test_seed_poll_reply_has_logprobs_when_asked(env: Env, offline: Engine) -> None:
+    params = {"max_new_tokens": 6, "logprobs": 1, "stop": "zz"}
+    job_id = submit(env, PROMPTS[:2], params)
+    r = httpx.get(f"{env.server.url}/v1/response/{job_id}?wait=30", headers={"apiKey": env.alice}, timeout=60)
+    data = r.json()["data"]
+    expected = offline.generate(PROMPTS[:2], **params)
+    want = []
+    for e in expected:
+        lp = expected_completion_logprobs(offline, e)
+        assert e.logprobs is not None
+        want.append(
+            [
+                {
+                    "tokenId": t.token_id,
+                    "token": lp["tokens"][k],
+                    "logprob": t.logprob,
+                    "textOffset": lp["text_offset"][k],
+                    "top": [
+                        {"tokenId": i, "token": offline.tokenizer.piece(i), "logprob": v} for i, v in t.top
+                    ],
+                }
+                for k, t in enumerate(e.logprobs)
+            ]
+        )
+    assert data["logprobs"] == want
+    plain = submit(env, PROMPTS[:1], {"max_new_tokens": 2})
+    r = httpx.get(f"{env.server.url}/v1/response/{plain}?wait=30", headers={"apiKey": env.alice}, timeout=60)
+    assert "logprobs" not in r.json()["data"]

@@ -51,6 +51,23 @@ def row_logprobs_to_pb(
     )
 
 
+def seed_logprobs(rows: Sequence[Any]) -> list[list[dict[str, Any]]]:
+    """The seed poll reply's ``logprobs`` (docs/api.md): per prompt, per token."""
+    return [
+        [
+            {
+                "tokenId": t.token_id,
+                "token": t.token,
+                "logprob": t.logprob,
+                "textOffset": t.text_offset,
+                "top": [{"tokenId": a.token_id, "token": a.token, "logprob": a.logprob} for a in t.top],
+            }
+            for t in row.tokens
+        ]
+        for row in rows
+    ]
+
+
 # ---- OpenAI's shapes ------------------------------------------------------------------------
 def piece_bytes(token: str) -> list[int]:
     """The UTF-8 bytes a piece stands for: a byte-fallback piece ``<0xE6>`` is that byte, and

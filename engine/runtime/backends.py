@@ -3,7 +3,9 @@
 The one place that decides it (``backend_for``); the rest of the code asks. What each backend can
 run is a table (``RUNS_ON``): beam search only on CTranslate2; contrastive search only on our decoder
 (CTranslate2 has no hidden states and no step-level API); sampling with a seed only on our decoder
-(CTranslate2 seeds each worker thread once, so a request cannot have its own generator). Where both
+(CTranslate2 seeds each worker thread once, so a request cannot have its own generator); and any
+request for logprobs only on our decoder (it has every step's logits; CTranslate2 gives no
+per-step log-probabilities over the vocabulary). Where both
 can run a strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
 or exactness decides: in float32, greedy with repetition penalty or no-repeat-ngram runs on our
 decoder, since CTranslate2 leaves the decoder-start token out of those processors' history and
