@@ -6,10 +6,7 @@ taken before them)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from engine.runtime.logprobs import log_softmax
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest, Result
 from tests.models import prompts
-from tests.reference import REF_PYTHON, ROOT, reference_available, run_reference
+from tests.reference import run_reference, run_script
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "greedy": {},
@@ -34,20 +31,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 def reference_logprobs(hf_dir: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not reference_available():
-        pytest.skip(f"{REF_PYTHON} missing: run `make ref`")
-    proc = subprocess.run(
-        [str(REF_PYTHON), str(ROOT / "scripts" / "reference_logprobs.py")],
-        input=json.dumps({"model": str(hf_dir), "cases": cases}),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise RuntimeError(f"reference failed with exit code {proc.returncode}")
-    outputs: list[dict[str, Any]] = json.loads(proc.stdout)["outputs"]
+    outputs: list[dict[str, Any]] = run_script("reference_logprobs.py", hf_dir, cases, 600)
     return outputs
 
 
