@@ -5,6 +5,7 @@ sharing a Redis store; REST's Idempotency-Key header and gRPC's idempotency-key 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from engine.api.auth import Authenticator, SqliteKeyStore, create_key
 from engine.api.client import InProcessClient, RemoteClient
 from engine.api.grpc_service import EngineServicer, GrpcServer
+from engine.api.openai_routes import mount
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.api.rest import create_app
 from engine.errors import InvalidRequest
@@ -25,7 +27,7 @@ from engine.serving.service import JobService
 from engine.serving.store.base import JobStore, Replay
 from engine.serving.store.sqlite import SqliteJobStore
 from tests.api_fakes import INFO, fake_decode
-from tests.fakes import FakeEngine, start_service
+from tests.fakes import FakeEngine, start_service, until
 from tests.test_store import result
 
 P = DecodingParams(max_new_tokens=4)
@@ -172,3 +174,122 @@ async def test_grpc_idempotency_key_metadata(stack: tuple[JobService, EngineServ
             await remote.close()
     finally:
         await server.stop(0.5)
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[JobService, EngineServicer, str, threading.Event]]:
+    """A stack whose engine holds every job until the test opens the gate."""
+    gate = threading.Event()
+    svc = await start_service(FakeEngine(gate=gate))
+    keys = SqliteKeyStore(str(tmp_path / "keys.db"))
+    alice = create_key(keys, "alice")
+    servicer = EngineServicer(svc, Authenticator(keys), INFO, metrics=Metrics(), decode=fake_decode)
+    yield svc, servicer, alice, gate
+    gate.set()
+    await svc.stop()
+    keys.close()
+
+
+def _one_job_ran(svc: JobService) -> None:
+    assert svc.store.count(JobStatus.COMPLETED) == 1
+    assert svc.store.count(JobStatus.CANCELLED) == 0
+
+
+@pytest.mark.anyio
+async def test_a_generate_retried_after_a_lost_reply_attaches_to_the_same_job(
+    gated: tuple[JobService, EngineServicer, str, threading.Event],
+) -> None:
+    svc, servicer, alice, gate = gated
+    server = GrpcServer(servicer, "127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = engine_pb2_grpc.EngineStub(channel)
+            req = engine_pb2.SubmitRequest(prompts=["hi"])
+            md = (("apikey", alice), ("idempotency-key", "gen-1"))
+            # The reply is lost (the client's deadline): with a key the job is not cancelled.
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await stub.Generate(req, metadata=md, timeout=0.3)
+            assert lost.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert svc.store.count(JobStatus.CANCELLED) == 0
+            gate.set()
+            reply = await stub.Generate(req, metadata=md)
+            assert engine_pb2.JobStatus.Name(reply.status) == "JOB_STATUS_COMPLETED"
+            _one_job_ran(svc)
+            again = await stub.Generate(req, metadata=md)  # after the end: the same job, at once
+            assert again.id == reply.id
+            _one_job_ran(svc)
+
+            # GenerateStream: the first stream goes away after the job message; the retry
+            # attaches to the same job and gets its tokens and its end.
+            gate.clear()
+            smd = (("apikey", alice), ("idempotency-key", "stream-1"))
+            first = stub.GenerateStream(req, metadata=smd)
+            head = await first.read()
+            first.cancel()
+            gate.set()
+            messages = [m async for m in stub.GenerateStream(req, metadata=smd)]
+            assert messages[0].job.id == head.job.id
+            assert [m.token.token_id for m in messages if m.HasField("token") and m.token.finished]
+            assert engine_pb2.JobStatus.Name(messages[-1].job.status) == "JOB_STATUS_COMPLETED"
+            assert messages[-1].job.id == head.job.id
+            assert svc.store.count(JobStatus.CANCELLED) == 0
+
+            # Without a key, a Generate that loses its client still cancels its job.
+            gate.clear()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Generate(req, metadata=(("apikey", alice),), timeout=0.3)
+            await until(lambda: svc.store.count(JobStatus.CANCELLED) == 1)
+        # The REST shim in front of a remote gRPC server (--grpc-target) passes the key on.
+        gate.set()
+        remote = RemoteClient(f"127.0.0.1:{server.port}")
+        try:
+            assert (await remote.generate(alice, req, "gen-1")).id == reply.id
+            streamed = [m async for m in remote.generate_stream(alice, req, "stream-1")]
+            assert streamed[0].job.id == head.job.id
+        finally:
+            await remote.close()
+    finally:
+        await server.stop(0.5)
+
+
+@pytest.mark.anyio
+async def test_openai_routes_honour_the_idempotency_key_header(
+    gated: tuple[JobService, EngineServicer, str, threading.Event],
+) -> None:
+    svc, servicer, alice, gate = gated
+    gate.set()
+    client = InProcessClient(servicer)
+    app = create_app(client, Metrics())
+    mount(app, client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        headers = {"Authorization": f"Bearer {alice}", "Idempotency-Key": "oa-1"}
+        body = {"prompt": "hi", "max_tokens": 3}
+        first = await http.post("/v1/completions", json=body, headers=headers)
+        again = await http.post("/v1/completions", json=body, headers=headers)
+        assert first.status_code == again.status_code == 200, again.text
+        assert first.json()["id"] == again.json()["id"]
+        assert first.json()["choices"] == again.json()["choices"]
+        _one_job_ran(svc)
+        streamed = await http.post("/v1/completions", json={**body, "stream": True}, headers=headers)
+        assert streamed.status_code == 200
+        assert (
+            f'"id": "{first.json()["id"]}"' in streamed.text
+            or f'"id":"{first.json()["id"]}"' in streamed.text
+        )
+        _one_job_ran(svc)
+        other = await http.post("/v1/completions", json={**body, "max_tokens": 2}, headers=headers)
+        assert other.status_code == 400 and "Idempotency-Key" in other.json()["error"]["message"]
+        chat = await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            headers={**headers, "Idempotency-Key": "oa-2"},
+        )
+        chat_again = await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            headers={**headers, "Idempotency-Key": "oa-2"},
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["id"] == chat_again.json()["id"]
+        assert svc.store.count(JobStatus.COMPLETED) == 2

@@ -34,13 +34,16 @@ class EngineClient(Protocol):
 
     async def cancel(self, api_key: str | None, request: Any) -> Any: ...
 
-    async def generate(self, api_key: str | None, request: Any) -> Any:
-        """Submit and wait for the terminal job; cancelling the call cancels the job."""
+    async def generate(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        """Submit and wait for the terminal job; cancelling the call cancels the job, unless it
+        has an ``idempotency_key`` (then a retry with the same key attaches to the job)."""
         ...
 
-    def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+    def generate_stream(
+        self, api_key: str | None, request: Any, idempotency_key: str | None = None
+    ) -> AsyncIterator[Any]:
         """Submit and stream (GenerateStreamResponse messages); closing the stream early cancels
-        the job."""
+        the job, unless it has an ``idempotency_key`` (as ``generate``)."""
         ...
 
     def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
@@ -84,11 +87,16 @@ class InProcessClient:
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._servicer.cancel, api_key, request)
 
-    async def generate(self, api_key: str | None, request: Any) -> Any:
-        return await self._call(self._servicer.generate, api_key, request)
+    async def generate(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
+        try:
+            return await self._servicer.generate(api_key, request, idempotency_key)
+        except Exception as exc:
+            raise ApiFailure(reply_for_exception(exc)) from exc
 
-    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
-        async for message in self._stream(self._servicer.generate_stream(api_key, request)):
+    async def generate_stream(
+        self, api_key: str | None, request: Any, idempotency_key: str | None = None
+    ) -> AsyncIterator[Any]:
+        async for message in self._stream(self._servicer.generate_stream(api_key, request, idempotency_key)):
             yield message
 
     async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
@@ -142,8 +150,9 @@ class RemoteClient:
             raise ApiFailure(reply_for_exception(Unauthenticated(MISSING_KEY_MESSAGE)))
 
     async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
-        extra = () if idempotency_key is None else ((IDEMPOTENCY_METADATA, idempotency_key),)
-        return await self._call(self._stub.Submit, api_key, request, self._timeout_s, *extra)
+        return await self._call(
+            self._stub.Submit, api_key, request, self._timeout_s, *_idempotency(idempotency_key)
+        )
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         # A long poll holds the call open for up to wait_s; the server checks wait_s's range (a
@@ -154,20 +163,26 @@ class RemoteClient:
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         return await self._call(self._stub.Cancel, api_key, request, self._timeout_s)
 
-    async def generate(self, api_key: str | None, request: Any) -> Any:
+    async def generate(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         # It waits for the whole job: no deadline beyond the server's own job timeout.
-        return await self._call(self._stub.Generate, api_key, request, None)
+        return await self._call(self._stub.Generate, api_key, request, None, *_idempotency(idempotency_key))
 
-    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
-        async for message in self._stream(self._stub.GenerateStream, api_key, request):
+    async def generate_stream(
+        self, api_key: str | None, request: Any, idempotency_key: str | None = None
+    ) -> AsyncIterator[Any]:
+        async for message in self._stream(
+            self._stub.GenerateStream, api_key, request, *_idempotency(idempotency_key)
+        ):
             yield message
 
     async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
         async for message in self._stream(self._stub.StreamResult, api_key, request):
             yield message
 
-    async def _stream(self, method: Any, api_key: str | None, request: Any) -> AsyncIterator[Any]:
-        metadata = ((API_KEY_METADATA, api_key),) if api_key else ()
+    async def _stream(
+        self, method: Any, api_key: str | None, request: Any, *extra: tuple[str, str]
+    ) -> AsyncIterator[Any]:
+        metadata = (((API_KEY_METADATA, api_key),) if api_key else ()) + extra
         call = method(request, metadata=metadata)
         try:
             async for message in call:
@@ -191,3 +206,8 @@ class RemoteClient:
 
     async def close(self) -> None:
         await self._channel.close(None)
+
+
+def _idempotency(key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries a client's Idempotency-Key to the server (none without one)."""
+    return () if key is None else ((IDEMPOTENCY_METADATA, key),)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,8 +55,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "engine.v1.Engine"
 API_KEY_METADATA = "apikey"
-# Submit with this metadata (REST: the Idempotency-Key header) is safe to retry: the same key
-# and idempotency key answer the job the first call made (JobService.submit).
+# Submit, Generate and GenerateStream with this metadata (REST and the OpenAI routes: the
+# Idempotency-Key header) are safe to retry: the same API key and idempotency key answer the job
+# the first call made (JobService.submit), and a Generate that loses its client leaves the job
+# running for the retry instead of cancelling it.
 IDEMPOTENCY_METADATA = "idempotency-key"
 
 STATUS_TO_PB = {
@@ -292,10 +294,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         view = await self.service.cancel(owner, _job_id(request.id))
         return self._job_pb(view)
 
-    async def generate(self, api_key: str | None, request: Any) -> Any:
+    async def generate(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         owner, prompts, params, model = self._admit(api_key, request)
-        view = await self.service.submit(owner, prompts, params, model)
-        async with self._cancel_on_disconnect(owner, view.job.id):
+        view = await self.service.submit(owner, prompts, params, model, idempotency_key)
+        async with self._cancel_on_disconnect(owner, view.job.id, idempotency_key):
             view = await self.service.wait(owner, view.job.id)
         if view.job.status is JobStatus.FAILED:
             raise ApiFailure(reply_for_job_error(view.job.error))
@@ -307,12 +309,14 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             )
         return self._job_pb(view)
 
-    async def generate_stream(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
+    async def generate_stream(
+        self, api_key: str | None, request: Any, idempotency_key: str | None = None
+    ) -> AsyncIterator[Any]:
         owner, prompts, params, model = self._admit(api_key, request)
-        view = await self.service.submit(owner, prompts, params, model)
+        view = await self.service.submit(owner, prompts, params, model, idempotency_key)
         job_id = view.job.id
         yield engine_pb2.GenerateStreamResponse(job=self._job_pb(view))
-        async with self._cancel_on_disconnect(owner, job_id):
+        async with self._cancel_on_disconnect(owner, job_id, idempotency_key):
             async for message in self._tokens_then_job(owner, view.job):
                 yield message
 
@@ -418,7 +422,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             "(or leave model out)"
         )
 
-    def _cancel_on_disconnect(self, owner: str, job_id: str) -> _CancelOnDisconnect:
+    def _cancel_on_disconnect(
+        self, owner: str, job_id: str, idempotency_key: str | None
+    ) -> AbstractAsyncContextManager[None]:
+        """Cancels the job when the client goes away, unless it sent an Idempotency-Key: it
+        means to retry, and the retry attaches to the job (JobService.submit)."""
+        if idempotency_key is not None:
+            return nullcontext()
         return _CancelOnDisconnect(self.service, owner, job_id)
 
     # ---- gRPC face ------------------------------------------------------------------------
@@ -438,7 +448,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         return await self._unary("Cancel", self.cancel, request, context)
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._unary("Generate", self.generate, request, context)
+        idempotency_key = _metadata(context, IDEMPOTENCY_METADATA)
+
+        async def generate(api_key: str | None, request: Any) -> Any:
+            return await self.generate(api_key, request, idempotency_key)
+
+        return await self._unary("Generate", generate, request, context)
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return await self._unary("Info", self.server_info, request, context, keyed=False)
@@ -447,7 +462,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def GenerateStream(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        async for message in self._streaming("GenerateStream", self.generate_stream, request, context):
+        idempotency_key = _metadata(context, IDEMPOTENCY_METADATA)
+
+        def generate_stream(api_key: str | None, request: Any) -> AsyncIterator[Any]:
+            return self.generate_stream(api_key, request, idempotency_key)
+
+        async for message in self._streaming("GenerateStream", generate_stream, request, context):
             yield message
 
     async def StreamResult(

@@ -105,11 +105,13 @@ class OpenAIRoutes:
         submit = engine_pb2.SubmitRequest(
             prompts=list(oa.prompts), params=params_to_struct(oa.params), model=oa.model or ""
         )
+        # A retry with the same Idempotency-Key attaches to the job the first request made.
+        idempotency_key = request.headers.get("idempotency-key")
         if oa.stream:
-            stream = self.client.generate_stream(key, submit)
+            stream = self.client.generate_stream(key, submit, idempotency_key)
             first = await anext(stream)  # the accepted job, or the error before any byte is sent
             return EventStream(self._chunks(oa, model_id, first.job, stream))
-        job = await unless_disconnected(request, self.client.generate(key, submit))
+        job = await unless_disconnected(request, self.client.generate(key, submit, idempotency_key))
         if PB_TO_STATUS[job.status] is not JobStatus.COMPLETED:
             raise ApiFailure(reply_for_code("job_failed", f"the job ended {PB_TO_STATUS[job.status].value}"))
         return JSONResponse(self._reply(oa, model_id, job))

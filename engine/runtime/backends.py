@@ -1,12 +1,12 @@
 """Which backend runs a request: CTranslate2's batched ``translate_batch``, or our decoder.
 
 The one place that decides it (``backend_for``); the rest of the code asks. What each backend can
-run is a table (``RUNS_ON``): beam search only on CTranslate2; contrastive search only on our decoder
-(CTranslate2 has no hidden states and no step-level API); sampling with a seed only on our decoder
-(CTranslate2 seeds each worker thread once, so a request cannot have its own generator); and any
-request for logprobs only on our decoder (it has every step's logits; CTranslate2 gives no
-per-step log-probabilities over the vocabulary). Where both
-can run a strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
+run follows from the strategy table (engine/runtime/strategies.py: a row with a chooser runs on our
+decoder, one with CTranslate2 options on CTranslate2; ``RUNS_ON`` is that view): beam search only on
+CTranslate2; contrastive search only on our decoder; sampling with a seed only on our decoder
+(the row's ``decoder_only``); and any request for logprobs only on our decoder (it has every step's
+logits; CTranslate2 gives no per-step log-probabilities over the vocabulary). Where both can run a
+strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
 or exactness decides: in float32, greedy with repetition penalty or no-repeat-ngram runs on our
 decoder, since CTranslate2 leaves the decoder-start token out of those processors' history and
 Transformers keeps it (ct2.py).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 
 from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.strategies import STRATEGIES
 
 
 class Backend(enum.Enum):
@@ -24,12 +25,11 @@ class Backend(enum.Enum):
     DECODER = "decoder"  # ours: engine/runtime/decoder_batch.py
 
 
-_BOTH = frozenset({Backend.CTRANSLATE2, Backend.DECODER})
 RUNS_ON: dict[Strategy, frozenset[Backend]] = {
-    Strategy.GREEDY: _BOTH,
-    Strategy.BEAM: frozenset({Backend.CTRANSLATE2}),
-    Strategy.SAMPLE: _BOTH,  # seeded: our decoder only (see needs_decoder)
-    Strategy.CONTRASTIVE: frozenset({Backend.DECODER}),
+    s.strategy: frozenset(
+        {b for b, runs in ((Backend.CTRANSLATE2, s.ct2_options), (Backend.DECODER, s.chooser)) if runs}
+    )
+    for s in STRATEGIES
 }
 
 # Greedy (with or without processors): up to how many prompts in one call our decoder is faster
@@ -47,9 +47,10 @@ def needs_decoder(params: DecodingParams) -> bool:
     take the scheduler's continuous lane whatever the device."""
     if params.logprobs is not None:
         return True
-    if params.strategy is Strategy.SAMPLE:
-        return params.seed is not None
-    return RUNS_ON[params.strategy] == {Backend.DECODER}
+    spec = params.spec
+    if spec.decoder_only is not None and spec.decoder_only(params):
+        return True
+    return RUNS_ON[spec.strategy] == {Backend.DECODER}
 
 
 def backend_for(params: DecodingParams, *, device: str, compute_type: str, batch_size: int = 1) -> Backend:

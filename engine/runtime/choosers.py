@@ -3,25 +3,28 @@
 
 A chooser applies the logits processors in force (Transformers 4.55's, in its order), then
 proposes ``width`` candidate ids with their probabilities; the decoder runs one row per candidate.
-With ``alpha`` > 0 the batch then scores the candidates by contrastive search (their hidden
-states' degeneration penalty, docs/contrastive.md) and keeps the best; otherwise the first candidate is
-the choice and the decoder needs no hidden states beyond the chosen row's.
+A chooser that ``needs_hidden`` has the batch score its candidates by contrastive search (their
+hidden states' degeneration penalty, docs/contrastive.md, weighted by ``alpha``) and keep the best;
+otherwise the first candidate is the choice and the decoder needs no hidden states beyond the
+chosen row's.
 
-Adding a strategy: a chooser class here and its row in ``CHOOSERS`` (and, if CTranslate2 can run
-it too, its row in backends.py).
+Adding a strategy: a chooser class (here or in a module of its own) and its row in the strategy
+table, engine/runtime/strategies.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from engine.errors import InvalidRequest
 from engine.runtime.kv_cache import Array
-from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.xp import to_numpy
+
+if TYPE_CHECKING:
+    from engine.runtime.params import DecodingParams
 
 
 # ---------------------------------------------------------------------- logits processors
@@ -154,7 +157,14 @@ class Chooser:
     params: DecodingParams
     eos_token_id: int
     width: int = 1  # decoder rows this row takes per step (its candidates)
-    alpha: float = 0.0  # > 0: the candidates are scored by contrastive search
+    alpha: float = 0.0  # the weight of the degeneration penalty, for choosers that need_hidden
+    # Whether the batch scores the candidates by their hidden states (contrastive search).
+    needs_hidden: ClassVar[bool] = False
+
+    @classmethod
+    def for_request(cls, params: DecodingParams, eos_token_id: int, draw_index: int) -> Chooser:
+        """The chooser of one row; ``draw_index``: which prompt of its request it is."""
+        return cls(params, eos_token_id)
 
     def candidates(self, scores: np.ndarray, history: History) -> tuple[np.ndarray, np.ndarray]:
         """Candidate ids [width] and their probabilities [width] from this row's next-step
@@ -177,6 +187,12 @@ class Greedy(Chooser):
 class Contrastive(Chooser):
     """The top k of the softmax over the whole vocabulary (Transformers' order), scored later."""
 
+    needs_hidden: ClassVar[bool] = True
+
+    @classmethod
+    def for_request(cls, params: DecodingParams, eos_token_id: int, draw_index: int) -> Chooser:
+        return cls(params, eos_token_id, width=params.top_k, alpha=params.penalty_alpha)
+
     def choose(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs = softmax_rows(scores[None])[0]
         ids = top_k(probs, self.width)
@@ -189,6 +205,13 @@ class Sampling(Chooser):
 
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
+    @classmethod
+    def for_request(cls, params: DecodingParams, eos_token_id: int, draw_index: int) -> Chooser:
+        # Prompt i of a seeded request draws from the generator seeded with (seed, i); unseeded
+        # requests from fresh entropy.
+        seed = None if params.seed is None else (params.seed, draw_index)
+        return cls(params, eos_token_id, rng=np.random.default_rng(seed))
+
     def choose(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.array([draw(warp_logits(scores, self.params), self.rng)]), _ONE
 
@@ -196,30 +219,11 @@ class Sampling(Chooser):
 _ONE = np.ones(1, dtype=np.float32)
 
 
-def _contrastive(params: DecodingParams, eos: int, draw_index: int) -> Chooser:
-    return Contrastive(params, eos, width=params.top_k, alpha=params.penalty_alpha)
+def __getattr__(name: str) -> Any:
+    # CHOOSERS (strategy -> chooser class or None) is a view of the strategy table, which imports
+    # this module: looked up on first use rather than imported at the top.
+    if name == "CHOOSERS":
+        from engine.runtime.strategies import CHOOSERS
 
-
-def _sampling(params: DecodingParams, eos: int, draw_index: int) -> Chooser:
-    # Prompt i of a seeded request draws from the generator seeded with (seed, i); unseeded
-    # requests from fresh entropy.
-    seed = None if params.seed is None else (params.seed, draw_index)
-    return Sampling(params, eos, rng=np.random.default_rng(seed))
-
-
-# Which strategies our decoder runs, and how (None: CTranslate2 only).
-CHOOSERS: dict[Strategy, Callable[[DecodingParams, int, int], Chooser] | None] = {
-    Strategy.GREEDY: lambda params, eos, draw_index: Greedy(params, eos),
-    Strategy.CONTRASTIVE: _contrastive,
-    Strategy.SAMPLE: _sampling,
-    Strategy.BEAM: None,
-}
-
-
-def chooser_for(params: DecodingParams, eos_token_id: int, draw_index: int = 0) -> Chooser:
-    """The chooser of a request's row; ``draw_index``: which prompt of its request it is."""
-    make = CHOOSERS[params.strategy]
-    if make is None:
-        runs = ", ".join(s.value for s, m in CHOOSERS.items() if m is not None)
-        raise InvalidRequest(f"our decoder runs {runs}, not {params.strategy.value}")
-    return make(params, eos_token_id, draw_index)
+        return CHOOSERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ from typing import Any
 import ctranslate2
 
 from engine.errors import InvalidRequest, ModelError
-from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.params import DecodingParams
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +128,10 @@ class DecodeOptions:
             "repetition_penalty": params.repetition_penalty,
             "no_repeat_ngram_size": params.no_repeat_ngram_size,
         }
-        strategy = params.strategy
-        if strategy is Strategy.BEAM:
-            return cls(**common, beam_size=params.num_beams, length_penalty=params.length_penalty)
-        if strategy is Strategy.SAMPLE:
-            # Transformers' top_k=0 means "no top-k filter"; CTranslate2's 0 means the same.
-            return cls(
-                **common,
-                sampling_topk=params.top_k,
-                sampling_topp=params.top_p,
-                sampling_temperature=params.temperature,
-            )
-        if strategy is Strategy.GREEDY:
-            return cls(**common)
-        raise InvalidRequest(f"{strategy.value} decoding does not run on CTranslate2")
+        spec = params.spec  # its row says how CTranslate2 runs it, if it does
+        if spec.ct2_options is None:
+            raise InvalidRequest(f"{spec.strategy.value} decoding does not run on CTranslate2")
+        return cls(**common, **spec.ct2_options(params))
 
     def kwargs(self) -> dict[str, Any]:
         return {

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import InvalidRequest, Overloaded
-from engine.runtime.choosers import Chooser, History, chooser_for, contrastive_scores, degeneration_penalty
+from engine.runtime.choosers import Chooser, History, contrastive_scores, degeneration_penalty
 from engine.runtime.kv_cache import DecoderCache
 from engine.runtime.logprobs import log_softmax, token_logprob
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, TokenLogprob, Usage
 from engine.runtime.stop import Detokenize, StopSequences, stop_sequences
+from engine.runtime.strategies import chooser_for
 from engine.runtime.t5 import T5Runtime
 from engine.runtime.xp import to_numpy
 
@@ -162,7 +163,7 @@ class DecoderBatch:
         out = rt.decoder_step(cache, tokens)
         # 3. the contrastive score: (1 - α) p - α max cosine with the context
         choice = np.zeros(batch, dtype=np.int64)
-        if any(c.alpha > 0 for c in choosers):
+        if any(c.needs_hidden for c in choosers):
             degeneration = degeneration_penalty(out.unit_hidden, cache.context, cache.lengths)
             alphas = [c.alpha for c in choosers]
             scores = contrastive_scores(cand_probs, degeneration, alphas, [c.width for c in choosers])

@@ -11,7 +11,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequest
 from engine.limits import (
@@ -23,10 +23,16 @@ from engine.limits import (
     MAX_TOP_K,
 )
 
+if TYPE_CHECKING:
+    from engine.runtime.strategies import StrategySpec
+
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class Strategy(enum.Enum):
+    """A decoding strategy's name (stored with queued jobs). How each is recognised, batched and
+    run: its row in engine/runtime/strategies.py."""
+
     GREEDY = "greedy"
     BEAM = "beam"
     SAMPLE = "sample"
@@ -60,29 +66,26 @@ class DecodingParams:
 
     @property
     def strategy(self) -> Strategy:
-        # Mirrors transformers' GenerationConfig.get_generation_mode (4.55).
-        if self.num_beams > 1:
-            return Strategy.BEAM
-        if self.do_sample:
-            return Strategy.SAMPLE
-        if self.penalty_alpha > 0 and self.top_k > 1:
-            return Strategy.CONTRASTIVE
-        return Strategy.GREEDY
+        return self.spec.strategy
+
+    @property
+    def spec(self) -> StrategySpec:
+        """The strategy table's row for these parameters."""
+        # Imported here: the table imports this module (and the choosers, which use it).
+        from engine.runtime.strategies import spec_of
+
+        return spec_of(self)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one engine call (everything but the length limit and
         the stop sequences, which every backend applies per row).
 
-        Parameters that a strategy ignores are left out so that, e.g., greedy requests that differ
-        only in ``top_k`` still batch together.
+        Parameters that a strategy ignores are left out (its row's ``batch_fields`` name those it
+        reads) so that, e.g., greedy requests that differ only in ``top_k`` still batch together.
         """
-        s = self.strategy
-        common = (s, self.min_new_tokens, self.repetition_penalty, self.no_repeat_ngram_size)
-        if s is Strategy.BEAM:
-            return (*common, self.num_beams, self.length_penalty)
-        if s is Strategy.SAMPLE:
-            return (*common, self.top_k, self.top_p, self.temperature, self.seed)
-        return common
+        spec = self.spec
+        common = (spec.strategy, self.min_new_tokens, self.repetition_penalty, self.no_repeat_ngram_size)
+        return (*common, *(getattr(self, name) for name in spec.batch_fields))
 
     def to_dict(self) -> dict[str, Any]:
         """Every field (JSON-serializable; ``from_dict`` and the constructor take it back)."""

@@ -39,7 +39,8 @@ class Lane(enum.Enum):
     """Which loop runs a job: one-shot batched engine calls, or our decoder's continuous batch."""
 
     BATCH = "batch"
-    DECODER = "contrastive"  # the value stored rows already hold
+    # The stored value dates from when only contrastive search ran there: rows already hold it.
+    DECODER = "contrastive"
 
 
 def lane_of(params: DecodingParams) -> Lane:

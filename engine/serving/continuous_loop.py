@@ -112,7 +112,7 @@ class ContinuousLoop(Loop):
             try:
                 output = await self.worker.run(self.execute, plan)
             except Exception as exc:
-                log.exception("contrastive step failed; failing the %d jobs in its batch", len(self.active))
+                log.exception("decoder step failed; failing the %d jobs in its batch", len(self.active))
                 for job in self.active.values():
                     self.finisher.finish_failed(job.rj, engine_error(exc))
                 self.active.clear()
@@ -197,7 +197,7 @@ class ContinuousLoop(Loop):
             except Overloaded:
                 if not len(batch):
                     rejected[row] = InvalidRequest(
-                        "this request needs more rows than the contrastive decoder has; lower top_k"
+                        "this request needs more rows than our decoder's batch has; lower top_k"
                     )
                 else:
                     deferred.append((row, req))

@@ -115,12 +115,14 @@ class Scheduler:
 
     # -- the loops -------------------------------------------------------------------------------
     async def run_batches(self) -> None:
-        await self._supervised(Lane.BATCH, self.batch_loop.run)
+        """The batch loop: one-shot engine calls (the engine picks the backend per call)."""
+        await self._supervised(Lane.BATCH, "batch", self.batch_loop.run)
 
-    async def run_contrastive(self) -> None:
-        await self._supervised(Lane.DECODER, self.continuous_loop.run)
+    async def run_continuous(self) -> None:
+        """The continuous loop: our decoder's batch, which jobs join and leave between steps."""
+        await self._supervised(Lane.DECODER, "continuous", self.continuous_loop.run)
 
-    async def _supervised(self, lane: Lane, loop: Callable[[], Awaitable[None]]) -> None:
+    async def _supervised(self, lane: Lane, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Keep a loop alive through store outages: log, put its jobs back in the queue, retry."""
         while True:
             try:
@@ -129,7 +131,7 @@ class Scheduler:
             except NotReady:
                 pass  # the store is down: its StoreHealth logs that once, not once a second here
             except Exception:
-                log.exception("the %s loop failed; restarting it in %.0f s", lane.value, RESTART_DELAY_S)
+                log.exception("the %s loop failed; restarting it in %.0f s", name, RESTART_DELAY_S)
             for rj in [rj for rj in self.running.values() if lane_of(rj.job.params) is lane]:
                 self.running.pop(rj.job.id, None)
                 with contextlib.suppress(EngineError):  # still down: the next start requeues it

@@ -28,6 +28,7 @@ from engine.serving.clock import Clock, RealClock
 from engine.serving.events import JobEvents, RowEvent, stored_final_events
 from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
+from engine.serving.remote_ends import RemoteEnds
 from engine.serving.scheduler import Scheduler
 from engine.serving.store.base import PURGE_BATCH, JobStore, LimitReached, QueueLimits, Replay
 from engine.serving.worker import EngineWorker
@@ -41,11 +42,6 @@ def check_idempotency_key(key: str) -> None:
             f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
             "(a UUID is a good choice)"
         )
-
-
-# wait() and stream() also look at the store this often (real seconds), for jobs that another
-# server sharing the store (Redis) runs: this process hears no events of those.
-STORE_POLL_S = 1.0
 
 
 class JobService:
@@ -88,6 +84,8 @@ class JobService:
         )
         self.finisher.on_claimed = self._on_claimed
         self._scheduler: Scheduler | None = None
+        # Ends of jobs waited on here that another server sharing the store runs: no events come.
+        self.remote_ends = RemoteEnds(store, self._runs_here)
         self._worker: EngineWorker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -127,9 +125,10 @@ class JobService:
         self._set_depth_gauge()
         self._tasks = [
             asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
-            asyncio.create_task(self._scheduler.run_contrastive(), name="contrastive-loop"),
+            asyncio.create_task(self._scheduler.run_continuous(), name="continuous-loop"),
             asyncio.create_task(self._sweep_timeouts(), name="timeouts"),
             asyncio.create_task(self._purge_results(), name="purge"),
+            asyncio.create_task(self.remote_ends.run(), name="remote-ends"),
         ]
         self._started = True
 
@@ -275,7 +274,7 @@ class JobService:
 
     async def cancel(self, owner: str, job_id: str) -> JobView:
         """Queued: cancelled at once. Running: cancelled at once in the store; its rows leave the
-        engine at their next token (next step for contrastive). Finished: returned unchanged."""
+        engine at their next token (next step on our decoder's continuous batch). Finished: returned unchanged."""
         job = self._owned(owner, job_id)
         if job.status.terminal:
             return JobView(job, 0)
@@ -340,24 +339,26 @@ class JobService:
                     yield ev
                 return
             getter: asyncio.Future[RowEvent | None] | None = None
+            elsewhere = self.remote_ends.watch(job_id)  # run by another server: no local events
             try:
                 while True:
                     if getter is None:
                         getter = asyncio.ensure_future(q.get())
-                    done, _ = await asyncio.wait({getter}, timeout=STORE_POLL_S)
-                    if not done:
-                        # Finished on another server sharing the store: no local events come.
+                    waits: set[asyncio.Future[Any]] = {getter} if elsewhere.done() else {getter, elsewhere}
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done() and q.empty():  # ended elsewhere, and nothing left here
                         job = self._owned(owner, job_id)
-                        if job.status.terminal:
-                            for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
-                                yield ev
-                            return
-                        continue
+                        for ev in stored_final_events(job) if job.status is JobStatus.COMPLETED else []:
+                            yield ev
+                        return
+                    if not getter.done():
+                        continue  # events came in: take them first
                     event, getter = getter.result(), None
                     if event is None:
                         return
                     yield event
             finally:
+                self.remote_ends.unwatch(job_id, elsewhere)
                 if getter is not None:
                     getter.cancel()
         finally:
@@ -435,26 +436,24 @@ class JobService:
         self, job_id: str, fut: asyncio.Future[Job | None], timeout_s: float | None
     ) -> Job | None:
         """Until this process ends the job (``fut``), the store says it ended (another server
-        sharing the store ran it), or ``timeout_s`` passes on the clock. Returns the ended job
+        sharing the store ran it: ``RemoteEnds``), or ``timeout_s`` passes on the clock. Returns the ended job
         when this process ended it and handed it over, else None (the caller reads the store)."""
-        waits: set[asyncio.Future[Any]] = {fut}
+        elsewhere = self.remote_ends.watch(job_id)
+        waits: set[asyncio.Future[Any]] = {fut, elsewhere}
         sleeper = None
         if timeout_s is not None:
             sleeper = asyncio.ensure_future(self.clock.sleep(timeout_s))
             waits.add(sleeper)
         try:
-            while True:
-                done, _ = await asyncio.wait(waits, timeout=STORE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                if fut in done:
-                    return fut.result()
-                if done:
-                    return None
-                job = self.store.get(job_id)
-                if job is None or job.status.terminal:
-                    return None
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return fut.result() if fut.done() else None
         finally:
+            self.remote_ends.unwatch(job_id, elsewhere)
             if sleeper is not None:
                 sleeper.cancel()
+
+    def _runs_here(self, job_id: str) -> bool:
+        return self._scheduler is not None and job_id in self._scheduler.running
 
     # -- periodic tasks ------------------------------------------------------------------------
     async def _sweep_timeouts(self) -> None:

@@ -158,6 +158,12 @@ class JobStore(abc.ABC):
         """Those of ``job_ids`` that are queued now (the rest ended, or another server took them)."""
 
     @abc.abstractmethod
+    def ended(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of ``job_ids`` that are terminal or gone (purged, never committed), read in one
+        round trip to the store however many there are: the watch of jobs that another server
+        sharing the store runs (engine/serving/remote_ends.py) asks this every tick."""
+
+    @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
         """The batching policy's input: the oldest queued jobs of a lane (and batch key) of each
         owner that has some, merged oldest first, so that a key whose backlog is older than the

@@ -458,6 +458,20 @@ class RedisJobStore(JobStore):
         return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
 
     @store_call
+    def ended(self, job_ids: Sequence[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        pipe = self._r.pipeline(transaction=False)  # one round trip: an HGET of status per job
+        for job_id in job_ids:
+            pipe.hget(self._k(f"job:{job_id}"), "status")
+        statuses = pipe.execute()
+        return {
+            job_id
+            for job_id, status in zip(job_ids, statuses, strict=True)
+            if status is None or JobStatus(status).terminal
+        }
+
+    @store_call
     def count(self, status: JobStatus) -> int:
         if status is JobStatus.QUEUED:
             return self.queue_depth()

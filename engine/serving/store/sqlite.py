@@ -90,6 +90,7 @@ _JOB_COLUMNS = (
 )
 _ENTRY_COLUMNS = "id, seq, created_at, lane, batch_key, num_prompts, prompt_tokens, max_new_tokens, owner"
 CHECKPOINT_EVERY_S = 0.5
+_IN_CHUNK = 500  # ids per "IN (...)" statement: under SQLite's bound on a statement's variables
 log = logging.getLogger(__name__)
 _Q = JobStatus.QUEUED.value
 
@@ -422,6 +423,20 @@ class SqliteJobStore(JobStore):
     def still_queued(self, job_ids: Sequence[str]) -> set[str]:
         with self._lock:
             return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
+
+    @store_call
+    def ended(self, job_ids: Sequence[str]) -> set[str]:
+        ids = list(dict.fromkeys(job_ids))
+        live: set[str] = set()
+        with self._lock:  # one statement per _IN_CHUNK ids (SQLite bounds a statement's variables)
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id FROM jobs WHERE id IN ({marks}) AND status IN ('queued', 'running')", chunk
+                ).fetchall()
+                live.update(row[0] for row in rows)
+        return set(ids) - live
 
     @store_call
     def count(self, status: JobStatus) -> int:
