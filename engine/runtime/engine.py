@@ -31,7 +31,7 @@ from engine.model.manifest import TOKENIZER_NAME, Manifest
 from engine.model.tokenizer import Tokenizer
 from engine.runtime.backends import Backend, backend_for, needs_decoder
 from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
-from engine.runtime.params import DecodingParams, Strategy
+from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import OnToken
 from engine.runtime.result import FinishReason, GenerationRequest, Result, Usage
 from engine.runtime.stop import StopCut, stop_sequences
@@ -304,7 +304,7 @@ def _groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
             # One continuous batch for all of them: its rows are independent of each other
             # (contrastive rows of any alpha and k, sampling rows each with its own generator).
             key = ("own decoder",)
-        elif params.strategy is Strategy.BEAM:
+        elif params.spec.split_by_length:
             key = (*key, params.max_new_tokens)
         groups.setdefault(key, []).append(i)
     return list(groups.values())

@@ -29,6 +29,10 @@ class StrategySpec:
     # DecodingParams fields (besides those every strategy shares) that must be equal for requests
     # to share one engine call; the fields a strategy ignores are left out.
     batch_fields: tuple[str, ...] = ()
+    # A shared call decodes to its group's largest max_new_tokens and stops the other rows at their
+    # own: exact unless the limit changes the outcome (beam search: which hypotheses finish), in
+    # which case requests of different lengths need calls of their own.
+    split_by_length: bool = False
     # Our decoder's chooser class for a row (None: our decoder does not run it).
     chooser: type[Chooser] | None = None
     # CTranslate2's translate_batch options for it (None: CTranslate2 does not run it).
@@ -48,6 +52,7 @@ STRATEGIES: tuple[StrategySpec, ...] = (
         Strategy.BEAM,
         recognise=lambda p: p.num_beams > 1,
         batch_fields=("num_beams", "length_penalty"),
+        split_by_length=True,
         ct2_options=lambda p: {"beam_size": p.num_beams, "length_penalty": p.length_penalty},
     ),
     StrategySpec(
