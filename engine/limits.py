@@ -29,6 +29,7 @@ MAX_WAIT_S = 30.0  # a long poll's longest wait (REST ?wait=, gRPC GetResult.wai
 # Decoding parameters (DecodingParams.from_dict checks them, and the ranges of the others).
 MAX_BEAMS = 16
 MAX_TOP_K = 200
+MAX_LOGPROBS = 5  # alternatives per token with params.logprobs (OpenAI's limit for completions)
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 MAX_STOP_LENGTH = 256  # characters per stop sequence
 # The params object as sent, UTF-8: the stop sequences at their longest (4 bytes a character, a few

@@ -21,6 +21,9 @@ from engine.runtime.result import GenerationRequest
         ({"penalty_alpha": 0.6, "top_k": 4}, "int8", Backend.DECODER),
         ({"do_sample": True, "seed": 3}, "int8", Backend.DECODER),
         ({"do_sample": True}, "int8", Backend.CTRANSLATE2),
+        # Logprobs need every step's logits: only our decoder has them.
+        ({"logprobs": 0}, "float32", Backend.DECODER),
+        ({"do_sample": True, "logprobs": 2}, "int8", Backend.DECODER),
         # Token-exact with Transformers only on our decoder (the decoder-start token's history).
         ({"repetition_penalty": 1.2}, "float32", Backend.DECODER),
         ({"no_repeat_ngram_size": 3}, "float32", Backend.DECODER),

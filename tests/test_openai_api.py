@@ -240,7 +240,8 @@ def test_errors_are_openais(env: Env) -> None:
 
 def bad_requests(c: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, Any], str, str]] = [
-        ({"logprobs": 2}, "logprobs", "logprobs"),
+        ({"logprobs": 6}, "logprobs", "logprobs must be between 0 and 5"),
+        ({"logprobs": 1, "extra_body": {"num_beams": 2}}, "logprobs", "num_beams"),
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be between 1"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unknown field"),
         ({"temperature": -1}, "temperature", "at least 0"),
@@ -469,3 +470,117 @@ def test_seed_params_stop_and_its_stream(env: Env, offline: Engine) -> None:
     assert done["completion"] == [text[: text.find(stop)]]
     assert done["finishReason"] == ["stop"]
     assert "".join(e["data"]["text"] for e in events[:-1]) == done["completion"][0]
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+LOGPROB_PROMPTS = PROMPTS[:3]
+
+
+def expected_completion_logprobs(offline: Engine, result: Any) -> dict[str, Any]:
+    tok = offline.tokenizer
+    ids = list(result.token_ids)
+    return {
+        "tokens": [tok.piece(i) for i in ids],
+        "token_logprobs": [t.logprob for t in result.logprobs],
+        "top_logprobs": [{tok.piece(i): v for i, v in t.top} for t in result.logprobs],
+        "text_offset": [min(len(tok.decode(ids[:k])), len(result.text)) for k in range(len(ids))],
+    }
+
+
+@pytest.mark.parametrize("extra", [GREEDY, CONTRASTIVE], ids=["greedy", "contrastive"])
+def test_completion_logprobs_streamed_and_not(env: Env, offline: Engine, extra: dict[str, Any]) -> None:
+    with client(env) as c:
+        out = c.completions.create(
+            model="", prompt=LOGPROB_PROMPTS, max_tokens=10, logprobs=2, extra_body=extra
+        )
+        stream = c.completions.create(
+            model="", prompt=LOGPROB_PROMPTS, max_tokens=10, logprobs=2, extra_body=extra, stream=True
+        )
+        streamed: list[dict[str, list[Any]]] = [
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for _ in LOGPROB_PROMPTS
+        ]
+        texts = [""] * len(LOGPROB_PROMPTS)
+        for chunk in stream:
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+                if ch.logprobs is not None:
+                    for name, values in streamed[ch.index].items():
+                        values.extend(getattr(ch.logprobs, name))
+    expected = offline.generate(LOGPROB_PROMPTS, max_new_tokens=10, logprobs=2, **extra)
+    for i, (ch, r) in enumerate(zip(out.choices, expected, strict=True)):
+        want = expected_completion_logprobs(offline, r)
+        assert ch.text == r.text == texts[i]
+        assert ch.logprobs is not None
+        got = ch.logprobs.model_dump()
+        assert got == want  # the engine's float64 figures, exactly, through gRPC and JSON
+        assert all(v <= 0 for v in got["token_logprobs"]) and len(got["tokens"]) == r.usage.completion_tokens
+        assert all(len(top) == 2 for top in got["top_logprobs"])
+        assert streamed[i] == want
+
+
+def test_chat_logprobs_streamed_and_not(env: Env, offline: Engine) -> None:
+    with client(env) as c:
+        out = c.chat.completions.create(
+            model="", messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=3
+        )
+        stream = c.chat.completions.create(
+            model="", messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=3, stream=True
+        )
+        streamed: list[Any] = []
+        for chunk in stream:
+            lp = chunk.choices[0].logprobs
+            if lp is not None and lp.content:
+                streamed.extend(e.model_dump() for e in lp.content)
+        plain = c.chat.completions.create(model="", messages=MESSAGES, max_tokens=10)
+        with pytest.raises(openai.BadRequestError) as bad:
+            c.chat.completions.create(model="", messages=MESSAGES, top_logprobs=2)
+    assert bad.value.status_code == 400 and "logprobs: true" in str(bad.value.body)
+    assert plain.choices[0].logprobs is None
+    r = offline.generate([chat_prompt(MESSAGES)], max_new_tokens=10, logprobs=3)[0]
+    assert r.logprobs is not None
+    tok = offline.tokenizer
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = tok.piece(token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.replace("▁", " ").encode())}
+
+    want = [
+        {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in r.logprobs
+    ]
+    assert out.choices[0].message.content == r.text
+    assert out.choices[0].logprobs is not None and out.choices[0].logprobs.content is not None
+    assert [e.model_dump() for e in out.choices[0].logprobs.content] == want
+    assert streamed == want
+    for e in want:  # greedy: the chosen token is the most likely one
+        assert e["logprob"] <= 0 and e["top_logprobs"][0]["token"] == e["token"]
+
+
+def test_seed_poll_reply_has_logprobs_when_asked(env: Env, offline: Engine) -> None:
+    params = {"max_new_tokens": 6, "logprobs": 1, "stop": "zz"}
+    job_id = submit(env, PROMPTS[:2], params)
+    r = httpx.get(f"{env.server.url}/v1/response/{job_id}?wait=30", headers={"apiKey": env.alice}, timeout=60)
+    data = r.json()["data"]
+    expected = offline.generate(PROMPTS[:2], **params)
+    want = []
+    for e in expected:
+        lp = expected_completion_logprobs(offline, e)
+        assert e.logprobs is not None
+        want.append(
+            [
+                {
+                    "tokenId": t.token_id,
+                    "token": lp["tokens"][k],
+                    "logprob": t.logprob,
+                    "textOffset": lp["text_offset"][k],
+                    "top": [
+                        {"tokenId": i, "token": offline.tokenizer.piece(i), "logprob": v} for i, v in t.top
+                    ],
+                }
+                for k, t in enumerate(e.logprobs)
+            ]
+        )
+    assert data["logprobs"] == want
+    plain = submit(env, PROMPTS[:1], {"max_new_tokens": 2})
+    r = httpx.get(f"{env.server.url}/v1/response/{plain}?wait=30", headers={"apiKey": env.alice}, timeout=60)
+    assert "logprobs" not in r.json()["data"]

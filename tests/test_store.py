@@ -14,7 +14,7 @@ import pytest
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import Usage
+from engine.runtime.result import TokenLogprob, Usage
 from engine.serving.batching import Lane, batch_key_text
 from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
@@ -39,6 +39,31 @@ def result(text: str = "out") -> JobResult:
         finish_reasons=("length", "eos"),
         usages=(Usage(2, 2), Usage(2, 1)),
     )
+
+
+def test_logprobs_and_params_roundtrip(store: JobStore) -> None:
+    """A job that asked for logprobs keeps them, floats exact, through the store."""
+    params = DecodingParams(max_new_tokens=3, logprobs=2)
+    store.enqueue(
+        Job(id="lp", owner="bob", prompts=("a", "b"), params=params, created_at=NOW), prompt_tokens=2
+    )
+    assert store.get("lp") is not None and store.get("lp").params == params  # type: ignore[union-attr]
+    store.claim(["lp"], NOW + 1)
+    lp = (
+        (TokenLogprob(5, -0.125, ((5, -0.125), (9, -2.3025850929940455))), TokenLogprob(6, -7.5e-9, ())),
+        (TokenLogprob(7, -3.0, ((2, -0.5), (7, -3.0))),),
+    )
+    want = JobResult(
+        completion=("out", "x"),
+        token_ids=((5, 6), (7,)),
+        usage=Usage(4, 3),
+        finish_reasons=("length", "eos"),
+        usages=(Usage(2, 2), Usage(2, 1)),
+        logprobs=lp,
+    )
+    assert store.complete("lp", 1, want, NOW + 2)
+    done = store.get("lp")
+    assert done is not None and done.result == want
 
 
 class Backend:

@@ -33,6 +33,7 @@ from engine._version import __version__
 from engine.api.auth import Authenticator
 from engine.api.deltas import Decode, TextDeltas
 from engine.api.errors import ApiFailure, reply_for_exception, reply_for_job_error
+from engine.api.logprobs import Piece, row_logprobs_to_pb, token_logprob_to_pb
 from engine.api.pb import engine_pb2, engine_pb2_grpc
 from engine.errors import InvalidRequest, NotReady, PromptTooLong, Unauthenticated
 from engine.limits import (
@@ -195,7 +196,11 @@ def _struct_safe(value: Any, name: str, depth: int) -> Any:
     return value
 
 
-def job_to_pb(view: JobView, served_model: str = "") -> Any:
+def job_to_pb(
+    view: JobView, served_model: str = "", piece: Piece | None = None, decode: Decode | None = None
+) -> Any:
+    """``piece`` and ``decode`` (the tokenizer's) name the tokens of logprobs and place them in
+    the text; without them the tokens are "" and the offsets 0."""
     job: Job = view.job
     msg = engine_pb2.Job(
         id=job.id,
@@ -221,6 +226,8 @@ def job_to_pb(view: JobView, served_model: str = "") -> Any:
                 completion_tokens=u.completion_tokens,
                 total_tokens=u.total_tokens,
             )
+        for row, text in zip(r.logprobs, r.completion, strict=False):
+            msg.result.logprobs.append(row_logprobs_to_pb(row, text, piece, decode))
         for reason in r.finish_reasons:
             known = _finish_reason(reason)
             msg.result.finish_reasons.append(
@@ -248,6 +255,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         *,
         metrics: Metrics | None = None,
         decode: Decode | None = None,
+        piece: Piece | None = None,
     ) -> None:
         self.service = service
         self.auth = auth
@@ -257,13 +265,17 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.limits = info.limits
         self._served_models = frozenset(n for n in (info.model, info.model_source) if n)
         self._decode = decode
+        self._piece = piece
+
+    def _job_pb(self, view: JobView) -> Any:
+        return job_to_pb(view, self.model_name, self._piece, self._decode)
 
     # ---- transport-independent face: raises engine errors -------------------------------
 
     async def submit(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         owner, prompts, params, model = self._admit(api_key, request)
         view = await self.service.submit(owner, prompts, params, model, idempotency_key)
-        return job_to_pb(view, self.model_name)
+        return self._job_pb(view)
 
     async def get_result(self, api_key: str | None, request: Any) -> Any:
         owner = self.auth.authenticate(api_key)
@@ -275,12 +287,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             view = await self.service.wait(owner, job_id, timeout_s=wait_s)
         else:
             view = await self.service.get(owner, job_id)
-        return job_to_pb(view, self.model_name)
+        return self._job_pb(view)
 
     async def cancel(self, api_key: str | None, request: Any) -> Any:
         owner = self.auth.authenticate(api_key)
         view = await self.service.cancel(owner, _job_id(request.id))
-        return job_to_pb(view, self.model_name)
+        return self._job_pb(view)
 
     async def generate(self, api_key: str | None, request: Any, idempotency_key: str | None = None) -> Any:
         owner, prompts, params, model = self._admit(api_key, request)
@@ -295,7 +307,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             raise NotReady(
                 f"job {view.job.id} did not finish before the server stopped; retry", retry_after_s=1.0
             )
-        return job_to_pb(view, self.model_name)
+        return self._job_pb(view)
 
     async def generate_stream(
         self, api_key: str | None, request: Any, idempotency_key: str | None = None
@@ -303,7 +315,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         owner, prompts, params, model = self._admit(api_key, request)
         view = await self.service.submit(owner, prompts, params, model, idempotency_key)
         job_id = view.job.id
-        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+        yield engine_pb2.GenerateStreamResponse(job=self._job_pb(view))
         async with self._cancel_on_disconnect(owner, job_id, idempotency_key):
             async for message in self._tokens_then_job(owner, view.job):
                 yield message
@@ -311,7 +323,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def stream_result(self, api_key: str | None, request: Any) -> AsyncIterator[Any]:
         owner = self.auth.authenticate(api_key)
         view = await self.service.get(owner, _job_id(request.id))
-        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+        yield engine_pb2.GenerateStreamResponse(job=self._job_pb(view))
         if view.job.status.terminal:
             return
         async for message in self._tokens_then_job(owner, view.job):
@@ -322,10 +334,19 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         raises its error instead)."""
         decode = self._decode
         texts = [TextDeltas(decode, job.params.stop) if decode is not None else None for _ in job.prompts]
+        generated: list[list[int]] = [[] for _ in job.prompts]  # ids so far, for text offsets
         async for event in self.service.stream(owner, job.id):
             index = event.row.prompt_index
             deltas = texts[index]
             token = engine_pb2.TokenEvent(job_id=job.id, prompt_index=index, token_id=event.token_id)
+            if event.logprob is not None:
+                # Where its text starts, as in the job's result (logprobs.text_offsets).
+                ids = generated[index]
+                offset = 0 if decode is None else len(decode(ids))
+                if event.result is not None:
+                    offset = min(offset, len(event.result.text))
+                token.logprob.CopyFrom(token_logprob_to_pb(event.logprob, self._piece, offset))
+                ids.append(event.token_id)
             if event.token_id >= 0 and deltas is not None:
                 token.text = deltas.push(event.token_id)
             if event.result is not None:
@@ -337,7 +358,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         view = await self.service.wait(owner, job.id)
         if view.job.status is JobStatus.FAILED:
             raise ApiFailure(reply_for_job_error(view.job.error))
-        yield engine_pb2.GenerateStreamResponse(job=job_to_pb(view, self.model_name))
+        yield engine_pb2.GenerateStreamResponse(job=self._job_pb(view))
 
     async def server_info(self, api_key: str | None, request: Any) -> Any:
         i = self.info

@@ -15,7 +15,11 @@ The mapping of parameters (docs/openai.md has the table):
 - ``seed``, ``top_k``, ``penalty_alpha``, ``num_beams``, ``length_penalty``, ``repetition_penalty``,
   ``no_repeat_ngram_size`` keep their names; ``min_tokens`` -> ``min_new_tokens``.
 - ``stop`` (a string or up to 4) -> ``stop``: the text ends before the first match.
-- ``logprobs``, ``echo``, ``best_of`` > 1, ``suffix``, ``logit_bias``, non-zero presence or
+- ``logprobs`` (completions: 0 to 5 alternatives; chat: ``logprobs: true`` with ``top_logprobs``
+  0 to 5) -> ``logprobs``: per token its log-probability under the model (the log-softmax of the
+  raw logits of its step) and the most likely alternatives; computed by our decoder, so not with
+  ``num_beams`` > 1 (400).
+- ``echo``, ``best_of`` > 1, ``suffix``, ``logit_bias``, non-zero presence or
   frequency penalties, tools and non-text content answer 400 naming the field: the engine has no
   such output or control, and a made-up value would be wrong.
 - ``user`` is accepted and not used.
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.api.errors import ErrorReply
+from engine.limits import MAX_LOGPROBS
 
 DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 64
@@ -114,6 +119,7 @@ class OpenAIRequest:
     model: str | None
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # alternatives per token in the reply's logprobs; None: no logprobs
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -149,15 +155,17 @@ def completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1) and best_of != 1:
         raise BadField("best_of", "best_of is not supported; use n for several completions")
-    if body.get("logprobs") is not None:
-        raise BadField("logprobs", "logprobs are not available from this engine; leave logprobs out")
-    return _request(Kind.COMPLETION, body, prompts, body.get("max_tokens"), DEFAULT_COMPLETION_TOKENS)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _int_field(body, "logprobs", 0, MAX_LOGPROBS, default=0)
+    return _request(
+        Kind.COMPLETION, body, prompts, body.get("max_tokens"), DEFAULT_COMPLETION_TOKENS, logprobs
+    )
 
 
 def chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
     _check_fields(body, CHAT_FIELDS)
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadField("logprobs", "logprobs are not available from this engine; leave logprobs out")
+    logprobs = _chat_logprobs(body)
     if body.get("tools"):
         raise BadField("tools", "tools (function calling) are not supported by this model")
     if body.get("tool_choice") not in (None, "none"):
@@ -169,7 +177,19 @@ def chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     prompt = chat_prompt(body.get("messages"))
-    return _request(Kind.CHAT, body, [prompt], max_tokens, DEFAULT_CHAT_TOKENS)
+    return _request(Kind.CHAT, body, [prompt], max_tokens, DEFAULT_CHAT_TOKENS, logprobs)
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """Chat's ``logprobs`` (true/false) and ``top_logprobs`` (0 to 5, only with logprobs true)."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise BadField("logprobs", f"logprobs must be true or false, got {wanted!r}")
+    if body.get("top_logprobs") is not None and not wanted:
+        raise BadField("top_logprobs", "top_logprobs needs logprobs: true")
+    if not wanted:
+        return None
+    return _int_field(body, "top_logprobs", 0, MAX_LOGPROBS, default=0)
 
 
 def chat_prompt(messages: Any) -> str:
@@ -228,7 +248,12 @@ def _check_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
 
 
 def _request(
-    kind: Kind, body: Mapping[str, Any], prompts: Sequence[str], max_tokens: Any, default_max: int
+    kind: Kind,
+    body: Mapping[str, Any],
+    prompts: Sequence[str],
+    max_tokens: Any,
+    default_max: int,
+    logprobs: int | None = None,
 ) -> OpenAIRequest:
     n = _int_field(body, "n", 1, MAX_N, default=1)
     model = body.get("model")
@@ -250,14 +275,18 @@ def _request(
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise BadField("user", "user must be a string")
+    params = decoding_params(body, max_tokens, default_max)
+    if logprobs is not None:
+        params["logprobs"] = logprobs
     return OpenAIRequest(
         kind=kind,
         prompts=tuple(p for p in prompts for _ in range(n)),
         n=n,
-        params=decoding_params(body, max_tokens, default_max),
+        params=params,
         model=model or None,
         stream=stream,
         include_usage=include_usage,
+        logprobs=logprobs,
     )
 
 
@@ -337,19 +366,27 @@ def response_id(kind: Kind, job_id: str) -> str:
     return f"{'chatcmpl' if kind is Kind.CHAT else 'cmpl'}-{job_id}"
 
 
-def choice(kind: Kind, index: int, text: str, reason: str | None) -> dict[str, Any]:
+def choice(
+    kind: Kind, index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     if kind is Kind.CHAT:
         return {
             "index": index,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": reason,
         }
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 def chunk_choice(
-    kind: Kind, index: int, text: str | None, reason: str | None, *, role: bool = False
+    kind: Kind,
+    index: int,
+    text: str | None,
+    reason: str | None,
+    *,
+    role: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if kind is Kind.CHAT:
         delta: dict[str, Any] = {}
@@ -357,8 +394,8 @@ def chunk_choice(
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
 
 
 def envelope(kind: Kind, job_id: str, created: int, model: str, *, chunk: bool) -> dict[str, Any]:
@@ -421,4 +458,4 @@ def _openai_names(message: str) -> tuple[str, str | None]:
     return message, param
 
 
-_PARAM_WORDS = frozenset({"seed", "stop", "temperature", "model", "prompt", "n"})
+_PARAM_WORDS = frozenset({"seed", "stop", "temperature", "model", "prompt", "n", "logprobs"})

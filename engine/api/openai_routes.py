@@ -13,7 +13,7 @@ one reads its token events (``GenerateStream``) as server-sent events ending in
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, reply_for_code, reply_for_exception
 from engine.api.grpc_service import PB_TO_STATUS, params_to_struct
+from engine.api.logprobs import chat_logprobs, completion_logprobs
 from engine.api.openai_protocol import (
     BadField,
     Kind,
@@ -118,7 +119,13 @@ class OpenAIRoutes:
     def _reply(self, oa: OpenAIRequest, model_id: str, job: Any) -> dict[str, Any]:
         result = job.result
         choices = [
-            choice(oa.kind, i, text, finish_reason(_reason_name(result.finish_reasons[i])))
+            choice(
+                oa.kind,
+                i,
+                text,
+                finish_reason(_reason_name(result.finish_reasons[i])),
+                _logprobs(oa, result.logprobs[i].tokens if i < len(result.logprobs) else ()),
+            )
             for i, text in enumerate(result.completion)
         ]
         return {
@@ -136,12 +143,19 @@ class OpenAIRoutes:
             if oa.kind is Kind.CHAT:
                 roles = [chunk_choice(oa.kind, i, "", None, role=True) for i in range(len(oa.prompts))]
                 yield sse_frame({**head, "choices": roles, **extra})
+            # Per prompt, the logprobs of tokens whose text is not sent yet: a chunk carries those
+            # of the tokens its delta covers.
+            held: list[list[Any]] = [[] for _ in oa.prompts]
             async for message in stream:
                 if message.HasField("token"):
                     t = message.token
+                    if t.HasField("logprob"):
+                        held[t.prompt_index].append(t.logprob)
                     reason = finish_reason(_reason_name(t.finish_reason)) if t.finished else None
                     if t.text or reason is not None:
-                        c = chunk_choice(oa.kind, t.prompt_index, t.text or None, reason)
+                        tokens, held[t.prompt_index] = held[t.prompt_index], []
+                        lp = _logprobs(oa, tokens)
+                        c = chunk_choice(oa.kind, t.prompt_index, t.text or None, reason, logprobs=lp)
                         yield sse_frame({**head, "choices": [c], **extra})
                 elif PB_TO_STATUS[message.job.status] is JobStatus.COMPLETED and oa.include_usage:
                     yield sse_frame({**head, "choices": [], "usage": _usage(oa, message.job.result)})
@@ -151,6 +165,15 @@ class OpenAIRoutes:
         finally:
             await aclose(stream)  # a client gone before the end: its job is cancelled now
         yield DONE
+
+
+def _logprobs(oa: OpenAIRequest, tokens: Sequence[Any]) -> dict[str, Any] | None:
+    """A choice's logprobs in the request kind's shape, None when the request did not ask."""
+    if oa.logprobs is None:
+        return None
+    if oa.kind is Kind.CHAT:
+        return chat_logprobs(tokens, oa.logprobs)
+    return completion_logprobs(tokens)
 
 
 def _usage(oa: OpenAIRequest, result: Any) -> dict[str, int]:

@@ -25,6 +25,7 @@ from engine.api.body import ASGIApp, BodyLimit, Message, Receive, Scope, Send
 from engine.api.client import EngineClient
 from engine.api.errors import ApiFailure, ErrorReply, reply_for_code, reply_for_exception, reply_for_job_error
 from engine.api.grpc_service import FINISH_TO_PB, PB_TO_STATUS, checked_api_key, params_to_struct
+from engine.api.logprobs import seed_logprobs
 from engine.api.pb import engine_pb2
 from engine.api.sse import EventStream, aclose, sse_frame
 from engine.errors import EngineError, InvalidRequest
@@ -75,6 +76,17 @@ class UsageModel(BaseModel):
     total_tokens: int
 
 
+class TopLogprobModel(BaseModel):
+    tokenId: int
+    token: str = Field(description="The id's sentencepiece piece.")
+    logprob: float
+
+
+class TokenLogprobModel(TopLogprobModel):
+    textOffset: int = Field(description="Where the token's text starts in the completion.")
+    top: list[TopLogprobModel] = Field(description="The step's most likely ids, most likely first.")
+
+
 class ResponseData(BaseModel):
     id: str
     status: Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -88,6 +100,11 @@ class ResponseData(BaseModel):
     )
     tokenIds: list[list[int]] | None = Field(
         default=None, description="Per prompt once completed: the generated token ids (no EOS)."
+    )
+    logprobs: list[list[TokenLogprobModel]] | None = Field(
+        default=None,
+        description="Only when params.logprobs asked, once completed: per prompt, per generated id, "
+        "its log-probability and the top alternatives (docs/api.md).",
     )
 
 
@@ -303,7 +320,7 @@ def response_data(job: Any) -> dict[str, Any]:
         }
         reasons = [FINISH_NAMES.get(r, "length") for r in job.result.finish_reasons]
         token_ids = [list(t.ids) for t in job.result.token_ids]
-    return {
+    data = {
         "id": job.id,
         "status": status.value,
         "queuePosition": str(job.queue_position),
@@ -312,6 +329,9 @@ def response_data(job: Any) -> dict[str, Any]:
         "finishReason": reasons,
         "tokenIds": token_ids,
     }
+    if completion is not None and job.result.logprobs:
+        data["logprobs"] = seed_logprobs(job.result.logprobs)
+    return data
 
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}

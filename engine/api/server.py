@@ -116,7 +116,9 @@ async def _serve(cfg: Config) -> int:
         model_source=engine.manifest.source,
     )
     metrics.model_info.labels(model=info.model, device=info.device, compute_type=info.compute_type).set(1)
-    servicer = EngineServicer(service, auth, info, metrics=metrics, decode=engine.tokenizer.decode)
+    servicer = EngineServicer(
+        service, auth, info, metrics=metrics, decode=engine.tokenizer.decode, piece=engine.tokenizer.piece
+    )
     # Everything loaded so far lives as long as the process: out of the collector's sight, a full
     # collection no longer walks it (50-70 ms pauses of the event loop under load, every few
     # seconds, before).

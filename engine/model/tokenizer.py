@@ -44,6 +44,14 @@ class Tokenizer:
         # with decoding), and the server tokenizes on its event loop.
         return [[*self._sp.EncodeAsIds(text), self.eos_id] for text in texts]
 
+    def piece(self, token_id: int) -> str:
+        """The sentencepiece piece of an id ("\u2581" marks a word start); ids past the
+        sentencepiece vocabulary are T5's ``<extra_id_N>`` (N counted down from the last)."""
+        size = self.sp_vocab_size
+        if 0 <= token_id < size:
+            return str(self._sp.IdToPiece(token_id))
+        return f"<extra_id_{size + 99 - token_id}>" if size <= token_id < size + 100 else f"<id_{token_id}>"
+
     def decode(self, ids: Sequence[int]) -> str:
         # Ids past the sentencepiece vocabulary (T5's padded <extra_id_N> range) are dropped, as
         # they are special tokens that skip_special_tokens=True removes in Transformers too.

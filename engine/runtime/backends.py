@@ -4,7 +4,9 @@ The one place that decides it (``backend_for``); the rest of the code asks. What
 run follows from the strategy table (engine/runtime/strategies.py: a row with a chooser runs on our
 decoder, one with CTranslate2 options on CTranslate2; ``RUNS_ON`` is that view): beam search only on
 CTranslate2; contrastive search only on our decoder; sampling with a seed only on our decoder
-(the row's ``decoder_only``). Where both can run a strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
+(the row's ``decoder_only``); and any request for logprobs only on our decoder (it has every step's
+logits; CTranslate2 gives no per-step log-probabilities over the vocabulary). Where both can run a
+strategy, the choice is measured (``GREEDY_ON_DECODER``, benchmarks/bench_greedy_backends.py)
 or exactness decides: in float32, greedy with repetition penalty or no-repeat-ngram runs on our
 decoder, since CTranslate2 leaves the decoder-start token out of those processors' history and
 Transformers keeps it (ct2.py).
@@ -40,8 +42,11 @@ GREEDY_ON_DECODER: dict[tuple[str, str], int] = {("cpu", "int8"): 8}
 
 
 def needs_decoder(params: DecodingParams) -> bool:
-    """Only our decoder can run it: contrastive search, and sampling with a seed. Such requests
+    """Only our decoder can run it: contrastive search, sampling with a seed, and any request for
+    logprobs (CTranslate2 gives no per-step log-probabilities over the vocabulary). Such requests
     take the scheduler's continuous lane whatever the device."""
+    if params.logprobs is not None:
+        return True
     spec = params.spec
     if spec.decoder_only is not None and spec.decoder_only(params):
         return True

@@ -23,9 +23,10 @@ import numpy as np
 from engine.errors import InvalidRequest, Overloaded
 from engine.runtime.choosers import Chooser, History, contrastive_scores, degeneration_penalty
 from engine.runtime.kv_cache import DecoderCache
+from engine.runtime.logprobs import log_softmax, token_logprob
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import OnToken
-from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, Usage
+from engine.runtime.result import FinishReason, GenerationRequest, Result, TokenEvent, TokenLogprob, Usage
 from engine.runtime.stop import Detokenize, StopSequences, stop_sequences
 from engine.runtime.strategies import chooser_for
 from engine.runtime.t5 import T5Runtime
@@ -46,6 +47,10 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None  # [V] float32: the chosen row's next-step logits
     stop: StopSequences | None = None
+    # With params.logprobs: this step's log-softmax [V] (taken before the chooser processes the
+    # logits), and one TokenLogprob per generated id.
+    step_logprobs: np.ndarray | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def params(self) -> DecodingParams:
@@ -58,7 +63,17 @@ class _Active:
             token_ids=ids,
             usage=Usage(prompt_tokens=len(self.request.input_ids), completion_tokens=len(ids)),
             finish_reason=reason,
+            logprobs=None if self.logprobs is None else tuple(self.logprobs),
         )
+
+    def record(self, token: int) -> TokenLogprob | None:
+        """The generated ``token``'s log-probability, when this request asked for them."""
+        if self.logprobs is None or self.step_logprobs is None:
+            return None
+        alternatives = self.params.logprobs or 0
+        entry = token_logprob(self.step_logprobs, token, alternatives)
+        self.logprobs.append(entry)
+        return entry
 
 
 class DecoderBatch:
@@ -120,6 +135,7 @@ class DecoderBatch:
                 chooser=chooser,
                 history=History([self.runtime.decoder_start_token_id], params.no_repeat_ngram_size),
                 stop=None if self.detokenize is None else stop_sequences(params.stop, self.detokenize),
+                logprobs=None if params.logprobs is None else [],
             )
         )
 
@@ -163,14 +179,16 @@ class DecoderBatch:
                 continue
             seq.generated.append(token)
             seq.history.append(token)
+            lp = seq.record(token)
             cut = None if seq.stop is None else seq.stop.check(seq.generated)
             if cut is not None:
-                events.append(TokenEvent(seq.request_id, token, seq.result(FinishReason.STOP, cut.text)))
+                result = seq.result(FinishReason.STOP, cut.text)
+                events.append(TokenEvent(seq.request_id, token, result, lp))
                 continue
             if len(seq.generated) >= seq.params.max_new_tokens:
-                events.append(TokenEvent(seq.request_id, token, self._result(seq, FinishReason.LENGTH)))
+                events.append(TokenEvent(seq.request_id, token, self._result(seq, FinishReason.LENGTH), lp))
                 continue
-            events.append(TokenEvent(seq.request_id, token))
+            events.append(TokenEvent(seq.request_id, token, logprob=lp))
             keep.append(row)
         if keep:
             logits = to_numpy(rt.logits(chosen_hidden[rt.xp.asarray(keep)])).astype(np.float32, copy=False)
@@ -190,6 +208,8 @@ class DecoderBatch:
         cand_probs = np.zeros((len(self._active), width), dtype=np.float32)
         for row, seq in enumerate(self._active):
             assert seq.logits is not None  # set by the step that admitted it, then by every step
+            if seq.logprobs is not None:
+                seq.step_logprobs = log_softmax(seq.logits)  # before the chooser's processors
             ids, probs = seq.chooser.candidates(seq.logits, seq.history)
             tokens[row, : len(ids)] = ids
             tokens[row, len(ids) :] = ids[0]

@@ -17,6 +17,7 @@ from engine.errors import InvalidRequest
 from engine.limits import (
     DEFAULT_MAX_NEW_TOKENS_LIMIT,
     MAX_BEAMS,
+    MAX_LOGPROBS,
     MAX_STOP_LENGTH,
     MAX_STOP_SEQUENCES,
     MAX_TOP_K,
@@ -54,6 +55,9 @@ class DecodingParams:
     no_repeat_ngram_size: int = 0
     # Generation ends at the first match in the text, which is cut before it (engine/runtime/stop.py).
     stop: tuple[str, ...] = ()
+    # Per generated token, its log-probability and the top ``logprobs`` alternatives (0 to
+    # MAX_LOGPROBS; None: none). Computed by our decoder (backends.py), so not with beam search.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # A store reads params back from JSON, where the tuple became a list.
@@ -131,6 +135,8 @@ class DecodingParams:
             v["no_repeat_ngram_size"] = _int(raw, "no_repeat_ngram_size", 0, 64)
         if "stop" in raw:
             v["stop"] = _stop(raw["stop"])
+        if "logprobs" in raw and raw["logprobs"] is not None:
+            v["logprobs"] = _int(raw, "logprobs", 0, MAX_LOGPROBS)
         params = cls(**v)
         if params.min_new_tokens > params.max_new_tokens:
             raise InvalidRequest(
@@ -141,6 +147,11 @@ class DecodingParams:
             raise InvalidRequest(
                 "do_sample with num_beams > 1 (beam sampling) is not supported; "
                 "use either do_sample or num_beams"
+            )
+        if params.logprobs is not None and params.num_beams > 1:
+            raise InvalidRequest(
+                "logprobs with num_beams > 1 is not supported: beam search runs on CTranslate2, "
+                "which gives no per-step log-probabilities; leave out logprobs or num_beams"
             )
         return params
 

@@ -35,6 +35,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (``params.logprobs``): the
+    log-softmax of the raw logits of its step, before any processor or warper (vLLM's default),
+    and the ``params.logprobs`` most likely ids of that step with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Result:
     """One prompt's output. ``token_ids`` excludes the decoder-start token and the EOS.
 
@@ -45,6 +56,8 @@ class Result:
     token_ids: tuple[int, ...]
     usage: Usage
     finish_reason: FinishReason = FinishReason.LENGTH
+    # With params.logprobs: one per id of token_ids, in order; None when not asked.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,3 +79,4 @@ class TokenEvent:
     request_id: str
     token_id: int
     result: Result | None = None
+    logprob: TokenLogprob | None = None  # token_id's, when its request asked for logprobs

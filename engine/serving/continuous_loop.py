@@ -219,7 +219,7 @@ class ContinuousLoop(Loop):
             rows = self.engine_rows
             row = rows.pop(ev.request_id, None) if ev.result is not None else rows.get(ev.request_id)
             if row is not None:
-                out.append(RowEvent(row, ev.token_id, ev.result))
+                out.append(RowEvent(row, ev.token_id, ev.result, ev.logprob))
         return out
 
     # -- update: on the event loop ---------------------------------------------------------------
@@ -240,7 +240,7 @@ class ContinuousLoop(Loop):
             if ev.token_id >= 0:
                 if not job.rj.first_token_seen:
                     self.finisher.first_token(job.rj)
-                self.events.publish(ev.row, ev.token_id)
+                self.events.publish(ev.row, ev.token_id, ev.logprob)
             if ev.result is not None:
                 job.results[prompt_index] = ev.result
                 job.open_rows.discard(prompt_index)

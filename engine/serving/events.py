@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.runtime.result import FinishReason, Result, Usage
+from engine.runtime.result import FinishReason, Result, TokenLogprob, Usage
 from engine.serving.jobs import Job
 
 
@@ -44,6 +44,7 @@ class RowEvent:
     row: Row
     token_id: int
     result: Result | None = None
+    logprob: TokenLogprob | None = None  # token_id's, when the job asked for logprobs
 
 
 class JobEvents:
@@ -76,9 +77,9 @@ class JobEvents:
             ch = self._channels[job_id] = JobEvents._Channel()
         return ch
 
-    def publish(self, row: Row, token_id: int) -> None:
-        """On the event loop: ``row`` got ``token_id``."""
-        self.publish_many(row.job_id, [RowEvent(row, token_id)])
+    def publish(self, row: Row, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        """On the event loop: ``row`` got ``token_id`` (with its logprob, when asked)."""
+        self.publish_many(row.job_id, [RowEvent(row, token_id, logprob=logprob)])
 
     def publish_many(self, job_id: str, events: Sequence[RowEvent]) -> None:
         ch = self._channel(job_id)
@@ -212,5 +213,7 @@ def stored_final_events(job: Job) -> list[RowEvent]:
     for i, text in enumerate(res.completion):
         usage = res.usages[i] if i < len(res.usages) else Usage(0, len(res.token_ids[i]))
         reason = FinishReason(res.finish_reasons[i]) if i < len(res.finish_reasons) else FinishReason.LENGTH
-        events.append(RowEvent(Row(job.id, i), -1, Result(text, res.token_ids[i], usage, reason)))
+        logprobs = res.logprobs[i] if i < len(res.logprobs) else None
+        result = Result(text, res.token_ids[i], usage, reason, logprobs)
+        events.append(RowEvent(Row(job.id, i), -1, result))
     return events

@@ -83,6 +83,9 @@ def job_result(results: Sequence[Result]) -> JobResult:
         ),
         finish_reasons=tuple(r.finish_reason.value for r in results),
         usages=usages,
+        logprobs=tuple(r.logprobs or () for r in results)
+        if any(r.logprobs is not None for r in results)
+        else (),
     )
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 from engine.runtime.params import DecodingParams
-from engine.runtime.result import Usage
+from engine.runtime.result import TokenLogprob, Usage
 
 
 class JobStatus(enum.Enum):
@@ -35,6 +35,9 @@ class JobResult:
     usage: Usage
     finish_reasons: tuple[str, ...] = ()
     usages: tuple[Usage, ...] = ()  # per prompt (usage is their sum)
+    # Per prompt, one TokenLogprob per id of token_ids, when the job asked (params.logprobs);
+    # () when it did not.
+    logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
 
 
 @dataclass(frozen=True)

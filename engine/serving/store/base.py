@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from engine.errors import NotReady
-from engine.runtime.result import Usage
+from engine.runtime.result import TokenLogprob, Usage
 from engine.serving.batching import Lane, QueueEntry
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.url import StoreUrl, parse_store_url, redact_text
@@ -387,15 +387,19 @@ def per_owner(limit: int, owners: int) -> int:
 
 # -- JSON forms of results and errors, shared by the stores ---------------------------------------
 def encode_result(result: JobResult) -> str:
-    return json.dumps(
-        {
-            "completion": list(result.completion),
-            "token_ids": [list(t) for t in result.token_ids],
-            "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
-            "finish_reasons": list(result.finish_reasons),
-            "usages": [[u.prompt_tokens, u.completion_tokens] for u in result.usages],
-        }
-    )
+    fields: dict[str, Any] = {
+        "completion": list(result.completion),
+        "token_ids": [list(t) for t in result.token_ids],
+        "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
+        "finish_reasons": list(result.finish_reasons),
+        "usages": [[u.prompt_tokens, u.completion_tokens] for u in result.usages],
+    }
+    if result.logprobs:
+        # Per prompt, per token: [id, logprob, [[id, logprob], ...]] (JSON floats keep a double).
+        fields["logprobs"] = [
+            [[t.token_id, t.logprob, [list(a) for a in t.top]] for t in row] for row in result.logprobs
+        ]
+    return json.dumps(fields)
 
 
 def decode_result(text: str) -> JobResult:
@@ -406,6 +410,10 @@ def decode_result(text: str) -> JobResult:
         usage=Usage(*r["usage"]),
         finish_reasons=tuple(r["finish_reasons"]),
         usages=tuple(Usage(*u) for u in r["usages"]),
+        logprobs=tuple(
+            tuple(TokenLogprob(t[0], t[1], tuple((a[0], a[1]) for a in t[2])) for t in row)
+            for row in r.get("logprobs", ())
+        ),
     )
 
 
