@@ -207,3 +207,40 @@ def test_every_replica_on_one_redis_reports_the_shared_queue_depth(
         await b.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_continuous_loop_restarts_clean_after_a_store_failure_with_jobs_in_flight(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A completion fails while another job is still in our decoder's batch: the supervisor hands
+    both back to the queue, and the restarted loop must not keep stepping (or re-add) the rows it
+    held; both jobs complete once, with their own ids."""
+    store = open_store(kind, tmp_path, request)
+
+    async def body() -> None:
+        svc = await start_service(FakeEngine(step_delay_s=0.005), store=store, job_timeout_s=JOB_TIMEOUT_S)
+        fired = fail_once(store, "complete_many")
+        long = await svc.submit(
+            "alice", ["long one"], DecodingParams(max_new_tokens=60, penalty_alpha=0.5, top_k=3)
+        )
+        short = await svc.submit(
+            "bob", ["short"], DecodingParams(max_new_tokens=3, penalty_alpha=0.5, top_k=3)
+        )
+        start = time.monotonic()
+        for view, n in ((short, 3), (long, 60)):
+            done = view
+            while not done.job.status.terminal and time.monotonic() - start < JOB_TIMEOUT_S:
+                done = await svc.wait(view.job.owner, view.job.id, timeout_s=JOB_TIMEOUT_S)
+            assert done.job.status is JobStatus.COMPLETED, (done.job.status, done.job.error)
+            assert done.job.result is not None
+            assert list(done.job.result.token_ids[0]) == expected_tokens(
+                fake_tokenize(view.job.prompts[0]), n
+            )
+        assert fired
+        loop = svc._scheduler.continuous_loop  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)
+        assert not loop.active and store.count(JobStatus.RUNNING) == 0
+        await svc.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -119,6 +119,10 @@ class ContinuousLoop(Loop):
                 continue
             self.update(output)
 
+    def abandon(self) -> None:
+        self.active.clear()
+        self._reset()
+
     def _reset(self) -> None:
         """Nothing of ours is in the batch: the next job starts on a fresh one."""
         self.batch = None

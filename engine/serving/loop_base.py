@@ -49,6 +49,13 @@ class Loop:
         self.wakeup = wakeup
         self.turn: str | None = None  # the owner whose job went first last time (fair_order)
 
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Forget what the loop held between steps: its supervisor has just handed the loop's
+        running jobs back to the queue (the loop failed), so the restarted loop starts clean."""
+
 
 class Wakeup:
     """One per loop: ``set`` by submit (a job of its lane arrived) or by shutdown."""

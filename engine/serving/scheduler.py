@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
 from engine.errors import EngineError, NotReady
 from engine.metrics import Metrics
@@ -29,7 +28,7 @@ from engine.serving.continuous_loop import ContinuousLoop
 from engine.serving.events import JobEvents, TokenForwarder
 from engine.serving.finishing import Finisher, RunningJob
 from engine.serving.jobs import JobStatus
-from engine.serving.loop_base import LoopParts, Wakeup
+from engine.serving.loop_base import Loop, LoopParts, Wakeup
 from engine.serving.store.base import JobStore
 from engine.serving.worker import EngineWorker
 
@@ -116,17 +115,17 @@ class Scheduler:
     # -- the loops -------------------------------------------------------------------------------
     async def run_batches(self) -> None:
         """The batch loop: one-shot engine calls (the engine picks the backend per call)."""
-        await self._supervised(Lane.BATCH, "batch", self.batch_loop.run)
+        await self._supervised(Lane.BATCH, "batch", self.batch_loop)
 
     async def run_continuous(self) -> None:
         """The continuous loop: our decoder's batch, which jobs join and leave between steps."""
-        await self._supervised(Lane.DECODER, "continuous", self.continuous_loop.run)
+        await self._supervised(Lane.DECODER, "continuous", self.continuous_loop)
 
-    async def _supervised(self, lane: Lane, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    async def _supervised(self, lane: Lane, name: str, loop: Loop) -> None:
         """Keep a loop alive through store outages: log, put its jobs back in the queue, retry."""
         while True:
             try:
-                await loop()
+                await loop.run()
                 return
             except NotReady:
                 pass  # the store is down: its StoreHealth logs that once, not once a second here
@@ -137,6 +136,7 @@ class Scheduler:
                 with contextlib.suppress(EngineError):  # still down: the next start requeues it
                     self.store.requeue(rj.job.id, rj.attempt)
                 self.events.finish(rj.job.id)
+            loop.abandon()
             if not self._claiming:
                 return
             await self.clock.sleep(RESTART_DELAY_S)
