@@ -224,10 +224,12 @@ class T5Runtime:
         return np.ascontiguousarray(past.transpose(0, 2, 1)[:, :, None, :], dtype=self.dtype)
 
     def _bias_by_distance(self, width: int) -> np.ndarray:
-        """The decoder's relative position bias by distance 0..width (at least), [distance, H] (host)."""
+        """The decoder's relative position bias by distance 0..width (at least), [distance, H] (host).
+        Grown to twice the width when too short, so that a row's widening by one each step rebuilds
+        it a logarithmic number of times, not at every step."""
         if self._dec_bias_by_distance is None or self._dec_bias_by_distance.shape[0] <= width:
             s = self.shape
-            distances = np.arange(max(width + 1, 64))
+            distances = np.arange(max(2 * (width + 1), 64))
             buckets = relative_position_bucket(
                 -distances,
                 bidirectional=False,
