@@ -53,11 +53,26 @@ def test_needs_decoder_is_what_only_our_decoder_runs() -> None:
     assert not needs_decoder(DecodingParams(num_beams=3))
 
 
-def test_every_strategy_has_a_backend_and_a_chooser_row() -> None:
-    for strategy in Strategy:
-        assert backends.RUNS_ON[strategy]
-        assert strategy in CHOOSERS
-        assert (CHOOSERS[strategy] is not None) == (Backend.DECODER in backends.RUNS_ON[strategy])
+# One request of each strategy, as a client would send it.
+EXAMPLES: dict[Strategy, dict[str, object]] = {
+    Strategy.GREEDY: {},
+    Strategy.BEAM: {"num_beams": 3},
+    Strategy.SAMPLE: {"do_sample": True, "seed": 7},
+    Strategy.CONTRASTIVE: {"penalty_alpha": 0.6, "top_k": 4},
+}
+
+
+@pytest.mark.parametrize("strategy", list(Strategy), ids=lambda s: s.value)
+def test_every_strategy_is_recognised_and_runs_where_the_choice_sends_it(strategy: Strategy) -> None:
+    params = DecodingParams.from_dict(EXAMPLES[strategy])
+    assert params.strategy is strategy
+    backend = backend_for(params, device="cpu", compute_type="int8")
+    assert backend in backends.RUNS_ON[strategy]
+    if backend is Backend.DECODER:  # our decoder can build the row's chooser and read its width
+        chooser = CHOOSERS[strategy]
+        assert chooser is not None
+        built = chooser.for_request(params, eos_token_id=1, draw_index=0)
+        assert built.width == (params.top_k if strategy is Strategy.CONTRASTIVE else 1)
 
 
 def test_greedy_gives_the_same_ids_on_either_backend(
