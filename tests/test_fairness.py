@@ -80,3 +80,30 @@ def test_the_store_shows_every_keys_head_and_bounds_the_read_when_many_keys_wait
     assert set(few) == {f"k{owner}-0" for owner in range(40)}
     many = job_store.queued(Lane.BATCH, 64)  # 4 * 64 / 40 = 6, more than any key has
     assert len(many) == 120 and [e.seq for e in many] == sorted(e.seq for e in many)
+
+
+@pytest.mark.parametrize("contrastive", [False, True], ids=["batch", "contrastive"])
+def test_the_loops_pass_the_first_place_on_after_each_batch(job_store: JobStore, contrastive: bool) -> None:
+    """One job at a time, three keys with two jobs each: the engine runs them a, b, c, a, b, c. A
+    loop that did not rotate its turn would run a's second job right after its first."""
+
+    def params(n: int) -> DecodingParams:  # max_new_tokens tells the jobs apart
+        if contrastive:
+            return DecodingParams(max_new_tokens=n, penalty_alpha=0.6, top_k=4)
+        return DecodingParams(max_new_tokens=n)
+
+    async def body() -> None:
+        gate = threading.Event()
+        engine = FakeEngine(step_delay_s=0.001, contrastive_max_rows=4, gate=gate)
+        svc = await start_service(engine, store=job_store, max_batch_size=1)
+        views = []
+        for owner, n in (("a", 4), ("a", 5), ("b", 6), ("b", 7), ("c", 8), ("c", 9)):
+            views.append((owner, await svc.submit(owner, ["p"], params(n))))
+        gate.set()
+        done = [(await svc.wait(owner, v.job.id, 30)).job for owner, v in views]
+        assert all(job.status is JobStatus.COMPLETED and job.finished_at is not None for job in done)
+        by_end = sorted(done, key=lambda job: job.finished_at or 0.0)
+        assert [job.params.max_new_tokens for job in by_end] == [4, 6, 8, 5, 7, 9]
+        await svc.stop()
+
+    asyncio.run(asyncio.wait_for(body(), timeout=60))
