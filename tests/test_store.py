@@ -7,8 +7,9 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -509,6 +510,90 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: s
         assert engine_a.calls[0].steps < 500
         await a.stop()
         await b.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_statuses_and_cancelled_read_many_jobs_at_once(store: JobStore) -> None:
+    for n in range(4):
+        store.enqueue(job(n), 1)
+    store.claim(["job1", "job2"], NOW)
+    store.cancel("job2", NOW)
+    store.cancel("job3", NOW)
+    ids = ["job0", "job1", "job2", "job3", "nope"]
+    assert store.statuses(ids) == {
+        "job0": JobStatus.QUEUED,
+        "job1": JobStatus.RUNNING,
+        "job2": JobStatus.CANCELLED,
+        "job3": JobStatus.CANCELLED,
+    }
+    assert store.cancelled(ids) == {"job2", "job3"} and store.cancelled([]) == set()
+    assert store.shared is isinstance(store, _redis_store_type())
+
+
+def _redis_store_type() -> type:
+    from engine.serving.store.redis import RedisJobStore
+
+    return RedisJobStore
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_cancellation_sweep_reads_the_store_once_and_only_when_it_is_shared(
+    kind: str, redis_url: str | None
+) -> None:
+    """Scheduler.sync_cancellations (every second): one batched read of every job running here on
+    a shared store, none per job; on SQLite (one process a file) no read at all."""
+    if kind == "redis" and redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import asyncio
+    import threading
+
+    from harness.fakes import FakeEngine, start_service, until
+
+    calls: list[str] = []
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    def counting(base: Any) -> Any:
+        class Counting(base):
+            def get(self, job_id: str) -> Job | None:
+                calls.append("get")
+                return super().get(job_id)
+
+            def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+                calls.append(f"statuses {len(job_ids)}")
+                return super().statuses(job_ids)
+
+        return Counting
+
+    def open_counting() -> JobStore:
+        if kind == "sqlite":
+            return counting(SqliteJobStore)(":memory:")
+        return counting(_redis_store_type())(redis_url, prefix=prefix)
+
+    async def body() -> None:
+        gate = threading.Event()
+        store = open_counting()
+        a = await start_service(FakeEngine(gate=gate), store=store, max_queue_delay_ms=50.0)
+        views = await asyncio.gather(*(a.submit("alice", [f"p{i}"], DecodingParams()) for i in range(3)))
+        scheduler = a._scheduler
+        assert scheduler is not None
+        await until(lambda: len(scheduler.running) == 3)
+        if kind == "redis":  # through another server's store, with no await before the sweep
+            other = _redis_store_type()(redis_url, prefix=prefix)
+            other.cancel(views[1].job.id, time.time())
+            other.close()
+        calls.clear()
+        scheduler.sync_cancellations()
+        if kind == "sqlite":
+            assert calls == []
+        else:
+            assert calls == ["statuses 3"]
+            assert [scheduler.running[v.job.id].cancelled for v in views] == [False, True, False]
+            calls.clear()
+            scheduler.sync_cancellations()  # the cancelled job is no longer asked about
+            assert calls == ["statuses 2"]
+        gate.set()
+        await a.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))
 

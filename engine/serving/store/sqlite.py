@@ -443,18 +443,16 @@ class SqliteJobStore(JobStore):
             return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
 
     @store_call
-    def ended(self, job_ids: Sequence[str]) -> set[str]:
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         ids = list(dict.fromkeys(job_ids))
-        live: set[str] = set()
+        found: dict[str, JobStatus] = {}
         with self._lock:  # one statement per _IN_CHUNK ids (SQLite bounds a statement's variables)
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT id FROM jobs WHERE id IN ({marks}) AND status IN ('queued', 'running')", chunk
-                ).fetchall()
-                live.update(row[0] for row in rows)
-        return set(ids) - live
+                rows = self._db.execute(f"SELECT id, status FROM jobs WHERE id IN ({marks})", chunk)
+                found.update((job_id, JobStatus(status)) for job_id, status in rows)
+        return found
 
     @store_call
     def count(self, status: JobStatus) -> int:
