@@ -175,12 +175,17 @@ TARGET static inline __m512i scaled16(const float *row, Py_ssize_t K, Py_ssize_t
     return _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv));
 }
 
+/* A row's quantization scale (max |x| -> qmax; 1 for a row of zeros, which then quantizes to 0). */
+TARGET static inline float row_scale(const float *row, Py_ssize_t K, float qmax) {
+    const float amax = row_absmax(row, K);
+    return amax > 0.0f ? amax / qmax : 1.0f;
+}
+
 VNNI_TARGET static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq,
                                       float *sx) {
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        const float amax = row_absmax(row, K);
-        const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
+        const float s = row_scale(row, K, 32767.0f);
         const __m512 inv = _mm512_set1_ps(1.0f / s);
         for (Py_ssize_t k = 0; k < Kp; k += 16)
             _mm256_storeu_si256((__m256i *)(xq + m * Kp + k), _mm512_cvtsepi32_epi16(scaled16(row, K, k, inv)));
@@ -196,8 +201,7 @@ TARGET static void quantize_rows_i8(const float *x, Py_ssize_t M, Py_ssize_t K, 
     const __m128i off = _mm_set1_epi8((char)offset);
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        const float amax = row_absmax(row, K);
-        const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+        const float s = row_scale(row, K, 127.0f);
         const __m512 inv = _mm512_set1_ps(1.0f / s);
         for (Py_ssize_t k = 0; k < Kp; k += 16)
             _mm_storeu_si128((__m128i *)(xq + m * Kp + k),
@@ -570,58 +574,46 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
         goto fail;
     }
-#ifdef HAVE_AMX
-    if (mode == 3) {
-        const Py_ssize_t Kp = (K + 63) / 64 * 64, Mp = (M + 15) / 16 * 16;
-        int8_t *xq = aligned_alloc(64, (size_t)((Mp * Kp + 63) / 64 * 64 + 64));
-        float *sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    /* modes 2-4 quantize the activations first: rows of Kp values (Mp rows: AMX's 16-row tiles) */
+    const Py_ssize_t Kp = mode == 2 ? (K + 31) / 32 * 32 : (K + 63) / 64 * 64;
+    const Py_ssize_t Mp = mode == 3 ? (M + 15) / 16 * 16 : M;
+    void *xq = NULL;
+    float *sx = NULL;
+    if (mode >= 2) {
+        const size_t bytes = (size_t)(Mp * Kp * (mode == 2 ? 2 : 1));
+        xq = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+        sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
         if (!xq || !sx) {
             free(xq);
             free(sx);
             PyErr_NoMemory();
             goto fail;
         }
-        memset(xq, 0, (size_t)(Mp * Kp));
+        if (mode == 3) memset(xq, 0, bytes);
+    }
+#ifdef HAVE_AMX
+    if (mode == 3) {
         Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx, 0);
         if (M > 0) linear_amx(xq, Mp, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS free(xq);
-        free(sx);
+        Py_END_ALLOW_THREADS
     } else
 #endif
     if (mode == 2) {
-        const Py_ssize_t Kp = (K + 31) / 32 * 32;
-        int16_t *xq = aligned_alloc(64, (size_t)((M * Kp * 2 + 63) / 64 * 64));
-        float *sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-        if (!xq || !sx) {
-            free(xq);
-            free(sx);
-            PyErr_NoMemory();
-            goto fail;
-        }
         Py_BEGIN_ALLOW_THREADS quantize_rows((const float *)x.buf, M, K, Kp, xq, sx);
         linear_vnni(xq, Kp, sx, M, K, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS free(xq);
-        free(sx);
+        Py_END_ALLOW_THREADS
     } else if (mode == 4) {
-        const Py_ssize_t Kp = (K + 63) / 64 * 64;
-        uint8_t *xq = aligned_alloc(64, (size_t)((M * Kp + 63) / 64 * 64 + 64));
-        float *sx = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-        if (!xq || !sx) {
-            free(xq);
-            free(sx);
-            PyErr_NoMemory();
-            goto fail;
-        }
-        Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, (int8_t *)xq, sx, 128);
+        Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx, 128);
         linear_vnni8(xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS free(xq);
-        free(sx);
+        Py_END_ALLOW_THREADS
     } else {
         Py_BEGIN_ALLOW_THREADS linear_avx512((const float *)x.buf, M, K, (const char *)w.buf, is_int8, N,
                                              has_scale ? (const float *)scale.buf : NULL, (float *)out.buf,
                                              threads);
         Py_END_ALLOW_THREADS
     }
+    free(xq);
+    free(sx);
     PyBuffer_Release(&x);
     PyBuffer_Release(&w);
     PyBuffer_Release(&out);
