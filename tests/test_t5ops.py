@@ -131,6 +131,25 @@ def test_cross_attention(threads: int) -> None:
         _close(out[b * m : (b + 1) * m], ref)
 
 
+@pytest.mark.parametrize("d_kv", [16, 64, 80])  # 64: the registers-only path; others: the general one
+def test_rows_taken_together_equal_each_row_alone(d_kv: int) -> None:
+    """Attention reads each key once for up to four query rows of a sequence; a row's arithmetic is
+    the same as alone: 7 rows (groups of 4 and 3) equal, bitwise, 7 calls of one row."""
+    rng = np.random.default_rng(d_kv)
+    batch, m, heads, width = 2, 7, 3, 30
+    q = rng.standard_normal((batch * m, heads * d_kv)).astype(np.float32)
+    k = rng.standard_normal((batch, heads, width, d_kv)).astype(np.float32)
+    v = rng.standard_normal((batch, heads, width, d_kv)).astype(np.float32)
+    bias = np.zeros((batch, width), np.float32)
+    bias[1, 17:] = MASK
+    together = t5ops.cross_attention(q, k, v, bias, m=m, threads=1)
+    for b in range(batch):
+        for r in range(m):
+            row = q[b * m + r : b * m + r + 1]
+            alone = t5ops.cross_attention(row, k[b : b + 1], v[b : b + 1], bias[b : b + 1], m=1, threads=1)
+            np.testing.assert_array_equal(alone[0], together[b * m + r])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("width,heads,d_kv", [(13, 3, 16), (140, 4, 64)])  # the second: threaded
 def test_encoder_attention(threads: int, width: int, heads: int, d_kv: int) -> None:
