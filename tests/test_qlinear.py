@@ -3,6 +3,7 @@ products (AMX, VNNI) against an exact integer reference."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,23 @@ def test_vnni_keeps_int16_activations_where_int8_cost_agreement() -> None:
         assert {w.mode for w in others} == {qlinear.MODE_INT8_VNNI}
     for enc in weights.encoder:
         assert {w.mode for w in (enc.qkv, enc.out, enc.ffn.wi, enc.ffn.wo)} == {qlinear.MODE_INT8_VNNI}
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX")
+def test_an_extension_built_before_int8_activations_keeps_int16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worktree whose _qlinear was compiled before mode 4 existed (no pack_vnni) runs int16
+    activations instead of failing until it is rebuilt."""
+    assert kernel is not None
+    older = types.SimpleNamespace(
+        **{name: getattr(kernel, name) for name in dir(kernel) if name != "pack_vnni"}
+    )
+    monkeypatch.setattr(qlinear, "_KERNEL", older)
+    rng = np.random.default_rng(2)
+    layer = Linear.from_stored(
+        rng.integers(-127, 128, (20, 32), dtype=np.int8), np.full(20, 50.0, np.float32)
+    )
+    assert layer.mode == qlinear.MODE_INT8_INT16 and layer.packed is None
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    ref = x @ layer.dense.T
+    assert np.abs(layer(x) - ref).max() <= TOLERANCE[qlinear.MODE_INT8_INT16] * np.abs(ref).max()

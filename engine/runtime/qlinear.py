@@ -70,6 +70,9 @@ def _load_kernel() -> tuple[ModuleType | None, str]:
         return _qlinear, "AVX-512 small-batch kernel (no VNNI: int8 weights converted to float)"
     if _qlinear.amx_available():
         return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with AMX (float32 models: AVX-512)"
+    if not hasattr(_qlinear, "pack_vnni"):  # an extension built from an older _qlinear.c
+        return _qlinear, "AVX-512 kernel, int8 weights x int16 activations with VNNI (built before int8 "
+        "activations: `python setup.py build_ext --inplace` rebuilds it)"
     return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with VNNI (float32 models: AVX-512)"
 
 
@@ -162,7 +165,8 @@ class Linear:
             scale = np.ascontiguousarray(scale, dtype=np.float32)
             if _AMX and _KERNEL is not None:
                 return cls(stored, scale, _aligned(_KERNEL.pack_amx(stored, *stored.shape)), MODE_INT8_AMX)
-            if _VNNI and _KERNEL is not None and stored.shape[1] <= VNNI8_MAX_K and not int16_activations:
+            vnni8 = _VNNI and hasattr(_KERNEL, "pack_vnni")  # False: an extension built before mode 4
+            if _KERNEL is not None and vnni8 and stored.shape[1] <= VNNI8_MAX_K and not int16_activations:
                 return cls(stored, scale, _aligned(_KERNEL.pack_vnni(stored, *stored.shape)), MODE_INT8_VNNI)
             return cls(stored, scale)
         return cls(np.ascontiguousarray(stored, dtype=np.float32), None)
