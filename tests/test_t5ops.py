@@ -80,8 +80,8 @@ def _heads(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.astype(np.float64).reshape(rows.shape[0], heads, -1).transpose(1, 0, 2)
 
 
-# The kernel splits (sequence, head) pairs over threads only from 4 M multiply-adds (counted over
-# the capacity): a capacity of 1200 with 6 heads of 64 takes that path.
+# The kernel splits (sequence, head) pairs over threads only from 64 K multiply-adds (counted over
+# the capacity): the cases with 6 heads of 64 take that path, the others stay on one thread.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,d_kv,cap", [(4, 16, 40), (6, 64, 40), (2, 24, 40), (6, 64, 1200)])
 def test_decoder_self_attention(threads: int, heads: int, d_kv: int, cap: int) -> None:

@@ -29,12 +29,16 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 /* Work (multiply-adds of scores and values, counted over the cache's capacity) from which a call
-   splits its (sequence, head) pairs over threads. A decoder layer's attention is 10-200 us of work,
-   and every parallel region waits for its last thread: on a loaded machine (2 cores shared by
-   several processes) a woken thread waited for a scheduler slice, and 2-thread regions took 8 ms
-   where one thread took under 1 ms (measured ad hoc for products, load average 4-12). So only
-   calls of several milliseconds (the encoder of a batch) use the second thread. */
-#define PARALLEL_MIN_WORK (1 << 22)
+   splits its (sequence, head) pairs over threads. Every parallel region waits for its last thread:
+   on a loaded machine (2 cores shared by several processes) a woken thread waited for a scheduler
+   slice, and 2-thread regions took 8 ms where one thread took under 1 ms (measured ad hoc for
+   products, load average 4-12), so this was 4 M (the encoder of a batch only). But a decoder
+   step's attention at batch 8 reads its keys and values from memory (cross-attention: 2.4 MB a
+   layer), and one core reads at about half the machine's bandwidth: from 64 K, the step's
+   cross-attention at batch 8 fell from 0.75 to 0.39 ms, the whole step from 2.8 to 2.4 ms (one
+   row a sequence; quiet machine, 2-core EPYC, issue 15 sixth session); batch 1 with one row
+   (38 K) stays on one thread. */
+#define PARALLEL_MIN_WORK (1 << 16)
 /* Attention heads up to this width (T5's d_kv is 64): q, the output row and one key are held in
    registers, 16 floats each. */
 #define MAX_D 256
