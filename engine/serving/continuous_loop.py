@@ -173,7 +173,7 @@ class ContinuousLoop(Loop):
         self.turn = chosen[0].owner
         costs = {e.job_id: e.cost_tokens for e in chosen}
         adds: list[Join] = []
-        for rj in self.finisher.claim([e.job_id for e in chosen], self.clock.time()):
+        for rj in self.finisher.claim([e.job_id for e in chosen], self.clock.time(), Lane.DECODER):
             job = _ActiveJob(rj, self.input_ids.pop(rj.job.id, None), costs.get(rj.job.id, 0))
             self.active[rj.job.id] = job
             adds.extend(job.requests())
