@@ -14,6 +14,7 @@ from engine.runtime.protocols import DecoderBatchLike
 from engine.runtime.result import GenerationRequest, TokenEvent
 from engine.serving.batching import Lane, QueueEntry
 from engine.serving.clock import FakeClock
+from engine.serving.continuous_loop import ADMIT_POLL_S
 from engine.serving.jobs import JobStatus
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
@@ -213,6 +214,40 @@ def test_a_short_greedy_job_on_the_continuous_lane_does_not_wait_for_a_long_one(
     run(body)
 
 
+def test_the_continuous_loop_reads_the_queue_on_wakeups_freed_rows_and_a_poll_not_every_step() -> None:
+    """A 300-step job alone: the queue is read a few times (the poll every ADMIT_POLL_S of the
+    clock), not once per step; a submit still joins at the next step."""
+
+    class CountingStore(SqliteJobStore):
+        reads = 0
+
+        def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
+            if lane is Lane.DECODER:
+                CountingStore.reads += 1
+            return super().queued(lane, limit, batch_key)
+
+    async def body() -> None:
+        clock = FakeClock()
+        engine = FakeEngine(greedy_continuous=True)
+        svc = await start_service(engine, clock=clock, store=CountingStore(":memory:"))
+        long = await svc.submit("a", ["long"], DecodingParams(max_new_tokens=300, min_new_tokens=300))
+        await until(lambda: len(engine.contrastive_steps) >= 100)
+        assert CountingStore.reads <= 3  # the clock stood still: no poll came due
+        clock.advance(ADMIT_POLL_S)
+        before = CountingStore.reads
+        await until(lambda: CountingStore.reads > before)  # the poll came due: one read
+        short = await svc.submit("a", ["short"], DecodingParams(max_new_tokens=3, min_new_tokens=3))
+        at = len(engine.contrastive_steps)
+        assert (await svc.wait("a", short.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert len(engine.contrastive_steps) <= at + 5
+        assert (await svc.wait("a", long.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert len(engine.contrastive_steps) >= 300
+        assert CountingStore.reads <= 12
+        await svc.stop()
+
+    run(body)
+
+
 def test_a_cancelled_contrastive_job_leaves_at_the_next_step() -> None:
     async def body() -> None:
         engine = FakeEngine(step_delay_s=0.01)
@@ -254,6 +289,7 @@ def test_one_engine_call_at_a_time_across_both_loops() -> None:
 def test_jobs_left_running_by_a_dead_process_are_run_again_on_start() -> None:
     async def body() -> None:
         from engine.serving.jobs import Job
+        from engine.serving.store.sqlite import SqliteJobStore
 
         store = SqliteJobStore(":memory:")
         for i in range(3):
@@ -293,6 +329,7 @@ def test_contrastive_rows_wait_for_room_in_the_decoder_and_refused_jobs_fail_alo
 
 def test_the_loops_survive_a_store_outage() -> None:
     from engine.errors import NotReady
+    from engine.serving.store.sqlite import SqliteJobStore
 
     class FlakyStore(SqliteJobStore):
         failures = 2
