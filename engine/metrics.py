@@ -3,7 +3,17 @@ created at start and passed to the layers that observe; ``/metrics`` renders its
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+from engine.errors import NotReady
+
+# How stale engine_queue_depth may be on a shared store (a Redis round trip per read), seconds.
+SHARED_DEPTH_MAX_AGE_S = 1.0
 
 # Milliseconds to minutes.
 LATENCY_BUCKETS = (
@@ -38,6 +48,7 @@ class Metrics:
         self.requests = Counter(
             "engine_requests", "API requests by route and status code", ["route", "code"], registry=r
         )
+        # Read from the job store when scraped: see watch_queue_depth.
         self.queue_depth = Gauge("engine_queue_depth", "Jobs waiting in the queue", registry=r)
         self.jobs_running = Gauge("engine_jobs_running", "Jobs being generated now", registry=r)
         self.queue_wait = Histogram(
@@ -100,9 +111,42 @@ class Metrics:
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux).
         ProcessCollector(registry=r)
 
+    def watch_queue_depth(self, read: Callable[[], int], *, max_age_s: float = 0.0) -> None:
+        """``engine_queue_depth`` is ``read()`` (the job store's queue depth: shared by every
+        server on a shared store) at scrape time, not written on each submit and claim; read at most
+        once per ``max_age_s`` (a shared store's read is a round trip)."""
+        self.queue_depth.set_function(CachedRead(read, max_age_s))
+
     def job_ended(self, status: str, finish_reason: str = "") -> None:
         """Count a finished job (``finish_reason`` only for completed ones)."""
         self.jobs.labels(status=status, finish_reason=finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CachedRead:
+    """A gauge's value read at scrape time, at most once per ``max_age_s``. While the store does
+    not answer (NotReady: its StoreHealth logs that), the last value read is shown (NaN before
+    the first), so that /metrics still renders."""
+
+    def __init__(
+        self, read: Callable[[], int], max_age_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._read = read
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._value = math.nan
+        self._read_at = -math.inf
+        self._lock = threading.Lock()  # scrapes may come from several threads
+
+    def __call__(self) -> float:
+        with self._lock:
+            now = self._clock()
+            if now - self._read_at >= self._max_age_s:
+                try:
+                    self._value = float(self._read())
+                    self._read_at = now
+                except NotReady:
+                    pass
+            return self._value

@@ -7,8 +7,9 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,8 @@ from engine.runtime.result import TokenLogprob, Usage
 from engine.serving.batching import Lane, batch_key_text
 from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
-from engine.serving.store.base import Completion, JobStore, open_store
+from engine.serving.store import sqlite as sqlite_module
+from engine.serving.store.base import Completion, JobStore, open_store, per_owner
 from engine.serving.store.sqlite import SqliteJobStore
 
 NOW = 1_700_000_000.0
@@ -206,6 +208,59 @@ def test_queued_lists_a_lane_and_key_oldest_first(store: JobStore) -> None:
     key = batch_key_text(DecodingParams())
     assert [e.job_id for e in store.queued(Lane.BATCH, 10, key)] == ["job0", "job3"]
     assert [e.job_id for e in store.queued(Lane.BATCH, 1)] == ["job0"]
+
+
+def test_queued_gives_each_owners_oldest_jobs_of_a_lane_and_key(store: JobStore) -> None:
+    """Against the definition (``JobStore.queued``), computed here from what was enqueued: each
+    owner with work in the lane gives its oldest ``per_owner(limit, owners)`` jobs (of the key),
+    merged oldest first. Random owners, lanes and keys; some jobs leave the queue."""
+    rng = random.Random(5)
+    kinds = [DecodingParams(), DecodingParams(max_new_tokens=9), CONTRASTIVE, DecodingParams(num_beams=2)]
+    queued: list[tuple[int, str, Lane, str]] = []  # (n, owner, lane, batch key) in enqueue order
+    for n in range(400):
+        params, owner = rng.choice(kinds), f"key{rng.randrange(12)}"
+        entry = store.enqueue(job(n, params, owner=owner), 1)
+        queued.append((n, owner, entry.lane, entry.batch_key))
+    gone = rng.sample(range(400), 80)
+    store.claim([f"job{n}" for n in gone[:40]], NOW)
+    for n in gone[40:]:
+        store.cancel(f"job{n}", NOW)
+    queued = [q for q in queued if q[0] not in set(gone)]
+    keys = sorted({q[3] for q in queued})
+    for lane in Lane:
+        owners = {q[1] for q in queued if q[2] is lane}
+        for limit in (1, 3, 8, 64):
+            each = per_owner(limit, len(owners))
+            for key in (None, *keys):
+                want = []
+                for owner in owners:
+                    mine = [q[0] for q in queued if q[1] == owner and q[2] is lane and key in (None, q[3])]
+                    want.extend(mine[:each])
+                got = store.queued(lane, limit, key)
+                assert [e.job_id for e in got] == [f"job{n}" for n in sorted(want)], (lane, limit, key)
+
+
+def test_sqlite_reads_the_queue_in_one_statement_through_the_owner_index(tmp_path: Path) -> None:
+    """However many keys have work, ``queued`` is one statement that seeks each owner's head in
+    the (lane, owner[, batch_key], seq) index, not a scan of every queued job of the lane."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    for n in range(60):
+        store.enqueue(job(n, owner=f"key{n % 6}"), 1)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        assert len(store.queued(Lane.BATCH, 4)) == 6 * per_owner(4, 6)
+        assert len(store.queued(Lane.BATCH, 4, batch_key_text(DecodingParams()))) == 6 * per_owner(4, 6)
+    finally:
+        store._db.set_trace_callback(None)
+    assert len(statements) == 2, statements
+    for sql, index, args in (
+        (sqlite_module._QUEUED_LANE, "jobs_queued_owner ", ("[]", "batch", 1)),
+        (sqlite_module._QUEUED_LANE_KEY, "jobs_queued_owner_key ", ("[]", "batch", "k", 1)),
+    ):
+        plan = " / ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+        assert f"USING INDEX {index}" in plan and "SCAN j" not in plan and "SCAN q" not in plan, plan
+    store.close()
 
 
 def test_claim_takes_only_queued_jobs(store: JobStore) -> None:
@@ -455,6 +510,90 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: s
         assert engine_a.calls[0].steps < 500
         await a.stop()
         await b.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_statuses_and_cancelled_read_many_jobs_at_once(store: JobStore) -> None:
+    for n in range(4):
+        store.enqueue(job(n), 1)
+    store.claim(["job1", "job2"], NOW)
+    store.cancel("job2", NOW)
+    store.cancel("job3", NOW)
+    ids = ["job0", "job1", "job2", "job3", "nope"]
+    assert store.statuses(ids) == {
+        "job0": JobStatus.QUEUED,
+        "job1": JobStatus.RUNNING,
+        "job2": JobStatus.CANCELLED,
+        "job3": JobStatus.CANCELLED,
+    }
+    assert store.cancelled(ids) == {"job2", "job3"} and store.cancelled([]) == set()
+    assert store.shared is isinstance(store, _redis_store_type())
+
+
+def _redis_store_type() -> type:
+    from engine.serving.store.redis import RedisJobStore
+
+    return RedisJobStore
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_cancellation_sweep_reads_the_store_once_and_only_when_it_is_shared(
+    kind: str, redis_url: str | None
+) -> None:
+    """Scheduler.sync_cancellations (every second): one batched read of every job running here on
+    a shared store, none per job; on SQLite (one process a file) no read at all."""
+    if kind == "redis" and redis_url is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    import asyncio
+    import threading
+
+    from harness.fakes import FakeEngine, start_service, until
+
+    calls: list[str] = []
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    def counting(base: Any) -> Any:
+        class Counting(base):
+            def get(self, job_id: str) -> Job | None:
+                calls.append("get")
+                return super().get(job_id)
+
+            def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+                calls.append(f"statuses {len(job_ids)}")
+                return super().statuses(job_ids)
+
+        return Counting
+
+    def open_counting() -> JobStore:
+        if kind == "sqlite":
+            return counting(SqliteJobStore)(":memory:")
+        return counting(_redis_store_type())(redis_url, prefix=prefix)
+
+    async def body() -> None:
+        gate = threading.Event()
+        store = open_counting()
+        a = await start_service(FakeEngine(gate=gate), store=store, max_queue_delay_ms=50.0)
+        views = await asyncio.gather(*(a.submit("alice", [f"p{i}"], DecodingParams()) for i in range(3)))
+        scheduler = a._scheduler
+        assert scheduler is not None
+        await until(lambda: len(scheduler.running) == 3)
+        if kind == "redis":  # through another server's store, with no await before the sweep
+            other = _redis_store_type()(redis_url, prefix=prefix)
+            other.cancel(views[1].job.id, time.time())
+            other.close()
+        calls.clear()
+        scheduler.sync_cancellations()
+        if kind == "sqlite":
+            assert calls == []
+        else:
+            assert calls == ["statuses 3"]
+            assert [scheduler.running[v.job.id].cancelled for v in views] == [False, True, False]
+            calls.clear()
+            scheduler.sync_cancellations()  # the cancelled job is no longer asked about
+            assert calls == ["statuses 2"]
+        gate.set()
+        await a.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))
 

@@ -3,7 +3,8 @@
 Sentencepiece text is not a sum of per-token strings: a piece's leading "▁" is a space except at
 the start, a character outside the vocabulary arrives as several byte pieces (only the last one
 completes it), and stop sequences may cut the text in the middle of a token. ``TextDeltas``
-therefore decodes the ids so far and releases only the part of that text that can no longer
+therefore keeps the text of the ids so far (``IncrementalText``: a few ids decoded per new one,
+always equal to decoding them all) and releases only the part of that text that can no longer
 change: never a trailing replacement character (bytes waiting for their next piece), never a
 suffix that could still grow into a stop sequence, never anything from a stop sequence on. When
 the prompt ends, ``finish`` releases what is left of the final text (the engine's ``Result.text``,
@@ -13,18 +14,19 @@ delta extends what was sent, and ``finish`` sends the rest of the final text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-Decode = Callable[[Sequence[int]], str]
+from engine.runtime.detokenize import Decode, IncrementalText
+
+__all__ = ["Decode", "TextDeltas"]
 
 REPLACEMENT = "\ufffd"
 
 
 class TextDeltas:
     def __init__(self, decode: Decode, stop: Sequence[str] = ()) -> None:
-        self._decode = decode
+        self._text = IncrementalText(decode)
         self._stop = tuple(s for s in stop if s)
-        self._ids: list[int] = []
         self._sent = ""
 
     @property
@@ -34,8 +36,7 @@ class TextDeltas:
 
     def push(self, token_id: int) -> str:
         """The text ``token_id`` adds (may be "": the text it starts is not settled yet)."""
-        self._ids.append(token_id)
-        text = self._decode(self._ids)
+        text = self._text.push(token_id)
         if not text.startswith(self._sent):
             return ""  # an earlier character is still changing (byte pieces): wait
         return self._release(text)

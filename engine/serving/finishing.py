@@ -9,7 +9,7 @@ transaction), stopped early (cancelled, timed out, or put back in the queue on s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import EngineError
@@ -103,7 +103,6 @@ class Finisher:
         self.clock = clock
         self.job_timeout_s = job_timeout_s
         self.running: dict[str, RunningJob] = {}
-        self.on_claimed: Callable[[int], None] = lambda count: None
 
     # -- start -----------------------------------------------------------------------------------
     def claim(self, job_ids: Sequence[str], now: float, lane: Lane) -> list[RunningJob]:
@@ -116,7 +115,6 @@ class Finisher:
             claimed.append(rj)
             self.metrics.queue_wait.observe(max(0.0, now - job.created_at))
         if claimed:
-            self.on_claimed(len(claimed))
             self._running_changed()
         return claimed
 

@@ -27,7 +27,6 @@ from engine.serving.clock import Clock
 from engine.serving.continuous_loop import ContinuousLoop
 from engine.serving.events import JobEvents, TokenForwarder
 from engine.serving.finishing import Finisher, RunningJob
-from engine.serving.jobs import JobStatus
 from engine.serving.loop_base import Loop, LoopParts, Wakeup
 from engine.serving.store.base import JobStore
 from engine.serving.worker import EngineWorker
@@ -103,14 +102,19 @@ class Scheduler:
             rj.aborted = True
 
     def sync_cancellations(self) -> None:
-        """A job cancelled through another server sharing the store (Redis) stops here too."""
-        for rj in list(self.running.values()):
-            if rj.stop:
-                continue
-            job = self.store.get(rj.job.id)
-            if job is not None and job.status is JobStatus.CANCELLED:
+        """A job cancelled through another server sharing the store (Redis) stops here too: one
+        store read for all the jobs running here. Nothing to read on a store that is not shared
+        (a cancel through this process reaches the running job directly)."""
+        if not self.store.shared:
+            return
+        watched = [job_id for job_id, rj in self.running.items() if not rj.stop]
+        if not watched:
+            return
+        for job_id in self.store.cancelled(watched):
+            rj = self.running.get(job_id)
+            if rj is not None and not rj.stop:
                 rj.cancelled = True
-                self.events.finish(rj.job.id)
+                self.events.finish(job_id)
 
     # -- the loops -------------------------------------------------------------------------------
     async def run_batches(self) -> None:

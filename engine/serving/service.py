@@ -20,7 +20,7 @@ from engine import logs
 from engine.config import Config
 from engine.errors import EngineError, InvalidRequest, NotFound, NotReady, Overloaded
 from engine.limits import MAX_IDEMPOTENCY_KEY_CHARS
-from engine.metrics import Metrics
+from engine.metrics import SHARED_DEPTH_MAX_AGE_S, Metrics
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import EngineLike
 from engine.serving.batching import BatchLimits, lane_of
@@ -85,7 +85,10 @@ class JobService:
             clock=self.clock,
             job_timeout_s=config.job_timeout_s,
         )
-        self.finisher.on_claimed = self._on_claimed
+        # engine_queue_depth: read from the store at scrape time, not on every submit and claim.
+        self.metrics.watch_queue_depth(
+            store.queue_depth, max_age_s=SHARED_DEPTH_MAX_AGE_S if store.shared else 0
+        )
         self._scheduler: Scheduler | None = None
         # Ends of jobs waited on here that another server sharing the store runs: no events come.
         self.remote_ends = RemoteEnds(store, self._runs_here)
@@ -125,7 +128,6 @@ class JobService:
             metrics=self.metrics,
             events=self.events,
         )
-        self._set_depth_gauge()
         self._tasks = [
             asyncio.create_task(self._scheduler.run_batches(), name="batch-loop"),
             asyncio.create_task(self._scheduler.run_continuous(), name="continuous-loop"),
@@ -224,7 +226,6 @@ class JobService:
             except LimitReached as full:
                 raise self._overloaded(full, tokens) from None
             position = self.store.position(job.id)
-            self._set_depth_gauge()
             sched.notify(lane)
             await self._committed()
             if self.store.lost(job.id):
@@ -287,7 +288,6 @@ class JobService:
         if updated is None:
             raise NotFound(f"no job {job_id} for this API key")
         if updated.status is JobStatus.CANCELLED and job.status is not JobStatus.CANCELLED:
-            self._set_depth_gauge()
             if self._scheduler is not None:
                 self._scheduler.input_ids.pop(job_id, None)
             self.finisher.cancelled(job, now)
@@ -430,12 +430,6 @@ class JobService:
             raise NotFound(f"no job {job_id} for this API key")
         return job
 
-    def _on_claimed(self, count: int) -> None:
-        self._set_depth_gauge()
-
-    def _set_depth_gauge(self) -> None:
-        self.metrics.queue_depth.set(self.store.queue_depth())
-
     async def _until_terminal(
         self, job_id: str, fut: asyncio.Future[Job | None], timeout_s: float | None
     ) -> Job | None:
@@ -480,7 +474,6 @@ class JobService:
                 continue
             if self.finisher.expire_queued(job, now) and self._scheduler is not None:
                 self._scheduler.input_ids.pop(job_id, None)
-        self._set_depth_gauge()
         self.finisher.expire_running(now)
         if self._scheduler is not None:
             self._scheduler.sync_cancellations()

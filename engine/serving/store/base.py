@@ -95,6 +95,11 @@ class Replay(Exception):
 
 
 class JobStore(abc.ABC):
+    # Whether other server processes may share this store (Redis) and so change the jobs that
+    # this one runs (cancel them). On a store that only this process uses (SQLite: one process a
+    # file), a cancel reaches the running job directly and nothing needs to be read back.
+    shared: bool = False
+
     @abc.abstractmethod
     def enqueue(
         self,
@@ -161,10 +166,21 @@ class JobStore(abc.ABC):
         """Those of ``job_ids`` that are queued now (the rest ended, or another server took them)."""
 
     @abc.abstractmethod
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The stored status of each of ``job_ids`` that the store holds (an id it does not hold:
+        purged, never committed, is left out), read in one round trip however many there are."""
+
     def ended(self, job_ids: Sequence[str]) -> set[str]:
-        """Those of ``job_ids`` that are terminal or gone (purged, never committed), read in one
-        round trip to the store however many there are: the watch of jobs that another server
-        sharing the store runs (engine/serving/remote_ends.py) asks this every tick."""
+        """Those of ``job_ids`` that are terminal or gone (purged, never committed), in one round
+        trip: the watch of jobs that another server sharing the store runs
+        (engine/serving/remote_ends.py) asks this every tick."""
+        found = self.statuses(job_ids)
+        return {job_id for job_id in job_ids if job_id not in found or found[job_id].terminal}
+
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of ``job_ids`` that are CANCELLED, in one round trip: on a ``shared`` store, the
+        scheduler asks this every second of the jobs it runs (another server may cancel them)."""
+        return {job_id for job_id, status in self.statuses(job_ids).items() if status is JobStatus.CANCELLED}
 
     @abc.abstractmethod
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:

@@ -310,6 +310,8 @@ def redis_errors() -> tuple[type[BaseException], ...]:
 
 
 class RedisJobStore(JobStore):
+    shared = True  # every server of a fleet runs on one Redis
+
     def __init__(
         self, url: str | StoreUrl, *, prefix: str | None = None, lease_s: float | None = None
     ) -> None:
@@ -459,17 +461,17 @@ class RedisJobStore(JobStore):
         return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
 
     @store_call
-    def ended(self, job_ids: Sequence[str]) -> set[str]:
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         if not job_ids:
-            return set()
+            return {}
         pipe = self._r.pipeline(transaction=False)  # one round trip: an HGET of status per job
         for job_id in job_ids:
             pipe.hget(self._k(f"job:{job_id}"), "status")
         statuses = pipe.execute()
         return {
-            job_id
+            job_id: JobStatus(status)
             for job_id, status in zip(job_ids, statuses, strict=True)
-            if status is None or JobStatus(status).terminal
+            if status is not None
         }
 
     @store_call

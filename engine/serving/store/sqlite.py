@@ -95,6 +95,24 @@ log = logging.getLogger(__name__)
 _Q = JobStatus.QUEUED.value
 
 
+# ``queued`` in one statement: for each owner with work in the lane (a JSON array, from the
+# in-memory queue index), its oldest ``per_owner`` queued jobs, found by a seek into the
+# (lane, owner[, batch_key], seq) index, merged oldest first. A window function (ROW_NUMBER()
+# OVER (PARTITION BY owner ORDER BY seq)) would number every queued job of the lane on each read
+# instead: see benchmarks/bench_store_queued.py.
+def _queued_sql(key_filter: str) -> str:
+    columns = ", ".join(f"j.{c}" for c in _ENTRY_COLUMNS.split(", "))
+    return (
+        f"SELECT {columns} FROM json_each(?) AS o JOIN jobs AS j ON j.seq IN"
+        " (SELECT q.seq FROM jobs AS q WHERE q.status = 'queued' AND q.lane = ? AND q.owner = o.value"
+        f"{key_filter} ORDER BY q.seq LIMIT ?) ORDER BY j.seq"
+    )
+
+
+_QUEUED_LANE = _queued_sql("")
+_QUEUED_LANE_KEY = _queued_sql(" AND q.batch_key = ?")
+
+
 class _QueueIndex:
     """The queued jobs' places, in memory: a position is a binary search and the depth a len(),
     instead of a COUNT over up to 10,000 index entries per read. It is exact because one server
@@ -430,18 +448,16 @@ class SqliteJobStore(JobStore):
             return {job_id for job_id in job_ids if self._queue.position_known(job_id)}
 
     @store_call
-    def ended(self, job_ids: Sequence[str]) -> set[str]:
+    def statuses(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         ids = list(dict.fromkeys(job_ids))
-        live: set[str] = set()
+        found: dict[str, JobStatus] = {}
         with self._lock:  # one statement per _IN_CHUNK ids (SQLite bounds a statement's variables)
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT id FROM jobs WHERE id IN ({marks}) AND status IN ('queued', 'running')", chunk
-                ).fetchall()
-                live.update(row[0] for row in rows)
-        return set(ids) - live
+                rows = self._db.execute(f"SELECT id, status FROM jobs WHERE id IN ({marks})", chunk)
+                found.update((job_id, JobStatus(status)) for job_id, status in rows)
+        return found
 
     @store_call
     def count(self, status: JobStatus) -> int:
@@ -449,26 +465,27 @@ class SqliteJobStore(JobStore):
 
     @store_call
     def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
-        where = "status = 'queued' AND lane = ?" + ("" if batch_key is None else " AND batch_key = ?")
-        args: tuple[Any, ...] = (lane.value,) if batch_key is None else (lane.value, batch_key)
-        rows: list[Any] = []
         with self._lock:
             owners = self._queue.owners(lane.value)
-            if len(owners) <= 1:  # the usual case: one statement, as before there were turns
+            if not owners:
+                return []
+            if len(owners) == 1:  # the usual case: the lane's head, as before there were turns
+                where = "" if batch_key is None else " AND batch_key = ?"
+                args = (lane.value,) if batch_key is None else (lane.value, batch_key)
                 rows = self._db.execute(
-                    f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
+                    f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE status = 'queued' AND lane = ?{where}"
+                    " ORDER BY seq LIMIT ?",
+                    (*args, limit),
                 ).fetchall()
+                return [_entry(r) for r in rows]
+            each = per_owner(limit, len(owners))
+            if batch_key is None:
+                rows = self._db.execute(_QUEUED_LANE, (json.dumps(owners), lane.value, each)).fetchall()
             else:
-                each = per_owner(limit, len(owners))
-                for owner in owners:
-                    rows.extend(
-                        self._db.execute(
-                            f"SELECT {_ENTRY_COLUMNS} FROM jobs WHERE {where} AND owner = ? ORDER BY seq LIMIT ?",
-                            (*args, owner, each),
-                        ).fetchall()
-                    )
-                rows.sort(key=lambda r: r[1])
-        return [QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows]
+                rows = self._db.execute(
+                    _QUEUED_LANE_KEY, (json.dumps(owners), lane.value, batch_key, each)
+                ).fetchall()
+        return [_entry(r) for r in rows]
 
     @store_call
     def claim(self, job_ids: Sequence[str], now: float) -> list[Job]:
@@ -697,6 +714,10 @@ def _params_columns(params: DecodingParams) -> tuple[str, Lane, str]:
     """(params as JSON, lane, batch key text): the same for every job with these params, and
     clients tend to send the same few, so each submit need not encode them again."""
     return json.dumps(_params_dict(params)), lane_of(params), batch_key_text(params)
+
+
+def _entry(r: Sequence[Any]) -> QueueEntry:
+    return QueueEntry(r[0], r[1], r[2], Lane(r[3]), r[4], r[5], r[6], r[7], r[8])
 
 
 def _job(row: Sequence[Any]) -> Job:
