@@ -160,12 +160,15 @@ def encoder_ms(runtime: T5Runtime, batch: list[list[int]]) -> dict[str, float]:
     out = {"fused": median_ms()}
     runtime.use_fused(False)
     out["numpy layers"] = median_ms()
-    limit = qlinear.KERNEL_MAX_ROWS[qlinear.MODE_INT8_INT16]
-    qlinear.KERNEL_MAX_ROWS[qlinear.MODE_INT8_INT16] = 256
+    mode = runtime.weights.encoder[
+        0
+    ].qkv.mode  # the int8 products' mode in the encoder (VNNI: int8 activations)
+    limit = qlinear.KERNEL_MAX_ROWS[mode]
+    qlinear.KERNEL_MAX_ROWS[mode] = 256
     try:
         out["numpy layers, OpenBLAS above 256 rows"] = median_ms()
     finally:
-        qlinear.KERNEL_MAX_ROWS[qlinear.MODE_INT8_INT16] = limit
+        qlinear.KERNEL_MAX_ROWS[mode] = limit
         runtime.use_fused(True)
     return out
 

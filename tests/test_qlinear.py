@@ -1,7 +1,9 @@
-"""The compiled small-batch linear kernel (engine/runtime/_qlinear.c) against float64 numpy."""
+"""The compiled linear kernel (engine/runtime/_qlinear.c) against float64 numpy, and its int8 x int8
+products (AMX, VNNI) against an exact integer reference."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ kernel = qlinear._KERNEL
 needs_kernel = pytest.mark.skipif(kernel is None, reason=f"kernel: {qlinear.kernel_status()}")
 MODES = (
     [qlinear.MODE_FLOAT32, qlinear.MODE_INT8_FLOAT]
-    + ([qlinear.MODE_INT8_INT16] if qlinear._VNNI else [])
+    + ([qlinear.MODE_INT8_INT16, qlinear.MODE_INT8_VNNI] if qlinear._VNNI else [])
     + ([qlinear.MODE_INT8_AMX] if qlinear._AMX else [])
 )
+INT8_ACTIVATIONS = [m for m in MODES if m in (qlinear.MODE_INT8_AMX, qlinear.MODE_INT8_VNNI)]
 # Relative to the largest output: float32 sums in another order (~1e-7 * sqrt(K)), int16
 # activations (1 / 32767 of each row's largest value), or int8 activations (1 / 254 of it, as in
 # CTranslate2's int8 products).
@@ -31,15 +34,31 @@ TOLERANCE = {
     qlinear.MODE_INT8_FLOAT: 2e-6,
     qlinear.MODE_INT8_INT16: 2e-4,
     qlinear.MODE_INT8_AMX: 2e-2,
+    qlinear.MODE_INT8_VNNI: 2e-2,
 }
 
 
 def _weights(w: np.ndarray, mode: int) -> np.ndarray | bytes:
-    """The weight buffer a mode takes: AMX takes them packed into its tile layout."""
+    """The weight buffer a mode takes: AMX and VNNI int8 take them packed into AMX's tile layout
+    (VNNI's followed by each row's sum)."""
+    assert kernel is not None
     if mode == qlinear.MODE_INT8_AMX:
-        assert kernel is not None
         return bytes(kernel.pack_amx(w, *w.shape))
+    if mode == qlinear.MODE_INT8_VNNI:
+        return bytes(kernel.pack_vnni(w, *w.shape))
     return w
+
+
+def _integer_reference(x: np.ndarray, wq: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The int8 x int8 product done by hand: each row quantized as the kernel does (max |x| -> 127,
+    the scale's reciprocal in float32, round half to even), the sums in exact int64, then
+    float32(sum) * row scale / weight scale."""
+    amax = np.abs(x).max(axis=1)
+    sx = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    inv = np.float32(1) / sx
+    xq = np.clip(np.rint(x * inv[:, None]), -128, 127).astype(np.int64)
+    sums = xq @ wq.astype(np.int64).T
+    return sums.astype(np.float32) * sx[:, None] / scale[None, :]
 
 
 def _case(
@@ -60,7 +79,8 @@ def _case(
 @pytest.mark.parametrize(
     "m,n,k",
     # tails everywhere: rows not a multiple of the 4-row tile, outputs not a multiple of 4, inputs
-    # not a multiple of 16/32; a K beyond the VNNI flush chunk (4096); sizes that take the threads
+    # not a multiple of 16/32/64; a K beyond the int16 VNNI flush chunk (4096); sizes that take the
+    # threads; outputs not a multiple of the 64-output groups of the packed layout
     [
         (1, 1, 1),
         (2, 3, 5),
@@ -84,7 +104,61 @@ def test_kernel_matches_float64(mode: int, threads: int, m: int, n: int, k: int)
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode", [m for m in MODES if m in (qlinear.MODE_INT8_INT16, qlinear.MODE_INT8_AMX)])
+@pytest.mark.parametrize("mode", INT8_ACTIVATIONS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 70, 100), (4, 64, 64), (9, 130, 513), (300, 200, 512)])
+def test_int8_activations_equal_an_integer_reference(mode: int, threads: int, m: int, n: int, k: int) -> None:
+    """Quantization and integer sums exactly as the reference does them: equal within float32
+    rounding of the last two operations (scale multiply and divide). Weights span -128..127, the
+    activations' extremes hit 127 and -127 exactly; 300 rows cross VNNI's 256-row blocks."""
+    assert kernel is not None
+    rng = np.random.default_rng(m + n + k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1))).astype(np.float32)
+    wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    scale = rng.uniform(20, 200, n).astype(np.float32)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    kernel.linear(x, _weights(wq, mode), scale, out, m, k, n, mode, threads)
+    np.testing.assert_allclose(out, _integer_reference(x, wq, scale), rtol=1e-6, atol=0)
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI, reason="no AVX512-VNNI here")
+def test_vnni_int8_sums_are_exact_up_to_their_limit() -> None:
+    """VPDPBUSD multiplies activations + 128 (unsigned) by the weights, the kernel subtracts 128 x
+    each weight row's sum: at K = 65536 the largest sums (255 x 127 or 255 x -128 per product, just
+    under 2^31) stay exact. Longer rows are refused (the Python side gives them the int16 path)."""
+    assert kernel is not None
+    k = qlinear.VNNI8_MAX_K
+    x = np.full((2, k), 3.0, dtype=np.float32)
+    x[1] = -3.0
+    w = np.full((2, k), 127, dtype=np.int8)
+    w[1] = -128
+    out = np.empty((2, 2), dtype=np.float32)
+    kernel.linear(x, _weights(w, qlinear.MODE_INT8_VNNI), np.ones(2, dtype=np.float32), out, 2, k, 2, 4, 1)
+    want = np.array([[127 * 127 * k, -127 * 128 * k], [-127 * 127 * k, 127 * 128 * k]], dtype=np.float64)
+    np.testing.assert_allclose(out * (127 / 3.0), want, rtol=1e-6)
+    long = np.zeros((1, k + 64), dtype=np.float32)
+    w_long = np.zeros((1, k + 64), dtype=np.int8)
+    with pytest.raises(ValueError, match="65536"):
+        kernel.linear(
+            long,
+            kernel.pack_vnni(w_long, 1, k + 64),
+            np.ones(1, dtype=np.float32),
+            np.empty((1, 1), np.float32),
+            1,
+            k + 64,
+            1,
+            4,
+            1,
+        )
+    assert Linear.from_stored(w_long, np.ones(1, dtype=np.float32)).mode == qlinear.MODE_INT8_INT16
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "mode",
+    [m for m in MODES if m in (qlinear.MODE_INT8_INT16, qlinear.MODE_INT8_AMX, qlinear.MODE_INT8_VNNI)],
+)
 def test_integer_sums_cannot_overflow(mode: int) -> None:
     """The largest activations times the largest weights over a long row: VNNI's int32 lanes are
     flushed to float before they can wrap; AMX's int32 sums of int8 products stay exact."""
@@ -150,8 +224,8 @@ def test_int8_runtime_with_kernel_tracks_the_numpy_path(kind: str, monkeypatch: 
     monkeypatch.setattr(qlinear, "_KERNEL", None)
     without = hidden_and_ids(T5Runtime.load(folder))
     scale = np.abs(without[0]).max()
-    # int16 activations (VNNI) keep 1e-3; int8 ones (AMX, as CTranslate2's int8) about 1e-2.
-    tolerance = 3e-2 if qlinear._AMX else 1e-3
+    # int16 activations keep 1e-3; int8 ones (AMX, VNNI; as CTranslate2's int8) about 1e-2.
+    tolerance = 3e-2 if qlinear._AMX or qlinear._VNNI else 1e-3
     error = np.abs(with_kernel[0] - without[0]).max() / scale
     assert error <= tolerance, error
     assert len(with_kernel[1]) == len(without[1]) == 8
@@ -199,16 +273,53 @@ def test_config_turns_the_kernel_off_for_the_process(flan_model_dir: Path) -> No
 
 
 @needs_kernel
-@pytest.mark.skipif(not qlinear._AMX, reason="no AMX here (CPU, kernel or compiler)")
-def test_amx_rows_do_not_depend_on_their_batch() -> None:
+@pytest.mark.skipif(not qlinear._VNNI, reason="no AVX512-VNNI here (nor AMX)")
+def test_int8_rows_do_not_depend_on_their_batch() -> None:
     """Each row is quantized alone and summed exactly in int32: a row's output is bitwise the same
-    whatever rows it is multiplied with (16-row tiles, padding, threads)."""
+    whatever rows it is multiplied with (AMX's 16-row tiles, VNNI's 4-row tiles and 256-row blocks,
+    padding, threads)."""
     rng = np.random.default_rng(11)
     layer = Linear.from_stored(
         rng.integers(-127, 128, (300, 200), dtype=np.int8), rng.uniform(20, 90, 300).astype(np.float32)
     )
-    assert layer.mode == qlinear.MODE_INT8_AMX and layer.packed is not None
-    x = rng.standard_normal((37, 200)).astype(np.float32)
+    assert layer.mode == (qlinear.MODE_INT8_AMX if qlinear._AMX else qlinear.MODE_INT8_VNNI)
+    assert layer.packed is not None and layer.packed.ctypes.data % 64 == 0
+    x = rng.standard_normal((37 if qlinear._AMX else 301, 200)).astype(np.float32)
     together = layer(x, threads=2)
-    for i in (0, 15, 16, 36):
+    for i in (0, 15, 16, 36, len(x) - 1):
         np.testing.assert_array_equal(layer(x[i : i + 1], threads=1)[0], together[i])
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX picks per product")
+def test_vnni_keeps_int16_activations_where_int8_cost_agreement() -> None:
+    """On VNNI the decoder's feed-forward output projection and the lm_head quantize activations
+    to int16, every other int8 product to int8 (Linear.from_stored says why)."""
+    weights = T5Runtime.load(models.converted_model("flan", "int8")).weights
+    assert weights.lm_head.mode == qlinear.MODE_INT8_INT16
+    for layer in weights.decoder:
+        assert layer.ffn.wo.mode == qlinear.MODE_INT8_INT16
+        others = (layer.qkv, layer.self_out, layer.cross_q, layer.cross_kv, layer.cross_out, layer.ffn.wi)
+        assert {w.mode for w in others} == {qlinear.MODE_INT8_VNNI}
+    for enc in weights.encoder:
+        assert {w.mode for w in (enc.qkv, enc.out, enc.ffn.wi, enc.ffn.wo)} == {qlinear.MODE_INT8_VNNI}
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX")
+def test_an_extension_built_before_int8_activations_keeps_int16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worktree whose _qlinear was compiled before mode 4 existed (no pack_vnni) runs int16
+    activations instead of failing until it is rebuilt."""
+    assert kernel is not None
+    older = types.SimpleNamespace(
+        **{name: getattr(kernel, name) for name in dir(kernel) if name != "pack_vnni"}
+    )
+    monkeypatch.setattr(qlinear, "_KERNEL", older)
+    rng = np.random.default_rng(2)
+    layer = Linear.from_stored(
+        rng.integers(-127, 128, (20, 32), dtype=np.int8), np.full(20, 50.0, np.float32)
+    )
+    assert layer.mode == qlinear.MODE_INT8_INT16 and layer.packed is None
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    ref = x @ layer.dense.T
+    assert np.abs(layer(x) - ref).max() <= TOLERANCE[qlinear.MODE_INT8_INT16] * np.abs(ref).max()

@@ -4,13 +4,13 @@ A contrastive step multiplies few rows (B x k: 4 at batch 1) by every decoder we
 one row per sequence by the lm_head. OpenBLAS is poor at that shape (it packs the whole weight
 matrix per call and reads float32 weights: 4x the bytes of an int8 folder). ``_qlinear`` (C,
 AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 stores them (int8
-rows with their scales, or float32) and converts them in registers. Activations stay float32, or
-with AVX512-VNNI are quantized to int16 per row (error at most ~1/32767 of a row's largest value).
-With AMX (Sapphire Rapids and later) int8 weights, packed once into AMX's tile layout, multiply
-int8-quantized activations (1/254 of a row's largest value, as CTranslate2's int8 GEMMs do) at
-every row count, the encoder included; a row's result then depends on that row alone. Without AMX,
-for many rows (the encoder) BLAS on the dequantized matrix is faster, so a ``Linear`` picks by row
-count (``KERNEL_MAX_ROWS``, measured).
+rows with their scales, or float32) and converts them in registers. With AVX512-VNNI or AMX int8
+weights, packed once into AMX's tile layout, multiply activations quantized to int8 per row (error
+at most 1/254 of a row's largest value, as CTranslate2's int8 GEMMs) at every row count, the
+encoder included, summed exactly in int32: a row's result depends on that row alone. Float32
+weights, and int8 ones without VNNI (converted to float in registers), keep float32 activations;
+for many rows BLAS is faster there, so a ``Linear`` picks by row count (``KERNEL_MAX_ROWS``,
+measured).
 
 ``use_kernel(False)`` turns the kernel off (numpy only; the server does it for ``Config.qlinear``,
 ENGINE_QLINEAR=0); ``kernel_status()`` says which is in use and why.
@@ -42,7 +42,15 @@ from engine.errors import InvalidRequest
 # With AMX (mode 3) the kernel takes every row count, the encoder included: a 32 x 512 by 512 x 2048
 # product took 35 us on one core with its weights in cache, against 340 us for VNNI on two, and the
 # 8-prompt encoder fell from 302 ms (OpenBLAS, 02:57 run) to 178 ms (03:52 run; RESULTS.md).
-KERNEL_MAX_ROWS = {0: 32, 1: 32, 2: 1 << 30, 3: 1 << 30}  # float32, int8 as float, int8 x int16, AMX
+# With VNNI and int8 activations (mode 4, VPDPBUSD) the same 800-row product takes about a quarter
+# of the int16 path's time (RESULTS.md, issue 15 sixth session).
+KERNEL_MAX_ROWS = {
+    0: 32,
+    1: 32,
+    2: 1 << 30,
+    3: 1 << 30,
+    4: 1 << 30,
+}  # float32, int8 as float, int8 x int16, AMX, VNNI8
 # OpenBLAS packs a whole weight matrix per call; blocks of this many weight rows keep a block's
 # packing in cache (measured: 2.2x faster lm_head for 8 rows; see T5Runtime history).
 BLAS_BLOCK_ROWS = 1024
@@ -62,7 +70,10 @@ def _load_kernel() -> tuple[ModuleType | None, str]:
         return _qlinear, "AVX-512 small-batch kernel (no VNNI: int8 weights converted to float)"
     if _qlinear.amx_available():
         return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with AMX (float32 models: AVX-512)"
-    return _qlinear, "AVX-512 small-batch kernel, int8 weights x int16 activations with VNNI"
+    if not hasattr(_qlinear, "pack_vnni"):  # an extension built from an older _qlinear.c
+        return _qlinear, "AVX-512 kernel, int8 weights x int16 activations with VNNI (built before int8 "
+        "activations: `python setup.py build_ext --inplace` rebuilds it)"
+    return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with VNNI (float32 models: AVX-512)"
 
 
 _KERNEL, _KERNEL_STATUS = _load_kernel()
@@ -70,8 +81,10 @@ _VNNI = _KERNEL is not None and bool(_KERNEL.vnni_available())
 _AMX = _KERNEL is not None and bool(_KERNEL.amx_available())
 # The kernel's modes (see _qlinear.c): float32 weights; int8 weights converted to float32; int8
 # weights times int16-quantized activations (VNNI); int8 weights, packed, times int8-quantized
-# activations (AMX).
-MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16, MODE_INT8_AMX = 0, 1, 2, 3
+# activations (AMX; VNNI).
+MODE_FLOAT32, MODE_INT8_FLOAT, MODE_INT8_INT16, MODE_INT8_AMX, MODE_INT8_VNNI = 0, 1, 2, 3, 4
+# Mode 4 sums exactly in int32 up to this many inputs (255 * 128 * 65536 < 2^31); longer rows take mode 2.
+VNNI8_MAX_K = 65536
 
 
 def kernel_available() -> bool:
@@ -121,25 +134,41 @@ def default_threads() -> int:
 class Linear:
     """One weight matrix in CTranslate2's layout [out, in]: ``stored`` is int8 (with ``scale``,
     float32 [out]: W = stored / scale) or float32 (``scale`` None). ``packed`` is the int8 matrix
-    in AMX's tile layout where AMX runs; ``dense`` the float32 matrix for BLAS, made on first use
-    (with AMX nothing needs it: no 4x copy of the model in memory)."""
+    in AMX's tile layout where AMX or VNNI runs (for VNNI followed by each row's sum), 64-byte
+    aligned; ``dense`` the float32 matrix for BLAS, made on first use (with the kernel nothing
+    needs it: no 4x copy of the model in memory)."""
 
     stored: np.ndarray
     scale: np.ndarray | None
     packed: np.ndarray | None = None
+    packed_for: int | None = None  # the mode ``packed`` is laid out for: MODE_INT8_AMX or MODE_INT8_VNNI
 
     @classmethod
-    def from_stored(cls, stored: np.ndarray, scale: np.ndarray | None) -> Linear:
+    def from_stored(
+        cls, stored: np.ndarray, scale: np.ndarray | None, *, int16_activations: bool = False
+    ) -> Linear:
+        """``int16_activations``: on VNNI without AMX, this int8 product quantizes its activations
+        to int16 (mode 2) rather than int8 (mode 4). t5_weights.py asks it for the decoder's
+        feed-forward output projection (its input, after the gated GELU, has outliers that set
+        each row's int8 step) and the lm_head (its argmax picks the token); every other int8
+        product, the encoder's included, takes int8 activations. Measured with
+        benchmarks/int8_agreement.py, 192 prompts on each of its 4 checkpoints (RESULTS.md, issue
+        15 sixth session): greedy ids equal Transformers fp32's on 34.2% of prompts with int16
+        activations everywhere, 24.3% with int8 everywhere (CTranslate2 int8: 24.6%), 27.2% with
+        these two products on int16."""
         if stored.ndim != 2:
             raise InvalidRequest(f"a linear weight must be 2-D, got shape {stored.shape}")
         if stored.dtype == np.int8:
             if scale is None or scale.shape != (stored.shape[0],):
                 raise InvalidRequest("an int8 weight needs one float scale per output row")
             stored = np.ascontiguousarray(stored)
-            packed = None
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
             if _AMX and _KERNEL is not None:
-                packed = np.frombuffer(_KERNEL.pack_amx(stored, *stored.shape), dtype=np.int8)
-            return cls(stored, np.ascontiguousarray(scale, dtype=np.float32), packed)
+                return cls(stored, scale, _aligned(_KERNEL.pack_amx(stored, *stored.shape)), MODE_INT8_AMX)
+            vnni8 = _VNNI and hasattr(_KERNEL, "pack_vnni")  # False: an extension built before mode 4
+            if _KERNEL is not None and vnni8 and stored.shape[1] <= VNNI8_MAX_K and not int16_activations:
+                return cls(stored, scale, _aligned(_KERNEL.pack_vnni(stored, *stored.shape)), MODE_INT8_VNNI)
+            return cls(stored, scale)
         return cls(np.ascontiguousarray(stored, dtype=np.float32), None)
 
     @functools.cached_property
@@ -154,8 +183,10 @@ class Linear:
     def mode(self) -> int:
         if self.scale is None:
             return MODE_FLOAT32
-        if _AMX and self.packed is not None:
+        if self.packed_for == MODE_INT8_AMX and _AMX:
             return MODE_INT8_AMX
+        if self.packed_for == MODE_INT8_VNNI and _VNNI:
+            return MODE_INT8_VNNI
         return MODE_INT8_INT16 if _VNNI else MODE_INT8_FLOAT
 
     @property
@@ -171,12 +202,23 @@ class Linear:
         if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
-            weights = self.packed if mode == MODE_INT8_AMX else self.stored
+            weights = self.packed if mode in (MODE_INT8_AMX, MODE_INT8_VNNI) else self.stored
             _KERNEL.linear(x, weights, self.scale, out, rows, k, n, mode, threads)
             return out
         if _blas_single_threaded and threads > 1 and rows >= SPLIT_MIN_ROWS:
             return _split_rows(x, self.dense, threads)
         return blas_linear(x, self.dense)
+
+
+def _aligned(data: bytes) -> np.ndarray:
+    """The kernel's packed weights as int8, on a 64-byte boundary: its 64-byte loads of them then
+    never straddle two cache lines (a bytes object's data is not aligned)."""
+    raw = np.frombuffer(data, dtype=np.int8)
+    base = np.empty(raw.size + 64, dtype=np.int8)
+    start = -base.ctypes.data % 64
+    packed = base[start : start + raw.size]
+    packed[:] = raw
+    return packed
 
 
 def _split_rows(x: np.ndarray, weight: np.ndarray, threads: int) -> np.ndarray:

@@ -83,15 +83,18 @@ def load_weights(mf: ModelFile, xp: ModuleType, dtype: np.dtype[Any], eps: float
     def dev(a: np.ndarray) -> Array:
         return xp.asarray(np.ascontiguousarray(a, dtype=dtype))
 
-    def lin(*names: str) -> Weight:
-        """The [out, in] weights of ``names`` stacked along out."""
+    def lin(*names: str, int16_activations: bool = False) -> Weight:
+        """The [out, in] weights of ``names`` stacked along out (``int16_activations``: see
+        qlinear.Linear.from_stored: the products where int8 activations cost agreement)."""
         stored = [mf.raw(f"{n}/weight") for n in names]
         if xp is np and all(w.dtype == np.int8 for w in stored):
             scales = [mf.scale_of(f"{n}/weight") for n in names]
             if any(sc is None for sc in scales):
                 raise ModelError(f"an int8 weight among {names} has no scale")
             return Linear.from_stored(
-                np.concatenate(stored), np.concatenate([sc for sc in scales if sc is not None])
+                np.concatenate(stored),
+                np.concatenate([sc for sc in scales if sc is not None]),
+                int16_activations=int16_activations,
             )
         dense = np.concatenate([mf.float32(f"{n}/weight") for n in names])
         return Linear.from_stored(dense, None) if xp is np else dev(dense)
@@ -106,7 +109,8 @@ def load_weights(mf: ModelFile, xp: ModuleType, dtype: np.dtype[Any], eps: float
             wi = lin(f"{prefix}/linear_0", f"{prefix}/linear_0_noact")
         else:
             wi = lin(f"{prefix}/linear_0")
-        return FeedForward(norm(f"{prefix}/layer_norm"), wi, lin(f"{prefix}/linear_1"))
+        wo = lin(f"{prefix}/linear_1", int16_activations=prefix.startswith("decoder/"))
+        return FeedForward(norm(f"{prefix}/layer_norm"), wi, wo)
 
     encoder = [
         EncoderLayer(
@@ -142,7 +146,7 @@ def load_weights(mf: ModelFile, xp: ModuleType, dtype: np.dtype[Any], eps: float
         decoder=decoder,
         decoder_norm=norm("decoder/layer_norm"),
         decoder_bias_table=mf.float32("decoder/layer_0/self_attention/relative_attention_bias"),
-        lm_head=lin("decoder/projection"),
+        lm_head=lin("decoder/projection", int16_activations=True),
     )
 
 
