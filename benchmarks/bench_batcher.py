@@ -77,6 +77,9 @@ class TimedEngine:
         self.call_seconds.append(time.perf_counter() - t0)
         return out
 
+    def greedy_continuous(self) -> bool:
+        return False  # this benchmark measures the batch lane's policy: greedy stays there
+
     def decoder_batch(self) -> Any:
         return self.inner.decoder_batch()
 

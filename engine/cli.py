@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-queue-delay-ms", type=float, default=None, help="longest wait for a fuller batch (default 2)"
     )
+    g.add_argument(
+        "--greedy-lane",
+        choices=("auto", "continuous", "batch"),
+        default=None,
+        help="where greedy requests run: continuous (our decoder's batch, rows join and leave between "
+        "steps), batch (one-shot batched calls) or auto (continuous on CPU int8, where it measured "
+        "faster; default)",
+    )
     g.add_argument("--max-queue-size", type=int, default=None, help="queued jobs before 429 (default 10000)")
     g.add_argument(
         "--max-queued-tokens",

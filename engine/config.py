@@ -63,6 +63,11 @@ class Config:
     # A lone job waits this long for company when the engine is idle; while the engine is busy,
     # batches fill by themselves. 2 ms keeps the queue path under 5 ms p50 (benchmarks/RESULTS.md).
     max_queue_delay_ms: float = 2.0
+    # Which loop serves greedy requests: "continuous" (our decoder's batch: rows join and leave
+    # between steps, so a short job never waits for a long one), "batch" (one-shot batched engine
+    # calls) or "auto": continuous where it was measured faster (engine/runtime/backends.py,
+    # GREEDY_CONTINUOUS: CPU int8), batch elsewhere.
+    greedy_lane: str = "auto"
     # limits on a request (engine/limits.py: defined there, checked once at the edge)
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST  # the prompt array's length
@@ -129,6 +134,8 @@ class Config:
             raise InvalidRequest("max_queue_delay_ms, intra_threads and rate_limit_per_minute must be >= 0")
         if self.log_format not in ("text", "json"):
             raise InvalidRequest(f"log_format must be text or json, got {self.log_format!r}")
+        if self.greedy_lane not in ("auto", "continuous", "batch"):
+            raise InvalidRequest(f"greedy_lane must be auto, continuous or batch, got {self.greedy_lane!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise InvalidRequest(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("http_port", "grpc_port"):

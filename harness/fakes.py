@@ -160,8 +160,10 @@ class FakeEngine:
         max_input_length: int = 64,
         gate: threading.Event | None = None,
         contrastive_max_rows: int = 1_000,
+        greedy_continuous: bool = False,
     ) -> None:
         self.manifest = FAKE_MANIFEST
+        self._greedy_continuous = greedy_continuous
         self.step_delay_s = step_delay_s
         self.row_delay_s = row_delay_s
         self.fail_when = fail_when
@@ -244,6 +246,9 @@ class FakeEngine:
             return done
         finally:
             self._leave()
+
+    def greedy_continuous(self) -> bool:
+        return self._greedy_continuous
 
     def decoder_batch(self) -> FakeDecoderBatch:
         return FakeDecoderBatch(self)

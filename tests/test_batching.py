@@ -80,6 +80,13 @@ def test_batch_keys_follow_decoding_params() -> None:
     # A seeded draw needs a generator of its own: our decoder's lane; unseeded sampling batches.
     assert lane_of(DecodingParams(do_sample=True, seed=3)) is Lane.DECODER
     assert lane_of(DecodingParams(do_sample=True)) is Lane.BATCH
+    # Greedy (with its processors) takes the continuous lane only where the server says so;
+    # beam search and unseeded sampling stay on the batch lane either way.
+    greedy = DecodingParams(repetition_penalty=1.2, no_repeat_ngram_size=3)
+    assert lane_of(greedy) is Lane.BATCH
+    assert lane_of(greedy, greedy_continuous=True) is Lane.DECODER
+    assert lane_of(DecodingParams(num_beams=2), greedy_continuous=True) is Lane.BATCH
+    assert lane_of(DecodingParams(do_sample=True), greedy_continuous=True) is Lane.BATCH
 
 
 def test_a_job_counts_each_of_its_prompts() -> None:

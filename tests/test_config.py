@@ -22,6 +22,8 @@ def test_invalid_values_are_rejected() -> None:
         Config.build({"max_batch_size": 0}, {})
     with pytest.raises(InvalidRequest, match="device must be"):
         Config.build({"device": "tpu"}, {})
+    with pytest.raises(InvalidRequest, match="greedy_lane must be auto, continuous or batch, got 'fast'"):
+        Config.build({}, {"ENGINE_GREEDY_LANE": "fast"})
 
 
 def test_serve_help_lists_the_settings_that_have_no_flag(capsys: pytest.CaptureFixture[str]) -> None:

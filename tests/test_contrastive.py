@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -177,8 +179,35 @@ def test_finished_rows_are_freed_at_once(runtime: T5Runtime) -> None:
     done = [e for e in batch.step() if e.result is not None]
     assert [e.request_id for e in done] == ["short"]
     assert len(batch) == 1
-    cache = batch._cache
+    cache = batch._groups[1].cache  # the contrastive group's
     assert cache is not None and len(cache) == 1 and cache.self_k.shape[1] == 1
+
+
+def test_greedy_and_contrastive_rows_step_in_calls_of_their_own_width(
+    runtime: T5Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A greedy row beside a top_k=8 row is not padded to 8 candidates: each group has its own
+    decoder call (1 row for greedy, 8 for the contrastive one), and every result is what the
+    request gives alone."""
+    widths: list[tuple[int, int]] = []
+    step = runtime.decoder_step
+
+    def watched(cache: Any, tokens: np.ndarray) -> Any:
+        widths.append(tokens.shape)
+        return step(cache, tokens)
+
+    monkeypatch.setattr(runtime, "decoder_step", watched)
+    greedy = [
+        GenerationRequest(prompt(60 + i, 5 + i), DecodingParams(max_new_tokens=6, repetition_penalty=1.2))
+        for i in range(3)
+    ]
+    contrastive = req(70, 7, top_k=8, max_new_tokens=6)
+    mixed = run_on_decoder(runtime, [greedy[0], contrastive, *greedy[1:]])
+    steps = set(widths)
+    assert steps <= {(3, 1), (1, 8), (4, 1), (1, 1)}, steps  # never (4, 8): no greedy row padded
+    assert (3, 1) in steps and (1, 8) in steps
+    monkeypatch.undo()
+    assert mixed == [alone(runtime, r) for r in [greedy[0], contrastive, *greedy[1:]]]
 
 
 def test_batch_rejects_what_it_cannot_run(runtime: T5Runtime) -> None:

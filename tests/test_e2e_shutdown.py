@@ -42,9 +42,12 @@ def test_sigterm_answers_waiting_generate_and_long_poll_with_unavailable(
     store_url = f"sqlite:///{tmp_path}/engine.db"
     key = create_key_cli(store_url, "alice")
     common = ["--model", str(flan_model_dir), "--store", store_url, "--job-timeout-s", "120"]
-    # A lone job waits a minute for company before it runs: the jobs below are still queued when
-    # the server is told to stop.
-    server = start_server([*common, "--max-queue-delay-ms", "60000"], tmp_path / "first.log")
+    # A lone job waits a minute for company before it runs (on the batch lane: greedy would
+    # otherwise start at once on the continuous one): the jobs below are still queued when the
+    # server is told to stop.
+    server = start_server(
+        [*common, "--max-queue-delay-ms", "60000", "--greedy-lane", "batch"], tmp_path / "first.log"
+    )
     try:
         headers = {"apiKey": key}
         r = requests.post(

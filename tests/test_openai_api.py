@@ -476,6 +476,17 @@ def test_seed_params_stop_and_its_stream(env: Env, offline: Engine) -> None:
 LOGPROB_PROMPTS = PROMPTS[:3]
 
 
+def idle(env: Env) -> None:
+    """Wait for the server's jobs to end (``busy``'s, and the hung-up clients'). The logprobs below
+    are compared with the offline engine's to the last bit, which holds when the request has our
+    decoder's batch to itself, as offline: rows that share a step can change a float's rounding
+    (float32 products of more than 32 rows go to OpenBLAS, whose blocking depends on the rows)."""
+    deadline = time.monotonic() + 60
+    while metric(env, "engine_jobs_running") or metric(env, "engine_queue_depth"):
+        assert time.monotonic() < deadline, "the server's earlier jobs did not end within 60 s"
+        time.sleep(0.05)
+
+
 def expected_completion_logprobs(offline: Engine, result: Any) -> dict[str, Any]:
     tok = offline.tokenizer
     ids = list(result.token_ids)
@@ -489,6 +500,7 @@ def expected_completion_logprobs(offline: Engine, result: Any) -> dict[str, Any]
 
 @pytest.mark.parametrize("extra", [GREEDY, CONTRASTIVE], ids=["greedy", "contrastive"])
 def test_completion_logprobs_streamed_and_not(env: Env, offline: Engine, extra: dict[str, Any]) -> None:
+    idle(env)
     with client(env) as c:
         out = c.completions.create(
             model="", prompt=LOGPROB_PROMPTS, max_tokens=10, logprobs=2, extra_body=extra
@@ -520,6 +532,7 @@ def test_completion_logprobs_streamed_and_not(env: Env, offline: Engine, extra: 
 
 
 def test_chat_logprobs_streamed_and_not(env: Env, offline: Engine) -> None:
+    idle(env)
     with client(env) as c:
         out = c.chat.completions.create(
             model="", messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=3
@@ -557,6 +570,7 @@ def test_chat_logprobs_streamed_and_not(env: Env, offline: Engine) -> None:
 
 
 def test_seed_poll_reply_has_logprobs_when_asked(env: Env, offline: Engine) -> None:
+    idle(env)
     params = {"max_new_tokens": 6, "logprobs": 1, "stop": "zz"}
     job_id = submit(env, PROMPTS[:2], params)
     r = httpx.get(f"{env.server.url}/v1/response/{job_id}?wait=30", headers={"apiKey": env.alice}, timeout=60)

@@ -7,11 +7,16 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import pytest
+
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import DecoderBatchLike
 from engine.runtime.result import GenerationRequest, TokenEvent
+from engine.serving.batching import Lane, QueueEntry
 from engine.serving.clock import FakeClock
+from engine.serving.continuous_loop import ADMIT_POLL_S
 from engine.serving.jobs import JobStatus
+from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
 
 GREEDY = DecodingParams(max_new_tokens=8)
@@ -156,6 +161,93 @@ def test_contrastive_jobs_join_the_running_batch_between_steps() -> None:
     run(body)
 
 
+@pytest.mark.parametrize(
+    ("engine_says", "greedy_lane", "continuous"),
+    [
+        (True, "auto", True),
+        (False, "auto", False),
+        (False, "continuous", True),
+        (True, "batch", False),
+    ],
+)
+def test_greedy_runs_on_the_lane_the_config_and_the_engine_choose(
+    engine_says: bool, greedy_lane: str, continuous: bool
+) -> None:
+    """greedy_lane=auto follows the engine's measured choice; continuous and batch override it.
+    Beam search stays on the batch lane whatever greedy does."""
+
+    async def body() -> None:
+        engine = FakeEngine(greedy_continuous=engine_says)
+        svc = await start_service(engine, greedy_lane=greedy_lane)
+        greedy = await svc.submit("a", ["g"], GREEDY)
+        beam = await svc.submit("a", ["b"], DecodingParams(max_new_tokens=8, num_beams=2))
+        for view in (greedy, beam):
+            assert (await svc.wait("a", view.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert bool(engine.contrastive_steps) is continuous  # our decoder's batch ran greedy
+        assert [c.rows for c in engine.calls] == ([1] if continuous else [1, 1])  # beam, [greedy]
+        await svc.stop()
+
+    run(body)
+
+
+def test_a_short_greedy_job_on_the_continuous_lane_does_not_wait_for_a_long_one() -> None:
+    """Rows join and leave between steps: a 4-token job sent while a 400-token job runs finishes
+    within a few steps of joining, not after the long job's 400."""
+
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.005, greedy_continuous=True)
+        svc = await start_service(engine)
+        long = await svc.submit("a", ["long"], DecodingParams(max_new_tokens=400, min_new_tokens=400))
+        await until(lambda: len(engine.contrastive_steps) >= 3)
+        short = await svc.submit("a", ["short"], DecodingParams(max_new_tokens=4, min_new_tokens=4))
+        joined_at = len(engine.contrastive_steps)
+        done = await svc.wait("a", short.job.id, 10)
+        assert done.job.status is JobStatus.COMPLETED
+        assert done.job.result is not None and len(done.job.result.token_ids[0]) == 4
+        assert len(engine.contrastive_steps) <= joined_at + 4 + 2  # its 4 steps, give or take one
+        assert (await svc.get("a", long.job.id)).job.status is JobStatus.RUNNING
+        assert max(engine.contrastive_steps) == 2  # they shared the steps
+        assert engine.calls == []
+        await svc.cancel("a", long.job.id)
+        await svc.stop()
+
+    run(body)
+
+
+def test_the_continuous_loop_reads_the_queue_on_wakeups_freed_rows_and_a_poll_not_every_step() -> None:
+    """A 300-step job alone: the queue is read a few times (the poll every ADMIT_POLL_S of the
+    clock), not once per step; a submit still joins at the next step."""
+
+    class CountingStore(SqliteJobStore):
+        reads = 0
+
+        def queued(self, lane: Lane, limit: int, batch_key: str | None = None) -> list[QueueEntry]:
+            if lane is Lane.DECODER:
+                CountingStore.reads += 1
+            return super().queued(lane, limit, batch_key)
+
+    async def body() -> None:
+        clock = FakeClock()
+        engine = FakeEngine(greedy_continuous=True)
+        svc = await start_service(engine, clock=clock, store=CountingStore(":memory:"))
+        long = await svc.submit("a", ["long"], DecodingParams(max_new_tokens=300, min_new_tokens=300))
+        await until(lambda: len(engine.contrastive_steps) >= 100)
+        assert CountingStore.reads <= 3  # the clock stood still: no poll came due
+        clock.advance(ADMIT_POLL_S)
+        before = CountingStore.reads
+        await until(lambda: CountingStore.reads > before)  # the poll came due: one read
+        short = await svc.submit("a", ["short"], DecodingParams(max_new_tokens=3, min_new_tokens=3))
+        at = len(engine.contrastive_steps)
+        assert (await svc.wait("a", short.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert len(engine.contrastive_steps) <= at + 5
+        assert (await svc.wait("a", long.job.id, 10)).job.status is JobStatus.COMPLETED
+        assert len(engine.contrastive_steps) >= 300
+        assert CountingStore.reads <= 12
+        await svc.stop()
+
+    run(body)
+
+
 def test_a_cancelled_contrastive_job_leaves_at_the_next_step() -> None:
     async def body() -> None:
         engine = FakeEngine(step_delay_s=0.01)
@@ -237,7 +329,6 @@ def test_contrastive_rows_wait_for_room_in_the_decoder_and_refused_jobs_fail_alo
 
 def test_the_loops_survive_a_store_outage() -> None:
     from engine.errors import NotReady
-    from engine.serving.batching import Lane, QueueEntry
     from engine.serving.store.sqlite import SqliteJobStore
 
     class FlakyStore(SqliteJobStore):
@@ -297,16 +388,20 @@ def test_the_engine_worker_runs_calls_in_order_on_its_own_thread() -> None:
     run(body)
 
 
-def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_model_dir: Path) -> None:
-    """Batched greedy (mixed lengths), continuous contrastive and seeded sampling through
-    JobService, on a tiny converted model, against the same engine called directly one prompt at
-    a time."""
+@pytest.mark.parametrize("greedy_lane", ["batch", "continuous"])
+def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(
+    flan_model_dir: Path, greedy_lane: str
+) -> None:
+    """Greedy (mixed lengths, with and without processors) on either lane, continuous contrastive
+    and seeded sampling through JobService, on a tiny converted model, against the same engine
+    called directly one prompt at a time."""
     from engine.runtime.engine import Engine
 
     engine = Engine(flan_model_dir, compute_type="float32", intra_threads=1)
     prompts = ["ka bo zu", "pe mi lo tifudo", "kebupi ro", "vu se da ga no", "ka ka bo"]
     cases = [
         *((p, DecodingParams(max_new_tokens=6 + i)) for i, p in enumerate(prompts)),
+        (prompts[1], DecodingParams(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2)),
         *((p, DecodingParams(max_new_tokens=5, penalty_alpha=0.6, top_k=3)) for p in prompts[:3]),
         *(
             (p, DecodingParams(max_new_tokens=7, do_sample=True, temperature=1.5, seed=40 + i))
@@ -315,7 +410,7 @@ def test_the_real_engine_through_the_scheduler_gives_the_engines_own_ids(flan_mo
     ]
 
     async def body() -> None:
-        svc = await start_service(engine, max_queue_delay_ms=50.0)
+        svc = await start_service(engine, max_queue_delay_ms=50.0, greedy_lane=greedy_lane)
         views = await asyncio.gather(*(svc.submit("a", [p], params) for p, params in cases))
         for (prompt, params), view in zip(cases, views, strict=True):
             done = await svc.wait("a", view.job.id, 60)
@@ -366,6 +461,7 @@ def test_a_contrastive_job_needing_more_rows_than_the_decoder_has_joins_as_rows_
         manifest = engine.manifest
         tokenize = staticmethod(engine.tokenize)
         generate_requests = staticmethod(engine.generate_requests)
+        greedy_continuous = staticmethod(engine.greedy_continuous)
 
         def decoder_batch(self) -> WatchedBatch:
             return WatchedBatch(engine.decoder_batch())

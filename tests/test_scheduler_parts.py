@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from engine.metrics import Metrics
 from engine.runtime.params import DecodingParams
-from engine.serving.batching import BatchLimits
+from engine.serving.batching import BatchLimits, Lane
 from engine.serving.clock import FakeClock
 from engine.serving.continuous_loop import ContinuousLoop
 from engine.serving.events import JobEvents, Row
@@ -129,7 +129,7 @@ def test_the_finisher_ends_queued_and_running_jobs_in_the_store_waiters_and_metr
         parts = Parts(job_timeout_s=5.0)
         queued = parts.submit(1)
         running = parts.submit(2)
-        [rj] = parts.finisher.claim(["j2"], parts.clock.time())
+        [rj] = parts.finisher.claim(["j2"], parts.clock.time(), Lane.BATCH)
         assert sample(parts.metrics, "engine_jobs_running") == 1
         waiter = parts.events.waiter("j1")
         parts.clock.advance(6.0)

@@ -58,9 +58,16 @@ def _chunks(n: int, size: int) -> list[range]:
 # ---------------------------------------------------------------------------------- the server
 class Server:
     """`engine serve` on ``target``'s device and compute type; ``max_batch_size`` None keeps the
-    server's default batcher."""
+    server's default batcher; ``extra_args``: more `engine serve` flags."""
 
-    def __init__(self, model_dir: Path, target: Target, *, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        target: Target,
+        *,
+        max_batch_size: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         from harness.processes import create_key_cli, start_server
 
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-suite-"))
@@ -80,6 +87,7 @@ class Server:
         ]
         if max_batch_size is not None:
             args += ["--max-batch-size", str(max_batch_size)]
+        args += extra_args
         self.process = start_server(args, self.workdir / "server.log", timeout_s=600.0)
         self.url = self.process.url
         self.paused = False

@@ -40,6 +40,17 @@ RUNS_ON: dict[Strategy, frozenset[Backend]] = {
 # (0.60 s against 0.53 s). Other compute types were not measured: they stay on CTranslate2.
 GREEDY_ON_DECODER: dict[tuple[str, str], int] = {("cpu", "int8"): 8}
 
+# Where the server runs greedy requests on our decoder's continuous batch (rows join and leave
+# between steps) instead of one-shot batched calls, by (device, compute type): measured through the
+# server at 1, 4 and 16 clients by benchmarks/bench_greedy_lane.py (RESULTS.md, "Greedy on the
+# continuous lane"). Elsewhere (CUDA, float32) nothing was measured: greedy stays on the batch lane.
+GREEDY_CONTINUOUS: frozenset[tuple[str, str]] = frozenset({("cpu", "int8")})
+
+
+def greedy_continuous(device: str, compute_type: str) -> bool:
+    """Whether greedy is served on our decoder's continuous batch by default here."""
+    return (device, compute_type) in GREEDY_CONTINUOUS
+
 
 def needs_decoder(params: DecodingParams) -> bool:
     """Only our decoder can run it: contrastive search, sampling with a seed, and any request for

@@ -9,6 +9,13 @@ chosen hidden state goes through the lm_head.
 
 Requests join between steps (their encoder and decoder-start step run then) and leave the step
 they finish (EOS, max_new_tokens, a stop sequence, cancel), freeing their rows at once.
+
+Rows of one candidate (greedy, sampling) and rows of several (contrastive search) step in two
+groups, each with its own cache and decoder call: one call pads every sequence to the widest
+chooser's candidates, so a greedy row beside a top_k=8 row would cost 8 rows of compute. Two calls
+read the weights twice, which costs about one step at small batches; padding cost k - 1 rows per
+greedy sequence, which at 16 greedy rows beside contrastive ones was several steps' worth
+(RESULTS.md, "Greedy on the continuous lane").
 ``run_to_completion`` is the one loop that drives a batch until given requests are done.
 """
 
@@ -76,6 +83,18 @@ class _Active:
         return entry
 
 
+@dataclass
+class _Group:
+    """Sequences whose candidates run in one decoder call, padded to the widest of them."""
+
+    active: list[_Active] = field(default_factory=list)  # aligned with the cache's rows
+    pending: list[_Active] = field(default_factory=list)
+    cache: DecoderCache | None = None
+
+    def members(self) -> itertools.chain[_Active]:
+        return itertools.chain(self.active, self.pending)
+
+
 class DecoderBatch:
     """Continuous batching over our T5 runtime (``protocols.DecoderBatchLike``).
 
@@ -90,19 +109,21 @@ class DecoderBatch:
         self.runtime = runtime
         self.max_rows = max_rows
         self.detokenize = detokenize
-        self._active: list[_Active] = []  # aligned with the cache's rows
-        self._pending: list[_Active] = []
+        # One candidate a step (greedy, sampling) | several (contrastive search): see the module doc.
+        self._groups = (_Group(), _Group())
         self._cancelled: set[str] = set()
-        self._cache: DecoderCache | None = None
 
     # ------------------------------------------------------------------ membership
     def __len__(self) -> int:
-        return len(self._active) + len(self._pending)
+        return sum(len(g.active) + len(g.pending) for g in self._groups)
+
+    def _members(self) -> itertools.chain[_Active]:
+        return itertools.chain.from_iterable(g.members() for g in self._groups)
 
     @property
     def rows(self) -> int:
         """Decoder rows in use per step (sum of the requests' candidate counts)."""
-        return sum(s.chooser.width for s in itertools.chain(self._active, self._pending))
+        return sum(s.chooser.width for s in self._members())
 
     def fits(self, request: GenerationRequest) -> bool:
         return self.rows + chooser_for(request.params, self.runtime.eos_token_id).width <= self.max_rows
@@ -121,14 +142,14 @@ class DecoderBatch:
             raise InvalidRequest(f"top_k ({k}) exceeds the vocabulary size ({shape.vocab_size})")
         if k > self.max_rows:
             raise InvalidRequest(f"top_k ({k}) exceeds this batch's {self.max_rows} rows per step")
-        if any(s.request_id == request_id for s in itertools.chain(self._active, self._pending)):
+        if any(s.request_id == request_id for s in self._members()):
             raise InvalidRequest(f"request id {request_id!r} is already in the batch")
         if not self.fits(request):
             raise Overloaded(f"the decoder batch is full ({self.rows} of {self.max_rows} rows in use)")
         if params.stop and self.detokenize is None:
             raise InvalidRequest("stop sequences need the tokenizer: build this batch with detokenize")
         self._cancelled.discard(request_id)
-        self._pending.append(
+        self._groups[k > 1].pending.append(
             _Active(
                 request_id=request_id,
                 request=request,
@@ -140,25 +161,32 @@ class DecoderBatch:
         )
 
     def cancel(self, request_id: str) -> None:
-        if any(s.request_id == request_id for s in itertools.chain(self._active, self._pending)):
+        if any(s.request_id == request_id for s in self._members()):
             self._cancelled.add(request_id)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[TokenEvent]:
+        """One decoder step for every sequence (a call per group that has any)."""
         events = self._drop_cancelled()
-        if self._pending:
-            self._admit()
-        if not self._active:
-            return events
-        cache = self._cache
+        for group in self._groups:
+            if group.pending:
+                self._admit(group)
+            if group.active:
+                events.extend(self._step(group))
+        return events
+
+    def _step(self, group: _Group) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        cache = group.cache
         assert cache is not None  # set whenever requests are active
         rt = self.runtime
-        batch = len(self._active)
-        choosers = [s.chooser for s in self._active]
+        active = group.active
+        batch = len(active)
+        choosers = [s.chooser for s in active]
         width = max(c.width for c in choosers)
 
         # 1. candidates from each sequence's processed next-step logits
-        tokens, cand_probs = self._candidates(width)
+        tokens, cand_probs = self._candidates(active, width)
         # 2. one decoder step of B x width rows over the shared caches
         out = rt.decoder_step(cache, tokens)
         # 3. the contrastive score: (1 - α) p - α max cosine with the context
@@ -172,7 +200,7 @@ class DecoderBatch:
         # 4. keep the chosen rows; the lm_head runs for the sequences that go on
         chosen_hidden = cache.commit(out, choice)
         keep: list[int] = []
-        for row, seq in enumerate(self._active):
+        for row, seq in enumerate(active):
             token = int(tokens[row, choice[row]])
             if token == rt.eos_token_id:
                 events.append(TokenEvent(seq.request_id, -1, self._result(seq, FinishReason.EOS)))
@@ -193,20 +221,21 @@ class DecoderBatch:
         if keep:
             logits = to_numpy(rt.logits(chosen_hidden[rt.xp.asarray(keep)])).astype(np.float32, copy=False)
             for i, row in enumerate(keep):
-                self._active[row].logits = logits[i]
-        self._retain(keep)
+                active[row].logits = logits[i]
+        self._retain(group, keep)
         return events
 
     # ------------------------------------------------------------------ helpers
     def _result(self, seq: _Active, reason: FinishReason) -> Result:
         return seq.result(reason, "" if self.detokenize is None else self.detokenize(seq.generated))
 
-    def _candidates(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _candidates(active: Sequence[_Active], width: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's candidate ids [B, width] and their probabilities (rows past a
         sequence's own width repeat its first candidate and are never chosen)."""
-        tokens = np.empty((len(self._active), width), dtype=np.int64)
-        cand_probs = np.zeros((len(self._active), width), dtype=np.float32)
-        for row, seq in enumerate(self._active):
+        tokens = np.empty((len(active), width), dtype=np.int64)
+        cand_probs = np.zeros((len(active), width), dtype=np.float32)
+        for row, seq in enumerate(active):
             assert seq.logits is not None  # set by the step that admitted it, then by every step
             if seq.logprobs is not None:
                 seq.step_logprobs = log_softmax(seq.logits)  # before the chooser's processors
@@ -221,28 +250,32 @@ class DecoderBatch:
             return []
         events = [
             TokenEvent(s.request_id, -1, self._result(s, FinishReason.CANCELLED))
-            for s in itertools.chain(self._active, self._pending)
+            for s in self._members()
             if s.request_id in self._cancelled
         ]
-        self._pending = [s for s in self._pending if s.request_id not in self._cancelled]
-        self._retain([i for i, s in enumerate(self._active) if s.request_id not in self._cancelled])
+        for group in self._groups:
+            group.pending = [s for s in group.pending if s.request_id not in self._cancelled]
+            self._retain(
+                group, [i for i, s in enumerate(group.active) if s.request_id not in self._cancelled]
+            )
         self._cancelled.clear()
         return events
 
-    def _retain(self, keep: Sequence[int]) -> None:
-        if len(keep) == len(self._active):
+    @staticmethod
+    def _retain(group: _Group, keep: Sequence[int]) -> None:
+        if len(keep) == len(group.active):
             return
-        self._active = [self._active[i] for i in keep]
-        if self._cache is not None:
-            self._cache.filter(keep)
+        group.active = [group.active[i] for i in keep]
+        if group.cache is not None:
+            group.cache.filter(keep)
             if not keep:
-                self._cache = None
+                group.cache = None
 
-    def _admit(self) -> None:
-        """Encode the newcomers, run their decoder-start step (h_0 and the first logits), and
-        append their rows to the running batch."""
+    def _admit(self, group: _Group) -> None:
+        """Encode the group's newcomers, run their decoder-start step (h_0 and the first logits),
+        and append their rows to the group's running batch."""
         rt = self.runtime
-        joining, self._pending = self._pending, []
+        joining, group.pending = group.pending, []
         encoded = rt.encode_batch([s.request.input_ids for s in joining])
         cache = rt.new_cache(encoded, capacity=max(s.params.max_new_tokens for s in joining) + 1)
         start = np.full((len(joining), 1), rt.decoder_start_token_id, dtype=np.int64)
@@ -251,11 +284,11 @@ class DecoderBatch:
         logits = to_numpy(rt.logits(hidden)).astype(np.float32, copy=False)
         for i, seq in enumerate(joining):
             seq.logits = logits[i]
-        if self._cache is None:
-            self._cache = cache
+        if group.cache is None:
+            group.cache = cache
         else:
-            self._cache.concatenate(cache)
-        self._active.extend(joining)
+            group.cache.concatenate(cache)
+        group.active.extend(joining)
 
 
 def run_to_completion(

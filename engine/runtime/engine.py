@@ -29,7 +29,7 @@ from engine.errors import InvalidRequest, ModelError, PromptTooLong
 from engine.limits import DEFAULT_MAX_NEW_TOKENS_LIMIT
 from engine.model.manifest import TOKENIZER_NAME, Manifest
 from engine.model.tokenizer import Tokenizer
-from engine.runtime.backends import Backend, backend_for, needs_decoder
+from engine.runtime.backends import Backend, backend_for, greedy_continuous, needs_decoder
 from engine.runtime.ct2 import CT2Translator, DecodeOptions, Hypothesis, StepCallback
 from engine.runtime.params import DecodingParams
 from engine.runtime.protocols import OnToken
@@ -176,6 +176,11 @@ class Engine:
             else:
                 results.update(self._run_ct2(requests, group, on_token))
         return [results[i] for i in range(len(requests))]
+
+    def greedy_continuous(self) -> bool:
+        """Whether greedy is served on our decoder's continuous batch by default on this device and
+        compute type (backends.GREEDY_CONTINUOUS, measured)."""
+        return greedy_continuous(self.device, self.compute_type)
 
     def decoder_batch(self) -> DecoderBatch:
         """A continuous batch on our KV-cached decoder (every strategy but beam search)."""

@@ -41,6 +41,10 @@ class EngineLike(Protocol):
         """One batched call. Requests may mix strategies; the engine groups them by batch_key."""
         ...
 
+    def greedy_continuous(self) -> bool:
+        """Whether greedy runs on our decoder's continuous batch by default here (measured)."""
+        ...
+
     def decoder_batch(self) -> DecoderBatchLike:
         """A new continuous batch on our decoder (for requests whose backend it is)."""
         ...

@@ -37,7 +37,7 @@ class BatchLoop(Loop):
             if decision.reason is DispatchReason.WAIT:
                 await self.wakeup.sleep(decision.wait_s)
                 continue
-            jobs = self.finisher.claim(decision.job_ids, now)
+            jobs = self.finisher.claim(decision.job_ids, now, Lane.BATCH)
             self.turn = next(e.owner for e in entries if e.job_id == decision.job_ids[0])
             if jobs:
                 await self._run_batch(jobs)

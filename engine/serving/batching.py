@@ -21,8 +21,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.runtime.backends import needs_decoder
-from engine.runtime.params import DecodingParams
+from engine.runtime.backends import RUNS_ON, Backend, needs_decoder
+from engine.runtime.params import DecodingParams, Strategy
 
 # A job joins the head's batch only when its max_new_tokens is within this factor of the head's
 # (either way). Chosen from benchmarks/bench_batcher.py's mixed-length run (RESULTS.md): against
@@ -43,9 +43,20 @@ class Lane(enum.Enum):
     DECODER = "contrastive"
 
 
-def lane_of(params: DecodingParams) -> Lane:
-    """Our decoder's continuous batch (contrastive search, seeded sampling) or CTranslate2's calls."""
-    return Lane.DECODER if needs_decoder(params) else Lane.BATCH
+def lane_of(params: DecodingParams, *, greedy_continuous: bool = False) -> Lane:
+    """The loop that runs a job, decided once, when it is queued: our decoder's continuous batch
+    for what only it runs (contrastive search, seeded sampling, logprobs) and, with
+    ``greedy_continuous`` (the server's ``greedy_lane``), for greedy too; the batch lane's
+    one-shot engine calls for the rest (beam search, unseeded sampling)."""
+    if needs_decoder(params):
+        return Lane.DECODER
+    if (
+        greedy_continuous
+        and params.strategy is Strategy.GREEDY
+        and Backend.DECODER in RUNS_ON[Strategy.GREEDY]
+    ):
+        return Lane.DECODER
+    return Lane.BATCH
 
 
 def batch_key_text(params: DecodingParams) -> str:

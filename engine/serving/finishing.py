@@ -9,12 +9,13 @@ transaction), stopped early (cancelled, timed out, or put back in the queue on s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import EngineError
 from engine.metrics import Metrics
 from engine.runtime.result import FinishReason, Result, Usage
+from engine.serving.batching import Lane
 from engine.serving.clock import Clock
 from engine.serving.events import JobEvents, final_events
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
@@ -29,6 +30,7 @@ class RunningJob:
 
     job: Job
     deadline: float  # clock time after which it fails with a timeout
+    lane: Lane = Lane.BATCH  # the loop that claimed it
     cancelled: bool = False
     timed_out: bool = False
     aborted: bool = False  # shutdown: requeue instead of finishing
@@ -101,19 +103,18 @@ class Finisher:
         self.clock = clock
         self.job_timeout_s = job_timeout_s
         self.running: dict[str, RunningJob] = {}
-        self.on_claimed: Callable[[int], None] = lambda count: None
 
     # -- start -----------------------------------------------------------------------------------
-    def claim(self, job_ids: Sequence[str], now: float) -> list[RunningJob]:
-        """QUEUED -> RUNNING in the store for those still queued; they run here from now on."""
+    def claim(self, job_ids: Sequence[str], now: float, lane: Lane) -> list[RunningJob]:
+        """QUEUED -> RUNNING in the store for those still queued; they run here from now on, on
+        ``lane``'s loop."""
         claimed = []
         for job in self.store.claim(job_ids, now):
-            rj = RunningJob(job, deadline=job.created_at + self.job_timeout_s)
+            rj = RunningJob(job, deadline=job.created_at + self.job_timeout_s, lane=lane)
             self.running[job.id] = rj
             claimed.append(rj)
             self.metrics.queue_wait.observe(max(0.0, now - job.created_at))
         if claimed:
-            self.on_claimed(len(claimed))
             self._running_changed()
         return claimed
 

@@ -67,6 +67,13 @@ class Wakeup:
     def set(self) -> None:
         self._event.set()
 
+    def take(self) -> bool:
+        """Whether ``set`` was called since the last ``take`` or ``sleep`` (and clear it)."""
+        if self._event.is_set():
+            self._event.clear()
+            return True
+        return False
+
     async def sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass on the clock or ``set`` is called (at once if it was meanwhile)."""
         wake = self._event

@@ -22,7 +22,7 @@ from engine.errors import EngineError, NotReady
 from engine.metrics import Metrics
 from engine.runtime.protocols import EngineLike
 from engine.serving.batch_loop import BatchLoop
-from engine.serving.batching import BatchLimits, Lane, lane_of
+from engine.serving.batching import BatchLimits, Lane
 from engine.serving.clock import Clock
 from engine.serving.continuous_loop import ContinuousLoop
 from engine.serving.events import JobEvents, TokenForwarder
@@ -135,7 +135,7 @@ class Scheduler:
                 pass  # the store is down: its StoreHealth logs that once, not once a second here
             except Exception:
                 log.exception("the %s loop failed; restarting it in %.0f s", name, RESTART_DELAY_S)
-            for rj in [rj for rj in self.running.values() if lane_of(rj.job.params) is lane]:
+            for rj in [rj for rj in self.running.values() if rj.lane is lane]:
                 self.running.pop(rj.job.id, None)
                 with contextlib.suppress(EngineError):  # still down: the next start requeues it
                     self.store.requeue(rj.job.id, rj.attempt)

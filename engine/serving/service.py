@@ -73,6 +73,9 @@ class JobService:
             max_queued_jobs_per_key=config.max_queued_jobs_per_key,
             max_queued_tokens_per_key=config.max_queued_tokens_per_key,
         )
+        # Greedy on our decoder's continuous batch or on one-shot batched calls (Config.greedy_lane).
+        lane = config.greedy_lane
+        self.greedy_continuous = engine.greedy_continuous() if lane == "auto" else lane == "continuous"
         self.events = JobEvents()
         # Every end of a job (store, waiters, metrics) goes through it, the service's included.
         self.finisher = Finisher(
@@ -213,16 +216,17 @@ class JobService:
         sched = self._scheduler
         assert sched is not None  # _check_accepting() saw start()
         sched.input_ids[job.id] = input_ids
+        lane = lane_of(params, greedy_continuous=self.greedy_continuous)
         try:
             try:
-                self.store.enqueue_deferred(job, tokens, idempotency_key, self.queue_limits)
+                self.store.enqueue_deferred(job, tokens, idempotency_key, self.queue_limits, lane)
             except Replay as replay:  # the same key came in since find_idempotent (another server)
                 sched.input_ids.pop(job.id, None)
                 return await self._replay(owner, replay.job_id, prompts, params, model)
             except LimitReached as full:
                 raise self._overloaded(full, tokens) from None
             position = self.store.position(job.id)
-            sched.notify(lane_of(params))
+            sched.notify(lane)
             await self._committed()
             if self.store.lost(job.id):
                 raise NotReady("the job store could not save the job; retry in a moment")

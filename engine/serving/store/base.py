@@ -107,11 +107,13 @@ class JobStore(abc.ABC):
         prompt_tokens: int,
         idempotency_key: str | None = None,
         limits: QueueLimits | None = None,
+        lane: Lane | None = None,
     ) -> QueueEntry:
         """Write a QUEUED job durably; it goes to the back of the queue. With an
         ``idempotency_key`` that ``job.owner`` used for a job the store still holds, nothing is
         written and ``Replay`` names that job; else, past one of ``limits``, nothing is written
-        and ``LimitReached`` names it. Both are checked atomically with the write, across servers."""
+        and ``LimitReached`` names it. Both are checked atomically with the write, across servers.
+        ``lane``: the loop that will run it (the server's ``LanePolicy``); None: ``lane_of(params)``."""
 
     @abc.abstractmethod
     def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
@@ -123,13 +125,14 @@ class JobStore(abc.ABC):
         prompt_tokens: int,
         idempotency_key: str | None = None,
         limits: QueueLimits | None = None,
+        lane: Lane | None = None,
     ) -> QueueEntry:
         """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
         arrive together share one commit. The job is queued at once (positions, depth, claims
         see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
         False: a submit is answered only then. Stores whose every write is durable at once keep
         this default."""
-        return self.enqueue(job, prompt_tokens, idempotency_key, limits)
+        return self.enqueue(job, prompt_tokens, idempotency_key, limits, lane)
 
     def commit_deferred(self) -> None:
         """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are

@@ -382,8 +382,9 @@ class RedisJobStore(JobStore):
         prompt_tokens: int,
         idempotency_key: str | None = None,
         limits: QueueLimits | None = None,
+        lane: Lane | None = None,
     ) -> QueueEntry:
-        lane = lane_of(job.params)
+        lane = lane_of(job.params) if lane is None else lane
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
             "owner": job.owner,

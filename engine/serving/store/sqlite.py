@@ -312,11 +312,12 @@ class SqliteJobStore(JobStore):
         prompt_tokens: int,
         idempotency_key: str | None = None,
         limits: QueueLimits | None = None,
+        lane: Lane | None = None,
     ) -> QueueEntry:
         with self._lock:
             self._end_group()
             self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
-            return self._insert(job, prompt_tokens, idempotency_key)
+            return self._insert(job, prompt_tokens, idempotency_key, lane)
 
     @store_call
     def enqueue_deferred(
@@ -325,6 +326,7 @@ class SqliteJobStore(JobStore):
         prompt_tokens: int,
         idempotency_key: str | None = None,
         limits: QueueLimits | None = None,
+        lane: Lane | None = None,
     ) -> QueueEntry:
         with self._lock:
             # Sees the open group's rows too: a repeat within one group commit is a replay.
@@ -332,7 +334,7 @@ class SqliteJobStore(JobStore):
             if not self._group:
                 self._db.execute("BEGIN")
             try:
-                entry = self._insert(job, prompt_tokens, idempotency_key)
+                entry = self._insert(job, prompt_tokens, idempotency_key, lane)
             except BaseException:
                 # Whatever SQLite kept of the open transaction, none of it is trusted now.
                 self._group.append(job.id)
@@ -387,9 +389,12 @@ class SqliteJobStore(JobStore):
         with self._lock:
             return self._idempotent(owner, idempotency_key)
 
-    def _insert(self, job: Job, prompt_tokens: int, idempotency_key: str | None = None) -> QueueEntry:
+    def _insert(
+        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None, lane: Lane | None = None
+    ) -> QueueEntry:
         """With the lock held: the INSERT, and the job's place in the in-memory queue."""
-        params_json, lane, key = _params_columns(job.params)
+        params_json, default_lane, key = _params_columns(job.params)
+        lane = default_lane if lane is None else lane
         row = (
             job.id,
             job.owner,
