@@ -69,7 +69,7 @@ def main() -> None:
         layer = qlinear.Linear.from_stored(stored, rng.uniform(20, 200, n).astype(np.float32))
         assert layer.packed is not None and layer.scale is not None
         for m in ROWS:
-            if n * m > 32128 * 32:  # the lm_head runs for at most B x k rows
+            if (n, k) == SHAPES[-1] and m > 32:  # the lm_head runs for at most B x k rows
                 continue
             x = rng.standard_normal((m, k)).astype(np.float32)
             times: dict[int, list[float]] = {MODE_INT8_INT16: [], MODE_INT8_VNNI: []}
