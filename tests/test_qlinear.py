@@ -39,12 +39,12 @@ TOLERANCE = {
 
 
 def _weights(w: np.ndarray, mode: int) -> np.ndarray | bytes:
-    """The weight buffer a mode takes: AMX and VNNI int8 take them packed into AMX's tile layout
-    (VNNI's followed by each row's sum)."""
+    """The weight buffer a mode takes: AMX and VNNI's two modes take them packed into AMX's tile
+    layout (for VNNI followed by each row's sum)."""
     assert kernel is not None
     if mode == qlinear.MODE_INT8_AMX:
         return bytes(kernel.pack_amx(w, *w.shape))
-    if mode == qlinear.MODE_INT8_VNNI:
+    if mode in (qlinear.MODE_INT8_VNNI, qlinear.MODE_INT8_INT16):
         return bytes(kernel.pack_vnni(w, *w.shape))
     return w
 
@@ -160,15 +160,17 @@ def test_vnni_int8_sums_are_exact_up_to_their_limit() -> None:
     [m for m in MODES if m in (qlinear.MODE_INT8_INT16, qlinear.MODE_INT8_AMX, qlinear.MODE_INT8_VNNI)],
 )
 def test_integer_sums_cannot_overflow(mode: int) -> None:
-    """The largest activations times the largest weights over a long row: VNNI's int32 lanes are
-    flushed to float before they can wrap; AMX's int32 sums of int8 products stay exact."""
+    """The largest activations times the largest weights over a long row (127 and -128): int16
+    VNNI's int32 lanes are flushed to float before they can wrap; int8 products (AMX, VNNI) stay
+    exact in int32."""
     assert kernel is not None
     k = 9000
     x = np.full((1, k), -3.0, dtype=np.float32)
     w = np.full((2, k), 127, dtype=np.int8)
+    w[1] = -128
     out = np.empty((1, 2), dtype=np.float32)
     kernel.linear(x, _weights(w, mode), np.ones(2, dtype=np.float32), out, 1, k, 2, mode, 1)
-    np.testing.assert_allclose(out, -3.0 * 127 * k, rtol=1e-6)
+    np.testing.assert_allclose(out, [[-3.0 * 127 * k, 3.0 * 128 * k]], rtol=1e-6)
 
 
 @needs_kernel
@@ -308,12 +310,20 @@ def test_vnni_keeps_int16_activations_where_int8_cost_agreement() -> None:
 @needs_kernel
 @pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX")
 def test_an_extension_built_before_int8_activations_keeps_int16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worktree whose _qlinear was compiled before mode 4 existed (no pack_vnni) runs int16
-    activations instead of failing until it is rebuilt."""
+    """A worktree whose _qlinear was compiled before packing for VNNI (no pack_vnni) runs its int16
+    mode on the weights as stored instead of failing until it is rebuilt."""
     assert kernel is not None
     older = types.SimpleNamespace(
         **{name: getattr(kernel, name) for name in dir(kernel) if name != "pack_vnni"}
     )
+    calls = []
+
+    def linear(*args: object) -> None:  # an older build's mode 2 took the weights as stored
+        assert isinstance(args[1], np.ndarray) and args[1].shape == (20, 32)
+        calls.append(args[7])  # the mode
+        kernel.linear(args[0], kernel.pack_vnni(args[1], 20, 32), *args[2:])
+
+    older.linear = linear
     monkeypatch.setattr(qlinear, "_KERNEL", older)
     rng = np.random.default_rng(2)
     layer = Linear.from_stored(
@@ -323,3 +333,20 @@ def test_an_extension_built_before_int8_activations_keeps_int16(monkeypatch: pyt
     x = rng.standard_normal((3, 32)).astype(np.float32)
     ref = x @ layer.dense.T
     assert np.abs(layer(x) - ref).max() <= TOLERANCE[qlinear.MODE_INT8_INT16] * np.abs(ref).max()
+    assert calls == [qlinear.MODE_INT8_INT16]
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX")
+def test_a_layer_made_while_the_kernel_was_off_runs_without_packing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is packed while the kernel is off; turned on later, such a layer converts its int8
+    weights to float in registers (mode 1) instead of handing unpacked weights to mode 2."""
+    rng = np.random.default_rng(4)
+    monkeypatch.setattr(qlinear, "_KERNEL", None)
+    layer = Linear.from_stored(
+        rng.integers(-127, 128, (20, 32), dtype=np.int8), np.full(20, 50.0, np.float32)
+    )
+    monkeypatch.undo()
+    assert layer.packed is None and layer.mode == qlinear.MODE_INT8_FLOAT
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    np.testing.assert_allclose(layer(x), x @ layer.dense.T, rtol=1e-5, atol=1e-5)

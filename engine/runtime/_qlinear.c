@@ -12,8 +12,9 @@ The modes (py_linear):
         (weight-only quantization: x . (W / scale) up to the order of the float sums). A tile of
         MR (<= 4) activation rows x 4 weight rows keeps 16 AVX-512 accumulators.
   2     int8 weights x int16 activations (AVX512-VNNI VPDPWSSD, 32 products an instruction; each
-        row quantized with its own scale, max |x| -> 32767): the products where int8 activations
-        cost agreement with float32 (qlinear.Linear.from_stored says which).
+        row quantized with its own scale, max |x| -> 32767), the weights packed as for mode 4: the
+        products where int8 activations cost agreement with float32 (qlinear.Linear.from_stored
+        says which).
   3     int8 weights x int8 activations with AMX (Sapphire Rapids and later; TDPBSSD).
   4     int8 weights x int8 activations with AVX512-VNNI (VPDPBUSD, 64 products an instruction, no
         widening of the weights, no horizontal sums): the weights packed once in AMX's layout.
@@ -114,50 +115,8 @@ TARGET static void linear_avx512(const float *x, Py_ssize_t M, Py_ssize_t K, con
 }
 
 
-/* ---- int8 weights x int16 activations (AVX512-VNNI VPDPWSSD: 32 products per instruction) ----
-   Each activation row is quantized to int16 with its own scale (max |x| -> 32767: a relative error
-   of about 1.5e-5 of the row's largest value, far below int8's 4e-3). Weights are only
-   sign-extended, not converted to float, so each uop does 2x to 3x the products of the float path. Integer sums cannot overflow: a lane adds K/16 products of at most
-   32767 * 127, and lanes are flushed to float every VNNI_CHUNK of K. */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
-#define VNNI_CHUNK 4096
 
-VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni(
-    const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *w, Py_ssize_t K,
-    Py_ssize_t nr, const float *scale, float *out, Py_ssize_t ldo) {
-    __m512 total[4][NR];
-    const int8_t *wr[NR];
-    for (int r = 0; r < NR; r++) {
-        wr[r] = w + (r < nr ? r : nr - 1) * K;
-        for (int i = 0; i < MR; i++) total[i][r] = _mm512_setzero_ps();
-    }
-    for (Py_ssize_t c0 = 0; c0 < K; c0 += VNNI_CHUNK) {
-        const Py_ssize_t c1 = c0 + VNNI_CHUNK < K ? c0 + VNNI_CHUNK : K;
-        __m512i acc[4][NR];
-        for (int i = 0; i < MR; i++)
-            for (int r = 0; r < NR; r++) acc[i][r] = _mm512_setzero_si512();
-        for (Py_ssize_t k = c0; k < c1; k += 32) {
-            const Py_ssize_t left = c1 - k;
-            const __mmask32 mask = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
-            __m512i wv[NR];
-            for (int r = 0; r < NR; r++) {
-                _mm_prefetch((const char *)(wr[r] + PF_ROWS * K + k), _MM_HINT_T0);
-                wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr[r] + k));
-            }
-            for (int i = 0; i < MR; i++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(xq + i * Kp + k));
-                for (int r = 0; r < NR; r++) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], xv, wv[r]);
-            }
-        }
-        for (int i = 0; i < MR; i++)
-            for (int r = 0; r < NR; r++) total[i][r] = _mm512_add_ps(total[i][r], _mm512_cvtepi32_ps(acc[i][r]));
-    }
-    for (int i = 0; i < MR; i++)
-        for (int r = 0; r < nr; r++) out[i * ldo + r] = _mm512_reduce_add_ps(total[i][r]) * sx[i] / scale[r];
-}
-
-/* xq: M rows of Kp (K rounded up to 32, zero padded) int16; sx: M scales. Rounds to nearest even
-   (the default MXCSR mode, as lrintf), saturating. The AMX path quantizes to int8 the same way. */
 /* The largest |x| of a row, and 16 of the row's values at k (zeros beyond K: the padding). */
 TARGET static inline float row_absmax(const float *row, Py_ssize_t K) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
@@ -181,6 +140,9 @@ TARGET static inline float row_scale(const float *row, Py_ssize_t K, float qmax)
     return amax > 0.0f ? amax / qmax : 1.0f;
 }
 
+/* Rows of x quantized to int16 with a scale each (max |x| -> 32767: steps of 1/32767 of the row's
+   largest value, against int8's 1/127), into rows of Kp (zeros beyond K). Rounds to nearest even
+   (the default MXCSR mode, as lrintf), saturating. */
 VNNI_TARGET static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq,
                                       float *sx) {
     for (Py_ssize_t m = 0; m < M; m++) {
@@ -207,43 +169,6 @@ TARGET static void quantize_rows_i8(const float *x, Py_ssize_t M, Py_ssize_t K, 
             _mm_storeu_si128((__m128i *)(xq + m * Kp + k),
                              _mm_add_epi8(_mm512_cvtsepi32_epi8(scaled16(row, K, k, inv)), off));
         sx[m] = s;
-    }
-}
-
-/* Rows per block of linear_vnni: a block's int16 activations (256 KiB for K = 512) stay in L2 while
-   every tile of weights passes over them. Without blocks, many rows (the encoder: 100 a prompt)
-   were read from L3 once per 4 weight rows: 800 rows took 5.9x the time of 256. */
-#ifndef VNNI_BLOCK_ROWS
-#define VNNI_BLOCK_ROWS 256
-#endif
-
-VNNI_TARGET static void linear_vnni_block(const int16_t *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M,
-                                          Py_ssize_t K, const int8_t *w, Py_ssize_t N, const float *scale,
-                                          float *out, Py_ssize_t ldo, int threads) {
-    const Py_ssize_t tiles = (N + NR - 1) / NR;
-    const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (Py_ssize_t t = 0; t < tiles; t++) {
-        const Py_ssize_t n0 = t * NR;
-        const Py_ssize_t nr = N - n0 < NR ? N - n0 : NR;
-        const int8_t *wt = w + n0 * K;
-        const float *st = scale + n0;
-        Py_ssize_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) tile_vnni(4, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * ldo + n0, ldo);
-        switch (M - m0) {
-            case 3: tile_vnni(3, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * ldo + n0, ldo); break;
-            case 2: tile_vnni(2, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * ldo + n0, ldo); break;
-            case 1: tile_vnni(1, xq + m0 * Kp, Kp, sx + m0, wt, K, nr, st, out + m0 * ldo + n0, ldo); break;
-            default: break;
-        }
-    }
-}
-
-VNNI_TARGET static void linear_vnni(const int16_t *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M, Py_ssize_t K,
-                                    const int8_t *w, Py_ssize_t N, const float *scale, float *out, int threads) {
-    for (Py_ssize_t m0 = 0; m0 < M; m0 += VNNI_BLOCK_ROWS) {
-        const Py_ssize_t rows = M - m0 < VNNI_BLOCK_ROWS ? M - m0 : VNNI_BLOCK_ROWS;
-        linear_vnni_block(xq + m0 * Kp, Kp, sx + m0, rows, K, w, N, scale, out + m0 * N, N, threads);
     }
 }
 
@@ -304,36 +229,118 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni8(
     }
 }
 
+/* ---- int8 weights x int16 activations with AVX512-VNNI (VPDPWSSD: 32 products per instruction) ----
+   For the products where int8 activations cost agreement with float32 (qlinear.Linear.from_stored
+   says which): each row quantized to int16 (quantize_rows), the same packed weights as mode 4 (or
+   AMX's, without the sums). A 64-byte line (16 outputs x 4 inputs) is sign-extended into two
+   registers of 8 outputs x 4 inputs as int16; VPDPWSSD with a broadcast of the row's 4 activations
+   (as 2 dwords: inputs 0-1 and 2-3) adds to each output's two lanes, and the two lanes are added
+   once per chunk (a permute and an add per 16 outputs). A tile is MR rows by 32 outputs (two
+   blocks, 4 accumulators a row). Exact in int32 per chunk: an output's two lanes together add 4
+   products of at most 32767 x 128 in magnitude per 4 inputs, and are flushed to float every
+   VNNI16_CHUNK_KB x 64 = 512 inputs (512 products: 2,147,418,112 < 2^31). Before, this path took the weights row by row and ended each
+   output with a horizontal sum: 2.4x-3.4x slower at 8-32 rows (RESULTS.md, issue 15 sixth session). */
+#define VNNI16_CHUNK_KB 8
+
+VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni16(
+    const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *wg, int b0, const float *scale,
+    Py_ssize_t n0, Py_ssize_t N, int prefetch, float *out, Py_ssize_t ldo) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    __m512 total[4][2];
+    for (int i = 0; i < MR; i++) total[i][0] = total[i][1] = _mm512_setzero_ps();
+    const Py_ssize_t KB = Kp / 64;
+    for (Py_ssize_t c0 = 0; c0 < KB; c0 += VNNI16_CHUNK_KB) {
+        const Py_ssize_t c1 = c0 + VNNI16_CHUNK_KB < KB ? c0 + VNNI16_CHUNK_KB : KB;
+        __m512i acc[4][2][2];
+        for (int i = 0; i < MR; i++)
+            for (int b = 0; b < 2; b++) acc[i][b][0] = acc[i][b][1] = _mm512_setzero_si512();
+        for (Py_ssize_t kb = c0; kb < c1; kb++) {
+            const int8_t *chunk = wg + kb * 4096 + b0 * 1024; /* this tile's two blocks */
+            if (prefetch && kb + VNNI8_PF_CHUNKS < KB)
+                for (int line = 0; line < 2048; line += 64)
+                    _mm_prefetch((const char *)(chunk + VNNI8_PF_CHUNKS * 4096 + line), _MM_HINT_T0);
+            const int16_t *xk = xq + kb * 64;
+            for (int r = 0; r < 16; r++) {
+                __m512i wv[2][2];
+                for (int b = 0; b < 2; b++) {
+                    const __m512i line = _mm512_loadu_si512((const void *)(chunk + b * 1024 + r * 64));
+                    wv[b][0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(line));      /* outputs 0-7 */
+                    wv[b][1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(line, 1)); /* outputs 8-15 */
+                }
+                for (int i = 0; i < MR; i++) {
+                    int64_t four;
+                    memcpy(&four, xk + i * Kp + 4 * r, 8);
+                    const __m512i xb = _mm512_set1_epi64(four);
+                    for (int b = 0; b < 2; b++) {
+                        acc[i][b][0] = _mm512_dpwssd_epi32(acc[i][b][0], xb, wv[b][0]);
+                        acc[i][b][1] = _mm512_dpwssd_epi32(acc[i][b][1], xb, wv[b][1]);
+                    }
+                }
+            }
+        }
+        /* output j's two lanes are 2j and 2j + 1 of its half: even + odd lanes, in output order */
+        for (int i = 0; i < MR; i++)
+            for (int b = 0; b < 2; b++) {
+                const __m512i sum = _mm512_add_epi32(_mm512_permutex2var_epi32(acc[i][b][0], even, acc[i][b][1]),
+                                                     _mm512_permutex2var_epi32(acc[i][b][0], odd, acc[i][b][1]));
+                total[i][b] = _mm512_add_ps(total[i][b], _mm512_cvtepi32_ps(sum));
+            }
+    }
+    for (int b = 0; b < 2; b++) {
+        const Py_ssize_t n = n0 + 16 * (b0 + b);
+        if (n >= N) break;
+        const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+        const __m512 sc = _mm512_maskz_loadu_ps(mask, scale + n);
+        for (int i = 0; i < MR; i++)
+            _mm512_mask_storeu_ps(out + i * ldo + n, mask,
+                                  _mm512_div_ps(_mm512_mul_ps(total[i][b], _mm512_set1_ps(sx[i])), sc));
+    }
+}
+
+/* One tile of R rows by a group's 64 outputs: int8 activations (wide 0) or int16 (wide 1: two
+   tiles of 32 outputs). */
+VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(
+    const int R, int wide, const void *x, Py_ssize_t Kp, const float *sx, const int8_t *wg, const int32_t *wsum,
+    const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, float *out) {
+    if (wide) {
+        tile_vnni16(R, x, Kp, sx, wg, 0, scale, n0, N, prefetch, out, N);
+        tile_vnni16(R, x, Kp, sx, wg, 2, scale, n0, N, prefetch, out, N);
+    } else {
+        tile_vnni8(R, x, Kp, sx, wg, wsum, scale, n0, N, prefetch, out, N);
+    }
+}
+
 /* Rows per block: a block's activations (128 KiB for K = 512) stay in L2 while every group of
    weights passes over them (as VNNI_BLOCK_ROWS for the int16 path). A multiple of VNNI8_MR. */
 #ifndef VNNI8_BLOCK_ROWS
 #define VNNI8_BLOCK_ROWS 256
 #endif
 
-/* xq: M rows of Kp (K rounded up to 64) activations + 128; wp: pack_vnni's buffer (the packed
-   weights, then the int32 sum of each of the Np = N rounded up to 64 weight rows). */
-VNNI_TARGET static void linear_vnni8(const uint8_t *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M,
-                                     const int8_t *wp, Py_ssize_t N, const float *scale, float *out, int threads) {
-    const Py_ssize_t KB = Kp / 64, groups = (N + 63) / 64;
+/* xq: M rows of Kp (K rounded up to 64) activations: int8 + 128 (wide 0, mode 4) or int16 (wide 1,
+   mode 2); wp: the packed weights (pack_vnni's buffer: then the int32 sum of each of the Np = N
+   rounded up to 64 weight rows, which mode 4 needs; mode 2 also takes pack_amx's). */
+VNNI_TARGET static void linear_packed(int wide, const void *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M,
+                                      const int8_t *wp, Py_ssize_t N, const float *scale, float *out, int threads) {
+    const Py_ssize_t KB = Kp / 64, groups = (N + 63) / 64, row_bytes = Kp * (wide ? 2 : 1);
     const int32_t *wsum = (const int32_t *)(wp + groups * KB * 4096);
     for (Py_ssize_t m0 = 0; m0 < M; m0 += VNNI8_BLOCK_ROWS) {
         const Py_ssize_t rows = M - m0 < VNNI8_BLOCK_ROWS ? M - m0 : VNNI8_BLOCK_ROWS;
-        const uint8_t *xb = xq + m0 * Kp;
         const int nt = (rows * N * Kp >= (1 << 21) && threads > 1) ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
         for (Py_ssize_t g = 0; g < groups; g++) {
             const int8_t *wg = wp + g * KB * 4096;
-            float *o = out + m0 * N;
-            const Py_ssize_t n0 = g * 64;
-            Py_ssize_t i = 0;
             /* the first tile reads the group from memory (prefetched); the others from cache */
-            for (; i + VNNI8_MR <= rows; i += VNNI8_MR)
-                tile_vnni8(VNNI8_MR, xb + i * Kp, Kp, sx + m0 + i, wg, wsum, scale, n0, N, i == 0, o + i * N, N);
-            switch (rows - i) {
-                case 3: tile_vnni8(3, xb + i * Kp, Kp, sx + m0 + i, wg, wsum, scale, n0, N, i == 0, o + i * N, N); break;
-                case 2: tile_vnni8(2, xb + i * Kp, Kp, sx + m0 + i, wg, wsum, scale, n0, N, i == 0, o + i * N, N); break;
-                case 1: tile_vnni8(1, xb + i * Kp, Kp, sx + m0 + i, wg, wsum, scale, n0, N, i == 0, o + i * N, N); break;
-                default: break;
+            for (Py_ssize_t i = 0; i < rows; i += VNNI8_MR) {
+                const void *x = (const char *)xq + (m0 + i) * row_bytes;
+                const float *s = sx + m0 + i;
+                float *o = out + (m0 + i) * N;
+                switch (rows - i < VNNI8_MR ? rows - i : VNNI8_MR) {
+                    case 4: packed_tile(4, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
+                    case 3: packed_tile(3, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
+                    case 2: packed_tile(2, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
+                    default: packed_tile(1, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
+                }
             }
         }
     }
@@ -540,9 +547,9 @@ static PyObject *py_pack_vnni(PyObject *self, PyObject *args) {
 
 /* linear(x, w, scale_or_None, out, M, K, N, mode, threads): buffers are C-contiguous, checked
    (dtypes and shapes) by engine/runtime/qlinear.py; sizes are re-checked here against the bytes.
-   mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights x int16 activations;
-   3: int8 weights packed by pack_amx (w is that buffer) x int8 activations with AMX; 4: int8
-   weights packed by pack_vnni (w is that buffer) x int8 activations with VNNI. */
+   mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights packed by pack_vnni
+   or pack_amx (w is that buffer) x int16 activations with VNNI; 3: int8 weights packed by pack_amx
+   x int8 activations with AMX; 4: int8 weights packed by pack_vnni x int8 activations with VNNI. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer x, w, out, scale = {0};
@@ -569,13 +576,14 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     const Py_ssize_t w_len = mode == 3   ? tiles_len(N, K)
                              : mode == 4 ? vnni8_len(N, K)
                                          : N * K * (is_int8 ? 1 : 4);
-    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 || w.len != w_len ||
+    const int w_ok = mode == 2 ? w.len == vnni8_len(N, K) || w.len == tiles_len(N, K) : w.len == w_len;
+    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 || !w_ok ||
         (has_scale && scale.len != N * 4)) {
         PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
         goto fail;
     }
     /* modes 2-4 quantize the activations first: rows of Kp values (Mp rows: AMX's 16-row tiles) */
-    const Py_ssize_t Kp = mode == 2 ? (K + 31) / 32 * 32 : (K + 63) / 64 * 64;
+    const Py_ssize_t Kp = (K + 63) / 64 * 64;
     const Py_ssize_t Mp = mode == 3 ? (M + 15) / 16 * 16 : M;
     void *xq = NULL;
     float *sx = NULL;
@@ -600,11 +608,11 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 #endif
     if (mode == 2) {
         Py_BEGIN_ALLOW_THREADS quantize_rows((const float *)x.buf, M, K, Kp, xq, sx);
-        linear_vnni(xq, Kp, sx, M, K, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
+        linear_packed(1, xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
         Py_END_ALLOW_THREADS
     } else if (mode == 4) {
         Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx, 128);
-        linear_vnni8(xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
+        linear_packed(0, xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
         Py_END_ALLOW_THREADS
     } else {
         Py_BEGIN_ALLOW_THREADS linear_avx512((const float *)x.buf, M, K, (const char *)w.buf, is_int8, N,

@@ -134,14 +134,14 @@ def default_threads() -> int:
 class Linear:
     """One weight matrix in CTranslate2's layout [out, in]: ``stored`` is int8 (with ``scale``,
     float32 [out]: W = stored / scale) or float32 (``scale`` None). ``packed`` is the int8 matrix
-    in AMX's tile layout where AMX or VNNI runs (for VNNI followed by each row's sum), 64-byte
-    aligned; ``dense`` the float32 matrix for BLAS, made on first use (with the kernel nothing
+    in AMX's tile layout where AMX or VNNI runs (for VNNI followed by each row's sum; both of
+    VNNI's modes read it), 64-byte aligned; ``dense`` the float32 matrix for BLAS, made on first use (with the kernel nothing
     needs it: no 4x copy of the model in memory)."""
 
     stored: np.ndarray
     scale: np.ndarray | None
     packed: np.ndarray | None = None
-    packed_for: int | None = None  # the mode ``packed`` is laid out for: MODE_INT8_AMX or MODE_INT8_VNNI
+    packed_for: int | None = None  # the mode ``packed`` was made for: MODE_INT8_AMX, _VNNI or _INT16
 
     @classmethod
     def from_stored(
@@ -165,9 +165,10 @@ class Linear:
             scale = np.ascontiguousarray(scale, dtype=np.float32)
             if _AMX and _KERNEL is not None:
                 return cls(stored, scale, _aligned(_KERNEL.pack_amx(stored, *stored.shape)), MODE_INT8_AMX)
-            vnni8 = _VNNI and hasattr(_KERNEL, "pack_vnni")  # False: an extension built before mode 4
-            if _KERNEL is not None and vnni8 and stored.shape[1] <= VNNI8_MAX_K and not int16_activations:
-                return cls(stored, scale, _aligned(_KERNEL.pack_vnni(stored, *stored.shape)), MODE_INT8_VNNI)
+            if _VNNI and _KERNEL is not None and hasattr(_KERNEL, "pack_vnni"):  # not: a build before packing
+                packed = _aligned(_KERNEL.pack_vnni(stored, *stored.shape))
+                int8 = stored.shape[1] <= VNNI8_MAX_K and not int16_activations
+                return cls(stored, scale, packed, MODE_INT8_VNNI if int8 else MODE_INT8_INT16)
             return cls(stored, scale)
         return cls(np.ascontiguousarray(stored, dtype=np.float32), None)
 
@@ -187,7 +188,9 @@ class Linear:
             return MODE_INT8_AMX
         if self.packed_for == MODE_INT8_VNNI and _VNNI:
             return MODE_INT8_VNNI
-        return MODE_INT8_INT16 if _VNNI else MODE_INT8_FLOAT
+        if _VNNI and (self.packed is not None or not hasattr(_KERNEL, "pack_vnni")):
+            return MODE_INT8_INT16  # on the packed weights, or as stored for a build before packing
+        return MODE_INT8_FLOAT  # made while the kernel was off: nothing packed
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -202,7 +205,8 @@ class Linear:
         if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
-            weights = self.packed if mode in (MODE_INT8_AMX, MODE_INT8_VNNI) else self.stored
+            packed = mode in (MODE_INT8_INT16, MODE_INT8_AMX, MODE_INT8_VNNI) and self.packed is not None
+            weights = self.packed if packed else self.stored
             _KERNEL.linear(x, weights, self.scale, out, rows, k, n, mode, threads)
             return out
         if _blas_single_threaded and threads > 1 and rows >= SPLIT_MIN_ROWS:
