@@ -299,8 +299,9 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, flan_model_dir:
 
 def test_a_client_that_goes_away_cancels_its_job(env: Env) -> None:
     before = metric(env, "engine_jobs_total", status="cancelled")
-    # Contrastive over 8 candidates, 4 x 512 tokens: seconds of work on the test model.
-    body = {"prompt": "long " * 20, "max_tokens": 512, "min_tokens": 512, "n": 4, **CONTRASTIVE, "top_k": 8}
+    # Contrastive over 16 candidates, 16 x 512 tokens: seconds of work on the test model (4 x 512
+    # over 8 took under 0.5 s once the kernel got faster).
+    body = {"prompt": "long " * 20, "max_tokens": 512, "min_tokens": 512, "n": 16, **CONTRASTIVE, "top_k": 16}
     headers = {"Authorization": f"Bearer {env.bob}"}
     with (
         httpx.Client(timeout=60) as h,
@@ -345,9 +346,12 @@ def submit(env: Env, prompts: list[str], params: dict[str, Any], key: str | None
 
 
 def busy(env: Env) -> None:
-    """A second of other work in the queue, so that a stream opened next is open before the
-    next job's first token (a finished job streams its done event alone)."""
-    submit(env, ["busy"] * 16, {"max_new_tokens": 512, "min_new_tokens": 512}, key=env.bob)
+    """Seconds of other work ahead of the next job, so that a stream opened next is open before
+    that job's first token (a finished job streams its done event alone). Its 16 x 16 candidate
+    rows fill our decoder's batch (256 rows), so the next job of the continuous lane (greedy and
+    contrastive here) waits for room."""
+    params = {"max_new_tokens": 512, "min_new_tokens": 512, **CONTRASTIVE, "top_k": 16}
+    submit(env, ["busy"] * 16, params, key=env.bob)
 
 
 def stream_job(env: Env, job_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:
