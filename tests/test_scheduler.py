@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,8 +216,8 @@ def test_a_short_greedy_job_on_the_continuous_lane_does_not_wait_for_a_long_one(
 
 
 def test_the_continuous_loop_reads_the_queue_on_wakeups_freed_rows_and_a_poll_not_every_step() -> None:
-    """A 300-step job alone: the queue is read a few times (the poll every ADMIT_POLL_S of the
-    clock), not once per step; a submit still joins at the next step."""
+    """A long job alone: the queue is read a few times (the poll every ADMIT_POLL_S of the clock),
+    not once per step; a submit still joins within a step or two."""
 
     class CountingStore(SqliteJobStore):
         reads = 0
@@ -228,9 +229,9 @@ def test_the_continuous_loop_reads_the_queue_on_wakeups_freed_rows_and_a_poll_no
 
     async def body() -> None:
         clock = FakeClock()
-        engine = FakeEngine(greedy_continuous=True)
+        engine = FakeEngine(step_delay_s=0.0005, greedy_continuous=True)
         svc = await start_service(engine, clock=clock, store=CountingStore(":memory:"))
-        long = await svc.submit("a", ["long"], DecodingParams(max_new_tokens=300, min_new_tokens=300))
+        long = await svc.submit("a", ["long"], DecodingParams(max_new_tokens=4000, min_new_tokens=4000))
         await until(lambda: len(engine.contrastive_steps) >= 100)
         assert CountingStore.reads <= 3  # the clock stood still: no poll came due
         clock.advance(ADMIT_POLL_S)
@@ -240,9 +241,39 @@ def test_the_continuous_loop_reads_the_queue_on_wakeups_freed_rows_and_a_poll_no
         at = len(engine.contrastive_steps)
         assert (await svc.wait("a", short.job.id, 10)).job.status is JobStatus.COMPLETED
         assert len(engine.contrastive_steps) <= at + 5
-        assert (await svc.wait("a", long.job.id, 10)).job.status is JobStatus.COMPLETED
-        assert len(engine.contrastive_steps) >= 300
-        assert CountingStore.reads <= 12
+        assert (await svc.get("a", long.job.id)).job.status is JobStatus.RUNNING
+        assert CountingStore.reads <= 8
+        await svc.cancel("a", long.job.id)
+        await svc.stop()
+
+    run(body)
+
+
+def test_unwatched_steps_chain_on_the_worker_and_a_watched_job_sees_every_step() -> None:
+    """Nobody watches the job: the worker runs many steps per return to the event loop. Once a
+    stream watches it, every step comes back (its tokens are published as they come)."""
+
+    async def body() -> None:
+        engine = FakeEngine(step_delay_s=0.0005, greedy_continuous=True)
+        svc = await start_service(engine)
+        loop = svc._scheduler.continuous_loop  # type: ignore[union-attr]
+        returns = 0
+        update = loop.update
+
+        def counted(output: Any) -> None:
+            nonlocal returns
+            returns += 1
+            update(output)
+
+        loop.update = counted  # type: ignore[method-assign]
+        job = await svc.submit("a", ["unwatched"], DecodingParams(max_new_tokens=300, min_new_tokens=300))
+        assert (await svc.wait("a", job.job.id, 20)).job.status is JobStatus.COMPLETED
+        assert returns * 5 <= 300, returns
+        watched = await svc.submit("a", ["watched"], DecodingParams(max_new_tokens=60, min_new_tokens=60))
+        steps_before, returns = len(engine.contrastive_steps), 0
+        tokens = [ev async for ev in svc.stream("a", watched.job.id)]
+        assert len(tokens) >= 60
+        assert returns >= len(engine.contrastive_steps) - steps_before - 2  # one return a step
         await svc.stop()
 
     run(body)

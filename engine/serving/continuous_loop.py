@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 # (jobs queued by other servers sharing the store, or requeued ones). Reading it every step cost a
 # store query per step (a Redis round trip), which greedy's 1-4 ms steps feel.
 ADMIT_POLL_S = 0.05
+# After a step the worker runs the next one at once, without going back to the event loop, while
+# nothing there needs it: no row ended, nothing woke the loop, no queue poll is due, and no job in
+# the batch is stopped, past its deadline, watched by a stream or waiting for its first token; for
+# at most this long. Each return to the event loop costs a thread hand-off plus schedule/update,
+# which a 1-2 ms greedy step feels (benchmarks/bench_chain.py, RESULTS.md).
+CHAIN_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,8 @@ class ContinuousLoop(Loop):
 
     # -- execute: on the worker thread -----------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Rows leave, rows join (those that do not fit yet wait), one decoder step."""
+        """Rows leave, rows join (those that do not fit yet wait), one decoder step, and more while
+        nothing on the event loop needs to see them (``_undisturbed``)."""
         batch = plan.batch if plan.batch is not None else self.engine.decoder_batch()
         for row in plan.cancels:
             batch.cancel(row.engine_id)
@@ -229,13 +236,32 @@ class ContinuousLoop(Loop):
                     deferred.append((row, req))
             except EngineError as exc:
                 rejected[row] = exc
-        t0 = time.perf_counter()
-        rows = len(batch)
-        events = self._row_events(batch.step()) if rows else []
-        if rows:
+        events: list[RowEvent] = []
+        start = time.perf_counter()
+        while len(batch):
+            t0 = time.perf_counter()
+            rows = len(batch)
+            events.extend(self._row_events(batch.step()))
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(rows)
+            if rejected or not self._undisturbed(events, start):
+                break
         return StepOutput(batch, events, deferred, rejected)
+
+    def _undisturbed(self, events: list[RowEvent], start: float) -> bool:
+        """On the worker thread, after a step: whether the next step may run before the event loop
+        sees this one (CHAIN_S)."""
+        if time.perf_counter() - start >= CHAIN_S or any(ev.result is not None for ev in events):
+            return False
+        now = self.clock.time()
+        if self.wakeup.pending() or now >= self.admit_due:
+            return False
+        watched = self.events.watched
+        for job in self.active.values():
+            rj = job.rj
+            if rj.stop or not rj.first_token_seen or now > rj.deadline or rj.job.id in watched:
+                return False
+        return True
 
     def _row_events(self, events: list[TokenEvent]) -> list[RowEvent]:
         """The decoder's events, keyed by their rows again (a row's id is forgotten with its last

@@ -67,6 +67,10 @@ class Wakeup:
     def set(self) -> None:
         self._event.set()
 
+    def pending(self) -> bool:
+        """Whether ``set`` was called and not taken yet (a plain read: any thread may ask)."""
+        return self._event.is_set()
+
     def take(self) -> bool:
         """Whether ``set`` was called since the last ``take`` or ``sleep`` (and clear it)."""
         if self._event.is_set():
