@@ -7,7 +7,8 @@ AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 sto
 rows with their scales, or float32) and converts them in registers. With AVX512-VNNI or AMX int8
 weights, packed once into AMX's tile layout, multiply activations quantized to int8 per row (error
 at most 1/254 of a row's largest value, as CTranslate2's int8 GEMMs) at every row count, the
-encoder included, summed exactly in int32: a row's result depends on that row alone. Float32
+encoder included, summed exactly in int32: a row's result depends on that row alone (on VNNI
+two products keep int16 activations for agreement with float32: ``Linear.from_stored``). Float32
 weights, and int8 ones without VNNI (converted to float in registers), keep float32 activations;
 for many rows BLAS is faster there, so a ``Linear`` picks by row count (``KERNEL_MAX_ROWS``,
 measured).
