@@ -310,12 +310,10 @@ def test_vnni_keeps_int16_activations_where_int8_cost_agreement() -> None:
 @needs_kernel
 @pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX")
 def test_an_extension_built_before_int8_activations_keeps_int16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worktree whose _qlinear was compiled before packing for VNNI (no pack_vnni) runs its int16
-    mode on the weights as stored instead of failing until it is rebuilt."""
+    """A worktree whose _qlinear was compiled before both VNNI modes took packed weights (no
+    LAYOUT 2) runs its int16 mode on the weights as stored instead of failing until it is rebuilt."""
     assert kernel is not None
-    older = types.SimpleNamespace(
-        **{name: getattr(kernel, name) for name in dir(kernel) if name != "pack_vnni"}
-    )
+    older = types.SimpleNamespace(**{name: getattr(kernel, name) for name in dir(kernel) if name != "LAYOUT"})
     calls = []
 
     def linear(*args: object) -> None:  # an older build's mode 2 took the weights as stored

@@ -651,4 +651,16 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qlinear", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__qlinear(void) { return PyModule_Create(&module); }
+/* LAYOUT: which weights modes 2 and 4 take. 2: both the packed buffer (pack_vnni). Builds without it
+   (before packing, or with mode 4 packed and mode 2 on the weights as stored) are told apart by
+   engine/runtime/qlinear.py, which then runs mode 2 on the stored weights. */
+#define LAYOUT 2
+
+PyMODINIT_FUNC PyInit__qlinear(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "LAYOUT", LAYOUT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

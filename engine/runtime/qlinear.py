@@ -7,7 +7,8 @@ AVX-512, built by setup.py; see its header) reads the weights as CTranslate2 sto
 rows with their scales, or float32) and converts them in registers. With AVX512-VNNI or AMX int8
 weights, packed once into AMX's tile layout, multiply activations quantized to int8 per row (error
 at most 1/254 of a row's largest value, as CTranslate2's int8 GEMMs) at every row count, the
-encoder included, summed exactly in int32: a row's result depends on that row alone. Float32
+encoder included, summed exactly in int32: a row's result depends on that row alone (on VNNI
+two products keep int16 activations for agreement with float32: ``Linear.from_stored``). Float32
 weights, and int8 ones without VNNI (converted to float in registers), keep float32 activations;
 for many rows BLAS is faster there, so a ``Linear`` picks by row count (``KERNEL_MAX_ROWS``,
 measured).
@@ -59,6 +60,13 @@ BLAS_BLOCK_ROWS = 1024
 SPLIT_MIN_ROWS = 64
 
 
+def _packs_for_vnni(kernel: object) -> bool:
+    """Whether this build of _qlinear takes packed weights in both VNNI modes (LAYOUT 2). An
+    extension compiled from an older _qlinear.c (a worktree that merged without rebuilding) runs
+    mode 2 on the weights as stored, and nothing is packed for it."""
+    return int(getattr(kernel, "LAYOUT", 0)) >= 2
+
+
 def _load_kernel() -> tuple[ModuleType | None, str]:
     try:
         from engine.runtime import _qlinear  # type: ignore[attr-defined]
@@ -70,9 +78,11 @@ def _load_kernel() -> tuple[ModuleType | None, str]:
         return _qlinear, "AVX-512 small-batch kernel (no VNNI: int8 weights converted to float)"
     if _qlinear.amx_available():
         return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with AMX (float32 models: AVX-512)"
-    if not hasattr(_qlinear, "pack_vnni"):  # an extension built from an older _qlinear.c
-        return _qlinear, "AVX-512 kernel, int8 weights x int16 activations with VNNI (built before int8 "
-        "activations: `python setup.py build_ext --inplace` rebuilds it)"
+    if not _packs_for_vnni(_qlinear):
+        return _qlinear, (
+            "AVX-512 kernel, int8 weights x int16 activations with VNNI (built from an older _qlinear.c: "
+            "`python setup.py build_ext --inplace` rebuilds it)"
+        )
     return _qlinear, "AVX-512 kernel, int8 weights x int8 activations with VNNI (float32 models: AVX-512)"
 
 
@@ -165,7 +175,7 @@ class Linear:
             scale = np.ascontiguousarray(scale, dtype=np.float32)
             if _AMX and _KERNEL is not None:
                 return cls(stored, scale, _aligned(_KERNEL.pack_amx(stored, *stored.shape)), MODE_INT8_AMX)
-            if _VNNI and _KERNEL is not None and hasattr(_KERNEL, "pack_vnni"):  # not: a build before packing
+            if _VNNI and _KERNEL is not None and _packs_for_vnni(_KERNEL):
                 packed = _aligned(_KERNEL.pack_vnni(stored, *stored.shape))
                 int8 = stored.shape[1] <= VNNI8_MAX_K and not int16_activations
                 return cls(stored, scale, packed, MODE_INT8_VNNI if int8 else MODE_INT8_INT16)
@@ -188,7 +198,7 @@ class Linear:
             return MODE_INT8_AMX
         if self.packed_for == MODE_INT8_VNNI and _VNNI:
             return MODE_INT8_VNNI
-        if _VNNI and (self.packed is not None or not hasattr(_KERNEL, "pack_vnni")):
+        if _VNNI and (self.packed is not None or not _packs_for_vnni(_KERNEL)):
             return MODE_INT8_INT16  # on the packed weights, or as stored for a build before packing
         return MODE_INT8_FLOAT  # made while the kernel was off: nothing packed
 
@@ -205,7 +215,10 @@ class Linear:
         if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
-            packed = mode in (MODE_INT8_INT16, MODE_INT8_AMX, MODE_INT8_VNNI) and self.packed is not None
+            packed = self.packed is not None and (
+                mode in (MODE_INT8_AMX, MODE_INT8_VNNI)
+                or (mode == MODE_INT8_INT16 and _packs_for_vnni(_KERNEL))
+            )
             weights = self.packed if packed else self.stored
             _KERNEL.linear(x, weights, self.scale, out, rows, k, n, mode, threads)
             return out
