@@ -71,6 +71,7 @@ CONTRASTIVE = {"penalty_alpha": 0.6, "top_k": 4, **FORCED}
 MODELS = OUT_DIR / "models"
 
 ENGINE_GREEDY = "engine greedy"
+SETTLE_S = 0.3
 ENGINE_CONTRASTIVE = "engine contrastive"
 OURS_GREEDY = "our decoder greedy"
 OURS_GREEDY_NUMPY = "our decoder greedy, numpy layers"
@@ -250,6 +251,10 @@ def main() -> None:
             shift = r % len(contenders)
             for b in batches:
                 for name, run in contenders[shift:] + contenders[:shift]:
+                    # Transformers' and ONNX Runtime's thread pools spin for a while after a call
+                    # (OpenMP's blocktime, ORT's spinning): the contender timed next would share
+                    # the cores with them. A pause lets them go to sleep first.
+                    time.sleep(SETTLE_S)
                     times[(name, b)].append(run(data[b]))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     finally:
