@@ -53,8 +53,8 @@ setup(
     ext_modules=[
         Extension(
             "engine.runtime._qlinear",
-            sources=["engine/runtime/_qlinear.c", "engine/runtime/_t5ops.c"],
-            depends=["engine/runtime/_t5ops.h"],
+            sources=["engine/runtime/_qlinear.c", "engine/runtime/_t5ops.c", "engine/runtime/_pool.c"],
+            depends=["engine/runtime/_t5ops.h", "engine/runtime/_pool.h"],
             extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
             extra_link_args=["-fopenmp"],
             optional=True,

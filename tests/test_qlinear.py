@@ -4,6 +4,7 @@ products (AMX, VNNI) against an exact integer reference."""
 from __future__ import annotations
 
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,28 @@ def test_a_layer_made_while_the_kernel_was_off_runs_without_packing(monkeypatch:
     assert layer.packed is None and layer.mode == qlinear.MODE_INT8_FLOAT
     x = rng.standard_normal((3, 32)).astype(np.float32)
     np.testing.assert_allclose(layer(x), x @ layer.dense.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_products_on_many_threads_and_from_many_callers_equal_one_thread() -> None:
+    """The kernel's pool (engine/runtime/_pool.c): more threads than cores, and several Python
+    threads calling at once (each call is one job; callers take turns), give one thread's numbers."""
+    assert kernel is not None
+    rng = np.random.default_rng(11)
+    m, n, k = 8, 1000, 512
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    scale = rng.uniform(50, 150, n).astype(np.float32)
+    mode = qlinear.MODE_INT8_VNNI if qlinear._VNNI else qlinear.MODE_INT8_FLOAT
+
+    def product(threads: int) -> np.ndarray:
+        out = np.empty((m, n), dtype=np.float32)
+        kernel.linear(x, _weights(w, mode), scale, out, m, k, n, mode, threads)
+        return out
+
+    one = product(1)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(product(threads), one)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for out in pool.map(lambda _: product(2), range(40)):
+            np.testing.assert_array_equal(out, one)

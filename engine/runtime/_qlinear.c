@@ -20,7 +20,8 @@ The modes (py_linear):
         widening of the weights, no horizontal sums): the weights packed once in AMX's layout.
 In modes 3 and 4 each activation row is quantized to int8 with its own scale (max |x| -> 127, as
 CTranslate2's int8 GEMMs), the products are summed exactly in int32, and a row's result depends on
-that row alone. Work is split across OpenMP threads by groups of outputs. Built with AVX-512 (and
+that row alone. Work is split by groups of outputs over the pool of _pool.c (the caller does the
+work of a thread that is not on a core; with AMX, OpenMP's threads). Built with AVX-512 (and
 VNNI, AMX) target attributes and dispatched at run time: `available()`, `vnni_available()`,
 `amx_available()` say what the CPU (and kernel, compiler) can run; without AVX-512 the Python side
 keeps numpy. */
@@ -32,6 +33,7 @@ keeps numpy. */
 #include <stdlib.h>
 #include <string.h>
 
+#include "_pool.h"
 #include "_t5ops.h"
 
 #define NR 4
@@ -91,27 +93,47 @@ TARGET static inline __attribute__((always_inline)) void tile(
         }
 }
 
-TARGET static void linear_avx512(const float *x, Py_ssize_t M, Py_ssize_t K, const char *w, int is_int8,
-                                 Py_ssize_t N, const float *scale, float *out, int threads) {
-    const Py_ssize_t row_bytes = K * (is_int8 ? 1 : 4);
-    const Py_ssize_t tiles = (N + NR - 1) / NR;
-    /* Threads only pay off on work that outlasts waking them (~several microseconds). */
-    const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (Py_ssize_t t = 0; t < tiles; t++) {
+typedef struct {
+    const float *x;
+    Py_ssize_t M, K, N, tiles, row_bytes;
+    const char *w;
+    int is_int8;
+    const float *scale;
+    float *out;
+} float_job;
+
+#define FLOAT_TILES_PER_TASK 16 /* 64 outputs a task */
+
+/* One task of linear_avx512: FLOAT_TILES_PER_TASK tiles of 4 outputs for every row. */
+TARGET static void float_tiles(void *ctx, long task) {
+    const float_job *j = ctx;
+    const Py_ssize_t M = j->M, K = j->K, N = j->N, row_bytes = j->row_bytes;
+    const Py_ssize_t t1 = (task + 1) * FLOAT_TILES_PER_TASK < j->tiles ? (task + 1) * FLOAT_TILES_PER_TASK : j->tiles;
+    for (Py_ssize_t t = task * FLOAT_TILES_PER_TASK; t < t1; t++) {
         const Py_ssize_t n0 = t * NR;
         const Py_ssize_t nr = N - n0 < NR ? N - n0 : NR;
-        const char *wt = w + n0 * row_bytes;
-        const float *st = scale ? scale + n0 : NULL;
+        const char *wt = j->w + n0 * row_bytes;
+        const float *st = j->scale ? j->scale + n0 : NULL;
+        const float *x = j->x;
+        float *out = j->out;
         Py_ssize_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) tile(4, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N);
+        for (; m0 + 4 <= M; m0 += 4) tile(4, x + m0 * K, K, wt, row_bytes, j->is_int8, nr, st, out + m0 * N + n0, N);
         switch (M - m0) {
-            case 3: tile(3, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
-            case 2: tile(2, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
-            case 1: tile(1, x + m0 * K, K, wt, row_bytes, is_int8, nr, st, out + m0 * N + n0, N); break;
+            case 3: tile(3, x + m0 * K, K, wt, row_bytes, j->is_int8, nr, st, out + m0 * N + n0, N); break;
+            case 2: tile(2, x + m0 * K, K, wt, row_bytes, j->is_int8, nr, st, out + m0 * N + n0, N); break;
+            case 1: tile(1, x + m0 * K, K, wt, row_bytes, j->is_int8, nr, st, out + m0 * N + n0, N); break;
             default: break;
         }
     }
+}
+
+TARGET static void linear_avx512(const float *x, Py_ssize_t M, Py_ssize_t K, const char *w, int is_int8,
+                                 Py_ssize_t N, const float *scale, float *out, int threads) {
+    const Py_ssize_t tiles = (N + NR - 1) / NR;
+    float_job job = {x, M, K, N, tiles, K * (is_int8 ? 1 : 4), w, is_int8, scale, out};
+    /* Threads only pay off on work that outlasts waking them (~several microseconds). */
+    const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
+    pool_run((long)((tiles + FLOAT_TILES_PER_TASK - 1) / FLOAT_TILES_PER_TASK), nt, float_tiles, &job);
 }
 
 
@@ -320,29 +342,71 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(
 /* xq: M rows of Kp (K rounded up to 64) activations: int8 + 128 (wide 0, mode 4) or int16 (wide 1,
    mode 2); wp: the packed weights (pack_vnni's buffer: then the int32 sum of each of the Np = N
    rounded up to 64 weight rows, which mode 4 needs; mode 2 also takes pack_amx's). */
+typedef struct {
+    int wide;
+    const void *xq;
+    Py_ssize_t Kp, KB, rows, m0, N, row_bytes, groups, tasks;
+    const float *sx, *scale;
+    const int8_t *wp;
+    const int32_t *wsum;
+    float *out;
+} packed_job;
+
+/* One group of 64 outputs for the block's rows. */
+VNNI_TARGET static inline void packed_group(const packed_job *j, Py_ssize_t g) {
+    const int8_t *wg = j->wp + g * j->KB * 4096;
+    /* the first tile reads the group from memory (prefetched); the others from cache */
+    for (Py_ssize_t i = 0; i < j->rows; i += VNNI8_MR) {
+        const Py_ssize_t m = j->m0 + i;
+        const void *x = (const char *)j->xq + m * j->row_bytes;
+        const float *s = j->sx + m;
+        float *o = j->out + m * j->N;
+        const int wide = j->wide, first = i == 0;
+        const Py_ssize_t Kp = j->Kp, N = j->N, n0 = g * 64;
+        switch (j->rows - i < VNNI8_MR ? j->rows - i : VNNI8_MR) {
+            case 4: packed_tile(4, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
+            case 3: packed_tile(3, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
+            case 2: packed_tile(2, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
+            default: packed_tile(1, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
+        }
+    }
+}
+
+/* Runs of groups per thread: one (each thread streams its half of the weights in order, as
+   OpenMP's static schedule did; a late helper's half is taken by the caller) measured faster than
+   2 or 4 (benchmarks/RESULTS.md, "A pool whose caller does the work"). */
+#ifndef POOL_RUNS
+#define POOL_RUNS 1
+#endif
+
+/* One task of linear_packed: a contiguous run of groups (each thread streams its share of the
+   weights in order, as OpenMP's static schedule did). */
+VNNI_TARGET static void packed_groups(void *ctx, long task) {
+    const packed_job *j = ctx;
+    const Py_ssize_t g1 = (task + 1) * j->groups / j->tasks;
+    for (Py_ssize_t g = task * j->groups / j->tasks; g < g1; g++) packed_group(j, g);
+}
+
+/* Products from this many multiply-adds take a second thread (pool_run: the caller never waits
+   for a helper that is not on a core, so even one row's product may share its groups). */
+#ifndef PACKED_PARALLEL_MIN_WORK
+#define PACKED_PARALLEL_MIN_WORK (1 << 18)
+#endif
+
+/* xq: M rows of Kp (K rounded up to 64) activations: int8 + 128 (wide 0, mode 4) or int16 (wide 1,
+   mode 2); wp: the packed weights (pack_vnni's buffer: then the int32 sum of each of the Np = N
+   rounded up to 64 weight rows, which mode 4 needs; mode 2 also takes pack_amx's). */
 VNNI_TARGET static void linear_packed(int wide, const void *xq, Py_ssize_t Kp, const float *sx, Py_ssize_t M,
                                       const int8_t *wp, Py_ssize_t N, const float *scale, float *out, int threads) {
-    const Py_ssize_t KB = Kp / 64, groups = (N + 63) / 64, row_bytes = Kp * (wide ? 2 : 1);
-    const int32_t *wsum = (const int32_t *)(wp + groups * KB * 4096);
+    const Py_ssize_t KB = Kp / 64, groups = (N + 63) / 64;
+    packed_job job = {wide, xq, Kp, KB, 0, 0, N, Kp * (wide ? 2 : 1), groups, 1, sx, scale, wp,
+                      (const int32_t *)(wp + groups * KB * 4096), out};
     for (Py_ssize_t m0 = 0; m0 < M; m0 += VNNI8_BLOCK_ROWS) {
-        const Py_ssize_t rows = M - m0 < VNNI8_BLOCK_ROWS ? M - m0 : VNNI8_BLOCK_ROWS;
-        const int nt = (rows * N * Kp >= (1 << 21) && threads > 1) ? threads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-        for (Py_ssize_t g = 0; g < groups; g++) {
-            const int8_t *wg = wp + g * KB * 4096;
-            /* the first tile reads the group from memory (prefetched); the others from cache */
-            for (Py_ssize_t i = 0; i < rows; i += VNNI8_MR) {
-                const void *x = (const char *)xq + (m0 + i) * row_bytes;
-                const float *s = sx + m0 + i;
-                float *o = out + (m0 + i) * N;
-                switch (rows - i < VNNI8_MR ? rows - i : VNNI8_MR) {
-                    case 4: packed_tile(4, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
-                    case 3: packed_tile(3, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
-                    case 2: packed_tile(2, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
-                    default: packed_tile(1, wide, x, Kp, s, wg, wsum, scale, g * 64, N, i == 0, o); break;
-                }
-            }
-        }
+        job.m0 = m0;
+        job.rows = M - m0 < VNNI8_BLOCK_ROWS ? M - m0 : VNNI8_BLOCK_ROWS;
+        const int nt = (job.rows * N * Kp >= PACKED_PARALLEL_MIN_WORK && threads > 1) ? threads : 1;
+        job.tasks = nt > 1 ? (groups < POOL_RUNS * nt ? groups : POOL_RUNS * nt) : 1;
+        pool_run((long)job.tasks, nt, packed_groups, &job);
     }
 }
 
@@ -393,6 +457,7 @@ static int amx_ok(void) {
     if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
     amx_state = 1;
+    pool_use_openmp(1); /* AMX's products run on OpenMP threads: everything else joins them */
     return 1;
 }
 
@@ -635,12 +700,27 @@ fail:
     return NULL;
 }
 
+static PyObject *py_pool_openmp(PyObject *self, PyObject *args) {
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    if (amx_ok() && !on) {
+        PyErr_SetString(PyExc_ValueError, "with AMX the kernel's threads are OpenMP's (AMX tiles are configured per thread)");
+        return NULL;
+    }
+    pool_use_openmp(on);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "Whether this CPU can run the kernels (AVX-512F/BW/DQ/VL)."},
     {"vnni_available", py_vnni_available, METH_NOARGS, "Whether this CPU has AVX512-VNNI too (mode 2)."},
     {"amx_available", py_amx_available, METH_NOARGS, "Whether AMX-INT8 can run here (mode 3): CPU, kernel, compiler."},
     {"pack_amx", py_pack_amx, METH_VARARGS, "int8 weights [N, K] -> bytes in AMX's tile layout (mode 3)."},
     {"pack_vnni", py_pack_vnni, METH_VARARGS, "int8 weights [N, K] -> bytes: AMX's layout + row sums (mode 4)."},
+    {"pool_openmp", py_pool_openmp, METH_VARARGS,
+     "Run the kernel's parallel work on OpenMP's threads (True) or on its own pool (False, the default "
+     "without AMX): for benchmarks/bench_pool.py's side-by-side timing."},
     {"linear", py_linear, METH_VARARGS, "out[M, N] = x[M, K] . w[N, K]^T (/ scale[N]); see qlinear.py."},
     /* the rest of a T5 layer: _t5ops.c, engine/runtime/t5ops.py */
     {"rms_norm", t5ops_rms_norm, METH_VARARGS, "T5's RMS norm of rows; see t5ops.py."},

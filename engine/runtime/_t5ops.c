@@ -14,7 +14,7 @@ keys, with an additive bias read through a pointer and two strides (so that the 
 bias-by-distance table, the encoder's [H, S, S] bias and cross-attention's padding row are the
 same code), and optionally each row's own extra key (the decoder's new position, which is not in
 the cache yet); it takes the rows four at a time, so that each key and value is read once for four
-rows (attend_rows). (sequence, head) pairs are split across OpenMP threads. All functions need
+rows (attend_rows). (sequence, head) pairs are split over the pool of _pool.c. All functions need
 AVX-512F; the module's `available()` says whether the CPU has it. */
 
 #define PY_SSIZE_T_CLEAN
@@ -25,6 +25,7 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 #include <stdlib.h>
 #include <string.h>
 
+#include "_pool.h"
 #include "_t5ops.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
@@ -256,68 +257,92 @@ typedef struct {
     Py_ssize_t B, m, H, D, cap, n_dist;
 } attention_args;
 
-TARGET static void attention(const attention_args *g, int threads) {
+/* Per-thread scratch for the scores (pool threads live as long as the process). */
+static __thread float *scratch;
+static __thread size_t scratch_floats;
+
+static float *scores_buffer(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = malloc(floats * sizeof(float));
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+typedef struct {
+    const attention_args *g;
+    int failed; /* a task could not get its scratch (out of memory) */
+} attention_job;
+
+/* One task: one sequence's one head. */
+TARGET static void attention_task(void *ctx, long job) {
+    attention_job *t = ctx;
+    const attention_args *g = t->g;
+    const Py_ssize_t m = g->m, H = g->H, D = g->D, inner = H * D;
+    float *scores = scores_buffer((size_t)(ATTEND_ROWS * (g->cap + 16)));
+    if (!scores) {
+        t->failed = 1;
+        return;
+    }
+    const Py_ssize_t b = job / H, h = job % H;
+    attend_args a = {0};
+    a.rows = m;
+    a.d = D;
+    a.ldo = inner;
+    a.out = g->out + b * m * inner + h * D;
+    if (g->kind == 0) {
+        const Py_ssize_t L = g->lengths[b];
+        a.q = g->q + b * m * 3 * inner + h * D;
+        a.ldq = 3 * inner;
+        a.k = g->k + (b * H + h) * g->cap * D;
+        a.v = g->v + (b * H + h) * g->cap * D;
+        a.ldkv = D;
+        a.n = L;
+        a.own_k = a.q + inner;
+        a.own_v = a.q + 2 * inner;
+        a.ld_own = 3 * inner;
+        a.own_bias = g->bias[h];
+        a.bias = g->bias + L * H + h; /* key t: distance L - t */
+        a.bias_row = 0;
+        a.bias_key = -H;
+    } else if (g->kind == 1) {
+        a.q = g->q + b * m * inner + h * D;
+        a.ldq = inner;
+        a.k = g->k + (b * H + h) * g->cap * D;
+        a.v = g->v + (b * H + h) * g->cap * D;
+        a.ldkv = D;
+        a.n = g->cap;
+        a.bias = g->bias + b * g->cap;
+        a.bias_row = 0;
+        a.bias_key = 1;
+    } else {
+        a.q = g->q + b * m * 3 * inner + h * D;
+        a.ldq = 3 * inner;
+        a.k = a.q + inner;
+        a.v = a.q + 2 * inner;
+        a.ldkv = 3 * inner;
+        a.n = g->lengths[b];
+        a.bias = g->bias + h * m * m;
+        a.bias_row = m;
+        a.bias_key = 1;
+    }
+    attend(&a, scores);
+}
+
+/* Returns 0, or -1 when scratch memory ran out. */
+TARGET static int attention(const attention_args *g, int threads) {
     const Py_ssize_t B = g->B, m = g->m, H = g->H, D = g->D, inner = H * D;
-    Py_ssize_t max_n = g->cap;
-    const Py_ssize_t work = B * H * m * max_n * D;
+    const Py_ssize_t work = B * H * m * g->cap * D;
     const int nt = (work >= PARALLEL_MIN_WORK && threads > 1) ? threads : 1;
     if (g->kind == 0)
         for (Py_ssize_t r = 0; r < B * m; r++) {
             memcpy(g->new_k + r * inner, g->q + (r * 3 + 1) * inner, (size_t)inner * sizeof(float));
             memcpy(g->new_v + r * inner, g->q + (r * 3 + 2) * inner, (size_t)inner * sizeof(float));
         }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float *scores = malloc((size_t)(ATTEND_ROWS * (max_n + 16)) * sizeof(float));
-#pragma omp for schedule(static)
-        for (Py_ssize_t job = 0; job < B * H; job++) {
-            if (!scores) continue;
-            const Py_ssize_t b = job / H, h = job % H;
-            attend_args a = {0};
-            a.rows = m;
-            a.d = D;
-            a.ldo = inner;
-            a.out = g->out + b * m * inner + h * D;
-            if (g->kind == 0) {
-                const Py_ssize_t L = g->lengths[b];
-                a.q = g->q + b * m * 3 * inner + h * D;
-                a.ldq = 3 * inner;
-                a.k = g->k + (b * H + h) * g->cap * D;
-                a.v = g->v + (b * H + h) * g->cap * D;
-                a.ldkv = D;
-                a.n = L;
-                a.own_k = a.q + inner;
-                a.own_v = a.q + 2 * inner;
-                a.ld_own = 3 * inner;
-                a.own_bias = g->bias[h];
-                a.bias = g->bias + L * H + h; /* key t: distance L - t */
-                a.bias_row = 0;
-                a.bias_key = -H;
-            } else if (g->kind == 1) {
-                a.q = g->q + b * m * inner + h * D;
-                a.ldq = inner;
-                a.k = g->k + (b * H + h) * g->cap * D;
-                a.v = g->v + (b * H + h) * g->cap * D;
-                a.ldkv = D;
-                a.n = g->cap;
-                a.bias = g->bias + b * g->cap;
-                a.bias_row = 0;
-                a.bias_key = 1;
-            } else {
-                a.q = g->q + b * m * 3 * inner + h * D;
-                a.ldq = 3 * inner;
-                a.k = a.q + inner;
-                a.v = a.q + 2 * inner;
-                a.ldkv = 3 * inner;
-                a.n = g->lengths[b];
-                a.bias = g->bias + h * m * m;
-                a.bias_row = m;
-                a.bias_key = 1;
-            }
-            attend(&a, scores);
-        }
-        free(scores);
-    }
+    attention_job t = {g, 0};
+    pool_run((long)(B * H), nt, attention_task, &t);
+    return t.failed ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------- Python entry points
@@ -434,8 +459,13 @@ PyObject *t5ops_attention(PyObject *self, PyObject *args) {
     g.out = out.buf;
     g.new_k = nk.buf;
     g.new_v = nv.buf;
-    Py_BEGIN_ALLOW_THREADS attention(&g, threads);
-    Py_END_ALLOW_THREADS result = Py_None;
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = attention(&g, threads);
+    Py_END_ALLOW_THREADS if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    result = Py_None;
     Py_INCREF(result);
 fail:
     PyBuffer_Release(&q);
