@@ -42,6 +42,8 @@ def main() -> None:
     kernel = qlinear._KERNEL
     if kernel is None or not hasattr(kernel, "pool_openmp"):
         raise SystemExit(f"the kernel's pool is not built here: {qlinear.kernel_status()}")
+    if kernel.amx_available():
+        raise SystemExit("with AMX the kernel's threads are OpenMP's only (tiles are configured per thread)")
     runtime = T5Runtime.load(ensure_models("small", {"int8"}).folder("int8"), threads=args.threads)
     rng = np.random.default_rng(1)
     cells = {}
