@@ -16,6 +16,7 @@ chooser's candidates, so a greedy row beside a top_k=8 row would cost 8 rows of 
 read the weights twice, which costs about one small step when both groups run; padding cost k - 1
 rows per greedy sequence: a top_k=8 job beside 16 greedy rows ran 136 rows a step instead of 24
 (tests/test_openai_api.py's resume test took 12 s that way, 3 s in groups).
+
 ``run_to_completion`` is the one loop that drives a batch until given requests are done.
 """
 

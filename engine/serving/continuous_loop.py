@@ -241,17 +241,18 @@ class ContinuousLoop(Loop):
         while len(batch):
             t0 = time.perf_counter()
             rows = len(batch)
-            events.extend(self._row_events(batch.step()))
+            step = self._row_events(batch.step())
+            events.extend(step)
             self.metrics.inference.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(rows)
-            if rejected or not self._undisturbed(events, start):
+            if rejected or not self._undisturbed(step, start):
                 break
         return StepOutput(batch, events, deferred, rejected)
 
-    def _undisturbed(self, events: list[RowEvent], start: float) -> bool:
-        """On the worker thread, after a step: whether the next step may run before the event loop
-        sees this one (CHAIN_S)."""
-        if time.perf_counter() - start >= CHAIN_S or any(ev.result is not None for ev in events):
+    def _undisturbed(self, step: list[RowEvent], start: float) -> bool:
+        """On the worker thread, after a step (``step``: its events): whether the next step may
+        run before the event loop sees this one (CHAIN_S)."""
+        if time.perf_counter() - start >= CHAIN_S or any(ev.result is not None for ev in step):
             return False
         now = self.clock.time()
         if self.wakeup.pending() or now >= self.admit_due:
