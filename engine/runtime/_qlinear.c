@@ -95,21 +95,32 @@ TARGET static inline __attribute__((always_inline)) void tile(
 
 typedef struct {
     const float *x;
-    Py_ssize_t M, K, N, tiles, row_bytes;
+    Py_ssize_t M, K, N, tiles, tasks, row_bytes;
     const char *w;
     int is_int8;
     const float *scale;
     float *out;
 } float_job;
 
-#define FLOAT_TILES_PER_TASK 16 /* 64 outputs a task */
+/* Contiguous runs of outputs per thread, for every product on the pool: one run a thread (each
+   streams its share of the weights in order, as OpenMP's static schedule did; a late helper's run
+   is taken by the caller) measured faster than 2 or 4 (benchmarks/RESULTS.md, "A pool whose
+   caller does the work"). */
+#ifndef POOL_RUNS
+#define POOL_RUNS 1
+#endif
 
-/* One task of linear_avx512: FLOAT_TILES_PER_TASK tiles of 4 outputs for every row. */
+/* How many tasks (contiguous runs) `units` units of output make on nt threads. */
+static inline Py_ssize_t pool_tasks(Py_ssize_t units, int nt) {
+    return nt > 1 ? (units < POOL_RUNS * nt ? units : POOL_RUNS * nt) : 1;
+}
+
+/* One task of linear_avx512: a contiguous run of tiles of 4 outputs, for every row. */
 TARGET static void float_tiles(void *ctx, long task) {
     const float_job *j = ctx;
     const Py_ssize_t M = j->M, K = j->K, N = j->N, row_bytes = j->row_bytes;
-    const Py_ssize_t t1 = (task + 1) * FLOAT_TILES_PER_TASK < j->tiles ? (task + 1) * FLOAT_TILES_PER_TASK : j->tiles;
-    for (Py_ssize_t t = task * FLOAT_TILES_PER_TASK; t < t1; t++) {
+    const Py_ssize_t t1 = (task + 1) * j->tiles / j->tasks;
+    for (Py_ssize_t t = task * j->tiles / j->tasks; t < t1; t++) {
         const Py_ssize_t n0 = t * NR;
         const Py_ssize_t nr = N - n0 < NR ? N - n0 : NR;
         const char *wt = j->w + n0 * row_bytes;
@@ -130,10 +141,11 @@ TARGET static void float_tiles(void *ctx, long task) {
 TARGET static void linear_avx512(const float *x, Py_ssize_t M, Py_ssize_t K, const char *w, int is_int8,
                                  Py_ssize_t N, const float *scale, float *out, int threads) {
     const Py_ssize_t tiles = (N + NR - 1) / NR;
-    float_job job = {x, M, K, N, tiles, K * (is_int8 ? 1 : 4), w, is_int8, scale, out};
     /* Threads only pay off on work that outlasts waking them (~several microseconds). */
     const int nt = (M * N * K >= (1 << 21) && threads > 1) ? threads : 1;
-    pool_run((long)((tiles + FLOAT_TILES_PER_TASK - 1) / FLOAT_TILES_PER_TASK), nt, float_tiles, &job);
+    const Py_ssize_t tasks = pool_tasks(tiles, nt);
+    float_job job = {x, M, K, N, tiles, tasks, K * (is_int8 ? 1 : 4), w, is_int8, scale, out};
+    pool_run((long)tasks, nt, float_tiles, &job);
 }
 
 
@@ -372,12 +384,6 @@ VNNI_TARGET static inline void packed_group(const packed_job *j, Py_ssize_t g) {
     }
 }
 
-/* Runs of groups per thread: one (each thread streams its half of the weights in order, as
-   OpenMP's static schedule did; a late helper's half is taken by the caller) measured faster than
-   2 or 4 (benchmarks/RESULTS.md, "A pool whose caller does the work"). */
-#ifndef POOL_RUNS
-#define POOL_RUNS 1
-#endif
 
 /* One task of linear_packed: a contiguous run of groups (each thread streams its share of the
    weights in order, as OpenMP's static schedule did). */
@@ -405,7 +411,7 @@ VNNI_TARGET static void linear_packed(int wide, const void *xq, Py_ssize_t Kp, c
         job.m0 = m0;
         job.rows = M - m0 < VNNI8_BLOCK_ROWS ? M - m0 : VNNI8_BLOCK_ROWS;
         const int nt = (job.rows * N * Kp >= PACKED_PARALLEL_MIN_WORK && threads > 1) ? threads : 1;
-        job.tasks = nt > 1 ? (groups < POOL_RUNS * nt ? groups : POOL_RUNS * nt) : 1;
+        job.tasks = pool_tasks(groups, nt);
         pool_run((long)job.tasks, nt, packed_groups, &job);
     }
 }
