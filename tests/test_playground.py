@@ -132,7 +132,9 @@ def test_the_completion_grows_token_by_token_before_the_job_is_done(
     Done yet, grows in many steps, and ends as the offline engine's text."""
     server, key = served
     prompt = "Tell me a long story:"
-    params = {"max_new_tokens": 300, "min_new_tokens": 300, "top_k": 8, "penalty_alpha": 0.6}
+    # About a second of work on the test model, so that the page's stream opens while it runs:
+    # 300 tokens over 8 candidates took 0.16 s once the kernel and the continuous loop got faster.
+    params = {"max_new_tokens": 500, "min_new_tokens": 500, "top_k": 64, "penalty_alpha": 0.6}
     expected = Engine(flan_model_dir).generate([prompt], **params)[0].text
     page = browser.new_page(viewport={"width": 1200, "height": 900})  # type: ignore[attr-defined]
     page.goto(server.url + "/")
