@@ -138,6 +138,18 @@ TARGET static inline float dot(const float *a, const float *b, Py_ssize_t d) {
     return _mm512_reduce_add_ps(acc);
 }
 
+/* The sums of four vectors' lanes, [sum(a0), sum(a1), sum(a2), sum(a3)]: pairs of lanes, then pairs
+   of pairs within each 128-bit block, then the blocks, in the same order for each of the four. */
+TARGET static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512d p01 = _mm512_castps_pd(t01), p23 = _mm512_castps_pd(t23);
+    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
+    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
 /* Rows of one (sequence, head) taken together: each key and value is read once for up to
    ATTEND_ROWS query rows. A cross-attention's keys and values (S x D floats a head, 8 layers of
    them per step) come from L3 or memory at batch 8, and were read once per row: a contrastive step
@@ -158,21 +170,43 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
         top[i] = -INFINITY;
         own[i] = own_p[i] = 0.0f;
     }
-    for (Py_ssize_t t = 0; t < n; t++) {
-        const float *kt = a->k + t * a->ldkv;
-        __m512 acc[ATTEND_ROWS];
-        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+    /* the scores, four keys at a time: each row's four sums end in one transposing reduction
+       (hsum4) instead of four horizontal sums, the same additions for a key in any place */
+    __m128 vtop[ATTEND_ROWS];
+    for (int i = 0; i < R; i++) vtop[i] = _mm_set1_ps(-INFINITY);
+    for (Py_ssize_t t = 0; t < n; t += 4) {
+        const Py_ssize_t valid = n - t < 4 ? n - t : 4;
+        const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
+        const float *kt[4];
+        for (int c = 0; c < 4; c++) kt[c] = a->k + (t + (c < valid ? c : valid - 1)) * a->ldkv;
+        __m512 acc[ATTEND_ROWS][4];
+        for (int i = 0; i < R; i++)
+            for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
         for (int j = 0; j < NV && j < nv; j++) {
             const __mmask16 m = tail_mask(d - 16 * j);
-            const __m512 kv = _mm512_maskz_loadu_ps(m, kt + 16 * j);
-            for (int i = 0; i < R; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q[i] + 16 * j), kv, acc[i]);
+            __m512 kv[4];
+            for (int c = 0; c < 4; c++) kv[c] = _mm512_maskz_loadu_ps(m, kt[c] + 16 * j);
+            for (int i = 0; i < R; i++) {
+                const __m512 qv = _mm512_maskz_loadu_ps(m, q[i] + 16 * j);
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(qv, kv[c], acc[i][c]);
+            }
         }
         for (int i = 0; i < R; i++) {
-            float s = _mm512_reduce_add_ps(acc[i]);
-            if (a->bias) s += a->bias[(r0 + i) * a->bias_row + t * a->bias_key];
-            scores[i * lds + t] = s;
-            top[i] = s > top[i] ? s : top[i];
+            __m128 s4 = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+            if (a->bias) {
+                const float *b = a->bias + (r0 + i) * a->bias_row + t * a->bias_key;
+                float bias4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (Py_ssize_t c = 0; c < valid; c++) bias4[c] = b[c * a->bias_key];
+                s4 = _mm_add_ps(s4, _mm_loadu_ps(bias4));
+            }
+            _mm_mask_storeu_ps(scores + i * lds + t, keep, s4);
+            vtop[i] = _mm_mask_max_ps(vtop[i], keep, vtop[i], s4);
         }
+    }
+    for (int i = 0; i < R; i++) {
+        float four[4];
+        _mm_storeu_ps(four, vtop[i]);
+        for (int c = 0; c < 4; c++) top[i] = four[c] > top[i] ? four[c] : top[i];
     }
     for (int i = 0; i < R; i++) {
         float *sc = scores + i * lds;
