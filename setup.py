@@ -54,7 +54,7 @@ setup(
         Extension(
             "engine.runtime._qlinear",
             sources=["engine/runtime/_qlinear.c", "engine/runtime/_t5ops.c", "engine/runtime/_pool.c"],
-            depends=["engine/runtime/_t5ops.h", "engine/runtime/_pool.h"],
+            depends=["engine/runtime/_t5ops.h", "engine/runtime/_pool.h", "engine/runtime/_vexp.h"],
             extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
             extra_link_args=["-fopenmp"],
             optional=True,
