@@ -294,6 +294,30 @@ def test_int8_rows_do_not_depend_on_their_batch() -> None:
 
 
 @needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI's packed products (no AMX)")
+@pytest.mark.parametrize("int16", [False, True])
+def test_the_look_ahead_changes_no_result(int16: bool) -> None:
+    """The later tiles of a group prefetch the next group (packed_ahead): a hint, never arithmetic.
+    Many groups a thread and several tiles a group, in both packed modes, give the same bits."""
+    assert kernel is not None
+    rng = np.random.default_rng(12)
+    layer = Linear.from_stored(
+        rng.integers(-127, 128, (1000, 520), dtype=np.int8),
+        rng.uniform(20, 90, 1000).astype(np.float32),
+        int16_activations=int16,
+    )
+    x = rng.standard_normal((30, 520)).astype(np.float32)
+    try:
+        kernel.packed_ahead(False)
+        without = layer(x, threads=2)
+    finally:
+        kernel.packed_ahead(True)
+    np.testing.assert_array_equal(layer(x, threads=2), without)
+    np.testing.assert_allclose(
+        layer(x, threads=2), x @ layer.dense.T, rtol=0.05, atol=0.05 * np.abs(without).max()
+    )
+
+
 @pytest.mark.skipif(not qlinear._VNNI or qlinear._AMX, reason="VNNI without AMX picks per product")
 def test_vnni_keeps_int16_activations_where_int8_cost_agreement() -> None:
     """On VNNI the decoder's feed-forward output projection and the lm_head quantize activations

@@ -229,7 +229,8 @@ TARGET static void quantize_rows_i8(const float *x, Py_ssize_t M, Py_ssize_t K, 
 
 VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni8(
     const int MR, const uint8_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *wg, const int32_t *wsum,
-    const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, float *out, Py_ssize_t ldo) {
+    const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, const char *ahead, Py_ssize_t ahead_step,
+    float *out, Py_ssize_t ldo) {
     __m512i acc[4][4];
     for (int i = 0; i < MR; i++)
         for (int b = 0; b < 4; b++) acc[i][b] = _mm512_setzero_si512();
@@ -239,6 +240,9 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni8(
         if (prefetch && kb + VNNI8_PF_CHUNKS < KB)
             for (int line = 0; line < 4096; line += 64)
                 _mm_prefetch((const char *)(chunk + VNNI8_PF_CHUNKS * 4096 + line), _MM_HINT_T0);
+        if (ahead)
+            for (Py_ssize_t line = 0; line < ahead_step; line += 64)
+                _mm_prefetch(ahead + kb * ahead_step + line, _MM_HINT_T1);
         const uint8_t *xk = xq + kb * 64;
         for (int r = 0; r < 16; r++) {
             __m512i wv[4];
@@ -279,7 +283,8 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni8(
 
 VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni16(
     const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *wg, int b0, const float *scale,
-    Py_ssize_t n0, Py_ssize_t N, int prefetch, float *out, Py_ssize_t ldo) {
+    Py_ssize_t n0, Py_ssize_t N, int prefetch, const char *ahead, Py_ssize_t ahead_step, float *out,
+    Py_ssize_t ldo) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     __m512 total[4][2];
@@ -295,6 +300,9 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni16(
             if (prefetch && kb + VNNI8_PF_CHUNKS < KB)
                 for (int line = 0; line < 2048; line += 64)
                     _mm_prefetch((const char *)(chunk + VNNI8_PF_CHUNKS * 4096 + line), _MM_HINT_T0);
+            if (ahead)
+                for (Py_ssize_t line = 0; line < ahead_step; line += 64)
+                    _mm_prefetch(ahead + kb * ahead_step + line, _MM_HINT_T1);
             const int16_t *xk = xq + kb * 64;
             for (int r = 0; r < 16; r++) {
                 __m512i wv[2][2];
@@ -337,12 +345,13 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni16(
    tiles of 32 outputs). */
 VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(
     const int R, int wide, const void *x, Py_ssize_t Kp, const float *sx, const int8_t *wg, const int32_t *wsum,
-    const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, float *out) {
+    const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, const char *ahead, Py_ssize_t ahead_step,
+    float *out) {
     if (wide) {
-        tile_vnni16(R, x, Kp, sx, wg, 0, scale, n0, N, prefetch, out, N);
-        tile_vnni16(R, x, Kp, sx, wg, 2, scale, n0, N, prefetch, out, N);
+        tile_vnni16(R, x, Kp, sx, wg, 0, scale, n0, N, prefetch, ahead, ahead_step, out, N);
+        tile_vnni16(R, x, Kp, sx, wg, 2, scale, n0, N, prefetch, NULL, 0, out, N);
     } else {
-        tile_vnni8(R, x, Kp, sx, wg, wsum, scale, n0, N, prefetch, out, N);
+        tile_vnni8(R, x, Kp, sx, wg, wsum, scale, n0, N, prefetch, ahead, ahead_step, out, N);
     }
 }
 
@@ -365,22 +374,39 @@ typedef struct {
     float *out;
 } packed_job;
 
-/* One group of 64 outputs for the block's rows. */
-VNNI_TARGET static inline void packed_group(const packed_job *j, Py_ssize_t g) {
+/* Whether the tiles after a group's first fetch the next group into L2 while they compute (on by
+   default; `packed_ahead(False)` turns it off for benchmarks/bench_step_products.py's side by side). */
+static int packed_ahead = 1;
+
+/* One group of 64 outputs for the block's rows. The first tile reads the group from memory
+   (prefetched a few chunks ahead, into L1); the others read it from cache, and with PACKED_AHEAD
+   fetch the next group of this task (`next`, NULL for the last) into L2 in equal slices, so that
+   its memory reads overlap their arithmetic instead of waiting for the next first tile: one pass
+   over FLAN-T5-small's decoder products took 15-20% less time at 8 and 32 rows (the lm_head at 8
+   rows 20% less), and the same at one row, which has a single tile (RESULTS.md, issue 15 seventh
+   session). */
+VNNI_TARGET static inline void packed_group(const packed_job *j, Py_ssize_t g, int has_next) {
     const int8_t *wg = j->wp + g * j->KB * 4096;
-    /* the first tile reads the group from memory (prefetched); the others from cache */
-    for (Py_ssize_t i = 0; i < j->rows; i += VNNI8_MR) {
-        const Py_ssize_t m = j->m0 + i;
+    const Py_ssize_t tiles = (j->rows + VNNI8_MR - 1) / VNNI8_MR;
+    const char *next = packed_ahead && has_next && tiles > 1 ? (const char *)(wg + j->KB * 4096) : NULL;
+    /* bytes of the next group each later tile fetches per chunk of 64 inputs, in whole lines */
+    const Py_ssize_t step = next ? (4096 + 64 * (tiles - 1) - 1) / (64 * (tiles - 1)) * 64 : 0;
+    for (Py_ssize_t t = 0; t < tiles; t++) {
+        const Py_ssize_t i = t * VNNI8_MR, m = j->m0 + i;
         const void *x = (const char *)j->xq + m * j->row_bytes;
         const float *s = j->sx + m;
         float *o = j->out + m * j->N;
-        const int wide = j->wide, first = i == 0;
+        const int wide = j->wide, first = t == 0;
+        const char *ahead = t > 0 && next ? next + (t - 1) * step * j->KB : NULL;
         const Py_ssize_t Kp = j->Kp, N = j->N, n0 = g * 64;
+        const int8_t *w = wg;
+        const int32_t *ws = j->wsum;
+        const float *sc = j->scale;
         switch (j->rows - i < VNNI8_MR ? j->rows - i : VNNI8_MR) {
-            case 4: packed_tile(4, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
-            case 3: packed_tile(3, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
-            case 2: packed_tile(2, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
-            default: packed_tile(1, wide, x, Kp, s, wg, j->wsum, j->scale, n0, N, first, o); break;
+            case 4: packed_tile(4, wide, x, Kp, s, w, ws, sc, n0, N, first, ahead, step, o); break;
+            case 3: packed_tile(3, wide, x, Kp, s, w, ws, sc, n0, N, first, ahead, step, o); break;
+            case 2: packed_tile(2, wide, x, Kp, s, w, ws, sc, n0, N, first, ahead, step, o); break;
+            default: packed_tile(1, wide, x, Kp, s, w, ws, sc, n0, N, first, ahead, step, o); break;
         }
     }
 }
@@ -391,7 +417,7 @@ VNNI_TARGET static inline void packed_group(const packed_job *j, Py_ssize_t g) {
 VNNI_TARGET static void packed_groups(void *ctx, long task) {
     const packed_job *j = ctx;
     const Py_ssize_t g1 = (task + 1) * j->groups / j->tasks;
-    for (Py_ssize_t g = task * j->groups / j->tasks; g < g1; g++) packed_group(j, g);
+    for (Py_ssize_t g = task * j->groups / j->tasks; g < g1; g++) packed_group(j, g, g + 1 < g1);
 }
 
 /* Products from this many multiply-adds take a second thread (pool_run: the caller never waits
@@ -719,6 +745,14 @@ static PyObject *py_pool_openmp(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_packed_ahead(PyObject *self, PyObject *args) {
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    packed_ahead = on;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "Whether this CPU can run the kernels (AVX-512F/BW/DQ/VL)."},
     {"vnni_available", py_vnni_available, METH_NOARGS, "Whether this CPU has AVX512-VNNI too (mode 2)."},
@@ -728,6 +762,9 @@ static PyMethodDef methods[] = {
     {"pool_openmp", py_pool_openmp, METH_VARARGS,
      "Run the kernel's parallel work on OpenMP's threads (True) or on its own pool (False, the default "
      "without AMX): for benchmarks/bench_pool.py's side-by-side timing."},
+    {"packed_ahead", py_packed_ahead, METH_VARARGS,
+     "Whether a packed product's later tiles fetch the next group of weights into L2 (True, the "
+     "default): for benchmarks/bench_step_products.py's side-by-side timing."},
     {"linear", py_linear, METH_VARARGS, "out[M, N] = x[M, K] . w[N, K]^T (/ scale[N]); see qlinear.py."},
     /* the rest of a T5 layer: _t5ops.c, engine/runtime/t5ops.py */
     {"rms_norm", t5ops_rms_norm, METH_VARARGS, "T5's RMS norm of rows; see t5ops.py."},

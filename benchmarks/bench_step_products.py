@@ -1,0 +1,112 @@
+"""A decoder step's products as a step reads them: every decoder layer's products in order, then the
+lm_head, with the packed kernel's look-ahead (the later tiles of a group fetch the next group into
+L2) on and off, side by side.
+
+bench_qlinear.py repeats one product with its weights in cache (the arithmetic); here the weights of
+FLAN-T5-small's whole decoder (22 MB of int8) and its lm_head (16 MB) pass once per round, more than
+the last-level cache holds, so each product reads its weights from memory as in a real step. Rows:
+1 and 8 (greedy at batch 1 and 8), 32 (contrastive, batch 8 x k = 4); the lm_head runs for at most 8
+rows (contrastive computes it for the chosen candidates only). The two settings alternate round by
+round in one process; medians over rounds.
+
+    .venv/bin/python benchmarks/bench_step_products.py [--rounds 40] [--threads 2]
+
+Printed, and saved to benchmarks/out/bench_step_products.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import OUT_DIR, machine, save_json, table  # noqa: E402
+from engine.model.demo import build_demo_model  # noqa: E402
+from engine.runtime import qlinear  # noqa: E402
+from engine.runtime.t5 import T5Runtime  # noqa: E402
+
+ROWS = (1, 8, 32)
+MODEL = OUT_DIR / "models" / "contrastive-small-int8"  # bench_targets.py's model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    kernel = qlinear._KERNEL
+    if kernel is None or not hasattr(kernel, "packed_ahead") or not kernel.vnni_available():
+        raise SystemExit(
+            f"needs the kernel with AVX512-VNNI, built from this tree; here: {qlinear.kernel_status()}"
+        )
+    if not (MODEL / "engine.json").is_file():
+        build_demo_model(
+            MODEL, size="small", seed=0, quantization="int8", hf_output=MODEL.parent / "contrastive-small-hf"
+        )
+    runtime = T5Runtime.load(MODEL, threads=args.threads)
+    layers = [
+        w
+        for layer in runtime.decoder
+        for w in (layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.ffn.wi, layer.ffn.wo)
+    ]
+    assert all(isinstance(w, qlinear.Linear) for w in layers)
+    info = machine()
+    print(
+        f"# {info['cpu']}, {info['date_utc']} UTC, load {info['load_average_1_5_15']}, {args.threads} threads"
+    )
+    rng = np.random.default_rng(0)
+    results = []
+    for m in ROWS:
+        xs = {k: rng.standard_normal((m, k), dtype=np.float32) for k in {w.shape[1] for w in layers}}
+        head_x = rng.standard_normal((min(m, 8), runtime.lm_head.shape[1]), dtype=np.float32)
+        times: dict[tuple[bool, str], list[float]] = {
+            (on, part): [] for on in (True, False) for part in ("layers", "lm_head")
+        }
+        for _ in range(args.rounds):
+            for on in (True, False):
+                kernel.packed_ahead(on)
+                start = time.perf_counter()
+                for w in layers:
+                    w(xs[w.shape[1]], args.threads)
+                mid = time.perf_counter()
+                runtime.lm_head(head_x, args.threads)
+                times[(on, "layers")].append(mid - start)
+                times[(on, "lm_head")].append(time.perf_counter() - mid)
+        kernel.packed_ahead(True)
+        for part in ("layers", "lm_head"):
+            on, off = (statistics.median(times[(s, part)]) for s in (True, False))
+            rows = head_x.shape[0] if part == "lm_head" else m
+            results.append({"rows": rows, "part": part, "ahead_s": on, "no_ahead_s": off})
+            print(f"{part} rows {rows}: look-ahead {on * 1e6:.0f} us, without {off * 1e6:.0f} us", flush=True)
+    print()
+    print(
+        table(
+            ["part", "rows", "look-ahead us", "without us", "without / look-ahead"],
+            [
+                [
+                    r["part"],
+                    r["rows"],
+                    f"{r['ahead_s'] * 1e6:.0f}",
+                    f"{r['no_ahead_s'] * 1e6:.0f}",
+                    f"{r['no_ahead_s'] / r['ahead_s']:.2f}x",
+                ]
+                for r in results
+            ],
+        )
+    )
+    path = save_json(
+        "bench_step_products",
+        {"machine": info, "threads": args.threads, "rounds": args.rounds, "results": results},
+    )
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
