@@ -4,8 +4,9 @@
   per row        one row of float32 logits (FLAN-T5's 32,128 entries) to its top k and their
                  probabilities: choosers.softmax_rows + top_k (numpy: the whole softmax, then k
                  argmax passes) against choose_ops.top_k_softmax, k = 4 and 8; microseconds a row,
-                 median of interleaved rounds over the same random rows (both give the same ids:
-                 checked);
+                 median of interleaved rounds, each a number of passes over the same 8 random rows
+                 (a batch-8 step's logits: 1 MB, in cache as after the step's lm_head; both give
+                 the same ids: checked);
   our decoder    run_on_decoder, contrastive search (alpha 0.6, k 4) at batch 8 with 64 forced new
                  tokens on FLAN-T5-small's shapes, int8 (bench_targets.py's model and prompts),
                  with the chooser on numpy and on the kernel (the same ids: checked), and greedy on
@@ -13,7 +14,7 @@
 
 Printed, and saved to benchmarks/out/bench_choose.json.
 
-    .venv/bin/python benchmarks/bench_choose.py [--rows 64] [--repeats 9] [--rounds 5] [--threads 2]
+    .venv/bin/python benchmarks/bench_choose.py [--rows 8] [--passes 25] [--repeats 9] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ BATCH = 8
 NUMPY, KERNEL = "numpy", "kernel"
 
 
-def per_row(rows: np.ndarray, k: int, repeats: int) -> dict[str, float]:
+def per_row(rows: np.ndarray, k: int, passes: int, repeats: int) -> dict[str, float]:
     """Microseconds a row, numpy's path and the kernel's, after checking they give the same ids."""
     for row in rows:
         probs = softmax_rows(row[None])[0]
@@ -52,17 +53,19 @@ def per_row(rows: np.ndarray, k: int, repeats: int) -> dict[str, float]:
             raise RuntimeError(f"numpy and the kernel chose different ids (k={k})")
 
     def numpy_path() -> None:
-        for row in rows:
-            probs = softmax_rows(row[None])[0]
-            ids = top_k(probs, k)
-            _ = probs[ids]
+        for _ in range(passes):
+            for row in rows:
+                probs = softmax_rows(row[None])[0]
+                ids = top_k(probs, k)
+                _ = probs[ids]
 
     def kernel() -> None:
-        for row in rows:
-            choose_ops.top_k_softmax(row, k)
+        for _ in range(passes):
+            for row in rows:
+                choose_ops.top_k_softmax(row, k)
 
     timings = interleaved({NUMPY: numpy_path, KERNEL: kernel}, repeats=repeats)
-    us = {name: statistics.median(t) * 1e6 / len(rows) for name, t in timings.wall.items()}
+    us = {name: statistics.median(t) * 1e6 / (passes * len(rows)) for name, t in timings.wall.items()}
     return {**us, "speedup": ratio_median(timings.wall[NUMPY], timings.wall[KERNEL])}
 
 
@@ -106,7 +109,8 @@ def on_decoder(runtime: T5Runtime, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=64, help="random logit rows per timed call")
+    ap.add_argument("--rows", type=int, default=8, help="random logit rows (a step's batch)")
+    ap.add_argument("--passes", type=int, default=25, help="passes over the rows per timed call")
     ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds of the per-row timing")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the decoder runs")
     ap.add_argument("--threads", type=int, default=2)
@@ -119,7 +123,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((args.rows, VOCAB)) * 3).astype(np.float32)
-    rows_figures = {k: per_row(rows, k, args.repeats) for k in (4, 8)}
+    rows_figures = {k: per_row(rows, k, args.passes, args.repeats) for k in (4, 8)}
     print(f"microseconds a row, V={VOCAB}")
     print(
         table(
