@@ -53,8 +53,18 @@ setup(
     ext_modules=[
         Extension(
             "engine.runtime._qlinear",
-            sources=["engine/runtime/_qlinear.c", "engine/runtime/_t5ops.c", "engine/runtime/_pool.c"],
-            depends=["engine/runtime/_t5ops.h", "engine/runtime/_pool.h"],
+            sources=[
+                "engine/runtime/_qlinear.c",
+                "engine/runtime/_t5ops.c",
+                "engine/runtime/_pool.c",
+                "engine/runtime/_choose.c",
+            ],
+            depends=[
+                "engine/runtime/_t5ops.h",
+                "engine/runtime/_pool.h",
+                "engine/runtime/_choose.h",
+                "engine/runtime/_vexp.h",
+            ],
             extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -35,6 +35,7 @@ keeps numpy. */
 
 #include "_pool.h"
 #include "_t5ops.h"
+#include "_choose.h"
 
 #define NR 4
 /* Software prefetch distance, in weight rows ahead of the tile being computed. A tile reads 4 short
@@ -769,6 +770,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", t5ops_rms_norm, METH_VARARGS, "T5's RMS norm of rows; see t5ops.py."},
     {"activation", t5ops_activation, METH_VARARGS, "The feed-forward's (gated) ReLU or GELU; see t5ops.py."},
     {"attention", t5ops_attention, METH_VARARGS, "One layer's attention over B sequences x H heads; see t5ops.py."},
+    {"top_k_softmax", choose_top_k_softmax, METH_VARARGS, "A row's top k by softmax (_choose.c); see choose_ops.py."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,281 @@
+/* Contrastive search's candidates in the compiled kernel: the top k of a row's softmax, in one call.
+
+Why this exists (engine/runtime/choose_ops.py is the Python side): a contrastive step takes, for
+every sequence, the k most likely next tokens and their probabilities. In numpy that was a float32
+softmax over the whole vocabulary (max, subtract, exp, sum, divide: about 29 us at 32,128 entries)
+and then k argmax passes over a copy (about 18 us at k = 4): about 53 us a sequence a step, some
+27 ms of a 305 ms contrastive call at batch 8 with 64 new tokens (2-core AMD EPYC, issue 15). Here
+it is two passes over the logits: their maximum, then exp(x - max) summed while the top k are
+picked by logit; only the candidates' probabilities are divided out. engine/runtime/choosers.py's
+softmax_rows and top_k stay the reference and the fallback (tests/test_choose_ops.py).
+
+What it returns, exactly: p_i = e_i / s in float32 with e_i = exp(x_i - m) (x_i - m rounded to
+float32, then _vexp.h's exp16, within 1.25 ulp), m the row's maximum and s the sum of every e_i
+(sixteen lanes, then the lanes: another order than numpy's pairwise sum, so s and p differ from
+numpy's in the last bits); the ids are the first k by p, largest first, equal p by lower index (torch.topk's
+order on CPU, choosers.top_k's). The ids are picked on the logits, which is the same order except
+where rounding makes different logits give equal probabilities (then the lower index comes first,
+not the larger logit) or, by a last-bit wobble of exp, reversed ones. So the selection keeps every
+entry whose logit lies within a band below the k-th largest where that can happen (BAND below; it
+is almost always just the k), computes the probabilities of those and orders them by (p, index):
+the result is the first k by (p, index) over the whole row, the same as computing every p (the
+`exact` path, which the tests compare it with bit for bit). Where the bound behind the band does
+not hold (a candidate's probability is zero or subnormal: fewer than k tokens not masked, or
+logits more than ~87 apart) or the band outgrows its room, the call takes the exact path. A row
+with a NaN, or whose maximum is +-inf, has NaN probabilities in numpy and its ids are 0..k-1 there
+(argmax returns the first NaN): the same here.
+
+Needs AVX-512F (and BW/DQ/VL, as the rest of the module); `available()` says whether the CPU has it. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_choose.h"
+#include "_vexp.h"
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+/* The selection on logits keeps at most k + BAND_ROOM entries (k up to FAST_MAX_K); beyond, and for
+   larger k, the exact path. */
+#define FAST_MAX_K 256
+#define BAND_ROOM 64
+/* Two logits x_i > x_j can give p_j >= p_i only if x_i - x_j <= 2^-19 + 2^-23 (m - x_j): the
+   subtraction x - m is off by at most 2^-24 |x - m|, exp16 by 1.25 ulp (< 2^-22 relative; 2^-21
+   allowed), the division by 2^-24, all while the probabilities are normal floats. An entry more
+   than BAND * (1 + m - K) below the k-th largest logit K is therefore below all k of them in
+   probability (BAND leaves a factor of 8 over that bound). */
+#define BAND 0x1p-16
+
+static int choose_cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+static inline __mmask16 lanes(Py_ssize_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* The row's maximum into *m; 0 when the row has a NaN or its maximum is not finite. */
+TARGET static int row_max(const float *x, Py_ssize_t n, float *m) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 m0 = ninf, m1 = ninf;
+    __mmask16 nan = 0;
+    Py_ssize_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+        nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+        m0 = _mm512_max_ps(m0, a);
+        m1 = _mm512_max_ps(m1, b);
+    }
+    for (; j < n; j += 16) {
+        const __m512 a = _mm512_mask_loadu_ps(ninf, lanes(n - j), x + j);
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        m0 = _mm512_max_ps(m0, a);
+    }
+    *m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    return !nan && isfinite(*m);
+}
+
+/* ---------------------------------------------------------------- the selection on logits
+   `top` holds candidates sorted by logit, largest first, equal logits by index (every entry added
+   has a higher index than those before). An entry is dropped, or not taken, only when k others
+   come before it by (p, index) whatever the rounding: k earlier entries with the same logit (so
+   the same probability and a lower index), or k entries more than the band above it. */
+typedef struct {
+    float x, p;
+    Py_ssize_t i;
+} cand;
+
+typedef struct {
+    cand *top;
+    int n, k, room;
+    double m;
+    double floor; /* entries below it are out: BAND below the k-th logit (-inf until k are in) */
+} selection;
+
+static void set_floor(selection *s) {
+    if (s->n < s->k) return;
+    const double kth = s->top[s->k - 1].x;
+    s->floor = kth - BAND * (1.0 + (s->m - kth)); /* -inf when kth is */
+    while (s->n > s->k && (double)s->top[s->n - 1].x < s->floor) s->n--;
+}
+
+/* Offer entry i (logit xi): 0, or -1 when the band outgrew its room. */
+static int offer(selection *s, Py_ssize_t i, float xi) {
+    if ((double)xi < s->floor) return 0;
+    int at = s->n;
+    while (at > 0 && !(s->top[at - 1].x >= xi)) at--;
+    int same = 0;
+    for (int r = at - 1; r >= 0 && s->top[r].x == xi; r--) same++;
+    if (same >= s->k) return 0;
+    if (s->n == s->room) return -1;
+    memmove(s->top + at + 1, s->top + at, (size_t)(s->n - at) * sizeof(cand));
+    s->top[at] = (cand){xi, 0.0f, i};
+    s->n++;
+    set_floor(s);
+    return 0;
+}
+
+/* The float below which the vector test lets nothing through (rounded down: it lets through a
+   superset of what `offer` takes). */
+static float floor_f(const selection *s) {
+    const float f = (float)s->floor;
+    return (double)f > s->floor ? nextafterf(f, -INFINITY) : f;
+}
+
+/* s = the sum of exp(x - m) over the row, in one fixed order (both paths compute it here, so their
+   probabilities are the same floats); with `sel`, the entries are offered to it on the way.
+   Returns 0, or -1 when the selection outgrew its room (the sum is then not finished). */
+TARGET static int sum_and_select(const float *x, Py_ssize_t n, float m, selection *sel, float *sum) {
+    const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 lo = _mm512_set1_ps(sel ? floor_f(sel) : INFINITY);
+    Py_ssize_t j = 0;
+#define OFFER(v, base, mask)                                                                 \
+    do {                                                                                     \
+        __mmask16 hit = _mm512_mask_cmp_ps_mask((mask), (v), lo, _CMP_GE_OQ);                \
+        while (hit) {                                                                        \
+            const int l = __builtin_ctz(hit);                                                \
+            hit &= (__mmask16)(hit - 1);                                                     \
+            if (offer(sel, (base) + l, x[(base) + l]) < 0) return -1;                        \
+            lo = _mm512_set1_ps(floor_f(sel));                                               \
+        }                                                                                    \
+    } while (0)
+    for (; j + 32 <= n; j += 32) {
+        const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+        acc0 = _mm512_add_ps(acc0, exp16(_mm512_sub_ps(a, vm)));
+        acc1 = _mm512_add_ps(acc1, exp16(_mm512_sub_ps(b, vm)));
+        if (sel) {
+            OFFER(a, j, (__mmask16)0xFFFF);
+            OFFER(b, j + 16, (__mmask16)0xFFFF);
+        }
+    }
+    for (; j < n; j += 16) {
+        const __mmask16 t = lanes(n - j);
+        const __m512 a = _mm512_mask_loadu_ps(ninf, t, x + j);
+        acc0 = _mm512_add_ps(acc0, exp16(_mm512_sub_ps(a, vm)));
+        if (sel) OFFER(a, j, t);
+    }
+#undef OFFER
+    *sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    return 0;
+}
+
+/* e = exp(x - m) for up to 16 logits (the same exp16, lane for lane, as the sum's). */
+TARGET static void exps(const float *xs, int count, float m, float *out) {
+    const __mmask16 t = lanes(count);
+    const __m512 v = _mm512_maskz_loadu_ps(t, xs);
+    _mm512_mask_storeu_ps(out, t, exp16(_mm512_sub_ps(v, _mm512_set1_ps(m))));
+}
+
+static int by_probability(const void *a, const void *b) {
+    const cand *u = a, *v = b;
+    if (u->p != v->p) return u->p > v->p ? -1 : 1;
+    return (u->i > v->i) - (u->i < v->i);
+}
+
+/* The fast path: 0 when it gave the answer, -1 when the exact path must. */
+TARGET static int fast_top_k(const float *x, Py_ssize_t n, float m, int k, int64_t *ids, float *probs) {
+    cand top[FAST_MAX_K + BAND_ROOM];
+    selection sel = {top, 0, k, k + BAND_ROOM, m, -INFINITY};
+    float sum;
+    if (sum_and_select(x, n, m, &sel, &sum) < 0) return -1;
+    float xs[16], es[16];
+    for (int r = 0; r < sel.n; r += 16) {
+        const int c = sel.n - r < 16 ? sel.n - r : 16;
+        for (int l = 0; l < c; l++) xs[l] = top[r + l].x;
+        exps(xs, c, m, es);
+        for (int l = 0; l < c; l++) top[r + l].p = es[l] / sum;
+    }
+    /* The band's bound holds for normal floats: the k largest logits' probabilities must be. */
+    for (int r = 0; r < k; r++)
+        if (!(top[r].p >= FLT_MIN)) return -1;
+    qsort(top, (size_t)sel.n, sizeof(cand), by_probability);
+    for (int r = 0; r < k; r++) {
+        ids[r] = top[r].i;
+        probs[r] = top[r].p;
+    }
+    return 0;
+}
+
+/* The exact path: every probability, sorted by (p, index). -1 when out of memory. */
+TARGET static int exact_top_k(const float *x, Py_ssize_t n, float m, Py_ssize_t k, int64_t *ids, float *probs) {
+    float sum;
+    sum_and_select(x, n, m, NULL, &sum);
+    cand *all = malloc((size_t)n * sizeof(cand));
+    if (!all) return -1;
+    const __m512 vm = _mm512_set1_ps(m), vs = _mm512_set1_ps(sum);
+    float p[16];
+    for (Py_ssize_t j = 0; j < n; j += 16) {
+        const __mmask16 t = lanes(n - j);
+        const __m512 v = _mm512_maskz_loadu_ps(t, x + j);
+        _mm512_storeu_ps(p, _mm512_div_ps(exp16(_mm512_sub_ps(v, vm)), vs));
+        for (int l = 0; l < 16 && j + l < n; l++) all[j + l] = (cand){x[j + l], p[l], j + l};
+    }
+    qsort(all, (size_t)n, sizeof(cand), by_probability);
+    for (Py_ssize_t r = 0; r < k; r++) {
+        ids[r] = all[r].i;
+        probs[r] = all[r].p;
+    }
+    free(all);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Python entry point */
+
+/* top_k_softmax(x, k, ids, probs, exact) -> path: x float32 [n] (C-contiguous), 1 <= k <= n; writes
+   ids int64 [k] and probs float32 [k]. exact: compute every probability (the reference the fast path
+   is tested against). Returns which path answered: 0 fast, 1 exact, 2 a row with a NaN or an
+   infinite maximum. Dtypes and shapes are checked by engine/runtime/choose_ops.py, the sizes again
+   here. */
+PyObject *choose_top_k_softmax(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer x = {0}, ids = {0}, probs = {0};
+    Py_ssize_t k;
+    int exact, path = 0, failed = 0;
+    if (!PyArg_ParseTuple(args, "y*nw*w*p", &x, &k, &ids, &probs, &exact)) return NULL;
+    const Py_ssize_t n = x.len / (Py_ssize_t)sizeof(float);
+    if (!choose_cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
+        goto fail;
+    }
+    if (x.len % (Py_ssize_t)sizeof(float) || n < 1 || k < 1 || k > n || ids.len != k * 8 || probs.len != k * 4) {
+        PyErr_SetString(PyExc_ValueError, "top_k_softmax: need 1 <= k <= len(x), ids int64 [k], probs float32 [k]");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    const float *xs = x.buf;
+    int64_t *out_ids = ids.buf;
+    float *out_probs = probs.buf, m;
+    if (!row_max(xs, n, &m)) {
+        path = 2;
+        for (Py_ssize_t r = 0; r < k; r++) {
+            out_ids[r] = r;
+            out_probs[r] = NAN;
+        }
+    } else if (exact || k > FAST_MAX_K || fast_top_k(xs, n, m, (int)k, out_ids, out_probs) < 0) {
+        path = 1;
+        failed = exact_top_k(xs, n, m, k, out_ids, out_probs) < 0;
+    }
+    Py_END_ALLOW_THREADS;
+    if (failed) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&probs);
+    return PyLong_FromLong(path);
+fail:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&probs);
+    return NULL;
+}

@@ -1,0 +1,8 @@
+/* The entry point of _choose.c, registered in _qlinear.c's module (one extension, engine.runtime._qlinear). */
+#ifndef ENGINE_CHOOSE_H
+#define ENGINE_CHOOSE_H
+#include <Python.h>
+
+PyObject *choose_top_k_softmax(PyObject *self, PyObject *args);
+
+#endif

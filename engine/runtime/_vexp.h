@@ -1,0 +1,26 @@
+/* e^x for 16 floats, the one exp of the compiled kernel (_t5ops.c's softmax and GELU, _choose.c's
+   softmax): Cephes' expf polynomial on r = x - n ln 2 (|r| <= ln 2 / 2, n ln 2 in two parts), then
+   scaled by 2^n. Within 1.25 ulp of float64's exp where the result is a normal float (measured on
+   every fifth float of [-87.3, 0] with a throwaway harness); 0 for x below about -104 and for -inf
+   (the masked scores give exactly 0 as numpy's exp does); x is clamped to 88.72 above. */
+#ifndef ENGINE_VEXP_H
+#define ENGINE_VEXP_H
+#include <immintrin.h>
+
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.72f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
