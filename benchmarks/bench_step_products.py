@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def main() -> None:
         f"# {info['cpu']}, {info['date_utc']} UTC, load {info['load_average_1_5_15']}, {args.threads} threads"
     )
     rng = np.random.default_rng(0)
-    results = []
+    results: list[dict[str, Any]] = []
     for m in ROWS:
         xs = {k: rng.standard_normal((m, k), dtype=np.float32) for k in {w.shape[1] for w in layers}}
         head_x = rng.standard_normal((min(m, 8), runtime.lm_head.shape[1]), dtype=np.float32)
