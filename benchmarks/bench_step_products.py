@@ -82,10 +82,13 @@ def main() -> None:
                 times[(on, "lm_head")].append(time.perf_counter() - mid)
         kernel.packed_ahead(True)
         for part in ("layers", "lm_head"):
-            on, off = (statistics.median(times[(s, part)]) for s in (True, False))
+            ahead, plain = (statistics.median(times[(s, part)]) for s in (True, False))
             rows = head_x.shape[0] if part == "lm_head" else m
-            results.append({"rows": rows, "part": part, "ahead_s": on, "no_ahead_s": off})
-            print(f"{part} rows {rows}: look-ahead {on * 1e6:.0f} us, without {off * 1e6:.0f} us", flush=True)
+            results.append({"rows": rows, "part": part, "ahead_s": ahead, "no_ahead_s": plain})
+            print(
+                f"{part} rows {rows}: look-ahead {ahead * 1e6:.0f} us, without {plain * 1e6:.0f} us",
+                flush=True,
+            )
     print()
     print(
         table(
