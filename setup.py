@@ -61,6 +61,7 @@ setup(
             ],
             depends=[
                 "engine/runtime/_t5ops.h",
+                "engine/runtime/_qlinear.h",
                 "engine/runtime/_pool.h",
                 "engine/runtime/_choose.h",
                 "engine/runtime/_vexp.h",

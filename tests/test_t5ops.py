@@ -10,6 +10,7 @@ Tolerances: float32 sums in another order and a polynomial exp within ~2 ulp giv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from engine.runtime import qlinear, t5ops
 from engine.runtime.decoder_batch import run_on_decoder
+from engine.runtime.kv_cache import StepOutput
 from engine.runtime.kv_cache import mask_value as _mask_value
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
@@ -246,6 +248,76 @@ def test_fused_runtime_equals_the_numpy_path(kind: str, quantization: str) -> No
     for step_a, step_b in zip(steps_np, steps_fused, strict=True):
         for name in ("hidden", "unit_hidden", "new_k", "new_v"):
             _close(getattr(step_b, name), getattr(step_a, name).astype(np.float64), tolerance)
+
+
+def _steps(runtime: T5Runtime, m: int = 4) -> list[StepOutput]:
+    """Five decoder steps of a batch of 3 prompts (m rows a sequence), rows reordered after two."""
+    prompts = [list(p) for p in models.prompts(1, (7, 12, 3))]
+    cache = runtime.new_cache(runtime.encode_batch(prompts), capacity=8)
+    rng = np.random.default_rng(1)
+    choices = rng.integers(0, m, size=(5, 3))
+    steps = []
+    for choice in choices:
+        step = runtime.decoder_step(cache, rng.integers(0, 900, size=(3, m)))
+        steps.append(step)
+        cache.commit(step, choice)
+        if len(steps) == 2:
+            cache.filter([2, 0, 1])
+            choices[2:] = choices[2:, [2, 0, 1]]
+    return steps
+
+
+@pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
+@pytest.mark.parametrize("kind", ["flan", "t5"])
+@pytest.mark.parametrize("quantization", ["float32", "int8"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_layers_in_one_call_equal_the_calls_one_by_one(kind: str, quantization: str, m: int) -> None:
+    """decoder_layers runs the same functions in the same order as t5_fused.decoder_layer: the
+    same bits, steps after steps (caches filled, rows reordered)."""
+    runtime = _runtime(kind, quantization)
+    runs = {}
+    for on in (True, False):
+        runtime.use_layers_call(on)
+        assert (runtime._plan() is not None) is on
+        runs[on] = _steps(runtime, m)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for name in ("hidden", "unit_hidden", "new_k", "new_v"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
+def test_steps_past_the_plans_rows_take_the_calls_one_by_one() -> None:
+    """Float32 products take OpenBLAS beyond qlinear.KERNEL_MAX_ROWS[0] rows, which the one call
+    cannot: such a step goes layer by layer, with the same results."""
+    runtime = _runtime("flan", "float32")
+    plan = runtime._plan()
+    assert plan is not None and plan.max_rows == qlinear.KERNEL_MAX_ROWS[qlinear.MODE_FLOAT32]
+    m = plan.max_rows // 3 + 1  # 3 sequences: past the limit
+    with_plan = _steps(runtime, m)
+    runtime.use_layers_call(False)
+    for a, b in zip(with_plan, _steps(runtime, m), strict=True):
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+
+
+@pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
+def test_the_layers_call_refuses_what_does_not_fit() -> None:
+    runtime = _runtime("flan", "int8")
+    layers = runtime.weights.decoder
+    shape = runtime.weights.shape
+    swapped = [dataclasses.replace(layers[0], qkv=layers[0].self_out), *layers[1:]]
+    with pytest.raises(ValueError, match="decoder_plan: a product is"):
+        t5ops.decoder_plan(swapped, shape)
+    plan = runtime._plan()
+    assert plan is not None
+    cache = runtime.new_cache(runtime.encode_batch([[5, 6, 7]]), capacity=4)
+    x = np.zeros((1, shape.d_model), dtype=np.float32)
+    new = np.zeros((len(layers) + 1, 1, 1, shape.num_heads, shape.d_kv), dtype=np.float32)  # a layer too many
+    table = np.zeros((8, shape.num_heads), dtype=np.float32)
+    with pytest.raises(ValueError, match="new K/V are not"):
+        t5ops.decoder_layers(plan.handle, x, cache, table, new, new.copy(), rows=(1, 1), threads=1)
+    cache.lengths[0] = 8  # past the bias table's 8 distances
+    with pytest.raises(ValueError, match="past the cache or the bias table"):
+        t5ops.decoder_layers(plan.handle, x, cache, table, new[1:], new[1:].copy(), rows=(1, 1), threads=1)
 
 
 @pytest.mark.parametrize("kind", ["flan", "t5"])

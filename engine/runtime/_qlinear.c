@@ -34,6 +34,7 @@ keeps numpy. */
 #include <string.h>
 
 #include "_pool.h"
+#include "_qlinear.h"
 #include "_t5ops.h"
 #include "_choose.h"
 
@@ -648,39 +649,41 @@ static PyObject *py_pack_vnni(PyObject *self, PyObject *args) {
    mode 0: float32 weights; 1: int8 weights converted to float; 2: int8 weights packed by pack_vnni
    or pack_amx (w is that buffer) x int16 activations with VNNI; 3: int8 weights packed by pack_amx
    x int8 activations with AMX; 4: int8 weights packed by pack_vnni x int8 activations with VNNI. */
-static PyObject *py_linear(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer x, w, out, scale = {0};
-    PyObject *scale_obj;
-    Py_ssize_t M, K, N;
-    int mode, threads;
-    if (!PyArg_ParseTuple(args, "y*y*Ow*nnnii", &x, &w, &scale_obj, &out, &M, &K, &N, &mode, &threads))
-        return NULL;
-    const int is_int8 = mode != 0;
-    int has_scale = scale_obj != Py_None;
-    if (has_scale && PyObject_GetBuffer(scale_obj, &scale, PyBUF_SIMPLE) < 0) goto fail;
+/* Whether `mode` can run here and w (w_len bytes) and the scale (scale_len bytes, -1: none) fit
+   N x K weights in it: 0, or -1 with a Python error set (the GIL held). */
+int qlinear_check(int mode, Py_ssize_t N, Py_ssize_t K, Py_ssize_t w_len, Py_ssize_t scale_len) {
+    const int is_int8 = mode != 0, has_scale = scale_len >= 0;
     if (mode < 0 || mode > 4 || (is_int8 && !has_scale)) {
         PyErr_SetString(PyExc_ValueError, "qlinear: mode must be 0 (float32) or 1 to 4 (int8, with a scale)");
-        goto fail;
+        return -1;
     }
     if (mode == 4 && (K + 63) / 64 * 64 > VNNI8_MAX_K) {
         PyErr_SetString(PyExc_ValueError, "qlinear: mode 4 takes at most 65536 inputs (int32 sums)");
-        goto fail;
+        return -1;
     }
     if (!(mode == 3 ? amx_ok() : mode == 2 || mode == 4 ? vnni_ok() : cpu_ok())) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks the extensions this mode needs");
-        goto fail;
+        return -1;
     }
-    const Py_ssize_t w_len = mode == 3   ? tiles_len(N, K)
-                             : mode == 4 ? vnni8_len(N, K)
-                                         : N * K * (is_int8 ? 1 : 4);
-    const int w_ok = mode == 2 ? w.len == vnni8_len(N, K) || w.len == tiles_len(N, K) : w.len == w_len;
-    if (M < 0 || K <= 0 || N <= 0 || x.len != M * K * 4 || out.len != M * N * 4 || !w_ok ||
-        (has_scale && scale.len != N * 4)) {
+    if (K <= 0 || N <= 0) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: K and N must be positive");
+        return -1;
+    }
+    const Py_ssize_t want = mode == 3 ? tiles_len(N, K) : mode == 4 ? vnni8_len(N, K) : N * K * (is_int8 ? 1 : 4);
+    const int w_ok = mode == 2 ? w_len == vnni8_len(N, K) || w_len == tiles_len(N, K) : w_len == want;
+    if (!w_ok || (has_scale && scale_len != N * 4)) {
         PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
-        goto fail;
+        return -1;
     }
-    /* modes 2-4 quantize the activations first: rows of Kp values (Mp rows: AMX's 16-row tiles) */
+    return 0;
+}
+
+/* out[M, N] = x[M, K] . w^T (/ scale) in `mode`, checked by qlinear_check: the one entry of every
+   product, Python's (py_linear) and C's (_t5ops.c's decoder_layers). Modes 2-4 quantize the
+   activations first (rows of Kp values; Mp rows: AMX's 16-row tiles). No Python calls: it runs
+   without the GIL. Returns 0, or -1 when memory for the quantized activations ran out. */
+int qlinear_compute(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, const void *w, const float *scale,
+                    Py_ssize_t N, float *out, int threads) {
     const Py_ssize_t Kp = (K + 63) / 64 * 64;
     const Py_ssize_t Mp = mode == 3 ? (M + 15) / 16 * 16 : M;
     void *xq = NULL;
@@ -692,34 +695,51 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         if (!xq || !sx) {
             free(xq);
             free(sx);
-            PyErr_NoMemory();
-            goto fail;
+            return -1;
         }
         if (mode == 3) memset(xq, 0, bytes);
     }
 #ifdef HAVE_AMX
     if (mode == 3) {
-        Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx, 0);
-        if (M > 0) linear_amx(xq, Mp, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS
+        quantize_rows_i8(x, M, K, Kp, xq, sx, 0);
+        if (M > 0) linear_amx(xq, Mp, Kp, sx, M, w, N, scale, out, threads);
     } else
 #endif
     if (mode == 2) {
-        Py_BEGIN_ALLOW_THREADS quantize_rows((const float *)x.buf, M, K, Kp, xq, sx);
-        linear_packed(1, xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS
+        quantize_rows(x, M, K, Kp, xq, sx);
+        linear_packed(1, xq, Kp, sx, M, w, N, scale, out, threads);
     } else if (mode == 4) {
-        Py_BEGIN_ALLOW_THREADS quantize_rows_i8((const float *)x.buf, M, K, Kp, xq, sx, 128);
-        linear_packed(0, xq, Kp, sx, M, (const int8_t *)w.buf, N, (const float *)scale.buf, (float *)out.buf, threads);
-        Py_END_ALLOW_THREADS
+        quantize_rows_i8(x, M, K, Kp, xq, sx, 128);
+        linear_packed(0, xq, Kp, sx, M, w, N, scale, out, threads);
     } else {
-        Py_BEGIN_ALLOW_THREADS linear_avx512((const float *)x.buf, M, K, (const char *)w.buf, is_int8, N,
-                                             has_scale ? (const float *)scale.buf : NULL, (float *)out.buf,
-                                             threads);
-        Py_END_ALLOW_THREADS
+        linear_avx512(x, M, K, w, mode != 0, N, scale, out, threads);
     }
     free(xq);
     free(sx);
+    return 0;
+}
+
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer x, w, out, scale = {0};
+    PyObject *scale_obj;
+    Py_ssize_t M, K, N;
+    int mode, threads;
+    if (!PyArg_ParseTuple(args, "y*y*Ow*nnnii", &x, &w, &scale_obj, &out, &M, &K, &N, &mode, &threads))
+        return NULL;
+    int has_scale = scale_obj != Py_None, status;
+    if (has_scale && PyObject_GetBuffer(scale_obj, &scale, PyBUF_SIMPLE) < 0) goto fail;
+    if (qlinear_check(mode, N, K, w.len, has_scale ? scale.len : -1) < 0) goto fail;
+    if (M < 0 || x.len != M * K * 4 || out.len != M * N * 4) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: buffer sizes do not match M, K, N");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS status = qlinear_compute(mode, x.buf, M, K, w.buf, has_scale ? scale.buf : NULL, N,
+                                                    out.buf, threads);
+    Py_END_ALLOW_THREADS if (status < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     PyBuffer_Release(&x);
     PyBuffer_Release(&w);
     PyBuffer_Release(&out);
@@ -770,6 +790,8 @@ static PyMethodDef methods[] = {
     {"rms_norm", t5ops_rms_norm, METH_VARARGS, "T5's RMS norm of rows; see t5ops.py."},
     {"activation", t5ops_activation, METH_VARARGS, "The feed-forward's (gated) ReLU or GELU; see t5ops.py."},
     {"attention", t5ops_attention, METH_VARARGS, "One layer's attention over B sequences x H heads; see t5ops.py."},
+    {"decoder_plan", t5ops_decoder_plan, METH_VARARGS, "A decoder's weights taken once for decoder_layers; see t5ops.py."},
+    {"decoder_layers", t5ops_decoder_layers, METH_VARARGS, "Every decoder layer of a step in one call; see t5ops.py."},
     {"top_k_softmax", choose_top_k_softmax, METH_VARARGS, "A row's top k by softmax (_choose.c); see choose_ops.py."},
     {NULL, NULL, 0, NULL},
 };

@@ -207,6 +207,16 @@ class Linear:
         rows, cols = self.stored.shape
         return rows, cols
 
+    def kernel_args(self) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """What the kernel multiplies by in this product's mode: the weights (packed for the modes
+        that take them), the scales (None for float32) and the mode."""
+        mode = self.mode
+        on_packed = mode in (MODE_INT8_AMX, MODE_INT8_VNNI) or (
+            mode == MODE_INT8_INT16 and _packs_for_vnni(_KERNEL)
+        )
+        weights = self.packed if on_packed and self.packed is not None else self.stored
+        return weights, self.scale, mode
+
     def __call__(self, x: np.ndarray, threads: int = 1, kernel: bool = True) -> np.ndarray:
         """x [R, in] float32 -> [R, out] float32."""
         rows = x.shape[0]
@@ -215,12 +225,8 @@ class Linear:
         if kernel and _KERNEL is not None and 0 < rows <= KERNEL_MAX_ROWS[mode]:
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty((rows, n), dtype=np.float32)
-            packed = self.packed is not None and (
-                mode in (MODE_INT8_AMX, MODE_INT8_VNNI)
-                or (mode == MODE_INT8_INT16 and _packs_for_vnni(_KERNEL))
-            )
-            weights = self.packed if packed else self.stored
-            _KERNEL.linear(x, weights, self.scale, out, rows, k, n, mode, threads)
+            weights, scale, mode = self.kernel_args()
+            _KERNEL.linear(x, weights, scale, out, rows, k, n, mode, threads)
             return out
         if _blas_single_threaded and threads > 1 and rows >= SPLIT_MIN_ROWS:
             return _split_rows(x, self.dense, threads)

@@ -60,6 +60,8 @@ class T5Runtime:
         self._own_bias: Array | None = None
         self._graphs: DecoderGraphs | None = None  # see use_cuda_graphs()
         self._fused_on = True  # see use_fused()
+        self._layers_call_on = True  # see use_layers_call()
+        self._decoder_plan: t5_fused.DecoderPlan | None = None
 
     @property
     def threads(self) -> int:
@@ -132,6 +134,20 @@ class T5Runtime:
         """Attention, norms and activations in the compiled kernel (t5_fused.py) where it runs, or
         numpy (t5_math.py, the reference: tests compare the two)."""
         self._fused_on = on
+
+    def use_layers_call(self, on: bool) -> None:
+        """With the fused functions, a decoder step's layers in one kernel call (t5_fused.DecoderPlan,
+        the default) or one call a function from Python (tests compare the two; so does
+        benchmarks/bench_layers_call.py)."""
+        self._layers_call_on = on
+
+    def _plan(self) -> t5_fused.DecoderPlan | None:
+        """The decoder's plan for t5ops.decoder_layers, made on first use, where the kernel has it."""
+        if not self._layers_call_on or not t5ops.layers_call_available():
+            return None
+        if self._decoder_plan is None:
+            self._decoder_plan = t5_fused.DecoderPlan(self.weights)
+        return self._decoder_plan
 
     @property
     def fused(self) -> bool:
@@ -262,7 +278,7 @@ class T5Runtime:
         if self.fused:  # the kernel reads the bias by distance itself
             table = self._bias_by_distance(width)
             return t5_fused.decoder_step(
-                self._compute, self.weights, cache, tokens.reshape(-1), (batch, m), table
+                self._compute, self.weights, cache, tokens.reshape(-1), (batch, m), table, self._plan()
             )
         past_bias = self.xp.asarray(self.past_bias_host(cache.lengths, width))
         token_ids = self.xp.asarray(tokens.reshape(-1))

@@ -7,6 +7,9 @@ a product and one attention call per attention block, and a norm, two products a
 call for the feed-forward, with the residual adds in place, about fifteen calls where numpy took
 about sixty (attention alone was scores, bias, max, exp, sums, values and transposes per block).
 The attention writes its output straight in the [rows, H*D] layout the output projection reads.
+A decoder step runs those calls for every layer in one kernel call (``DecoderPlan``,
+t5ops.decoder_layers: the same functions in the same order, the same bits): from Python they
+cost about 300 us of a 1.1 ms batch-1 step (benchmarks/bench_layers_call.py).
 """
 
 from __future__ import annotations
@@ -90,6 +93,16 @@ def decoder_layer(
     return x
 
 
+class DecoderPlan:
+    """The decoder's weights taken once by the kernel (t5ops.decoder_plan), so that a step runs
+    every layer in one call (t5ops.decoder_layers) instead of about fifteen calls a layer from
+    Python; for steps of at most ``max_rows`` rows."""
+
+    def __init__(self, w: T5Weights) -> None:
+        self.handle = t5ops.decoder_plan(w.decoder, w.shape)
+        self.max_rows = t5ops.plan_rows(w.decoder)
+
+
 def decoder_step(
     c: Compute,
     w: T5Weights,
@@ -97,17 +110,24 @@ def decoder_step(
     token_ids: np.ndarray,
     rows: tuple[int, int],
     bias_by_distance: np.ndarray,
+    plan: DecoderPlan | None = None,
 ) -> StepOutput:
     """As t5_math.decoder_step; the self-attention bias comes from ``bias_by_distance`` [n, H]
-    (n above every cached length) inside the kernel instead of a [B, H, 1, T] array."""
+    (n above every cached length) inside the kernel instead of a [B, H, 1, T] array. With a
+    ``plan`` (and rows within its limit) the layers run in one kernel call: the same functions
+    in the same order, so the same bits as layer by layer (tests/test_t5ops.py)."""
     s = c.shape
     batch, m = rows
     x = w.embeddings[token_ids]  # [B*m, d], a copy
     new_k = np.empty((len(w.decoder), batch, m, s.num_heads, s.d_kv), dtype=np.float32)
     new_v = np.empty_like(new_k)
     table = np.ascontiguousarray(bias_by_distance, dtype=np.float32)
-    for i, layer in enumerate(w.decoder):
-        x = decoder_layer(c, x, layer, i, cache, (new_k[i], new_v[i]), table, rows)
+    if plan is not None and batch * m <= plan.max_rows:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t5ops.decoder_layers(plan.handle, x, cache, table, new_k, new_v, rows=rows, threads=_threads(c))
+    else:
+        for i, layer in enumerate(w.decoder):
+            x = decoder_layer(c, x, layer, i, cache, (new_k[i], new_v[i]), table, rows)
     hidden = rms_norm(c, x, w.decoder_norm.gamma).reshape(batch, m, s.d_model)
     unit = hidden / np.sqrt(np.square(hidden).sum(axis=-1, keepdims=True))
     return StepOutput(hidden, unit, new_k, new_v)

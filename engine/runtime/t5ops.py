@@ -11,9 +11,17 @@ Shapes: B sequences, m rows per sequence, H heads, D = d_kv, inner = H * D.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from engine.runtime import qlinear
+
+if TYPE_CHECKING:
+    from engine.model.shapes import T5Shape
+    from engine.runtime.kv_cache import DecoderCache
+    from engine.runtime.t5_weights import DecoderLayer
 
 ACT_RELU, ACT_GELU_TANH = 0, 1
 KIND_DECODER_SELF, KIND_CROSS, KIND_ENCODER = 0, 1, 2
@@ -23,6 +31,12 @@ def available() -> bool:
     """Whether the fused functions can run: the compiled kernel loaded, is switched on, and was
     built with _t5ops.c (an extension built before it has only the products)."""
     return qlinear._KERNEL is not None and hasattr(qlinear._KERNEL, "attention")
+
+
+def layers_call_available() -> bool:
+    """Whether the kernel runs a decoder step's layers in one call (decoder_plan/decoder_layers: an
+    extension built before them has only the functions one by one)."""
+    return available() and hasattr(qlinear._KERNEL, "decoder_layers")
 
 
 def _kernel() -> object:
@@ -168,4 +182,92 @@ def encoder_attention(
         heads=heads,
         width=width,
         threads=threads,
+    )
+
+
+def decoder_plan(layers: Sequence[DecoderLayer], shape: T5Shape) -> object:
+    """A decoder's weights taken once by the kernel for ``decoder_layers`` (every product must run
+    on the kernel: ``plan_rows`` says up to how many rows)."""
+
+    def product(w: object) -> tuple[np.ndarray, np.ndarray | None, int, int, int]:
+        if not isinstance(w, qlinear.Linear):
+            raise TypeError(
+                f"decoder_plan needs the kernel's products (qlinear.Linear), got {type(w).__name__}"
+            )
+        n, k = w.shape
+        return (*w.kernel_args(), n, k)
+
+    act = ACT_GELU_TANH if shape.gated else ACT_RELU
+    return _kernel().decoder_plan(  # type: ignore[attr-defined]
+        [
+            (
+                product(layer.qkv),
+                product(layer.self_out),
+                product(layer.cross_q),
+                product(layer.cross_out),
+                product(layer.ffn.wi),
+                product(layer.ffn.wo),
+                _f32("gamma", layer.self_norm.gamma, 1),
+                _f32("gamma", layer.cross_norm.gamma, 1),
+                _f32("gamma", layer.ffn.norm.gamma, 1),
+            )
+            for layer in layers
+        ],
+        shape.d_model,
+        shape.num_heads,
+        shape.d_kv,
+        shape.d_ff,
+        shape.gated,
+        act,
+        float(shape.layer_norm_epsilon),
+    )
+
+
+def plan_rows(layers: Sequence[DecoderLayer]) -> int:
+    """The most rows ``decoder_layers`` takes: every product's kernel limit (float32 products take
+    OpenBLAS beyond qlinear.KERNEL_MAX_ROWS[0], which the plan cannot)."""
+    return min(
+        qlinear.KERNEL_MAX_ROWS[w.mode]
+        for layer in layers
+        for w in (layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.ffn.wi, layer.ffn.wo)
+        if isinstance(w, qlinear.Linear)
+    )
+
+
+def decoder_layers(
+    plan: object,
+    x: np.ndarray,
+    cache: DecoderCache,
+    bias_by_distance: np.ndarray,
+    new_k: np.ndarray,
+    new_v: np.ndarray,
+    *,
+    rows: tuple[int, int],
+    threads: int,
+) -> None:
+    """Every decoder layer of a step on x [B*m, d] (float32, C-contiguous, in place), as
+    t5_fused.decoder_layer does layer by layer: the cache's self K/V [L, B, H, cap, D] and cross
+    K/V [L, B, H, S, D], ``bias_by_distance`` [n, H]; writes each row's new K/V into ``new_k`` /
+    ``new_v`` [L, B, m, H, D]."""
+    for name, a in (("x", x), ("new_k", new_k), ("new_v", new_v)):  # written in place
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous float32 array")
+    batch, m = rows
+    _kernel().decoder_layers(  # type: ignore[attr-defined]
+        plan,
+        x,
+        _f32("self_k", cache.self_k, 5),
+        _f32("self_v", cache.self_v, 5),
+        np.ascontiguousarray(cache.lengths, dtype=np.int64),
+        _f32("bias_by_distance", bias_by_distance, 2),
+        _f32("cross_k", cache.cross_k, 5),
+        _f32("cross_v", cache.cross_v, 5),
+        _f32("cross_bias", cache.cross_bias.reshape(batch, -1), 2),
+        new_k,
+        new_v,
+        batch,
+        m,
+        cache.capacity,
+        int(cache.cross_k.shape[3]),
+        threads,
     )
