@@ -34,11 +34,12 @@ RUNS_ON: dict[Strategy, frozenset[Backend]] = {
 
 # Greedy (with or without processors): up to how many prompts in one call our decoder is faster
 # than CTranslate2, per (device, compute type); absent: CTranslate2 always. Measured side by side
-# by benchmarks/bench_greedy_backends.py (RESULTS.md, "Greedy: which backend"): on the 2-core AMD
-# EPYC (AVX-512 VNNI, no AMX), FLAN-T5-small int8, 64 tokens, our decoder took 0.11 / 0.13 / 0.18 /
-# 0.31 s at batch 1 / 2 / 4 / 8 against CTranslate2's 0.28 / 0.29 / 0.32 / 0.38 s, and lost at 16
-# (0.60 s against 0.53 s). Other compute types were not measured: they stay on CTranslate2.
-GREEDY_ON_DECODER: dict[tuple[str, str], int] = {("cpu", "int8"): 8}
+# by benchmarks/bench_greedy_backends.py (RESULTS.md, "Greedy: which backend", rerun in issue 15's
+# seventh session): on the 2-core AMD EPYC (AVX-512 VNNI, no AMX), FLAN-T5-small int8, 64 tokens,
+# our decoder took 0.06 / 0.20 / 0.35 s at batch 1 / 8 / 16 against CTranslate2's 0.26 / 0.36 /
+# 0.48 s, tied at 32 (0.75 s against 0.76 s) and lost at 64 (1.83 s against 1.52 s). Other compute
+# types were not measured: they stay on CTranslate2.
+GREEDY_ON_DECODER: dict[tuple[str, str], int] = {("cpu", "int8"): 16}
 
 # Where the server runs greedy requests on our decoder's continuous batch (rows join and leave
 # between steps) instead of one-shot batched calls, by (device, compute type): measured through the
