@@ -12,6 +12,13 @@ flips more choices than it would on real checkpoints: the rates compare the two 
 each other, they do not predict a trained model's agreement.
 
     .venv/bin/python benchmarks/int8_agreement.py [--prompts 64] [--new-tokens 32]
+        [--grouped-int8 64 [--grouped-where wo|lm_head|both]]
+
+``--grouped-int8 G`` asks what int8 activations with one scale per G inputs (instead of the int16
+activations qlinear keeps for the decoder's feed-forward output and the lm_head) would cost in
+agreement, before building such a kernel mode: each activation row of those products is rounded
+to int8 per group of G inputs in numpy and fed to the int16 product (whose own rounding is 128
+times finer), an emulation of the arithmetic, not a kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from benchmarks.common import OUT_DIR, machine, save_json, table  # noqa: E402
 from engine.model.convert import convert_checkpoint  # noqa: E402
 from engine.model.demo import write_hf_checkpoint  # noqa: E402
 from engine.model.shapes import TINY_FLAN, TINY_T5, T5Shape, preset  # noqa: E402
+from engine.runtime import qlinear  # noqa: E402
 from engine.runtime.ct2 import DecodeOptions  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.engine import Engine  # noqa: E402
@@ -91,11 +99,46 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> tuple[float, float
     return exact, statistics.mean(prefixes)
 
 
+def emulate_grouped_int8(group: int, where: str) -> None:
+    """Round the activations of the int16 products (``where``: the decoder's feed-forward output
+    projections, the lm_head, or both) to int8 with a scale per ``group`` inputs, for the rest of
+    this process (see the module's docstring)."""
+    plain = qlinear.Linear.__call__
+
+    def grouped(x: np.ndarray) -> np.ndarray:
+        rows, k = x.shape
+        padded = np.zeros((rows, -(-k // group) * group), dtype=np.float32)
+        padded[:, :k] = x
+        blocks = padded.reshape(rows, -1, group)
+        scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        return (
+            (np.clip(np.rint(blocks / scale), -127, 127) * scale).reshape(rows, -1)[:, :k].astype(np.float32)
+        )
+
+    def call(self: qlinear.Linear, x: np.ndarray, threads: int = 1, kernel: bool = True) -> np.ndarray:
+        if self.mode == qlinear.MODE_INT8_INT16:
+            head = self.shape[0] > self.shape[1] * 8  # the lm_head: [vocabulary, d_model]
+            if where == "both" or (where == "lm_head") == head:
+                x = grouped(np.asarray(x, dtype=np.float32))
+        return plain(self, x, threads, kernel)
+
+    qlinear.Linear.__call__ = call  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--grouped-int8", type=int, default=0, metavar="G", help="emulate int8 activations per G inputs"
+    )
+    parser.add_argument("--grouped-where", choices=["wo", "lm_head", "both"], default="both")
     args = parser.parse_args()
+    if args.grouped_int8 < 0:
+        parser.error("--grouped-int8 must be 0 (off) or a group size")
+    if args.grouped_int8:
+        emulate_grouped_int8(args.grouped_int8, args.grouped_where)
     if not REF_PYTHON.exists():
         raise SystemExit(f"{REF_PYTHON} missing: the reference environment is needed (make test)")
     info = machine()
@@ -110,6 +153,8 @@ def main() -> None:
         inputs = prompts(args.prompts, seed + 100)
         want = reference(hf, inputs, args.new_tokens)
         runtime = T5Runtime.load(int8)
+        if args.grouped_int8:  # the emulation wraps the Python product: no layers in one kernel call
+            runtime.use_layers_call(False)
         ours = [
             list(r.token_ids)
             for r in run_on_decoder(runtime, [GenerationRequest(tuple(p), params) for p in inputs])
@@ -137,7 +182,13 @@ def main() -> None:
         )
     path = save_json(
         "int8_agreement",
-        {"machine": info, "prompts": args.prompts, "new_tokens": args.new_tokens, "rows": payload},
+        {
+            "machine": info,
+            "prompts": args.prompts,
+            "new_tokens": args.new_tokens,
+            "grouped_int8": args.grouped_int8 and {"group": args.grouped_int8, "where": args.grouped_where},
+            "rows": payload,
+        },
     )
     print(f"saved {path}")
 
