@@ -34,7 +34,10 @@ from engine.runtime.t5 import T5Runtime  # noqa: E402
 
 MODEL = OUT_DIR / "models" / "contrastive-small-int8"  # bench_targets.py's model
 FORCED = {"max_new_tokens": 64, "min_new_tokens": 64}
-STRATEGIES = {"greedy": FORCED, "contrastive": {"penalty_alpha": 0.6, "top_k": 4, **FORCED}}
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": FORCED,
+    "contrastive": {"penalty_alpha": 0.6, "top_k": 4, **FORCED},
+}
 
 
 def main() -> None:
