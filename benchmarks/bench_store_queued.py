@@ -36,7 +36,7 @@ from benchmarks.common import interleaved, machine, ratio_median, save_json, tab
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.serving.batching import Lane  # noqa: E402
 from engine.serving.jobs import Job  # noqa: E402
-from engine.serving.store.base import per_owner  # noqa: E402
+from engine.serving.store.base import Submission, per_owner  # noqa: E402
 from engine.serving.store.sqlite import _ENTRY_COLUMNS, _QUEUED_LANE, SqliteJobStore  # noqa: E402
 
 WHERE = "status = 'queued' AND lane = ?"
@@ -51,7 +51,7 @@ def fill(store: SqliteJobStore, queued: int, owners: int) -> None:
     params = DecodingParams()
     for n in range(queued):
         job = Job(id=f"j{n}", owner=f"key{n % owners}", prompts=("p",), params=params, created_at=1.0)
-        store.enqueue_deferred(job, 2)
+        store.enqueue_deferred(Submission(job, 2, Lane.BATCH))
         if n % 1000 == 999:
             store.commit_deferred()
     store.commit_deferred()

@@ -15,6 +15,7 @@ from engine.serving.batching import Lane, QueueEntry, fair_order
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.store.base import JobStore
 from harness.fakes import FakeEngine, start_service
+from tests.stores import submission
 
 GREEDY = DecodingParams(max_new_tokens=4)
 CONTRASTIVE = DecodingParams(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
@@ -74,7 +75,7 @@ def test_the_store_shows_every_keys_head_and_bounds_the_read_when_many_keys_wait
     for owner in range(40):
         for n in range(3):
             job = Job(id=f"k{owner}-{n}", owner=f"key{owner}", prompts=("p",), params=GREEDY, created_at=1.0)
-            job_store.enqueue(job, 2)
+            job_store.enqueue(submission(job, 2))
     few = [e.job_id for e in job_store.queued(Lane.BATCH, 8)]
     assert len(few) == 40  # 4 * 8 / 40 rounds down to 0: at least each key's head
     assert set(few) == {f"k{owner}-0" for owner in range(40)}

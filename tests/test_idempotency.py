@@ -28,6 +28,7 @@ from engine.serving.store.base import JobStore, Replay
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.api_fakes import INFO, fake_decode
 from harness.fakes import FakeEngine, start_service, until
+from tests.stores import submission
 from tests.test_store import result
 
 P = DecodingParams(max_new_tokens=4)
@@ -42,23 +43,25 @@ def job(n: int, owner: str = "a") -> Job:
 
 
 def test_the_store_answers_a_repeated_key_with_the_first_job(job_store: JobStore) -> None:
-    job_store.enqueue(job(1), 2, "k1")
+    job_store.enqueue(submission(job(1), 2, idempotency_key="k1"))
     with pytest.raises(Replay) as info:
-        job_store.enqueue(job(2), 2, "k1")
+        job_store.enqueue(submission(job(2), 2, idempotency_key="k1"))
     assert info.value.job_id == "j1" and job_store.get("j2") is None
     assert job_store.find_idempotent("a", "k1") == "j1"
     assert job_store.find_idempotent("a", "other") is None
-    job_store.enqueue(job(3, owner="b"), 2, "k1")  # another API key's idempotency keys are its own
-    job_store.enqueue(job(4, owner="a:k"), 2, "1")  # owner and key never run together
+    # another API key's idempotency keys are its own
+    job_store.enqueue(submission(job(3, owner="b"), 2, idempotency_key="k1"))
+    # owner and key never run together
+    job_store.enqueue(submission(job(4, owner="a:k"), 2, idempotency_key="1"))
     assert job_store.find_idempotent("a:k", "1") == "j4" and job_store.find_idempotent("a", "k:1") is None
-    job_store.enqueue(job(5), 2)  # no key: always a new job
+    job_store.enqueue(submission(job(5), 2))  # no key: always a new job
     [claimed] = job_store.claim(["j1"], 2.0)
     job_store.complete("j1", claimed.attempts, result(), 3.0)
-    with pytest.raises(Replay):
-        job_store.enqueue(job(6), 2, "k1")  # finished but kept: still the same job
+    with pytest.raises(Replay):  # finished but kept: still the same job
+        job_store.enqueue(submission(job(6), 2, idempotency_key="k1"))
     assert job_store.purge_expired(now=100.0, ttl_s=10.0) == 1  # its result expired: the key is free
     assert job_store.find_idempotent("a", "k1") is None
-    job_store.enqueue(job(7), 2, "k1")
+    job_store.enqueue(submission(job(7), 2, idempotency_key="k1"))
     assert job_store.find_idempotent("a", "k1") == "j7"
 
 

@@ -26,6 +26,7 @@ from engine.serving.store.base import JobStore, LimitReached, QueueLimits, Queue
 from engine.serving.store.keys import SqliteKeyStore
 from harness.api_fakes import INFO, fake_decode
 from harness.fakes import FakeEngine, fake_tokenize, start_service, until
+from tests.stores import submission
 from tests.test_store import result
 
 P = DecodingParams(max_new_tokens=4)
@@ -50,9 +51,9 @@ def test_the_store_counts_queued_jobs_and_tokens_per_key(job_store: JobStore) ->
     def job(n: int, owner: str, prompts: tuple[str, ...]) -> Job:
         return Job(id=f"j{n}", owner=owner, prompts=prompts, params=P, created_at=1.0)
 
-    job_store.enqueue(job(1, "a", ("x", "y")), 7)
-    job_store.enqueue(job(2, "a", ("x",)), 5)
-    job_store.enqueue(job(3, "b", ("x",)), 3)
+    job_store.enqueue(submission(job(1, "a", ("x", "y")), 7))
+    job_store.enqueue(submission(job(2, "a", ("x",)), 5))
+    job_store.enqueue(submission(job(3, "b", ("x",)), 3))
     assert job_store.load("a") == QueueLoad(jobs=3, tokens=15, owner_jobs=2, owner_tokens=12)
     assert job_store.load("nobody") == QueueLoad(3, 15, 0, 0)
     [claimed] = job_store.claim(["j1"], 2.0)
@@ -214,7 +215,7 @@ def test_servers_sharing_redis_cannot_pass_a_limit_together(redis_stores: Callab
     def submit(n: int) -> None:
         job = Job(id=f"j{n}", owner="a", prompts=("p",), params=P, created_at=1.0)
         try:
-            stores[n % 2].enqueue(job, 2, limits=limits)
+            stores[n % 2].enqueue(submission(job, 2, limits=limits))
             accepted.append(job.id)
         except LimitReached as full:
             refused.append(full)
@@ -238,17 +239,17 @@ def test_the_store_refuses_past_each_limit_in_order(job_store: JobStore) -> None
     limits = QueueLimits(
         max_queue_size=4, max_queued_tokens=30, max_queued_jobs_per_key=2, max_queued_tokens_per_key=15
     )
-    job_store.enqueue(job(1, "a"), 10, limits=limits)
+    job_store.enqueue(submission(job(1, "a"), 10, limits=limits))
     with pytest.raises(LimitReached) as info:
-        job_store.enqueue(job(2, "a"), 6, limits=limits)  # 16 tokens for a: past 15
+        job_store.enqueue(submission(job(2, "a"), 6, limits=limits))  # 16 tokens for a: past 15
     assert info.value.limit == "max_queued_tokens_per_key" and info.value.load == QueueLoad(1, 10, 1, 10)
-    job_store.enqueue(job(3, "a"), 5, limits=limits)
+    job_store.enqueue(submission(job(3, "a"), 5, limits=limits))
     with pytest.raises(LimitReached, match="max_queued_jobs_per_key"):
-        job_store.enqueue(job(4, "a"), 1, limits=limits)
-    job_store.enqueue(job(5, "b"), 14, limits=limits)
+        job_store.enqueue(submission(job(4, "a"), 1, limits=limits))
+    job_store.enqueue(submission(job(5, "b"), 14, limits=limits))
     with pytest.raises(LimitReached, match="max_queued_tokens"):
-        job_store.enqueue(job(6, "c"), 2, limits=limits)  # 31 in all: past the server's 30
-    job_store.enqueue(job(7, "c"), 1, limits=limits)
+        job_store.enqueue(submission(job(6, "c"), 2, limits=limits))  # 31 in all: past the server's 30
+    job_store.enqueue(submission(job(7, "c"), 1, limits=limits))
     with pytest.raises(LimitReached, match="max_queue_size"):
-        job_store.enqueue(job(8, "d"), 0, limits=limits)
+        job_store.enqueue(submission(job(8, "d"), 0, limits=limits))
     assert job_store.get("j2") is None and job_store.queue_depth() == 4

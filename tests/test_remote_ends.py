@@ -18,6 +18,7 @@ from engine.serving.remote_ends import REMOTE_POLL_S, RemoteEnds
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, start_service, until
+from tests.stores import submission
 
 NOW = 1_700_000_000.0
 
@@ -38,7 +39,7 @@ def _result() -> JobResult:
 
 def test_ended_names_the_terminal_and_the_gone_jobs(job_store: JobStore) -> None:
     for n in range(4):
-        job_store.enqueue(_job(n), prompt_tokens=1)
+        job_store.enqueue(submission(_job(n), 1))
     job_store.claim(["job1", "job2"], NOW)
     assert job_store.complete("job2", 1, _result(), NOW)
     job_store.cancel("job3", NOW)
@@ -51,7 +52,7 @@ def test_one_tick_wakes_the_waiters_whose_job_ended_in_the_store() -> None:
     async def body() -> None:
         store = SqliteJobStore(":memory:")
         for n in range(3):
-            store.enqueue(_job(n), prompt_tokens=1)
+            store.enqueue(submission(_job(n), 1))
         ends = RemoteEnds(store, runs_here=lambda job_id: job_id == "job2")
         futs = {n: ends.watch(f"job{n}") for n in range(3)}
         await ends.tick()

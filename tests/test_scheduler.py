@@ -20,6 +20,7 @@ from engine.serving.continuous_loop import ADMIT_POLL_S
 from engine.serving.jobs import JobStatus
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service, until
+from tests.stores import submission
 
 GREEDY = DecodingParams(max_new_tokens=8)
 CONTRASTIVE = DecodingParams(max_new_tokens=8, penalty_alpha=0.6, top_k=4)
@@ -330,7 +331,7 @@ def test_jobs_left_running_by_a_dead_process_are_run_again_on_start() -> None:
 
         store = SqliteJobStore(":memory:")
         for i in range(3):
-            store.enqueue(Job(id=f"j{i}", owner="a", prompts=(f"p{i}",), params=GREEDY), 2)
+            store.enqueue(submission(Job(id=f"j{i}", owner="a", prompts=(f"p{i}",), params=GREEDY), 2))
         store.claim(["j0", "j1"], 1.0)  # running in a process that then died
         svc = await start_service(store=store)
         for i in range(3):

@@ -19,6 +19,7 @@ from engine.serving.loop_base import LoopParts, Wakeup
 from engine.serving.store.sqlite import SqliteJobStore
 from engine.serving.worker import EngineWorker
 from harness.fakes import FakeEngine, expected_tokens, fake_tokenize
+from tests.stores import submission
 
 CONTRASTIVE = DecodingParams(max_new_tokens=3, penalty_alpha=0.6, top_k=4)
 
@@ -62,7 +63,7 @@ class Parts:
 
     def submit(self, n: int, owner: str = "a", prompts: tuple[str, ...] = ("p q",)) -> Job:
         job = Job(id=f"j{n}", owner=owner, prompts=prompts, params=CONTRASTIVE, created_at=self.clock.time())
-        self.store.enqueue(job, sum(len(fake_tokenize(p)) for p in prompts))
+        self.store.enqueue(submission(job, sum(len(fake_tokenize(p)) for p in prompts)))
         return job
 
     def step(self) -> None:

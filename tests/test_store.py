@@ -20,8 +20,9 @@ from engine.serving.batching import Lane, batch_key_text
 from engine.serving.events import RowEvent
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store import sqlite as sqlite_module
-from engine.serving.store.base import Completion, JobStore, open_store, per_owner
+from engine.serving.store.base import Completion, JobStore, Submission, open_store, per_owner
 from engine.serving.store.sqlite import SqliteJobStore
+from tests.stores import submission
 
 NOW = 1_700_000_000.0
 CONTRASTIVE = DecodingParams(penalty_alpha=0.6, top_k=4)
@@ -46,9 +47,7 @@ def result(text: str = "out") -> JobResult:
 def test_logprobs_and_params_roundtrip(store: JobStore) -> None:
     """A job that asked for logprobs keeps them, floats exact, through the store."""
     params = DecodingParams(max_new_tokens=3, logprobs=2)
-    store.enqueue(
-        Job(id="lp", owner="bob", prompts=("a", "b"), params=params, created_at=NOW), prompt_tokens=2
-    )
+    store.enqueue(submission(Job(id="lp", owner="bob", prompts=("a", "b"), params=params, created_at=NOW), 2))
     assert store.get("lp") is not None and store.get("lp").params == params  # type: ignore[union-attr]
     store.claim(["lp"], NOW + 1)
     lp = (
@@ -121,9 +120,9 @@ def store(backend: Backend) -> JobStore:
 def test_roundtrip_keeps_every_field(store: JobStore) -> None:
     params = DecodingParams(max_new_tokens=7, do_sample=True, temperature=0.5, seed=9)
     j = Job(id="a", owner="bob", prompts=("hello", "world"), params=params, created_at=NOW, model="m")
-    entry = store.enqueue(j, prompt_tokens=11)
+    # A seeded draw runs on our decoder (its own generator): the server queues it on that lane.
+    entry = store.enqueue(Submission(j, 11, Lane.DECODER))
     assert entry.num_prompts == 2 and entry.prompt_tokens == 11 and entry.max_new_tokens == 7
-    # A seeded draw runs on our decoder (its own generator): the contrastive lane.
     assert entry.batch_key == batch_key_text(params) and entry.lane is Lane.DECODER
     assert store.get("a") == j
     [running] = store.claim(["a"], NOW + 1)
@@ -146,7 +145,7 @@ def test_database_is_in_wal_mode_and_its_folder_is_created(tmp_path: Path) -> No
 
 def test_positions_count_queued_jobs_ahead(store: JobStore) -> None:
     for i in range(5):
-        store.enqueue(job(i), 3)
+        store.enqueue(submission(job(i), 3))
     assert [store.position(f"job{i}") for i in range(5)] == [0, 1, 2, 3, 4]
     store.claim(["job0", "job1"], NOW)
     assert store.position("job0") == 0  # running
@@ -176,7 +175,7 @@ def test_positions_match_the_database_through_any_sequence_of_changes(tmp_path: 
         op = rng.random()
         queued = [e.job_id for e in store.queued(Lane.BATCH, 1000)]
         if op < 0.4 or not queued:
-            store.enqueue(job(n), 1)
+            store.enqueue(submission(job(n), 1))
             n += 1
         elif op < 0.55:
             for j in store.claim(rng.sample(queued, min(3, len(queued))), NOW):
@@ -199,12 +198,15 @@ def test_positions_match_the_database_through_any_sequence_of_changes(tmp_path: 
 
 
 def test_queued_lists_a_lane_and_key_oldest_first(store: JobStore) -> None:
-    store.enqueue(job(0), 1)
-    store.enqueue(job(1, CONTRASTIVE), 1)
-    store.enqueue(job(2, DecodingParams(num_beams=2)), 1)
-    store.enqueue(job(3), 1)
+    """A job is queued on the lane its submission names (the server's choice: with greedy_lane a
+    greedy job runs on our decoder too), whatever its params."""
+    store.enqueue(Submission(job(0), 1, Lane.BATCH))
+    store.enqueue(Submission(job(1, CONTRASTIVE), 1, Lane.DECODER))
+    store.enqueue(Submission(job(2, DecodingParams(num_beams=2)), 1, Lane.BATCH))
+    store.enqueue(Submission(job(3), 1, Lane.BATCH))
+    store.enqueue(Submission(job(4), 1, Lane.DECODER))
     assert [e.job_id for e in store.queued(Lane.BATCH, 10)] == ["job0", "job2", "job3"]
-    assert [e.job_id for e in store.queued(Lane.DECODER, 10)] == ["job1"]
+    assert [e.job_id for e in store.queued(Lane.DECODER, 10)] == ["job1", "job4"]
     key = batch_key_text(DecodingParams())
     assert [e.job_id for e in store.queued(Lane.BATCH, 10, key)] == ["job0", "job3"]
     assert [e.job_id for e in store.queued(Lane.BATCH, 1)] == ["job0"]
@@ -219,7 +221,7 @@ def test_queued_gives_each_owners_oldest_jobs_of_a_lane_and_key(store: JobStore)
     queued: list[tuple[int, str, Lane, str]] = []  # (n, owner, lane, batch key) in enqueue order
     for n in range(400):
         params, owner = rng.choice(kinds), f"key{rng.randrange(12)}"
-        entry = store.enqueue(job(n, params, owner=owner), 1)
+        entry = store.enqueue(submission(job(n, params, owner=owner), 1))
         queued.append((n, owner, entry.lane, entry.batch_key))
     gone = rng.sample(range(400), 80)
     store.claim([f"job{n}" for n in gone[:40]], NOW)
@@ -245,7 +247,7 @@ def test_sqlite_reads_the_queue_in_one_statement_through_the_owner_index(tmp_pat
     the (lane, owner[, batch_key], seq) index, not a scan of every queued job of the lane."""
     store = SqliteJobStore(tmp_path / "jobs.db")
     for n in range(60):
-        store.enqueue(job(n, owner=f"key{n % 6}"), 1)
+        store.enqueue(submission(job(n, owner=f"key{n % 6}"), 1))
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
     try:
@@ -265,7 +267,7 @@ def test_sqlite_reads_the_queue_in_one_statement_through_the_owner_index(tmp_pat
 
 def test_claim_takes_only_queued_jobs(store: JobStore) -> None:
     for i in range(3):
-        store.enqueue(job(i), 1)
+        store.enqueue(submission(job(i), 1))
     store.cancel("job1", NOW)
     claimed = store.claim(["job2", "job1", "job0", "ghost"], NOW)
     assert [j.id for j in claimed] == ["job0", "job2"]  # queue order, cancelled and unknown skipped
@@ -273,7 +275,7 @@ def test_claim_takes_only_queued_jobs(store: JobStore) -> None:
 
 
 def test_completion_is_exactly_once_per_attempt(backend: Backend, store: JobStore) -> None:
-    store.enqueue(job(0), 1)
+    store.enqueue(submission(job(0), 1))
     store.claim(["job0"], NOW)
     stale = store
     store = backend.restart_after_crash(stale)
@@ -289,7 +291,7 @@ def test_completion_is_exactly_once_per_attempt(backend: Backend, store: JobStor
 
 def test_a_finished_batch_completes_together_and_each_job_still_exactly_once(store: JobStore) -> None:
     for i in range(4):
-        store.enqueue(job(i), 1)
+        store.enqueue(submission(job(i), 1))
     store.claim(["job0", "job1", "job2"], NOW)
     store.cancel("job1", NOW)
     batch = [Completion(f"job{i}", 1, result(f"r{i}")) for i in range(4)]
@@ -309,7 +311,7 @@ def test_a_finished_batch_completes_together_and_each_job_still_exactly_once(sto
 def test_a_failing_batch_completion_changes_nothing(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "engine.db")
     for i in range(2):
-        store.enqueue(job(i), 1)
+        store.enqueue(submission(job(i), 1))
     store.claim(["job0", "job1"], NOW)
 
     class Unencodable(JobResult):
@@ -324,7 +326,7 @@ def test_a_failing_batch_completion_changes_nothing(tmp_path: Path) -> None:
 
 def test_cancel_queued_running_and_finished(store: JobStore) -> None:
     for i in range(3):
-        store.enqueue(job(i), 1)
+        store.enqueue(submission(job(i), 1))
     cancelled = store.cancel("job0", NOW)
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
     store.claim(["job1"], NOW)
@@ -339,13 +341,13 @@ def test_cancel_queued_running_and_finished(store: JobStore) -> None:
 
 
 def test_fail_needs_the_right_state(store: JobStore) -> None:
-    store.enqueue(job(0), 1)
+    store.enqueue(submission(job(0), 1))
     err = JobError("timeout", "too slow")
     assert not store.fail("job0", 1, err, NOW)  # not running
     assert store.fail("job0", None, err, NOW)  # queued
     failed = store.get("job0")
     assert failed is not None and failed.status is JobStatus.FAILED and failed.error == err
-    store.enqueue(job(1), 1)
+    store.enqueue(submission(job(1), 1))
     store.claim(["job1"], NOW)
     assert not store.fail("job1", None, err, NOW)  # running needs its attempt
     assert store.fail("job1", 1, err, NOW)
@@ -353,7 +355,7 @@ def test_fail_needs_the_right_state(store: JobStore) -> None:
 
 def test_requeue_running_keeps_queue_order_and_attempts(backend: Backend, store: JobStore) -> None:
     for i in range(4):
-        store.enqueue(job(i), 1)
+        store.enqueue(submission(job(i), 1))
     store.claim(["job0", "job1"], NOW)
     store = backend.restart_after_crash(store)
     assert sorted(store.requeue_running()) == ["job0", "job1"]
@@ -364,7 +366,7 @@ def test_requeue_running_keeps_queue_order_and_attempts(backend: Backend, store:
 
 
 def test_requeue_one_job_after_a_shutdown(store: JobStore) -> None:
-    store.enqueue(job(0), 1)
+    store.enqueue(submission(job(0), 1))
     store.claim(["job0"], NOW)
     assert not store.requeue("job0", 2)
     assert store.requeue("job0", 1)
@@ -372,16 +374,16 @@ def test_requeue_one_job_after_a_shutdown(store: JobStore) -> None:
 
 
 def test_queued_before_finds_jobs_waiting_too_long(store: JobStore) -> None:
-    store.enqueue(job(0, at=NOW - 100), 1)
-    store.enqueue(job(1, at=NOW - 10), 1)
-    store.enqueue(job(2, at=NOW - 200), 1)
+    store.enqueue(submission(job(0, at=NOW - 100), 1))
+    store.enqueue(submission(job(1, at=NOW - 10), 1))
+    store.enqueue(submission(job(2, at=NOW - 200), 1))
     store.claim(["job2"], NOW)
     assert store.queued_before(NOW - 50) == ["job0"]
 
 
 def test_purge_removes_only_finished_jobs_past_the_ttl(store: JobStore) -> None:
     for i in range(4):
-        store.enqueue(job(i, at=NOW - 1000), 1)
+        store.enqueue(submission(job(i, at=NOW - 1000), 1))
     store.claim(["job0", "job1"], NOW - 900)
     store.complete("job0", 1, result(), NOW - 800)  # old result
     store.complete("job1", 1, result(), NOW - 10)  # fresh result
@@ -421,7 +423,7 @@ def test_a_closed_or_broken_store_is_not_ready(tmp_path: Path) -> None:
     with pytest.raises(NotReady, match=r"^the job store is unavailable; retry in a moment$"):
         s.get("a")
     with pytest.raises(NotReady):
-        s.enqueue(job(0), 1)
+        s.enqueue(submission(job(0), 1))
 
 
 def test_redis_servers_share_one_queue_and_take_over_a_dead_servers_jobs(redis_url: str | None) -> None:
@@ -435,7 +437,7 @@ def test_redis_servers_share_one_queue_and_take_over_a_dead_servers_jobs(redis_u
     b = RedisJobStore(redis_url, prefix=prefix, lease_s=lease_s)
     try:
         for i in range(3):
-            a.enqueue(job(i), 1)
+            a.enqueue(submission(job(i), 1))
         assert b.queue_depth() == 3 and b.position("job2") == 2
         assert [j.id for j in a.claim(["job0"], NOW)] == ["job0"]
         assert [j.id for j in b.claim(["job0", "job1"], NOW)] == ["job1"]  # never twice
@@ -516,7 +518,7 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(redis_url: s
 
 def test_statuses_and_cancelled_read_many_jobs_at_once(store: JobStore) -> None:
     for n in range(4):
-        store.enqueue(job(n), 1)
+        store.enqueue(submission(job(n), 1))
     store.claim(["job1", "job2"], NOW)
     store.cancel("job2", NOW)
     store.cancel("job3", NOW)

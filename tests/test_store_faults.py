@@ -19,6 +19,7 @@ from engine.serving.jobs import JobStatus
 from engine.serving.store.base import JobStore
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, expected_tokens, fake_tokenize, start_service
+from tests.stores import submission
 
 JOB_TIMEOUT_S = 8.0
 
@@ -164,7 +165,7 @@ def test_results_are_purged_in_bounded_batches(
         Job(id=f"p{i}", owner="a", prompts=("x",), params=DecodingParams(), created_at=10.0) for i in range(7)
     ]
     for j in jobs:
-        store.enqueue(j, 1)
+        store.enqueue(submission(j, 1))
     store.claim([j.id for j in jobs], 20.0)
     store.complete_many([Completion(j.id, 1, result()) for j in jobs], 30.0)
     assert [store.purge_expired(100.0, 10.0, limit=3) for _ in range(4)] == [3, 3, 1, 0]

@@ -19,6 +19,7 @@ from engine.runtime.params import DecodingParams
 from engine.serving.jobs import Job, JobStatus
 from engine.serving.store.sqlite import SqliteJobStore
 from harness.fakes import FakeEngine, start_service, until
+from tests.stores import submission
 
 
 def job(i: int) -> Job:
@@ -55,9 +56,9 @@ class FailingCommits:
 def test_deferred_enqueues_are_queued_at_once_and_durable_after_the_commit(tmp_path: Path) -> None:
     db = tmp_path / "engine.db"
     store = SqliteJobStore(db)
-    store.enqueue(job(0), 1)
+    store.enqueue(submission(job(0), 1))
     for i in range(1, 6):
-        store.enqueue_deferred(job(i), 1)
+        store.enqueue_deferred(submission(job(i), 1))
     assert store.queue_depth() == 6 and [store.position(job(i).id) for i in range(6)] == list(range(6))
     assert on_disk(db) == [job(0).id]  # not durable yet: no submit has been answered
     store.commit_deferred()
@@ -70,14 +71,14 @@ def test_every_other_write_commits_the_open_group_first(tmp_path: Path) -> None:
     db = tmp_path / "engine.db"
     store = SqliteJobStore(db)
     for i in range(3):
-        store.enqueue_deferred(job(i), 1)
+        store.enqueue_deferred(submission(job(i), 1))
     claimed = store.claim([job(1).id], 5.0)  # the batch loop, before the submits' commit ran
     assert [j.id for j in claimed] == [job(1).id] and claimed[0].status is JobStatus.RUNNING
     assert on_disk(db) == [job(i).id for i in range(3)]
-    store.enqueue_deferred(job(3), 1)
+    store.enqueue_deferred(submission(job(3), 1))
     store.cancel(job(0).id, 6.0)
     assert on_disk(db) == [job(i).id for i in range(4)]
-    store.enqueue_deferred(job(4), 1)
+    store.enqueue_deferred(submission(job(4), 1))
     store.close()  # a clean stop keeps what was enqueued
     assert on_disk(db) == [job(i).id for i in range(5)]
 
@@ -85,11 +86,11 @@ def test_every_other_write_commits_the_open_group_first(tmp_path: Path) -> None:
 def test_a_failed_commit_loses_the_whole_group_and_nothing_else(tmp_path: Path) -> None:
     db = tmp_path / "engine.db"
     store = SqliteJobStore(db)
-    store.enqueue(job(0), 1)
+    store.enqueue(submission(job(0), 1))
     failing = FailingCommits(store._db)
     store._db = failing  # type: ignore[assignment]
     for i in range(1, 4):
-        store.enqueue_deferred(job(i), 1)
+        store.enqueue_deferred(submission(job(i), 1))
     with pytest.raises(NotReady, match="the job store is unavailable"):
         store.commit_deferred()
     assert [store.lost(job(i).id) for i in range(1, 4)] == [True, True, True]
@@ -101,7 +102,7 @@ def test_a_failed_commit_loses_the_whole_group_and_nothing_else(tmp_path: Path) 
         assert time.monotonic() < deadline, "the store's probe never marked it up again"
         time.sleep(0.02)
     assert store.get(job(2).id) is None
-    store.enqueue_deferred(job(4), 1)  # the store goes on once the disk has room again
+    store.enqueue_deferred(submission(job(4), 1))  # the store goes on once the disk has room again
     store.commit_deferred()
     assert on_disk(db) == [job(0).id, job(4).id] and store.position(job(4).id) == 1
     store.close()

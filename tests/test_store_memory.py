@@ -10,6 +10,7 @@ from pathlib import Path
 from engine.runtime.params import DecodingParams
 from engine.serving.jobs import Job, JobError, JobStatus
 from engine.serving.store.sqlite import _JOB_COLUMNS, SqliteJobStore, _job
+from tests.stores import submission
 
 
 def job(i: int, **params: object) -> Job:
@@ -39,7 +40,7 @@ def test_reads_and_claims_from_memory_match_the_file_exactly(tmp_path: Path) -> 
     store = SqliteJobStore(db)
     jobs = [job(i, max_new_tokens=8 + i, temperature=0.7, do_sample=i % 2 == 0) for i in range(12)]
     for j in jobs:
-        store.enqueue(j, 5)
+        store.enqueue(submission(j, 5))
     for j in jobs:
         assert store.get(j.id) == from_disk(db, j.id) == j
     store.cancel(jobs[3].id, 2000.0)
@@ -63,12 +64,12 @@ def test_jobs_found_in_the_file_after_a_restart_claim_the_same_as_new_ones(tmp_p
     first = SqliteJobStore(db)
     old = [job(i, max_new_tokens=4) for i in range(3)]
     for j in old:
-        first.enqueue(j, 3)
+        first.enqueue(submission(j, 3))
     first.close()
     store = SqliteJobStore(db)  # knows the old jobs only from the file
     new = [job(i, num_beams=2) for i in range(3, 6)]
     for j in new:
-        store.enqueue(j, 3)
+        store.enqueue(submission(j, 3))
     claimed = store.claim([j.id for j in reversed(old + new)], 50.0)
     assert [j.id for j in claimed] == [j.id for j in old + new]
     for j in claimed:

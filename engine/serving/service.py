@@ -30,7 +30,7 @@ from engine.serving.finishing import Finisher
 from engine.serving.jobs import Job, JobStatus, JobView, new_job_id
 from engine.serving.remote_ends import RemoteEnds
 from engine.serving.scheduler import Scheduler
-from engine.serving.store.base import PURGE_BATCH, JobStore, LimitReached, QueueLimits, Replay
+from engine.serving.store.base import PURGE_BATCH, JobStore, LimitReached, QueueLimits, Replay, Submission
 from engine.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,9 @@ class JobService:
         lane = lane_of(params, greedy_continuous=self.greedy_continuous)
         try:
             try:
-                self.store.enqueue_deferred(job, tokens, idempotency_key, self.queue_limits, lane)
+                self.store.enqueue_deferred(
+                    Submission(job, tokens, lane, idempotency_key=idempotency_key, limits=self.queue_limits)
+                )
             except Replay as replay:  # the same key came in since find_idempotent (another server)
                 sched.input_ids.pop(job.id, None)
                 return await self._replay(owner, replay.job_id, prompts, params, model)

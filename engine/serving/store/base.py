@@ -76,6 +76,18 @@ class QueueLimits:
         return None
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One job to queue: what ``JobStore.enqueue`` writes, and what it checks atomically with the
+    write (the idempotency key's earlier use, the queue's limits)."""
+
+    job: Job
+    prompt_tokens: int  # over all its prompts (what the token limits count)
+    lane: Lane  # the loop that will run it: the server's choice (``lane_of`` with its greedy_lane)
+    idempotency_key: str | None = None  # the client's Idempotency-Key, unique per ``job.owner``
+    limits: QueueLimits | None = None  # None: no limit is checked
+
+
 class LimitReached(Exception):
     """``enqueue`` refused: one more job would pass ``limit`` (a QueueLimits field); ``load`` is
     what was queued."""
@@ -101,38 +113,24 @@ class JobStore(abc.ABC):
     shared: bool = False
 
     @abc.abstractmethod
-    def enqueue(
-        self,
-        job: Job,
-        prompt_tokens: int,
-        idempotency_key: str | None = None,
-        limits: QueueLimits | None = None,
-        lane: Lane | None = None,
-    ) -> QueueEntry:
-        """Write a QUEUED job durably; it goes to the back of the queue. With an
-        ``idempotency_key`` that ``job.owner`` used for a job the store still holds, nothing is
-        written and ``Replay`` names that job; else, past one of ``limits``, nothing is written
-        and ``LimitReached`` names it. Both are checked atomically with the write, across servers.
-        ``lane``: the loop that will run it (the server's ``LanePolicy``); None: ``lane_of(params)``."""
+    def enqueue(self, submission: Submission) -> QueueEntry:
+        """Write ``submission.job`` durably, QUEUED on ``submission.lane``; it goes to the back of
+        the queue. With an ``idempotency_key`` that ``job.owner`` used for a job the store still
+        holds, nothing is written and ``Replay`` names that job; else, past one of ``limits``,
+        nothing is written and ``LimitReached`` names it. Both are checked atomically with the
+        write, across servers."""
 
     @abc.abstractmethod
     def find_idempotent(self, owner: str, idempotency_key: str) -> str | None:
         """The id of the job ``owner`` submitted with this key, while the store holds it."""
 
-    def enqueue_deferred(
-        self,
-        job: Job,
-        prompt_tokens: int,
-        idempotency_key: str | None = None,
-        limits: QueueLimits | None = None,
-        lane: Lane | None = None,
-    ) -> QueueEntry:
+    def enqueue_deferred(self, submission: Submission) -> QueueEntry:
         """``enqueue`` whose commit may wait for ``commit_deferred``, so that the submits that
         arrive together share one commit. The job is queued at once (positions, depth, claims
         see it) but durable only once ``commit_deferred`` has returned and ``lost(job.id)`` is
         False: a submit is answered only then. Stores whose every write is durable at once keep
         this default."""
-        return self.enqueue(job, prompt_tokens, idempotency_key, limits, lane)
+        return self.enqueue(submission)
 
     def commit_deferred(self) -> None:
         """Make every deferred enqueue durable. On failure the deferred jobs leave the queue, are
@@ -384,16 +382,17 @@ def store_errors(method: F) -> F:
     return cast(F, wrapper)
 
 
-def queue_entry(job: Job, seq: int, lane: Lane, batch_key: str, prompt_tokens: int) -> QueueEntry:
-    """What ``enqueue`` returns for ``job`` at queue place ``seq``."""
+def queue_entry(submission: Submission, seq: int, batch_key: str) -> QueueEntry:
+    """What ``enqueue`` returns for ``submission`` at queue place ``seq``."""
+    job = submission.job
     return QueueEntry(
         job.id,
         seq,
         job.created_at,
-        lane,
+        submission.lane,
         batch_key,
         len(job.prompts),
-        prompt_tokens,
+        submission.prompt_tokens,
         job.params.max_new_tokens,
         job.owner,
     )

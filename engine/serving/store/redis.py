@@ -31,16 +31,16 @@ from typing import Any
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
+from engine.serving.batching import Lane, QueueEntry, batch_key_text
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     PURGE_BATCH,
     JobStore,
     LimitReached,
-    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
+    Submission,
     decode_error,
     decode_result,
     encode_error,
@@ -376,22 +376,15 @@ class RedisJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(
-        self,
-        job: Job,
-        prompt_tokens: int,
-        idempotency_key: str | None = None,
-        limits: QueueLimits | None = None,
-        lane: Lane | None = None,
-    ) -> QueueEntry:
-        lane = lane_of(job.params) if lane is None else lane
+    def enqueue(self, submission: Submission) -> QueueEntry:
+        job, prompt_tokens, limits = submission.job, submission.prompt_tokens, submission.limits
         key = batch_key_text(job.params)
         fields: dict[str, Any] = {
             "owner": job.owner,
             "prompts": json.dumps(list(job.prompts)),
             "params": json.dumps(job.params.to_dict()),
             "status": JobStatus.QUEUED.value,
-            "lane": lane.value,
+            "lane": submission.lane.value,
             "batch_key": key,
             "num_prompts": len(job.prompts),
             "prompt_tokens": prompt_tokens,
@@ -402,7 +395,11 @@ class RedisJobStore(JobStore):
         if job.model is not None:
             fields["model"] = job.model
         flat = [x for kv in fields.items() for x in kv]
-        idem = "" if idempotency_key is None else self._idempotency_name(job.owner, idempotency_key)
+        idem = (
+            ""
+            if submission.idempotency_key is None
+            else self._idempotency_name(job.owner, submission.idempotency_key)
+        )
         bounds: list[Any] = (
             ["", "", "", ""]
             if limits is None
@@ -418,7 +415,7 @@ class RedisJobStore(JobStore):
             raise Replay(reply[1])
         if int(reply[0]) == -2:
             raise LimitReached(reply[1], QueueLoad(*(int(x) for x in reply[2:6])))
-        return queue_entry(job, int(reply[0]), lane, key, prompt_tokens)
+        return queue_entry(submission, int(reply[0]), key)
 
     def _idempotency_name(self, owner: str, idempotency_key: str) -> str:
         # The owner's length first: owners and keys may hold ':' without two pairs meeting.

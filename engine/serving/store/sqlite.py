@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.errors import InvalidRequest, NotReady
 from engine.runtime.params import DecodingParams
-from engine.serving.batching import Lane, QueueEntry, batch_key_text, lane_of
+from engine.serving.batching import Lane, QueueEntry, batch_key_text
 from engine.serving.jobs import Job, JobError, JobResult, JobStatus
 from engine.serving.store.base import (
     LOG_EVERY_S,
@@ -33,10 +33,10 @@ from engine.serving.store.base import (
     Completion,
     JobStore,
     LimitReached,
-    QueueLimits,
     QueueLoad,
     Replay,
     StoreHealth,
+    Submission,
     decode_error,
     decode_result,
     encode_error,
@@ -306,41 +306,28 @@ class SqliteJobStore(JobStore):
 
     # -- interface -----------------------------------------------------------------------------
     @store_call
-    def enqueue(
-        self,
-        job: Job,
-        prompt_tokens: int,
-        idempotency_key: str | None = None,
-        limits: QueueLimits | None = None,
-        lane: Lane | None = None,
-    ) -> QueueEntry:
+    def enqueue(self, submission: Submission) -> QueueEntry:
         with self._lock:
             self._end_group()
-            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
-            return self._insert(job, prompt_tokens, idempotency_key, lane)
+            self._check_admission(submission)
+            return self._insert(submission)
 
     @store_call
-    def enqueue_deferred(
-        self,
-        job: Job,
-        prompt_tokens: int,
-        idempotency_key: str | None = None,
-        limits: QueueLimits | None = None,
-        lane: Lane | None = None,
-    ) -> QueueEntry:
+    def enqueue_deferred(self, submission: Submission) -> QueueEntry:
+        job_id = submission.job.id
         with self._lock:
             # Sees the open group's rows too: a repeat within one group commit is a replay.
-            self._check_admission(job.owner, prompt_tokens, idempotency_key, limits)
+            self._check_admission(submission)
             if not self._group:
                 self._db.execute("BEGIN")
             try:
-                entry = self._insert(job, prompt_tokens, idempotency_key, lane)
+                entry = self._insert(submission)
             except BaseException:
                 # Whatever SQLite kept of the open transaction, none of it is trusted now.
-                self._group.append(job.id)
+                self._group.append(job_id)
                 self._end_group_failed()
                 raise
-            self._group.append(job.id)
+            self._group.append(job_id)
             return entry
 
     def _end_group_failed(self) -> None:
@@ -363,18 +350,18 @@ class SqliteJobStore(JobStore):
                 return True
             return False
 
-    def _check_admission(
-        self, owner: str, tokens: int, idempotency_key: str | None, limits: QueueLimits | None
-    ) -> None:
-        """With the lock held: ``Replay`` if ``owner`` used this key for a job still stored, else
-        ``LimitReached`` past a limit (the in-memory queue index is exact: one process a file)."""
-        if idempotency_key is not None:
-            earlier = self._idempotent(owner, idempotency_key)
+    def _check_admission(self, submission: Submission) -> None:
+        """With the lock held: ``Replay`` if the job's owner used its idempotency key for a job
+        still stored, else ``LimitReached`` past a limit (the in-memory queue index is exact: one
+        process a file)."""
+        owner, limits = submission.job.owner, submission.limits
+        if submission.idempotency_key is not None:
+            earlier = self._idempotent(owner, submission.idempotency_key)
             if earlier is not None:
                 raise Replay(earlier)
         if limits is not None:
             load = self._queue.load(owner)
-            passed = limits.passed(load, tokens)
+            passed = limits.passed(load, submission.prompt_tokens)
             if passed is not None:
                 raise LimitReached(passed, load)
 
@@ -389,12 +376,10 @@ class SqliteJobStore(JobStore):
         with self._lock:
             return self._idempotent(owner, idempotency_key)
 
-    def _insert(
-        self, job: Job, prompt_tokens: int, idempotency_key: str | None = None, lane: Lane | None = None
-    ) -> QueueEntry:
+    def _insert(self, submission: Submission) -> QueueEntry:
         """With the lock held: the INSERT, and the job's place in the in-memory queue."""
-        params_json, default_lane, key = _params_columns(job.params)
-        lane = default_lane if lane is None else lane
+        job, lane, prompt_tokens = submission.job, submission.lane, submission.prompt_tokens
+        params_json, key = _params_columns(job.params)
         row = (
             job.id,
             job.owner,
@@ -409,7 +394,7 @@ class SqliteJobStore(JobStore):
             job.params.max_new_tokens,
             job.created_at,
             job.attempts,
-            idempotency_key,
+            submission.idempotency_key,
         )
         cur = self._db.execute(
             "INSERT INTO jobs (id, owner, prompts, params, model, status, lane, batch_key, num_prompts,"
@@ -420,7 +405,7 @@ class SqliteJobStore(JobStore):
         seq = int(cur.lastrowid or 0)
         stored = job if job.status is JobStatus.QUEUED else job.with_status(JobStatus.QUEUED)
         self._queue.add(job.id, seq, lane.value, job.owner, prompt_tokens, stored)
-        return queue_entry(job, seq, lane, key, prompt_tokens)
+        return queue_entry(submission, seq, key)
 
     @store_call
     def get(self, job_id: str) -> Job | None:
@@ -710,10 +695,10 @@ def _params_dict(params: DecodingParams) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def _params_columns(params: DecodingParams) -> tuple[str, Lane, str]:
-    """(params as JSON, lane, batch key text): the same for every job with these params, and
-    clients tend to send the same few, so each submit need not encode them again."""
-    return json.dumps(_params_dict(params)), lane_of(params), batch_key_text(params)
+def _params_columns(params: DecodingParams) -> tuple[str, str]:
+    """(params as JSON, batch key text): the same for every job with these params, and clients
+    tend to send the same few, so each submit need not encode them again."""
+    return json.dumps(_params_dict(params)), batch_key_text(params)
 
 
 def _entry(r: Sequence[Any]) -> QueueEntry:
