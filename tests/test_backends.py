@@ -8,10 +8,10 @@ import pytest
 
 from engine.runtime import backends
 from engine.runtime.backends import Backend, backend_for, needs_decoder
-from engine.runtime.choosers import CHOOSERS
 from engine.runtime.engine import Engine
 from engine.runtime.params import DecodingParams, Strategy
 from engine.runtime.result import GenerationRequest
+from engine.runtime.strategies import CHOOSERS
 
 
 @pytest.mark.parametrize(

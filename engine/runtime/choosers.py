@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -235,13 +235,3 @@ class Sampling(Chooser):
 
 
 _ONE = np.ones(1, dtype=np.float32)
-
-
-def __getattr__(name: str) -> Any:
-    # CHOOSERS (strategy -> chooser class or None) is a view of the strategy table, which imports
-    # this module: looked up on first use rather than imported at the top.
-    if name == "CHOOSERS":
-        from engine.runtime.strategies import CHOOSERS
-
-        return CHOOSERS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
