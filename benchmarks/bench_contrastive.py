@@ -101,13 +101,16 @@ def timed_parts(runtime: T5Runtime, seconds: dict[str, float]) -> Iterator[None]
                 in_step[0] = in_step[0] and name != "decoder_step"
                 seconds[part] += time.perf_counter() - start
 
-        patched.append((owner, name, owner.__dict__.get(name) if owner is not runtime else None))
-        setattr(owner, name, timed)
+        original = owner.__dict__.get(name) if owner is not runtime else None
+        patched.append((owner, name, original))
+        # a static method stays one (DecoderBatch._candidates): else the instance would be passed
+        setattr(owner, name, staticmethod(timed) if isinstance(original, staticmethod) else timed)
 
     wrap(runtime, "encode_batch", "encoder (+ cross K/V)")
-    wrap(t5_math, "self_attention", "self-attention (qkv, o)", decoder_part=True)
-    wrap(t5_math, "cross_attention", "cross-attention (q, o)", decoder_part=True)
-    wrap(t5_math, "feed_forward", "feed-forward", decoder_part=True)
+    if not runtime.fused:  # on the kernel's path the layers run in one call: no parts to time
+        wrap(t5_math, "self_attention", "self-attention (qkv, o)", decoder_part=True)
+        wrap(t5_math, "cross_attention", "cross-attention (q, o)", decoder_part=True)
+        wrap(t5_math, "feed_forward", "feed-forward", decoder_part=True)
     wrap(runtime, "logits", "lm_head")
     wrap(decoder_batch, "degeneration_penalty", "degeneration penalty")
     wrap(DecoderBatch, "_candidates", "processors + softmax + top-k")
@@ -129,9 +132,8 @@ def breakdown(runtime: T5Runtime, batch: list[list[int]]) -> dict[str, float]:
     steps = NEW_TOKENS
     inside = sum(v for k, v in seconds.items() if k.startswith(("self-", "cross-", "feed-")))
     parts = {k: v * 1e3 / steps for k, v in seconds.items() if k != "encoder (+ cross K/V)"}
-    parts["decoder step: norms, embeddings, Python"] = (
-        (seconds["decoder step (total)"] - inside) * 1e3 / steps
-    )
+    rest = "norms, embeddings, Python" if inside else "one kernel call + embeddings, norm"
+    parts[f"decoder step: {rest}"] = (seconds["decoder step (total)"] - inside) * 1e3 / steps
     outside = total - seconds["decoder step (total)"] - seconds["encoder (+ cross K/V)"]
     outside -= seconds["lm_head"] + seconds["degeneration penalty"] + seconds["processors + softmax + top-k"]
     parts["batch bookkeeping (commit, events, Python)"] = outside * 1e3 / steps
