@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_targets import CONTRASTIVE, GREEDY, NEW_TOKENS, PROMPT_TOKENS, build_models  # noqa: E402
+from benchmarks.bench_targets import CONTRASTIVE, GREEDY, NEW_TOKENS, PROMPT_TOKENS  # noqa: E402
 from benchmarks.common import interleaved, machine, ratio_median, save_json, table  # noqa: E402
-from benchmarks.suite.contenders import forced_prompts  # noqa: E402
+from benchmarks.suite.contenders import forced_prompts, small_models  # noqa: E402
 from engine.runtime import choose_ops, qlinear  # noqa: E402
 from engine.runtime.choosers import softmax_rows, top_k  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
         )
     )
 
-    int8_dir, _ = build_models()
+    int8_dir, _ = small_models()
     runtime = T5Runtime.load(int8_dir, threads=args.threads)
     decoder = on_decoder(runtime, args.rounds)
     print(f"run_on_decoder, batch {BATCH}, {NEW_TOKENS} forced new tokens, alpha 0.6, k 4 (seconds)")

@@ -34,8 +34,7 @@ import ctranslate2  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from benchmarks.common import OUT_DIR, machine  # noqa: E402
-from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
+from benchmarks.suite.contenders import TransformersTimer, ct2_greedy, forced_prompts, small_models  # noqa: E402
 from engine.runtime import decoder_batch, qlinear, t5_math  # noqa: E402
 from engine.runtime.decoder_batch import DecoderBatch, run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
@@ -46,20 +45,12 @@ THREADS = 2
 NEW_TOKENS = 64
 PROMPT_TOKENS = 100
 PARAMS = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
-MODELS = OUT_DIR / "models"
 OURS = "ours contrastive (2 threads)"
 OURS_1T = "ours contrastive (1 thread)"
 OURS_NUMPY = "ours contrastive, numpy/OpenBLAS only (2 threads)"
 OURS_VNNI = "ours contrastive, VNNI int16 activations instead of AMX (2 threads)"
 HF = "transformers 4.55 contrastive (2 threads)"
 GREEDY = "ctranslate2 int8 greedy (2 threads)"
-
-
-def build_models() -> tuple[Path, Path]:
-    int8_dir, hf_dir = MODELS / "contrastive-small-int8", MODELS / "contrastive-small-hf"
-    if not (int8_dir / "engine.json").is_file() or not (hf_dir / "model.safetensors").is_file():
-        build_demo_model(int8_dir, size="small", seed=0, quantization="int8", hf_output=hf_dir, force=True)
-    return int8_dir, hf_dir
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -221,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    int8_dir, hf_dir = build_models()
+    int8_dir, hf_dir = small_models()
     info = machine()
     runtime = T5Runtime.load(int8_dir, threads=THREADS)
     info["contrastive_kernel"] = qlinear.kernel_status()

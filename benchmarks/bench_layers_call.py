@@ -23,21 +23,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import OUT_DIR, machine, save_json, table  # noqa: E402
-from benchmarks.suite.contenders import forced_prompts  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
+from benchmarks.common import machine, save_json, table  # noqa: E402
+from benchmarks.suite.contenders import FORCED_STRATEGIES, forced_prompts, small_models  # noqa: E402
 from engine.runtime import t5ops  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
-
-MODEL = OUT_DIR / "models" / "contrastive-small-int8"  # bench_targets.py's model
-FORCED = {"max_new_tokens": 64, "min_new_tokens": 64}
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "greedy": FORCED,
-    "contrastive": {"penalty_alpha": 0.6, "top_k": 4, **FORCED},
-}
 
 
 def main() -> None:
@@ -49,17 +41,14 @@ def main() -> None:
         raise SystemExit(
             "needs the kernel built from this tree (decoder_layers): python setup.py build_ext --inplace"
         )
-    if not (MODEL / "engine.json").is_file():
-        build_demo_model(
-            MODEL, size="small", seed=0, quantization="int8", hf_output=MODEL.parent / "contrastive-small-hf"
-        )
-    runtime = T5Runtime.load(MODEL, threads=args.threads)
+    model, _ = small_models()
+    runtime = T5Runtime.load(model, threads=args.threads)
     info = machine()
     print(
         f"# {info['cpu']}, {info['date_utc']} UTC, load {info['load_average_1_5_15']}, {args.threads} threads"
     )
     results: list[dict[str, Any]] = []
-    for name, raw in STRATEGIES.items():
+    for name, raw in FORCED_STRATEGIES.items():
         params = DecodingParams.from_dict(raw)
         for batch in (1, 8):
             requests = [GenerationRequest(tuple(ids), params) for ids in forced_prompts(batch, 100)]

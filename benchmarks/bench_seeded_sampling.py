@@ -26,9 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import ctranslate2  # noqa: E402
 
-from benchmarks.common import OUT_DIR, interleaved, machine, ratio_median, save_json, table  # noqa: E402
-from benchmarks.suite.contenders import forced_prompts  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
+from benchmarks.common import interleaved, machine, ratio_median, save_json, table  # noqa: E402
+from benchmarks.suite.contenders import forced_prompts, small_models  # noqa: E402
 from engine.runtime.engine import Engine  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -47,20 +46,13 @@ FRESH = "seeded, fresh Translator per request (before)"
 UNSEEDED = "unseeded, CTranslate2 (loaded)"
 
 
-def model_dir() -> Path:
-    folder = OUT_DIR / "models" / "contrastive-small-int8"
-    if not (folder / "engine.json").is_file():
-        build_demo_model(folder, size="small", seed=0, quantization="int8", force=True)
-    return folder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    folder = model_dir()
+    folder, _ = small_models()
     engine = Engine(folder)
     vocab = json.loads((folder / "shared_vocabulary.json").read_text())
     workers, threads = engine.translator.inter_threads, engine.translator.intra_threads

@@ -28,13 +28,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import OUT_DIR, machine, save_json, table  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
+from benchmarks.common import machine, save_json, table  # noqa: E402
+from benchmarks.suite.contenders import small_models  # noqa: E402
 from engine.runtime import qlinear  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
 
 ROWS = (1, 8, 32)
-MODEL = OUT_DIR / "models" / "contrastive-small-int8"  # bench_targets.py's model
 
 
 def main() -> None:
@@ -47,11 +46,8 @@ def main() -> None:
         raise SystemExit(
             f"needs the kernel with AVX512-VNNI, built from this tree; here: {qlinear.kernel_status()}"
         )
-    if not (MODEL / "engine.json").is_file():
-        build_demo_model(
-            MODEL, size="small", seed=0, quantization="int8", hf_output=MODEL.parent / "contrastive-small-hf"
-        )
-    runtime = T5Runtime.load(MODEL, threads=args.threads)
+    model, _ = small_models()
+    runtime = T5Runtime.load(model, threads=args.threads)
     layers = [
         w
         for layer in runtime.decoder

@@ -53,9 +53,9 @@ from benchmarks.suite.contenders import (  # noqa: E402
     TransformersTimer,
     ct2_greedy,
     forced_prompts,
+    small_models,
 )
 from benchmarks.suite.machine import measure_bandwidth  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
 from engine.runtime import qlinear  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.engine import Engine  # noqa: E402
@@ -96,13 +96,6 @@ TARGETS: list[tuple[str, str, str, float, str, tuple[int, ...]]] = [
     ("greedy on our decoder vs ONNX Runtime int8", ORT, OURS_GREEDY, 2.0, ">=", (1, 8)),
     ("contrastive time / greedy on our decoder's", ENGINE_CONTRASTIVE, OURS_GREEDY, 1.3, "<=", (8,)),
 ]
-
-
-def build_models() -> tuple[Path, Path]:
-    int8_dir, hf_dir = MODELS / "contrastive-small-int8", MODELS / "contrastive-small-hf"
-    if not (int8_dir / "engine.json").is_file() or not (hf_dir / "model.safetensors").is_file():
-        build_demo_model(int8_dir, size="small", seed=0, quantization="int8", hf_output=hf_dir, force=True)
-    return int8_dir, hf_dir
 
 
 def timed(run: Callable[[], Any]) -> float:
@@ -185,7 +178,7 @@ def main() -> None:
     threads = args.threads
     batches = [int(b) for b in args.batches.split(",")]
 
-    int8_dir, hf_dir = build_models()
+    int8_dir, hf_dir = small_models()
     info = machine()
     engine = Engine(int8_dir, compute_type="int8", intra_threads=threads)  # CT2's and our decoder's
     runtime = T5Runtime.load(int8_dir, threads=threads)

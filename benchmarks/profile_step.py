@@ -27,21 +27,13 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import OUT_DIR, machine, save_json  # noqa: E402
-from benchmarks.suite.contenders import forced_prompts  # noqa: E402
-from engine.model.demo import build_demo_model  # noqa: E402
+from benchmarks.common import machine, save_json  # noqa: E402
+from benchmarks.suite.contenders import FORCED_STRATEGIES, forced_prompts, small_models  # noqa: E402
 from engine.runtime import qlinear  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
-
-MODEL = OUT_DIR / "models" / "contrastive-small-int8"  # bench_targets.py's model
-FORCED = {"max_new_tokens": 64, "min_new_tokens": 64}
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "greedy": FORCED,
-    "contrastive": {"penalty_alpha": 0.6, "top_k": 4, **FORCED},
-}
 
 
 class TimedKernel:
@@ -67,7 +59,7 @@ class TimedKernel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="contrastive")
+    parser.add_argument("--strategy", choices=sorted(FORCED_STRATEGIES), default="contrastive")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--one-by-one", action="store_true", help="the layers a kernel function at a time")
     parser.add_argument("--repeats", type=int, default=3)
@@ -75,13 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     if qlinear._KERNEL is None:
         raise SystemExit(f"needs the compiled kernel; here: {qlinear.kernel_status()}")
-    if not (MODEL / "engine.json").is_file():
-        build_demo_model(
-            MODEL, size="small", seed=0, quantization="int8", hf_output=MODEL.parent / "contrastive-small-hf"
-        )
-    runtime = T5Runtime.load(MODEL, threads=args.threads)
+    model, _ = small_models()
+    runtime = T5Runtime.load(model, threads=args.threads)
     runtime.use_layers_call(not args.one_by_one)
-    params = DecodingParams.from_dict(STRATEGIES[args.strategy])
+    params = DecodingParams.from_dict(FORCED_STRATEGIES[args.strategy])
     requests = [GenerationRequest(tuple(ids), params) for ids in forced_prompts(args.batch, 100)]
     info = machine()
     seconds: defaultdict[str, float] = defaultdict(float)

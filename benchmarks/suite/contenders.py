@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import cores
+from benchmarks.common import OUT_DIR, cores
 from benchmarks.suite.matrix import Target
 from benchmarks.suite.workloads import Prompt
 
@@ -352,6 +352,31 @@ class OnnxRuntimeTimer(_Timer):
 
 
 # ---------------------------------------------------------------------------------- inputs
+# FLAN-T5-small's shapes with random weights, int8 (and the float32 checkpoint it was converted
+# from, for Transformers and ONNX Runtime): the model of the decoder benchmarks (bench_targets.py,
+# bench_contrastive.py, bench_layers_call.py, bench_step_products.py, profile_step.py, ...).
+SMALL_INT8 = OUT_DIR / "models" / "contrastive-small-int8"
+SMALL_HF = OUT_DIR / "models" / "contrastive-small-hf"
+FORCED_NEW_TOKENS = 64
+FORCED = {"max_new_tokens": FORCED_NEW_TOKENS, "min_new_tokens": FORCED_NEW_TOKENS}
+# Greedy and contrastive search (k 4, alpha 0.6, our users' default) with 64 new tokens forced.
+FORCED_STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": FORCED,
+    "contrastive": {"penalty_alpha": 0.6, "top_k": 4, **FORCED},
+}
+
+
+def small_models() -> tuple[Path, Path]:
+    """(SMALL_INT8, SMALL_HF), built once (seed 0)."""
+    if not (SMALL_INT8 / "engine.json").is_file() or not (SMALL_HF / "model.safetensors").is_file():
+        from engine.model.demo import build_demo_model
+
+        build_demo_model(
+            SMALL_INT8, size="small", seed=0, quantization="int8", hf_output=SMALL_HF, force=True
+        )
+    return SMALL_INT8, SMALL_HF
+
+
 def forced_prompts(batch: int, tokens: int) -> list[list[int]]:
     """``batch`` prompts of ``tokens`` ids (EOS last), the same for a given batch size."""
     rng = np.random.default_rng(batch)
