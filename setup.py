@@ -64,7 +64,7 @@ setup(
                 "engine/runtime/_qlinear.h",
                 "engine/runtime/_pool.h",
                 "engine/runtime/_choose.h",
-                "engine/runtime/_vexp.h",
+                "engine/runtime/_simd.h",
             ],
             extra_compile_args=["-O3", "-fopenmp", "-Wall", "-Wextra"],
             extra_link_args=["-fopenmp"],

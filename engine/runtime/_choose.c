@@ -10,7 +10,7 @@ picked by logit; only the candidates' probabilities are divided out. engine/runt
 softmax_rows and top_k stay the reference and the fallback (tests/test_choose_ops.py).
 
 What it returns, exactly: p_i = e_i / s in float32 with e_i = exp(x_i - m) (x_i - m rounded to
-float32, then _vexp.h's exp16, within 1.25 ulp), m the row's maximum and s the sum of every e_i
+float32, then _simd.h's exp16, within 1.25 ulp), m the row's maximum and s the sum of every e_i
 (sixteen lanes, then the lanes: another order than numpy's pairwise sum, so s and p differ from
 numpy's in the last bits); the ids are the first k by p, largest first, equal p by lower index (torch.topk's
 order on CPU, choosers.top_k's). The ids are picked on the logits, which is the same order except
@@ -37,7 +37,7 @@ Needs AVX-512F (and BW/DQ/VL, as the rest of the module); `available()` says whe
 #include <string.h>
 
 #include "_choose.h"
-#include "_vexp.h"
+#include "_simd.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
@@ -52,16 +52,6 @@ Needs AVX-512F (and BW/DQ/VL, as the rest of the module); `available()` says whe
    probability (BAND leaves a factor of 8 over that bound). */
 #define BAND 0x1p-16
 
-static int choose_cpu_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-}
-
-static inline __mmask16 lanes(Py_ssize_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
 /* The row's maximum into *m; 0 when the row has a NaN or its maximum is not finite. */
 TARGET static int row_max(const float *x, Py_ssize_t n, float *m) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
@@ -75,7 +65,7 @@ TARGET static int row_max(const float *x, Py_ssize_t n, float *m) {
         m1 = _mm512_max_ps(m1, b);
     }
     for (; j < n; j += 16) {
-        const __m512 a = _mm512_mask_loadu_ps(ninf, lanes(n - j), x + j);
+        const __m512 a = _mm512_mask_loadu_ps(ninf, tail_mask(n - j), x + j);
         nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
         m0 = _mm512_max_ps(m0, a);
     }
@@ -158,7 +148,7 @@ TARGET static int sum_and_select(const float *x, Py_ssize_t n, float m, selectio
         }
     }
     for (; j < n; j += 16) {
-        const __mmask16 t = lanes(n - j);
+        const __mmask16 t = tail_mask(n - j);
         const __m512 a = _mm512_mask_loadu_ps(ninf, t, x + j);
         acc0 = _mm512_add_ps(acc0, exp16(_mm512_sub_ps(a, vm)));
         if (sel) OFFER(a, j, t);
@@ -170,7 +160,7 @@ TARGET static int sum_and_select(const float *x, Py_ssize_t n, float m, selectio
 
 /* e = exp(x - m) for up to 16 logits (the same exp16, lane for lane, as the sum's). */
 TARGET static void exps(const float *xs, int count, float m, float *out) {
-    const __mmask16 t = lanes(count);
+    const __mmask16 t = tail_mask(count);
     const __m512 v = _mm512_maskz_loadu_ps(t, xs);
     _mm512_mask_storeu_ps(out, t, exp16(_mm512_sub_ps(v, _mm512_set1_ps(m))));
 }
@@ -214,7 +204,7 @@ TARGET static int exact_top_k(const float *x, Py_ssize_t n, float m, Py_ssize_t 
     const __m512 vm = _mm512_set1_ps(m), vs = _mm512_set1_ps(sum);
     float p[16];
     for (Py_ssize_t j = 0; j < n; j += 16) {
-        const __mmask16 t = lanes(n - j);
+        const __mmask16 t = tail_mask(n - j);
         const __m512 v = _mm512_maskz_loadu_ps(t, x + j);
         _mm512_storeu_ps(p, _mm512_div_ps(exp16(_mm512_sub_ps(v, vm)), vs));
         for (int l = 0; l < 16 && j + l < n; l++) all[j + l] = (cand){x[j + l], p[l], j + l};
@@ -242,7 +232,7 @@ PyObject *choose_top_k_softmax(PyObject *self, PyObject *args) {
     int exact, path = 0, failed = 0;
     if (!PyArg_ParseTuple(args, "y*nw*w*p", &x, &k, &ids, &probs, &exact)) return NULL;
     const Py_ssize_t n = x.len / (Py_ssize_t)sizeof(float);
-    if (!choose_cpu_ok()) {
+    if (!avx512_ok()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
         goto fail;
     }

@@ -34,6 +34,7 @@ keeps numpy. */
 #include <string.h>
 
 #include "_pool.h"
+#include "_simd.h"
 #include "_qlinear.h"
 #include "_t5ops.h"
 #include "_choose.h"
@@ -446,13 +447,7 @@ VNNI_TARGET static void linear_packed(int wide, const void *xq, Py_ssize_t Kp, c
     }
 }
 
-static int cpu_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-}
-
-static int vnni_ok(void) { return cpu_ok() && __builtin_cpu_supports("avx512vnni"); }
+static int vnni_ok(void) { return avx512_ok() && __builtin_cpu_supports("avx512vnni"); }
 
 
 /* ---- int8 weights x int8 activations with AMX (TDPBSSD: 16x16x64 products per instruction) ----
@@ -489,7 +484,7 @@ static int amx_ok(void) {
     if (amx_state >= 0) return amx_state;
     unsigned a, b, c, d;
     amx_state = 0;
-    if (!cpu_ok() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!avx512_ok() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
     amx_state = 1;
@@ -570,7 +565,7 @@ static int amx_ok(void) { return 0; }
 static PyObject *py_available(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-    return PyBool_FromLong(cpu_ok());
+    return PyBool_FromLong(avx512_ok());
 }
 
 static PyObject *py_vnni_available(PyObject *self, PyObject *args) {
@@ -663,7 +658,7 @@ int qlinear_check(int mode, Py_ssize_t N, Py_ssize_t K, Py_ssize_t w_len, Py_ssi
         PyErr_SetString(PyExc_ValueError, "qlinear: mode 4 takes at most 65536 inputs (int32 sums)");
         return -1;
     }
-    if (!(mode == 3 ? amx_ok() : mode == 2 || mode == 4 ? vnni_ok() : cpu_ok())) {
+    if (!(mode == 3 ? amx_ok() : mode == 2 || mode == 4 ? vnni_ok() : avx512_ok())) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks the extensions this mode needs");
         return -1;
     }

@@ -28,7 +28,7 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 #include "_pool.h"
 #include "_qlinear.h"
 #include "_t5ops.h"
-#include "_vexp.h"
+#include "_simd.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 /* Work (multiply-adds of scores and values, counted over the cache's capacity) from which a call
@@ -45,16 +45,6 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 /* Attention heads up to this width (T5's d_kv is 64): q, the output row and one key are held in
    registers, 16 floats each. */
 #define MAX_D 256
-
-static int t5ops_cpu_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-}
-
-static inline __mmask16 tail_mask(Py_ssize_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
 
 /* ---------------------------------------------------------------- RMS norm
    out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * gamma, as T5LayerNorm (no mean, no bias). */
@@ -376,7 +366,7 @@ TARGET static int attention(const attention_args *g, int threads) {
     } while (0)
 
 static int need_cpu(void) {
-    if (t5ops_cpu_ok()) return 1;
+    if (avx512_ok()) return 1;
     PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
     return 0;
 }

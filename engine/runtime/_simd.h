@@ -1,11 +1,27 @@
-/* e^x for 16 floats, the one exp of the compiled kernel (_t5ops.c's softmax and GELU, _choose.c's
+/* The AVX-512 helpers every C file of the kernel shares: whether the CPU can run it, the mask of a
+   loop's last vector, and exp16.
+
+   exp16: e^x for 16 floats, the one exp of the compiled kernel (_t5ops.c's softmax and GELU, _choose.c's
    softmax): Cephes' expf polynomial on r = x - n ln 2 (|r| <= ln 2 / 2, n ln 2 in two parts), then
    scaled by 2^n. Within 1.25 ulp of float64's exp where the result is a normal float (measured on
    every fifth float of [-87.3, 0] with a throwaway harness); 0 for x below about -104 and for -inf
    (the masked scores give exactly 0 as numpy's exp does); x is clamped to 88.72 above. */
-#ifndef ENGINE_VEXP_H
-#define ENGINE_VEXP_H
+#ifndef ENGINE_SIMD_H
+#define ENGINE_SIMD_H
+#include <Python.h>
 #include <immintrin.h>
+
+/* Whether this CPU has the AVX-512 subsets every kernel needs (F, BW, DQ, VL). */
+static inline int avx512_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+/* The first min(left, 16) lanes: the mask of a loop's vector at `left` elements from its end. */
+static inline __mmask16 tail_mask(Py_ssize_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
 
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static inline __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.72f));
