@@ -510,7 +510,7 @@ typedef struct {
 } plan_layer;
 
 typedef struct {
-    Py_ssize_t L, d, H, D, d_ff, lin_max; /* lin_max: wi's outputs, (gated ? 2 : 1) * d_ff */
+    Py_ssize_t L, d, H, D, d_ff, wide; /* wide: the widest product a step keeps (qkv's or wi's outputs) */
     int gated, act;
     float eps;
     plan_layer *layers;
@@ -571,9 +571,9 @@ PyObject *t5ops_decoder_plan(PyObject *self, PyObject *args) {
         goto fail;
     }
     const Py_ssize_t d = p->d, inner = p->H * p->D;
-    p->lin_max = (p->gated ? 2 : 1) * p->d_ff;
-    const Py_ssize_t shapes[P_LINEARS][2] = {{3 * inner, d}, {d, inner}, {inner, d},
-                                             {d, inner},     {(p->gated ? 2 : 1) * p->d_ff, d}, {d, p->d_ff}};
+    const Py_ssize_t wi = (p->gated ? 2 : 1) * p->d_ff;
+    p->wide = 3 * inner > wi ? 3 * inner : wi;
+    const Py_ssize_t shapes[P_LINEARS][2] = {{3 * inner, d}, {d, inner}, {inner, d}, {d, inner}, {wi, d}, {d, p->d_ff}};
     for (Py_ssize_t l = 0; l < p->L; l++) {
         PyObject *layer = PySequence_GetItem(layers, l);
         if (!layer) goto fail;
@@ -624,8 +624,7 @@ static int product(const plan_linear *lin, const float *x, Py_ssize_t rows, floa
 static int run_layers(const layers_args *a, float *scratch, int threads) {
     const decoder_plan *p = a->p;
     const Py_ssize_t R = a->B * a->m, d = p->d, H = p->H, D = p->D, inner = H * D;
-    const Py_ssize_t wide = 3 * inner > p->lin_max ? 3 * inner : p->lin_max;
-    float *h = scratch, *big = h + R * d, *attn = big + R * wide, *tmp = attn + R * inner, *act = tmp + R * d;
+    float *h = scratch, *big = h + R * d, *attn = big + R * p->wide, *tmp = attn + R * inner, *act = tmp + R * d;
     for (Py_ssize_t l = 0; l < p->L; l++) {
         const plan_layer *y = &p->layers[l];
         const Py_ssize_t self_at = l * a->B * H * a->cap * D, cross_at = l * a->B * H * a->S * D;
@@ -691,8 +690,8 @@ PyObject *t5ops_decoder_layers(PyObject *self, PyObject *args) {
     a.cross_bias = cb.buf;
     a.new_k = nk.buf;
     a.new_v = nv.buf;
-    const Py_ssize_t wide = 3 * inner > p->lin_max ? 3 * inner : p->lin_max;
-    float *scratch = malloc((size_t)(R * (2 * p->d + wide + inner + p->d_ff)) * sizeof(float));
+    /* run_layers' temporaries: h, big (p->wide), attn, tmp, act */
+    float *scratch = malloc((size_t)(R * (2 * p->d + p->wide + inner + p->d_ff)) * sizeof(float));
     if (!scratch) {
         PyErr_NoMemory();
         goto fail;
