@@ -153,6 +153,17 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
         const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
         const float *kt[4];
         for (int c = 0; c < 4; c++) kt[c] = a->k + (t + (c < valid ? c : valid - 1)) * a->ldkv;
+        /* a bias shared by every row (decoder and cross-attention: bias_row 0), read once per four
+           keys, as one vector where its keys are consecutive (no scalar stores read back as a
+           vector, which stall the load on the stores) */
+        __m128 shared_bias = _mm_setzero_ps();
+        if (a->bias && a->bias_row == 0) {
+            const float *b = a->bias + t * a->bias_key;
+            shared_bias = a->bias_key == 1 ? _mm_maskz_loadu_ps(keep, b)
+                                           : _mm_maskz_mov_ps(keep, _mm_setr_ps(b[0], b[valid > 1 ? a->bias_key : 0],
+                                                                               b[valid > 2 ? 2 * a->bias_key : 0],
+                                                                               b[valid > 3 ? 3 * a->bias_key : 0]));
+        }
         __m512 acc[ATTEND_ROWS][4];
         for (int i = 0; i < R; i++)
             for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
@@ -167,7 +178,9 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
         }
         for (int i = 0; i < R; i++) {
             __m128 s4 = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-            if (a->bias) {
+            if (a->bias && a->bias_row == 0) {
+                s4 = _mm_add_ps(s4, shared_bias);
+            } else if (a->bias) {
                 const float *b = a->bias + (r0 + i) * a->bias_row + t * a->bias_key;
                 float bias4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 for (Py_ssize_t c = 0; c < valid; c++) bias4[c] = b[c * a->bias_key];
