@@ -104,6 +104,41 @@ def test_kernel_matches_float64(mode: int, threads: int, m: int, n: int, k: int)
     assert np.abs(out - ref).max() <= TOLERANCE[mode] * np.abs(ref).max()
 
 
+def _int16_reference(x: np.ndarray, wq: np.ndarray, scale: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """The int16 x int8 product (mode 2) done by hand: each row quantized to int16 (max |x| -> 32767,
+    the scale's reciprocal in float32, round half to even), exact integer sums over each run of
+    ``chunk`` inputs (the kernel's int32 flush), the runs' sums added in float32 in order, then
+    times the row scale over the weight scale."""
+    amax = np.abs(x).max(axis=1)
+    sx = np.where(amax > 0, amax / np.float32(32767), np.float32(1)).astype(np.float32)
+    inv = np.float32(1) / sx
+    xq = np.clip(np.rint(x * inv[:, None]), -32768, 32767).astype(np.int64)
+    total = np.zeros((x.shape[0], wq.shape[0]), dtype=np.float32)
+    for k0 in range(0, x.shape[1], chunk):
+        total += (xq[:, k0 : k0 + chunk] @ wq[:, k0 : k0 + chunk].astype(np.int64).T).astype(np.float32)
+    return total * sx[:, None] / scale[None, :]
+
+
+@needs_kernel
+@pytest.mark.skipif(not qlinear._VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 70, 100), (5, 64, 64), (9, 130, 1100), (37, 200, 512)])
+def test_int16_activations_equal_an_integer_reference(threads: int, m: int, n: int, k: int) -> None:
+    """Mode 2 exactly as the reference: the kernel pairs each weight's inputs (0, 2) and (1, 3) and
+    reorders the activations to match, which must leave every integer sum as it was. Weights span
+    -128..127; 1100 inputs cross two int32 flushes; 37 rows leave a short last tile."""
+    assert kernel is not None
+    rng = np.random.default_rng(7 * m + n + k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1))).astype(np.float32)
+    wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    scale = rng.uniform(20, 200, n).astype(np.float32)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    kernel.linear(
+        x, _weights(wq, qlinear.MODE_INT8_INT16), scale, out, m, k, n, qlinear.MODE_INT8_INT16, threads
+    )
+    np.testing.assert_allclose(out, _int16_reference(x, wq, scale), rtol=1e-6, atol=0)
+
+
 @needs_kernel
 @pytest.mark.parametrize("mode", INT8_ACTIVATIONS)
 @pytest.mark.parametrize("threads", [1, 2])

@@ -182,12 +182,17 @@ TARGET static inline float row_scale(const float *row, Py_ssize_t K, float qmax)
    (the default MXCSR mode, as lrintf), saturating. */
 VNNI_TARGET static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t Kp, int16_t *xq,
                                       float *sx) {
+    /* each 4 inputs stored as (x0, x2, x1, x3): tile_vnni16's pairs (words 0 and 2 of a weight dword,
+       then 1 and 3) */
+    const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 0, 1, 4, 5, 2, 3,
+                                           6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         const float s = row_scale(row, K, 32767.0f);
         const __m512 inv = _mm512_set1_ps(1.0f / s);
         for (Py_ssize_t k = 0; k < Kp; k += 16)
-            _mm256_storeu_si256((__m256i *)(xq + m * Kp + k), _mm512_cvtsepi32_epi16(scaled16(row, K, k, inv)));
+            _mm256_storeu_si256((__m256i *)(xq + m * Kp + k),
+                                _mm256_shuffle_epi8(_mm512_cvtsepi32_epi16(scaled16(row, K, k, inv)), order));
         sx[m] = s;
     }
 }
@@ -280,62 +285,64 @@ VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni8(
 /* ---- int8 weights x int16 activations with AVX512-VNNI (VPDPWSSD: 32 products per instruction) ----
    For the products where int8 activations cost agreement with float32 (qlinear.Linear.from_stored
    says which): each row quantized to int16 (quantize_rows), the same packed weights as mode 4 (or
-   AMX's, without the sums). A 64-byte line (16 outputs x 4 inputs) is sign-extended into two
-   registers of 8 outputs x 4 inputs as int16; VPDPWSSD with a broadcast of the row's 4 activations
-   (as 2 dwords: inputs 0-1 and 2-3) adds to each output's two lanes, and the two lanes are added
-   once per chunk (a permute and an add per 16 outputs). A tile is MR rows by 32 outputs (two
-   blocks, 4 accumulators a row). Exact in int32 per chunk: an output's two lanes together add 4
-   products of at most 32767 x 128 in magnitude per 4 inputs, and are flushed to float every
-   VNNI16_CHUNK_KB x 64 = 512 inputs (512 products: 2,147,418,112 < 2^31). Before, this path took the weights row by row and ended each
-   output with a horizontal sum: 2.4x-3.4x slower at 8-32 rows (RESULTS.md, issue 15 sixth session). */
+   AMX's, without the sums). A 64-byte line (16 outputs x 4 inputs w0..w3) read as 16-bit words
+   (w1:w0, w3:w2) gives, by two shifts, 16 outputs x (w0, w2) and by one shift 16 outputs x
+   (w1, w3), sign-extended to int16 in place; quantize_rows stores each 4 activations in the
+   matching order (x0, x2, x1, x3), so two VPDPWSSD with a broadcast dword each add the 4 products
+   to each output's own lane. A tile is MR rows by the group's 64 outputs (16 accumulators, as
+   mode 4's). Before (the sixth and seventh sessions), a line was widened into two registers of 8
+   outputs x 4 inputs, with a 64-bit broadcast the row's four activations, and each output's two
+   lanes added once per chunk: 1.2-1.3x slower at 8-32 rows (RESULTS.md, issue 15 eighth
+   session); every integer sum is the same. Exact in int32 per chunk: an output's lane adds 4
+   products of at most 32767 x 128 in magnitude per 4 inputs, and is flushed to float every
+   VNNI16_CHUNK_KB x 64 = 512 inputs (512 products: 2,147,418,112 < 2^31). Before that, this path
+   took the weights row by row and ended each output with a horizontal sum: 2.4x-3.4x slower at
+   8-32 rows (RESULTS.md, issue 15 sixth session). */
 #define VNNI16_CHUNK_KB 8
 
 VNNI_TARGET static inline __attribute__((always_inline)) void tile_vnni16(
-    const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *wg, int b0, const float *scale,
+    const int MR, const int16_t *xq, Py_ssize_t Kp, const float *sx, const int8_t *wg, const float *scale,
     Py_ssize_t n0, Py_ssize_t N, int prefetch, const char *ahead, Py_ssize_t ahead_step, float *out,
     Py_ssize_t ldo) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    __m512 total[4][2];
-    for (int i = 0; i < MR; i++) total[i][0] = total[i][1] = _mm512_setzero_ps();
+    __m512 total[4][4];
+    for (int i = 0; i < MR; i++)
+        for (int b = 0; b < 4; b++) total[i][b] = _mm512_setzero_ps();
     const Py_ssize_t KB = Kp / 64;
     for (Py_ssize_t c0 = 0; c0 < KB; c0 += VNNI16_CHUNK_KB) {
         const Py_ssize_t c1 = c0 + VNNI16_CHUNK_KB < KB ? c0 + VNNI16_CHUNK_KB : KB;
-        __m512i acc[4][2][2];
+        __m512i acc[4][4];
         for (int i = 0; i < MR; i++)
-            for (int b = 0; b < 2; b++) acc[i][b][0] = acc[i][b][1] = _mm512_setzero_si512();
+            for (int b = 0; b < 4; b++) acc[i][b] = _mm512_setzero_si512();
         for (Py_ssize_t kb = c0; kb < c1; kb++) {
-            const int8_t *chunk = wg + kb * 4096 + b0 * 1024; /* this tile's two blocks */
-            prefetch_chunk(prefetch && kb + VNNI8_PF_CHUNKS < KB, chunk, 2048, ahead, ahead_step, kb);
+            const int8_t *chunk = wg + kb * 4096;
+            prefetch_chunk(prefetch && kb + VNNI8_PF_CHUNKS < KB, chunk, 4096, ahead, ahead_step, kb);
             const int16_t *xk = xq + kb * 64;
             for (int r = 0; r < 16; r++) {
-                __m512i wv[2][2];
-                for (int b = 0; b < 2; b++) {
+                /* a line: 16 outputs x bytes (w0, w1, w2, w3); as words (w1:w0, w3:w2), so the low
+                   bytes sign-extended are (w0, w2) and the high bytes (w1, w3) */
+                __m512i lo[4], hi[4];
+                for (int b = 0; b < 4; b++) {
                     const __m512i line = _mm512_loadu_si512((const void *)(chunk + b * 1024 + r * 64));
-                    wv[b][0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(line));      /* outputs 0-7 */
-                    wv[b][1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(line, 1)); /* outputs 8-15 */
+                    lo[b] = _mm512_srai_epi16(_mm512_slli_epi16(line, 8), 8);
+                    hi[b] = _mm512_srai_epi16(line, 8);
                 }
                 for (int i = 0; i < MR; i++) {
-                    int64_t four;
-                    memcpy(&four, xk + i * Kp + 4 * r, 8);
-                    const __m512i xb = _mm512_set1_epi64(four);
-                    for (int b = 0; b < 2; b++) {
-                        acc[i][b][0] = _mm512_dpwssd_epi32(acc[i][b][0], xb, wv[b][0]);
-                        acc[i][b][1] = _mm512_dpwssd_epi32(acc[i][b][1], xb, wv[b][1]);
+                    int32_t even, odd; /* (x0, x2) and (x1, x3): quantize_rows' order */
+                    memcpy(&even, xk + i * Kp + 4 * r, 4);
+                    memcpy(&odd, xk + i * Kp + 4 * r + 2, 4);
+                    const __m512i xe = _mm512_set1_epi32(even), xo = _mm512_set1_epi32(odd);
+                    for (int b = 0; b < 4; b++) {
+                        acc[i][b] = _mm512_dpwssd_epi32(acc[i][b], xe, lo[b]);
+                        acc[i][b] = _mm512_dpwssd_epi32(acc[i][b], xo, hi[b]);
                     }
                 }
             }
         }
-        /* output j's two lanes are 2j and 2j + 1 of its half: even + odd lanes, in output order */
         for (int i = 0; i < MR; i++)
-            for (int b = 0; b < 2; b++) {
-                const __m512i sum = _mm512_add_epi32(_mm512_permutex2var_epi32(acc[i][b][0], even, acc[i][b][1]),
-                                                     _mm512_permutex2var_epi32(acc[i][b][0], odd, acc[i][b][1]));
-                total[i][b] = _mm512_add_ps(total[i][b], _mm512_cvtepi32_ps(sum));
-            }
+            for (int b = 0; b < 4; b++) total[i][b] = _mm512_add_ps(total[i][b], _mm512_cvtepi32_ps(acc[i][b]));
     }
-    for (int b = 0; b < 2; b++) {
-        const Py_ssize_t n = n0 + 16 * (b0 + b);
+    for (int b = 0; b < 4; b++) {
+        const Py_ssize_t n = n0 + 16 * b;
         if (n >= N) break;
         const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
         const __m512 sc = _mm512_maskz_loadu_ps(mask, scale + n);
@@ -352,8 +359,7 @@ VNNI_TARGET static inline __attribute__((always_inline)) void packed_tile(
     const float *scale, Py_ssize_t n0, Py_ssize_t N, int prefetch, const char *ahead, Py_ssize_t ahead_step,
     float *out) {
     if (wide) {
-        tile_vnni16(R, x, Kp, sx, wg, 0, scale, n0, N, prefetch, ahead, ahead_step, out, N);
-        tile_vnni16(R, x, Kp, sx, wg, 2, scale, n0, N, prefetch, NULL, 0, out, N);
+        tile_vnni16(R, x, Kp, sx, wg, scale, n0, N, prefetch, ahead, ahead_step, out, N);
     } else {
         tile_vnni8(R, x, Kp, sx, wg, wsum, scale, n0, N, prefetch, ahead, ahead_step, out, N);
     }
