@@ -124,6 +124,23 @@ TARGET static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
+/* hsum4 of four groups at once: a[g][c] -> lane 4g + c holds sum(a[g][c]), each sum in hsum4's order
+   (the same bits): the pairs within blocks as hsum4, then the blocks of the four groups together. */
+TARGET static inline __m512 hsum16(const __m512 a[4][4]) {
+    __m512 u[4];
+    for (int g = 0; g < 4; g++) {
+        const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[g][0], a[g][1]), _mm512_unpackhi_ps(a[g][0], a[g][1]));
+        const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[g][2], a[g][3]), _mm512_unpackhi_ps(a[g][2], a[g][3]));
+        const __m512d p01 = _mm512_castps_pd(t01), p23 = _mm512_castps_pd(t23);
+        u[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
+    }
+    /* blocks (b0 + b2, b1 + b3) of groups 0-1 and 2-3, then (b0 + b2) + (b1 + b3) of each group */
+    const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+}
+
 /* Rows of one (sequence, head) taken together: each key and value is read once for up to
    ATTEND_ROWS query rows. A cross-attention's keys and values (S x D floats a head, 8 layers of
    them per step) come from L3 or memory at batch 8, and were read once per row: a contrastive step
@@ -148,6 +165,7 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
        (hsum4) instead of four horizontal sums, the same additions for a key in any place */
     __m128 vtop[ATTEND_ROWS];
     for (int i = 0; i < R; i++) vtop[i] = _mm_set1_ps(-INFINITY);
+    __m512 vtop16 = _mm512_set1_ps(-INFINITY); /* R == 4: row i's four in block i */
     for (Py_ssize_t t = 0; t < n; t += 4) {
         const Py_ssize_t valid = n - t < 4 ? n - t : 4;
         const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
@@ -176,6 +194,31 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
                 for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(qv, kv[c], acc[i][c]);
             }
         }
+        if (R == ATTEND_ROWS && (!a->bias || a->bias_row == 0 || a->bias_key == 1)) {
+            /* four rows' sums in one register (hsum16), their biases added and their maxima kept
+               there too: a row's four scores are block i */
+            __m512 s16 = hsum16((const __m512(*)[4])acc);
+            if (a->bias && a->bias_row == 0) {
+                s16 = _mm512_add_ps(s16, _mm512_broadcast_f32x4(shared_bias));
+            } else if (a->bias) {
+                __m512 b16 = _mm512_setzero_ps();
+                for (int i = 0; i < R; i++) {
+                    const __m128 b4 = _mm_maskz_loadu_ps(keep, a->bias + (r0 + i) * a->bias_row + t);
+                    b16 = i == 0   ? _mm512_insertf32x4(b16, b4, 0)
+                          : i == 1 ? _mm512_insertf32x4(b16, b4, 1)
+                          : i == 2 ? _mm512_insertf32x4(b16, b4, 2)
+                                   : _mm512_insertf32x4(b16, b4, 3);
+                }
+                s16 = _mm512_add_ps(s16, b16);
+            }
+            const __mmask16 keep16 = (__mmask16)(keep * 0x1111u);
+            _mm_mask_storeu_ps(scores + t, keep, _mm512_castps512_ps128(s16));
+            _mm_mask_storeu_ps(scores + lds + t, keep, _mm512_extractf32x4_ps(s16, 1));
+            _mm_mask_storeu_ps(scores + 2 * lds + t, keep, _mm512_extractf32x4_ps(s16, 2));
+            _mm_mask_storeu_ps(scores + 3 * lds + t, keep, _mm512_extractf32x4_ps(s16, 3));
+            vtop16 = _mm512_mask_max_ps(vtop16, keep16, vtop16, s16);
+            continue;
+        }
         for (int i = 0; i < R; i++) {
             __m128 s4 = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
             if (a->bias && a->bias_row == 0) {
@@ -189,6 +232,12 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
             _mm_mask_storeu_ps(scores + i * lds + t, keep, s4);
             vtop[i] = _mm_mask_max_ps(vtop[i], keep, vtop[i], s4);
         }
+    }
+    if (R == ATTEND_ROWS) { /* rows whose maxima are in vtop16 (vtop[i] stayed -inf otherwise) */
+        vtop[0] = _mm_max_ps(vtop[0], _mm512_castps512_ps128(vtop16));
+        vtop[1 % ATTEND_ROWS] = _mm_max_ps(vtop[1 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 1));
+        vtop[2 % ATTEND_ROWS] = _mm_max_ps(vtop[2 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 2));
+        vtop[3 % ATTEND_ROWS] = _mm_max_ps(vtop[3 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 3));
     }
     for (int i = 0; i < R; i++) {
         float four[4];
