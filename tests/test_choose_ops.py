@@ -1,5 +1,6 @@
 """The compiled top-k softmax (engine/runtime/choose_ops.py, _choose.c) against choosers.py's numpy
-path (softmax_rows, top_k: the reference and the fallback) and against its own exact path."""
+path (softmax_rows, top_k: the reference and the fallback) and against its own exact path; the
+compiled degeneration penalty against choosers.degeneration_penalty's numpy path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from engine.runtime import choose_ops, qlinear
 from engine.runtime.choose_ops import Path
-from engine.runtime.choosers import Contrastive, softmax_rows, top_k
+from engine.runtime.choosers import Contrastive, degeneration_penalty, softmax_rows, top_k
 from engine.runtime.decoder_batch import run_on_decoder
 from engine.runtime.params import DecodingParams
 from engine.runtime.result import GenerationRequest
@@ -235,16 +236,81 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
         calls.append(k)
         return kernel_top_k(scores, k)
 
+    kernel_penalty = choose_ops.degeneration_penalty
+    penalties: list[tuple[int, ...]] = []
+
+    def counted_penalty(unit: np.ndarray, context: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        penalties.append(unit.shape)
+        return kernel_penalty(unit, context, lengths)
+
     monkeypatch.setattr(choose_ops, "top_k_softmax", counted)
+    monkeypatch.setattr(choose_ops, "degeneration_penalty", counted_penalty)
     with_kernel = [r.token_ids for r in run_on_decoder(runtime, requests)]
     assert calls and set(calls) == {4}
+    assert penalties and {shape[1] for shape in penalties} == {4}
     calls.clear()
+    penalties.clear()
     try:
         choose_ops.use(False)
         assert not choose_ops.available()
         without = [r.token_ids for r in run_on_decoder(runtime, requests)]
     finally:
         choose_ops.use(True)
-    assert not calls
+    assert not calls and not penalties
     assert with_kernel == without
     assert all(len(row) > 0 for row in with_kernel)
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return (x / np.sqrt(np.square(x).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def _numpy_penalty(unit: np.ndarray, context: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    try:
+        choose_ops.use(False)
+        return degeneration_penalty(unit, context, lengths)
+    finally:
+        choose_ops.use(True)
+
+
+@pytest.mark.parametrize("m", [1, 4, 6])
+@pytest.mark.parametrize("d", [512, 37])
+def test_degeneration_penalty_is_numpys_within_rounding(m: int, d: int) -> None:
+    """Five sequences of different context lengths (one empty: -inf, as numpy's masked max), more
+    and fewer candidates than the kernel's four at a time, d with and without a 16-lane tail."""
+    rng = np.random.default_rng(m * 100 + d)
+    unit, context = _unit(rng, 5, m, d), _unit(rng, 5, 20, d)
+    lengths = np.array([0, 1, 7, 20, 13], dtype=np.int64)
+    context[2, 7:] = 1.0  # past the length: not context (a dot of up to sqrt(d) if it were read)
+    got = choose_ops.degeneration_penalty(unit, context, lengths)
+    want = _numpy_penalty(unit, context, lengths)
+    assert got.shape == want.shape == (5, m) and got.dtype == want.dtype == np.float32
+    assert np.all(got[0] == -np.inf)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_degeneration_penalty_nan_is_numpys() -> None:
+    rng = np.random.default_rng(4)
+    unit, context = _unit(rng, 3, 4, 64), _unit(rng, 3, 8, 64)
+    lengths = np.array([8, 5, 3], dtype=np.int64)
+    context[0, 2, 5] = np.nan  # inside sequence 0's context: its every candidate is NaN
+    context[1, 6, 0] = np.nan  # past sequence 1's length: not read
+    got = choose_ops.degeneration_penalty(unit, context, lengths)
+    want = _numpy_penalty(unit, context, lengths)
+    assert np.isnan(got[0]).all() and np.isnan(want[0]).all()
+    assert not np.isnan(got[1:]).any()
+    np.testing.assert_allclose(got[1:], want[1:], rtol=0, atol=1e-6)
+
+
+def test_degeneration_penalty_bad_arguments_say_what_to_fix() -> None:
+    unit, context = np.zeros((2, 4, 8), np.float32), np.zeros((2, 5, 8), np.float32)
+    lengths = np.array([1, 2], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"\[B, m, d\]"):
+        choose_ops.degeneration_penalty(unit, context[:, :, :4], lengths)
+    with pytest.raises(ValueError, match="float32"):
+        choose_ops.degeneration_penalty(unit.astype(np.float64), context, lengths)
+    with pytest.raises(ValueError, match="sequences"):
+        choose_ops.degeneration_penalty(unit, context[:1], lengths)
+    with pytest.raises(ValueError, match="outside the context"):
+        choose_ops.degeneration_penalty(unit, context, np.array([1, 6], dtype=np.int64))

@@ -1,4 +1,5 @@
-/* Contrastive search's candidates in the compiled kernel: the top k of a row's softmax, in one call.
+/* Contrastive search's candidates in the compiled kernel: the top k of a row's softmax, in one call;
+and their degeneration penalty (the max cosine with the context, at the end of this file).
 
 Why this exists (engine/runtime/choose_ops.py is the Python side): a contrastive step takes, for
 every sequence, the k most likely next tokens and their probabilities. In numpy that was a float32
@@ -268,4 +269,105 @@ fail:
     PyBuffer_Release(&ids);
     PyBuffer_Release(&probs);
     return NULL;
+}
+
+/* ---------------------------------------------------------------- the degeneration penalty
+   Contrastive search's max cosine similarity of each candidate with its sequence's context: the
+   candidates' and the context's hidden states are unit-normalized already (kv_cache.StepOutput,
+   DecoderCache.context), so each cosine is a dot product. unit [B, m, d], context [B, cap, d],
+   lengths [B] (positions t < lengths[b] are b's context), out [B, m]: max_t unit[b, i] . context[b, t],
+   -inf for an empty context, NaN where a dot product is NaN (numpy's max). Each dot product sums
+   16 lanes of products over d, then the lanes: another order than numpy's matmul (BLAS), so within
+   float32 rounding of choosers.degeneration_penalty, its reference and fallback. Four candidates
+   at a time read each context row once. */
+TARGET static void degeneration(const float *unit, const float *context, const int64_t *lengths, float *out,
+                                Py_ssize_t B, Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d) {
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const Py_ssize_t n = lengths[b];
+        const float *ctx = context + b * cap * d;
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += 4) {
+            const int R = m - i0 < 4 ? (int)(m - i0) : 4;
+            const float *u = unit + (b * m + i0) * d;
+            __m128 best[4], nan[4];
+            for (int r = 0; r < 4; r++) {
+                best[r] = _mm_set1_ps(-INFINITY);
+                nan[r] = _mm_setzero_ps();
+            }
+            /* four context rows at a time (16 independent sums: four candidates by four rows) */
+            for (Py_ssize_t t = 0; t < n; t += 4) {
+                const int valid = n - t < 4 ? (int)(n - t) : 4;
+                const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
+                const float *c[4];
+                for (int j = 0; j < 4; j++) c[j] = ctx + (t + (j < valid ? j : valid - 1)) * d;
+                __m512 acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+                for (Py_ssize_t k = 0; k < d; k += 16) {
+                    const __mmask16 mask = tail_mask(d - k);
+                    __m512 cv[4];
+                    for (int j = 0; j < 4; j++) cv[j] = _mm512_maskz_loadu_ps(mask, c[j] + k);
+                    for (int r = 0; r < R; r++) {
+                        const __m512 uv = _mm512_maskz_loadu_ps(mask, u + r * d + k);
+                        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(uv, cv[j], acc[r][j]);
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m128 dots = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+                    nan[r] = _mm_or_ps(nan[r], _mm_maskz_mov_ps(keep, _mm_cmp_ps(dots, dots, _CMP_UNORD_Q)));
+                    best[r] = _mm_mask_max_ps(best[r], keep, best[r], dots);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                float four[4], flags[4];
+                _mm_storeu_ps(four, best[r]);
+                _mm_storeu_ps(flags, nan[r]);
+                float top = -INFINITY;
+                int any_nan = 0;
+                for (int j = 0; j < 4; j++) {
+                    top = four[j] > top ? four[j] : top;
+                    any_nan |= flags[j] != 0.0f;
+                }
+                out[b * m + i0 + r] = any_nan ? NAN : top;
+            }
+        }
+    }
+}
+
+/* degeneration_penalty(unit, context, lengths, out, B, m, cap, d): see degeneration. Dtypes and
+   shapes are checked by engine/runtime/choose_ops.py, the sizes again here. */
+PyObject *choose_degeneration_penalty(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer unit = {0}, context = {0}, lengths = {0}, out = {0};
+    Py_ssize_t B, m, cap, d;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &unit, &context, &lengths, &out, &B, &m, &cap, &d)) return NULL;
+    if (!avx512_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
+        goto fail;
+    }
+    if (B < 0 || m < 1 || cap < 0 || d < 1 || unit.len != B * m * d * 4 || context.len != B * cap * d * 4 ||
+        lengths.len != B * 8 || out.len != B * m * 4) {
+        PyErr_SetString(PyExc_ValueError,
+                        "degeneration_penalty: need unit float32 [B, m, d], context [B, cap, d], lengths int64 [B], "
+                        "out float32 [B, m]");
+        goto fail;
+    }
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const int64_t n = ((const int64_t *)lengths.buf)[b];
+        if (n < 0 || n > cap) {
+            PyErr_SetString(PyExc_ValueError, "degeneration_penalty: a length is outside the context");
+            goto fail;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    degeneration(unit.buf, context.buf, lengths.buf, out.buf, B, m, cap, d);
+    Py_END_ALLOW_THREADS;
+    result = Py_None;
+    Py_INCREF(result);
+fail:
+    PyBuffer_Release(&unit);
+    PyBuffer_Release(&context);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&out);
+    return result;
 }

@@ -1,5 +1,5 @@
 /* The AVX-512 helpers every C file of the kernel shares: whether the CPU can run it, the mask of a
-   loop's last vector, and exp16.
+   loop's last vector, exp16, and hsum4 (four vectors' sums at once).
 
    exp16: e^x for 16 floats, the one exp of the compiled kernel (_t5ops.c's softmax and GELU, _choose.c's
    softmax): Cephes' expf polynomial on r = x - n ln 2 (|r| <= ln 2 / 2, n ln 2 in two parts), then
@@ -37,6 +37,19 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static inline 
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
+}
+
+/* The sums of four vectors' lanes, [sum(a0), sum(a1), sum(a2), sum(a3)]: pairs of lanes, then pairs
+   of pairs within each 128-bit block, then the blocks, in the same order for each of the four. */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static inline __m128 hsum4(__m512 a0, __m512 a1,
+                                                                                       __m512 a2, __m512 a3) {
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512d p01 = _mm512_castps_pd(t01), p23 = _mm512_castps_pd(t23);
+    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
+    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
 #endif

@@ -112,18 +112,6 @@ TARGET static inline float dot(const float *a, const float *b, Py_ssize_t d) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* The sums of four vectors' lanes, [sum(a0), sum(a1), sum(a2), sum(a3)]: pairs of lanes, then pairs
-   of pairs within each 128-bit block, then the blocks, in the same order for each of the four. */
-TARGET static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    const __m512d p01 = _mm512_castps_pd(t01), p23 = _mm512_castps_pd(t23);
-    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
-                                   _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)));
-    const __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-}
-
 /* hsum4 of four groups at once: a[g][c] -> lane 4g + c holds sum(a[g][c]), each sum in hsum4's order
    (the same bits): the pairs within blocks as hsum4, then the blocks of the four groups together. */
 TARGET static inline __m512 hsum16(const __m512 a[4][4]) {

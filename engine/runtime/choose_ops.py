@@ -53,6 +53,12 @@ def available() -> bool:
     return _ON and qlinear._KERNEL is not None and hasattr(qlinear._KERNEL, "top_k_softmax")
 
 
+def available_for(function: str) -> bool:
+    """``available()``, and the loaded kernel has ``function`` (an extension built before a
+    function was added lacks it)."""
+    return available() and hasattr(qlinear._KERNEL, function)
+
+
 def top_k_softmax(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ids [k] (int64) of the k most probable entries of softmax(scores) and their probabilities
     [k] (float32): ``scores`` one row of float32 logits [V], 1 <= k <= V. The hot path of a
@@ -83,3 +89,40 @@ def _run(scores: np.ndarray, k: int, *, exact: bool) -> tuple[np.ndarray, np.nda
     probs = np.empty(k, dtype=np.float32)
     path = kernel.top_k_softmax(np.ascontiguousarray(scores), k, ids, probs, exact)
     return ids, probs, int(path)
+
+
+def degeneration_penalty(unit_hidden: np.ndarray, context: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Contrastive search's degeneration penalty in the kernel: max over t < lengths[b] of
+    unit_hidden[b, i] . context[b, t], as float32 [B, m] (-inf for an empty context).
+    ``unit_hidden`` [B, m, d] and ``context`` [B, cap, d] float32 (unit-normalized hidden states),
+    ``lengths`` int64 [B]. Within float32 rounding of choosers.degeneration_penalty (another
+    summation order than BLAS's); call only where ``available()``."""
+    kernel = qlinear._KERNEL
+    if kernel is None or not hasattr(kernel, "degeneration_penalty"):
+        status = qlinear.kernel_status() if kernel is None else "built without _choose.c: rebuild it"
+        raise RuntimeError(f"the compiled kernel is not in use: {status}")
+    if unit_hidden.ndim != 3 or context.ndim != 3 or unit_hidden.shape[2] != context.shape[2]:
+        raise ValueError(
+            f"unit_hidden must be [B, m, d] and context [B, cap, d], got {unit_hidden.shape} and {context.shape}"
+        )
+    if unit_hidden.dtype != np.float32 or context.dtype != np.float32:
+        raise ValueError(
+            f"unit_hidden and context must be float32, got {unit_hidden.dtype} and {context.dtype}"
+        )
+    batch, m, d = unit_hidden.shape
+    if context.shape[0] != batch or lengths.shape != (batch,):
+        raise ValueError(
+            f"context and lengths must have {batch} sequences, got {context.shape[0]} and {lengths.shape}"
+        )
+    out = np.empty((batch, m), dtype=np.float32)
+    kernel.degeneration_penalty(
+        np.ascontiguousarray(unit_hidden),
+        np.ascontiguousarray(context),
+        np.ascontiguousarray(lengths, dtype=np.int64),
+        out,
+        batch,
+        m,
+        context.shape[1],
+        d,
+    )
+    return out
