@@ -101,6 +101,11 @@ typedef struct {
     float *out;
     Py_ssize_t rows, n, d, ldq, ldkv, ld_own, ldo, bias_row, bias_key;
     float own_bias;
+    /* prefetch (attend_prefetch): while the scores run, this head's values; while the values run, the
+       next (sequence, head)'s keys, next_bytes of them (NULL: none). Only where keys and values are
+       contiguous rows (ldkv == d: the decoder's caches and cross-attention). */
+    const char *next_k;
+    Py_ssize_t next_bytes;
 } attend_args;
 
 TARGET static inline float dot(const float *a, const float *b, Py_ssize_t d) {
@@ -136,6 +141,15 @@ TARGET static inline __m512 hsum16(const __m512 a[4][4]) {
    unchanged (the same sums in the same order as one row alone). */
 #define ATTEND_ROWS 4
 
+/* Prefetches `bytes` from `base` spread over `steps` calls: call `step` of them (0 .. steps - 1)
+   fetches its share of the lines (into L2: the loop that reads them comes later). */
+static inline __attribute__((always_inline)) void prefetch_share(const char *base, Py_ssize_t bytes,
+                                                                 Py_ssize_t steps, Py_ssize_t step) {
+    const Py_ssize_t lines = (bytes + 63) / 64, per = (lines + steps - 1) / steps;
+    const Py_ssize_t l1 = (step + 1) * per < lines ? (step + 1) * per : lines;
+    for (Py_ssize_t l = step * per; l < l1; l++) _mm_prefetch(base + 64 * l, _MM_HINT_T1);
+}
+
 /* R rows (a compile-time constant after inlining) from r0; NV: vectors of 16 a head holds, a
    constant (4 for T5's d_kv 64, else MAX_D / 16 with the rest skipped) so that the value
    accumulators stay in registers. scores: ATTEND_ROWS rows of n + 16 floats. */
@@ -154,9 +168,13 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
     __m128 vtop[ATTEND_ROWS];
     for (int i = 0; i < R; i++) vtop[i] = _mm_set1_ps(-INFINITY);
     __m512 vtop16 = _mm512_set1_ps(-INFINITY); /* R == 4: row i's four in block i */
+    /* memory reads ahead of the arithmetic (first row group only: later ones find them cached) */
+    const int fetch = r0 == 0 && a->ldkv == a->d;
+    const Py_ssize_t v_bytes = n * d * (Py_ssize_t)sizeof(float), score_steps = (n + 3) / 4;
     for (Py_ssize_t t = 0; t < n; t += 4) {
         const Py_ssize_t valid = n - t < 4 ? n - t : 4;
         const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
+        if (fetch) prefetch_share((const char *)a->v, v_bytes, score_steps, t / 4);
         const float *kt[4];
         for (int c = 0; c < 4; c++) kt[c] = a->k + (t + (c < valid ? c : valid - 1)) * a->ldkv;
         /* a bias shared by every row (decoder and cross-attention: bias_row 0), read once per four
@@ -260,6 +278,7 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
     for (int i = 0; i < R; i++)
         for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
     for (Py_ssize_t t = 0; t < n; t++) {
+        if (fetch && a->next_k) prefetch_share(a->next_k, a->next_bytes, n, t);
         const float *vt = a->v + t * a->ldkv;
         for (int j = 0; j < NV && j < nv; j++) {
             const __m512 vv = _mm512_maskz_loadu_ps(tail_mask(d - 16 * j), vt + 16 * j);
@@ -330,62 +349,81 @@ static float *scores_buffer(size_t floats) {
 
 typedef struct {
     const attention_args *g;
+    Py_ssize_t tasks;
     int failed; /* a task could not get its scratch (out of memory) */
 } attention_job;
 
-/* One task: one sequence's one head. */
-TARGET static void attention_task(void *ctx, long job) {
+/* The arguments of (sequence, head) `job`. */
+static void head_args(const attention_args *g, Py_ssize_t job, attend_args *a) {
+    const Py_ssize_t m = g->m, H = g->H, D = g->D, inner = H * D;
+    const Py_ssize_t b = job / H, h = job % H;
+    memset(a, 0, sizeof *a);
+    a->rows = m;
+    a->d = D;
+    a->ldo = inner;
+    a->out = g->out + b * m * inner + h * D;
+    if (g->kind == 0) {
+        const Py_ssize_t L = g->lengths[b];
+        a->q = g->q + b * m * 3 * inner + h * D;
+        a->ldq = 3 * inner;
+        a->k = g->k + (b * H + h) * g->cap * D;
+        a->v = g->v + (b * H + h) * g->cap * D;
+        a->ldkv = D;
+        a->n = L;
+        a->own_k = a->q + inner;
+        a->own_v = a->q + 2 * inner;
+        a->ld_own = 3 * inner;
+        a->own_bias = g->bias[h];
+        a->bias = g->bias + L * H + h; /* key t: distance L - t */
+        a->bias_row = 0;
+        a->bias_key = -H;
+    } else if (g->kind == 1) {
+        a->q = g->q + b * m * inner + h * D;
+        a->ldq = inner;
+        a->k = g->k + (b * H + h) * g->cap * D;
+        a->v = g->v + (b * H + h) * g->cap * D;
+        a->ldkv = D;
+        a->n = g->cap;
+        a->bias = g->bias + b * g->cap;
+        a->bias_row = 0;
+        a->bias_key = 1;
+    } else {
+        a->q = g->q + b * m * 3 * inner + h * D;
+        a->ldq = 3 * inner;
+        a->k = a->q + inner;
+        a->v = a->q + 2 * inner;
+        a->ldkv = 3 * inner;
+        a->n = g->lengths[b];
+        a->bias = g->bias + h * m * m;
+        a->bias_row = m;
+        a->bias_key = 1;
+    }
+}
+
+/* One task: a contiguous run of (sequence, head) pairs, each fetching the next one's keys while it
+   computes (attend_args.next_k). A run, not a pair a task: a thread then knows which pair it takes
+   next. */
+TARGET static void attention_task(void *ctx, long task) {
     attention_job *t = ctx;
     const attention_args *g = t->g;
-    const Py_ssize_t m = g->m, H = g->H, D = g->D, inner = H * D;
     float *scores = scores_buffer((size_t)(ATTEND_ROWS * (g->cap + 16)));
     if (!scores) {
         t->failed = 1;
         return;
     }
-    const Py_ssize_t b = job / H, h = job % H;
-    attend_args a = {0};
-    a.rows = m;
-    a.d = D;
-    a.ldo = inner;
-    a.out = g->out + b * m * inner + h * D;
-    if (g->kind == 0) {
-        const Py_ssize_t L = g->lengths[b];
-        a.q = g->q + b * m * 3 * inner + h * D;
-        a.ldq = 3 * inner;
-        a.k = g->k + (b * H + h) * g->cap * D;
-        a.v = g->v + (b * H + h) * g->cap * D;
-        a.ldkv = D;
-        a.n = L;
-        a.own_k = a.q + inner;
-        a.own_v = a.q + 2 * inner;
-        a.ld_own = 3 * inner;
-        a.own_bias = g->bias[h];
-        a.bias = g->bias + L * H + h; /* key t: distance L - t */
-        a.bias_row = 0;
-        a.bias_key = -H;
-    } else if (g->kind == 1) {
-        a.q = g->q + b * m * inner + h * D;
-        a.ldq = inner;
-        a.k = g->k + (b * H + h) * g->cap * D;
-        a.v = g->v + (b * H + h) * g->cap * D;
-        a.ldkv = D;
-        a.n = g->cap;
-        a.bias = g->bias + b * g->cap;
-        a.bias_row = 0;
-        a.bias_key = 1;
-    } else {
-        a.q = g->q + b * m * 3 * inner + h * D;
-        a.ldq = 3 * inner;
-        a.k = a.q + inner;
-        a.v = a.q + 2 * inner;
-        a.ldkv = 3 * inner;
-        a.n = g->lengths[b];
-        a.bias = g->bias + h * m * m;
-        a.bias_row = m;
-        a.bias_key = 1;
+    const Py_ssize_t pairs = g->B * g->H, j1 = (task + 1) * pairs / t->tasks;
+    attend_args a, next;
+    Py_ssize_t j = task * pairs / t->tasks;
+    if (j < j1) head_args(g, j, &next);
+    for (; j < j1; j++) {
+        a = next;
+        if (j + 1 < j1) {
+            head_args(g, j + 1, &next);
+            a.next_k = (const char *)next.k;
+            a.next_bytes = next.ldkv == next.d ? next.n * next.d * (Py_ssize_t)sizeof(float) : 0;
+        }
+        attend(&a, scores);
     }
-    attend(&a, scores);
 }
 
 /* Returns 0, or -1 when scratch memory ran out. */
@@ -398,8 +436,8 @@ TARGET static int attention(const attention_args *g, int threads) {
             memcpy(g->new_k + r * inner, g->q + (r * 3 + 1) * inner, (size_t)inner * sizeof(float));
             memcpy(g->new_v + r * inner, g->q + (r * 3 + 2) * inner, (size_t)inner * sizeof(float));
         }
-    attention_job t = {g, 0};
-    pool_run((long)(B * H), nt, attention_task, &t);
+    attention_job t = {g, nt > 1 ? (B * H < nt ? B * H : nt) : 1, 0};
+    pool_run((long)t.tasks, nt, attention_task, &t);
     return t.failed ? -1 : 0;
 }
 
