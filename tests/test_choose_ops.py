@@ -230,11 +230,15 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
     params = DecodingParams.from_dict({"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 16})
     requests = [GenerationRequest(p, params) for p in models.prompts(5, (9, 17, 4, 30))]
     calls = []
-    kernel_top_k = choose_ops.top_k_softmax
+    kernel_top_k, kernel_rows = choose_ops.top_k_softmax, choose_ops.top_k_softmax_rows
 
     def counted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         calls.append(k)
         return kernel_top_k(scores, k)
+
+    def counted_rows(rows: list[np.ndarray], k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.extend([k] * len(rows))
+        return kernel_rows(rows, k, threads)
 
     kernel_penalty = choose_ops.degeneration_penalty
     penalties: list[tuple[int, ...]] = []
@@ -244,6 +248,7 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
         return kernel_penalty(unit, context, lengths)
 
     monkeypatch.setattr(choose_ops, "top_k_softmax", counted)
+    monkeypatch.setattr(choose_ops, "top_k_softmax_rows", counted_rows)
     monkeypatch.setattr(choose_ops, "degeneration_penalty", counted_penalty)
     with_kernel = [r.token_ids for r in run_on_decoder(runtime, requests)]
     assert calls and set(calls) == {4}
@@ -314,3 +319,41 @@ def test_degeneration_penalty_bad_arguments_say_what_to_fix() -> None:
         choose_ops.degeneration_penalty(unit, context[:1], lengths)
     with pytest.raises(ValueError, match="outside the context"):
         choose_ops.degeneration_penalty(unit, context, np.array([1, 6], dtype=np.int64))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_k_softmax_rows_is_each_rows_answer(threads: int) -> None:
+    """Rows of different lengths (one with a NaN, one with ties, one masked down to k entries) give
+    top_k_softmax's answer row for row, bit for bit, whichever thread takes them."""
+    rng = np.random.default_rng(threads)
+    rows = [(rng.standard_normal(n) * 4).astype(np.float32) for n in (32128, 7, 1000, 32128, 4097, 16)]
+    rows[1][2] = np.nan
+    rows[2][:] = 1.5
+    rows[3][4:] = -np.inf
+    ids, probs = choose_ops.top_k_softmax_rows(rows, 4, threads)
+    assert ids.shape == probs.shape == (len(rows), 4) and ids.dtype == np.int64 and probs.dtype == np.float32
+    for i, row in enumerate(rows):
+        want_ids, want_probs = choose_ops.top_k_softmax(row, 4)
+        np.testing.assert_array_equal(ids[i], want_ids, err_msg=f"row {i}")
+        np.testing.assert_array_equal(probs[i], want_probs, err_msg=f"row {i}")
+
+
+def test_top_k_softmax_rows_bad_arguments_say_what_to_fix() -> None:
+    good = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="row 1 must be a 1-D float32"):
+        choose_ops.top_k_softmax_rows([good, good.astype(np.float64)], 2, 2)
+    with pytest.raises(ValueError, match="row 1's size 3"):
+        choose_ops.top_k_softmax_rows([good, good[:3]], 4, 2)
+    ids, probs = choose_ops.top_k_softmax_rows([], 3, 2)
+    assert ids.shape == probs.shape == (0, 3)
+
+
+def test_contrastive_rows_are_chosen_in_one_call_and_as_one_at_a_time() -> None:
+    params = DecodingParams.from_dict({"penalty_alpha": 0.6, "top_k": 4})
+    choosers = [Contrastive.for_request(params, 1, i) for i in range(3)]
+    rows = [(np.random.default_rng(i).standard_normal(32128) * 3).astype(np.float32) for i in range(3)]
+    together = Contrastive.choose_rows(choosers, rows, 2)
+    for (ids, probs), chooser, row in zip(together, choosers, rows, strict=True):
+        want_ids, want_probs = chooser.choose(row.copy())
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(probs, want_probs)

@@ -5,5 +5,6 @@
 
 PyObject *choose_top_k_softmax(PyObject *self, PyObject *args);
 PyObject *choose_degeneration_penalty(PyObject *self, PyObject *args);
+PyObject *choose_top_k_softmax_rows(PyObject *self, PyObject *args);
 
 #endif

@@ -796,6 +796,8 @@ static PyMethodDef methods[] = {
     {"decoder_plan", t5ops_decoder_plan, METH_VARARGS, "A decoder's weights taken once for decoder_layers; see t5ops.py."},
     {"decoder_layers", t5ops_decoder_layers, METH_VARARGS, "Every decoder layer of a step in one call; see t5ops.py."},
     {"top_k_softmax", choose_top_k_softmax, METH_VARARGS, "A row's top k by softmax (_choose.c); see choose_ops.py."},
+    {"top_k_softmax_rows", choose_top_k_softmax_rows, METH_VARARGS,
+     "Many rows' top k by softmax, over the pool's threads (_choose.c); see choose_ops.py."},
     {"degeneration_penalty", choose_degeneration_penalty, METH_VARARGS,
      "Contrastive search's max cosine per candidate (_choose.c); see choose_ops.py."},
     {NULL, NULL, 0, NULL},

@@ -21,6 +21,7 @@ The C side is built into the same extension as the linear kernel, so it is there
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,6 +65,25 @@ def top_k_softmax(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     [k] (float32): ``scores`` one row of float32 logits [V], 1 <= k <= V. The hot path of a
     contrastive step: call only where ``available()``."""
     ids, probs, _ = _run(scores, k, exact=False)
+    return ids, probs
+
+
+def top_k_softmax_rows(rows: Sequence[np.ndarray], k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k_softmax`` of every row in one call, the rows split over ``threads``: ids [n, k]
+    (int64) and probabilities [n, k] (float32), row i's the same as ``top_k_softmax(rows[i], k)``.
+    Each row a 1-D float32 array of at least k entries (rows need not be the same length)."""
+    kernel = qlinear._KERNEL
+    if kernel is None or not hasattr(kernel, "top_k_softmax_rows"):
+        status = qlinear.kernel_status() if kernel is None else "built without top_k_softmax_rows: rebuild it"
+        raise RuntimeError(f"the compiled kernel is not in use: {status}")
+    for i, row in enumerate(rows):
+        if row.dtype != np.float32 or row.ndim != 1:
+            raise ValueError(f"row {i} must be a 1-D float32 array, got {row.ndim}-D {row.dtype}")
+        if not 1 <= k <= row.shape[0]:
+            raise ValueError(f"k must be between 1 and row {i}'s size {row.shape[0]}, got {k}")
+    ids = np.empty((len(rows), k), dtype=np.int64)
+    probs = np.empty((len(rows), k), dtype=np.float32)
+    kernel.top_k_softmax_rows([np.ascontiguousarray(r) for r in rows], k, ids, probs, max(1, threads))
     return ids, probs
 
 

@@ -193,11 +193,23 @@ class Chooser:
     def candidates(self, scores: np.ndarray, history: History) -> tuple[np.ndarray, np.ndarray]:
         """Candidate ids [width] and their probabilities [width] from this row's next-step
         logits [V] (float32, processed in place)."""
-        process_logits(scores, history, self.params, self.eos_token_id)
+        self.process(scores, history)
         return self.choose(scores)
+
+    def process(self, scores: np.ndarray, history: History) -> None:
+        """The logits processors in force, in place on this row's logits [V] (float32)."""
+        process_logits(scores, history, self.params, self.eos_token_id)
 
     def choose(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def choose_rows(
+        cls, choosers: Sequence[Chooser], scores: Sequence[np.ndarray], threads: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``choose`` for several rows of this class at once (processed logits, one row each):
+        a row at a time here; a class whose rows gain from one call overrides it."""
+        return [c.choose(s) for c, s in zip(choosers, scores, strict=True)]
 
 
 class Greedy(Chooser):
@@ -225,6 +237,20 @@ class Contrastive(Chooser):
         probs = softmax_rows(scores[None])[0]
         ids = top_k(probs, self.width)
         return ids, probs[ids]
+
+    @classmethod
+    def choose_rows(
+        cls, choosers: Sequence[Chooser], scores: Sequence[np.ndarray], threads: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Rows of one width in one kernel call over the threads (each row's answer is choose's);
+        # otherwise a row at a time.
+        widths = {c.width for c in choosers}
+        if len(scores) > 1 and len(widths) == 1 and choose_ops.available_for("top_k_softmax_rows"):
+            (k,) = widths
+            if all(k <= s.shape[0] for s in scores):
+                ids, probs = choose_ops.top_k_softmax_rows(scores, k, threads)
+                return list(zip(ids, probs, strict=True))
+        return super().choose_rows(choosers, scores, threads)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -187,7 +188,7 @@ class DecoderBatch:
         width = max(c.width for c in choosers)
 
         # 1. candidates from each sequence's processed next-step logits
-        tokens, cand_probs = self._candidates(active, width)
+        tokens, cand_probs = self._candidates(active, width, rt.threads)
         # 2. one decoder step of B x width rows over the shared caches
         out = rt.decoder_step(cache, tokens)
         # 3. the contrastive score: (1 - α) p - α max cosine with the context
@@ -231,19 +232,28 @@ class DecoderBatch:
         return seq.result(reason, "" if self.detokenize is None else self.detokenize(seq.generated))
 
     @staticmethod
-    def _candidates(active: Sequence[_Active], width: int) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(active: Sequence[_Active], width: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's candidate ids [B, width] and their probabilities (rows past a
-        sequence's own width repeat its first candidate and are never chosen)."""
+        sequence's own width repeat its first candidate and are never chosen): every row's logits
+        processed, then each chooser kind's rows chosen together (``Chooser.choose_rows``, over
+        ``threads``)."""
         tokens = np.empty((len(active), width), dtype=np.int64)
         cand_probs = np.zeros((len(active), width), dtype=np.float32)
+        by_kind: dict[type[Chooser], list[int]] = {}
         for row, seq in enumerate(active):
             assert seq.logits is not None  # set by the step that admitted it, then by every step
             if seq.logprobs is not None:
                 seq.step_logprobs = log_softmax(seq.logits)  # before the chooser's processors
-            ids, probs = seq.chooser.candidates(seq.logits, seq.history)
-            tokens[row, : len(ids)] = ids
-            tokens[row, len(ids) :] = ids[0]
-            cand_probs[row, : len(ids)] = probs
+            seq.chooser.process(seq.logits, seq.history)
+            by_kind.setdefault(type(seq.chooser), []).append(row)
+        for kind, rows in by_kind.items():  # each kind's rows at once (Contrastive: one kernel call)
+            answers = kind.choose_rows(
+                [active[r].chooser for r in rows], [cast(np.ndarray, active[r].logits) for r in rows], threads
+            )
+            for row, (ids, probs) in zip(rows, answers, strict=True):
+                tokens[row, : len(ids)] = ids
+                tokens[row, len(ids) :] = ids[0]
+                cand_probs[row, : len(ids)] = probs
         return tokens, cand_probs
 
     def _drop_cancelled(self) -> list[TokenEvent]:
