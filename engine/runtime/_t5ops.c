@@ -101,7 +101,7 @@ typedef struct {
     float *out;
     Py_ssize_t rows, n, d, ldq, ldkv, ld_own, ldo, bias_row, bias_key;
     float own_bias;
-    /* prefetch (attend_prefetch): while the scores run, this head's values; while the values run, the
+    /* prefetch (prefetch_stream): while the scores run, this head's values; while the values run, the
        next (sequence, head)'s keys, next_bytes of them (NULL: none). Only where keys and values are
        contiguous rows (ldkv == d: the decoder's caches and cross-attention). */
     const char *next_k;
@@ -141,13 +141,22 @@ TARGET static inline __m512 hsum16(const __m512 a[4][4]) {
    unchanged (the same sums in the same order as one row alone). */
 #define ATTEND_ROWS 4
 
-/* Prefetches `bytes` from `base` spread over `steps` calls: call `step` of them (0 .. steps - 1)
-   fetches its share of the lines (into L2: the loop that reads them comes later). */
-static inline __attribute__((always_inline)) void prefetch_share(const char *base, Py_ssize_t bytes,
-                                                                 Py_ssize_t steps, Py_ssize_t step) {
-    const Py_ssize_t lines = (bytes + 63) / 64, per = (lines + steps - 1) / steps;
-    const Py_ssize_t l1 = (step + 1) * per < lines ? (step + 1) * per : lines;
-    for (Py_ssize_t l = step * per; l < l1; l++) _mm_prefetch(base + 64 * l, _MM_HINT_T1);
+/* A prefetch of `bytes` from `base` spread over `steps` calls of prefetch_next: each fetches the
+   next `per` lines (into L2: the loop that reads them comes later), none past the end. */
+typedef struct {
+    const char *at, *end;
+    Py_ssize_t per;
+} prefetch_stream;
+
+static inline prefetch_stream prefetch_start(const char *base, Py_ssize_t bytes, Py_ssize_t steps) {
+    const Py_ssize_t lines = (bytes + 63) / 64;
+    prefetch_stream p = {base, base + 64 * lines, steps > 0 ? (lines + steps - 1) / steps : 0};
+    if (!base) p.at = p.end = NULL;
+    return p;
+}
+
+static inline __attribute__((always_inline)) void prefetch_next(prefetch_stream *p) {
+    for (Py_ssize_t l = 0; l < p->per && p->at < p->end; l++, p->at += 64) _mm_prefetch(p->at, _MM_HINT_T1);
 }
 
 /* R rows (a compile-time constant after inlining) from r0; NV: vectors of 16 a head holds, a
@@ -170,11 +179,13 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
     __m512 vtop16 = _mm512_set1_ps(-INFINITY); /* R == 4: row i's four in block i */
     /* memory reads ahead of the arithmetic (first row group only: later ones find them cached) */
     const int fetch = r0 == 0 && a->ldkv == a->d;
-    const Py_ssize_t v_bytes = n * d * (Py_ssize_t)sizeof(float), score_steps = (n + 3) / 4;
+    prefetch_stream values = prefetch_start(fetch ? (const char *)a->v : NULL, n * d * (Py_ssize_t)sizeof(float),
+                                            (n + 3) / 4);
+    prefetch_stream keys = prefetch_start(fetch ? a->next_k : NULL, a->next_bytes, n);
     for (Py_ssize_t t = 0; t < n; t += 4) {
         const Py_ssize_t valid = n - t < 4 ? n - t : 4;
         const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
-        if (fetch) prefetch_share((const char *)a->v, v_bytes, score_steps, t / 4);
+        prefetch_next(&values);
         const float *kt[4];
         for (int c = 0; c < 4; c++) kt[c] = a->k + (t + (c < valid ? c : valid - 1)) * a->ldkv;
         /* a bias shared by every row (decoder and cross-attention: bias_row 0), read once per four
@@ -278,7 +289,7 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
     for (int i = 0; i < R; i++)
         for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
     for (Py_ssize_t t = 0; t < n; t++) {
-        if (fetch && a->next_k) prefetch_share(a->next_k, a->next_bytes, n, t);
+        prefetch_next(&keys);
         const float *vt = a->v + t * a->ldkv;
         for (int j = 0; j < NV && j < nv; j++) {
             const __m512 vv = _mm512_maskz_loadu_ps(tail_mask(d - 16 * j), vt + 16 * j);
