@@ -2,15 +2,16 @@
 interleaved round by round, each in a worker process of its own (each imports its checkout's
 engine and compiled kernel), with the ids each produced compared.
 
-For a kernel change: `git worktree add /tmp/base main`, build its kernel there
-(`.venv/bin/python setup.py build_ext --inplace`), then run this from the changed checkout. Both
+For a kernel change: `git worktree add BASE main` (BASE: a folder of your choice), build its kernel
+there with this checkout's Python (`cd BASE && ../path/to/.venv/bin/python setup.py build_ext
+--inplace`), then run this from the changed checkout (both workers run on its Python). Both
 workers load the same model (bench_targets.py's: FLAN-T5-small shapes, random int8 weights) and
 decode the same 100-token prompts, 64 new tokens forced, on our decoder; each round asks each
 worker for the best of --repeats calls of every case, A and B alternating which goes first.
-Printed: medians per case and the median of per-round B/A speedups; "same ids" says whether the
+Printed: medians per case and the median of per-round A/B time ratios (B's speedup); "same ids" whether the
 two builds produced the same tokens (a change meant to be exact must say yes).
 
-    .venv/bin/python benchmarks/bench_ab.py --a /tmp/base [--b .] [--rounds 5] [--repeats 2]
+    .venv/bin/python benchmarks/bench_ab.py --a BASE [--b .] [--rounds 5] [--repeats 2]
         [--cases greedy:8,contrastive:8] [--threads 2]
 
 Saved to benchmarks/out/bench_ab.json.
