@@ -173,7 +173,8 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
         own[i] = own_p[i] = 0.0f;
     }
     /* the scores, four keys at a time: each row's four sums end in one transposing reduction
-       (hsum4) instead of four horizontal sums, the same additions for a key in any place */
+       (hsum4; with four rows, hsum16 for all of them) instead of four horizontal sums, the same
+       additions for a key in any place */
     __m128 vtop[ATTEND_ROWS];
     for (int i = 0; i < R; i++) vtop[i] = _mm_set1_ps(-INFINITY);
     __m512 vtop16 = _mm512_set1_ps(-INFINITY); /* R == 4: row i's four in block i */
@@ -250,11 +251,11 @@ TARGET static inline __attribute__((always_inline)) void attend_rows(const int R
             vtop[i] = _mm_mask_max_ps(vtop[i], keep, vtop[i], s4);
         }
     }
-    if (R == ATTEND_ROWS) { /* rows whose maxima are in vtop16 (vtop[i] stayed -inf otherwise) */
+    if (R == ATTEND_ROWS) { /* rows whose maxima are in vtop16 (which stayed -inf otherwise) */
         vtop[0] = _mm_max_ps(vtop[0], _mm512_castps512_ps128(vtop16));
-        vtop[1 % ATTEND_ROWS] = _mm_max_ps(vtop[1 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 1));
-        vtop[2 % ATTEND_ROWS] = _mm_max_ps(vtop[2 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 2));
-        vtop[3 % ATTEND_ROWS] = _mm_max_ps(vtop[3 % ATTEND_ROWS], _mm512_extractf32x4_ps(vtop16, 3));
+        vtop[1] = _mm_max_ps(vtop[1], _mm512_extractf32x4_ps(vtop16, 1));
+        vtop[2] = _mm_max_ps(vtop[2], _mm512_extractf32x4_ps(vtop16, 2));
+        vtop[3] = _mm_max_ps(vtop[3], _mm512_extractf32x4_ps(vtop16, 3));
     }
     for (int i = 0; i < R; i++) {
         float four[4];

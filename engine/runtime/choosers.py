@@ -1,8 +1,9 @@
 """How a row of our decoder picks its next token: one chooser object per row (TGI's
 ``NextTokenChooser``), built once from the request's parameters by ``chooser_for``.
 
-A chooser applies the logits processors in force (Transformers 4.55's, in its order), then
-proposes ``width`` candidate ids with their probabilities; the decoder runs one row per candidate.
+A chooser applies the logits processors in force (Transformers 4.55's, in its order: ``process``),
+then proposes ``width`` candidate ids with their probabilities (``choose``; a step hands each
+chooser class all its rows at once through ``choose_rows``); the decoder runs one row per candidate.
 A chooser that ``needs_hidden`` has the batch score its candidates by contrastive search (their
 hidden states' degeneration penalty, docs/contrastive.md, weighted by ``alpha``) and keep the best;
 otherwise the first candidate is the choice and the decoder needs no hidden states beyond the
@@ -190,17 +191,12 @@ class Chooser:
         """The chooser of one row; ``draw_index``: which prompt of its request it is."""
         return cls(params, eos_token_id)
 
-    def candidates(self, scores: np.ndarray, history: History) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate ids [width] and their probabilities [width] from this row's next-step
-        logits [V] (float32, processed in place)."""
-        self.process(scores, history)
-        return self.choose(scores)
-
     def process(self, scores: np.ndarray, history: History) -> None:
-        """The logits processors in force, in place on this row's logits [V] (float32)."""
+        """The logits processors in force, in place on this row's next-step logits [V] (float32)."""
         process_logits(scores, history, self.params, self.eos_token_id)
 
     def choose(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate ids [width] and their probabilities [width] from this row's processed logits."""
         raise NotImplementedError
 
     @classmethod
