@@ -236,8 +236,11 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
         calls.append(k)
         return kernel_top_k(scores, k)
 
+    batched: list[int] = []  # rows per one-call step: the batch's path, not a row at a time
+
     def counted_rows(rows: list[np.ndarray], k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         calls.extend([k] * len(rows))
+        batched.append(len(rows))
         return kernel_rows(rows, k, threads)
 
     kernel_penalty = choose_ops.degeneration_penalty
@@ -252,6 +255,7 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
     monkeypatch.setattr(choose_ops, "degeneration_penalty", counted_penalty)
     with_kernel = [r.token_ids for r in run_on_decoder(runtime, requests)]
     assert calls and set(calls) == {4}
+    assert batched and max(batched) == len(requests)  # every sequence's rows in one call
     assert penalties and {shape[1] for shape in penalties} == {4}
     calls.clear()
     penalties.clear()
