@@ -7,6 +7,11 @@
                  median of interleaved rounds, each a number of passes over the same 8 random rows
                  (a batch-8 step's logits: 1 MB, in cache as after the step's lm_head; both give
                  the same ids: checked);
+  penalty        contrastive's degeneration penalty (the max cosine of 4 candidates with 33 of a
+                 65-position context, batch 8 and 16): choosers.degeneration_penalty on numpy
+                 against choose_ops.degeneration_penalty, microseconds a call, with the context in
+                 cache and cold (40 MB written between calls, as a step's layers leave it; the
+                 writing is not timed); both within float32 rounding: checked;
   our decoder    run_on_decoder, contrastive search (alpha 0.6, k 4) at batch 8 with 64 forced new
                  tokens on FLAN-T5-small's shapes, int8 (bench_targets.py's model and prompts),
                  with the chooser on numpy and on the kernel (the same ids: checked), and greedy on
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +40,7 @@ from benchmarks.bench_targets import CONTRASTIVE, GREEDY, NEW_TOKENS, PROMPT_TOK
 from benchmarks.common import interleaved, machine, ratio_median, save_json, table  # noqa: E402
 from benchmarks.suite.contenders import forced_prompts, small_models  # noqa: E402
 from engine.runtime import choose_ops, qlinear  # noqa: E402
-from engine.runtime.choosers import softmax_rows, top_k  # noqa: E402
+from engine.runtime.choosers import degeneration_penalty, softmax_rows, top_k  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -68,6 +74,41 @@ def per_row(rows: np.ndarray, k: int, passes: int, repeats: int) -> dict[str, fl
     timings = interleaved({NUMPY: numpy_path, KERNEL: kernel}, repeats=repeats)
     us = {name: statistics.median(t) * 1e6 / (passes * len(rows)) for name, t in timings.wall.items()}
     return {**us, "speedup": ratio_median(timings.wall[NUMPY], timings.wall[KERNEL])}
+
+
+def penalty(batch: int, repeats: int) -> dict[str, float]:
+    """Microseconds a call of the degeneration penalty, numpy's and the kernel's, warm and cold
+    (median over ``repeats`` calls each; the kernel's answer checked against numpy's)."""
+    rng = np.random.default_rng(batch)
+
+    def unit(*shape: int) -> np.ndarray:
+        x = rng.standard_normal(shape).astype(np.float32)
+        return (x / np.sqrt(np.square(x).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+    hidden, context = unit(batch, 4, 512), unit(batch, 65, 512)
+    lengths = np.full(batch, 33, dtype=np.int64)
+    choose_ops.use(False)
+    want = degeneration_penalty(hidden, context, lengths)
+    choose_ops.use(True)
+    if np.abs(choose_ops.degeneration_penalty(hidden, context, lengths) - want).max() > 1e-6:
+        raise RuntimeError("the kernel's degeneration penalty is not numpy's")
+    flush = np.ones(10_000_000, dtype=np.float32)  # 40 MB: more than the last-level cache
+    figures: dict[str, float] = {}
+    for name, on in ((NUMPY, False), (KERNEL, True)):
+        choose_ops.use(on)
+        try:
+            for cold in (False, True):
+                times = []
+                for _ in range(repeats):
+                    if cold:
+                        flush += 1.0
+                    start = time.perf_counter()
+                    degeneration_penalty(hidden, context, lengths)
+                    times.append(time.perf_counter() - start)
+                figures[f"{name} {'cold' if cold else 'warm'}"] = statistics.median(times) * 1e6
+        finally:
+            choose_ops.use(True)
+    return figures
 
 
 def on_decoder(runtime: T5Runtime, rounds: int) -> dict[str, float]:
@@ -142,6 +183,25 @@ def main() -> None:
         )
     )
 
+    penalties = {batch: penalty(batch, 50 * args.repeats) for batch in (8, 16)}
+    print("degeneration penalty, microseconds a call (4 candidates, 33 context positions)")
+    print(
+        table(
+            ["batch", "numpy warm", "kernel warm", "numpy cold", "kernel cold"],
+            [
+                [
+                    b,
+                    *(
+                        f"{f[f'{name} {state}']:.1f}"
+                        for state in ("warm", "cold")
+                        for name in (NUMPY, KERNEL)
+                    ),
+                ]
+                for b, f in penalties.items()
+            ],
+        )
+    )
+
     int8_dir, _ = small_models()
     runtime = T5Runtime.load(int8_dir, threads=args.threads)
     decoder = on_decoder(runtime, args.rounds)
@@ -162,7 +222,13 @@ def main() -> None:
     )
     path = save_json(
         "bench_choose",
-        {"machine": info, "args": vars(args), "per_row_us": rows_figures, "decoder_batch8": decoder},
+        {
+            "machine": info,
+            "args": vars(args),
+            "per_row_us": rows_figures,
+            "penalty_us": penalties,
+            "decoder_batch8": decoder,
+        },
     )
     print(f"saved {path}")
 
