@@ -285,65 +285,75 @@ fail:
    16 lanes of products over d, then the lanes: another order than numpy's matmul (BLAS), so within
    float32 rounding of choosers.degeneration_penalty, its reference and fallback. Four candidates
    at a time read each context row once. */
-TARGET static void degeneration(const float *unit, const float *context, const int64_t *lengths, float *out,
-                                Py_ssize_t B, Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d) {
-    for (Py_ssize_t b = 0; b < B; b++) {
-        const Py_ssize_t n = lengths[b];
-        const float *ctx = context + b * cap * d;
-        for (Py_ssize_t i0 = 0; i0 < m; i0 += 4) {
-            const int R = m - i0 < 4 ? (int)(m - i0) : 4;
-            const float *u = unit + (b * m + i0) * d;
-            __m128 best[4], nan[4];
-            for (int r = 0; r < 4; r++) {
-                best[r] = _mm_set1_ps(-INFINITY);
-                nan[r] = _mm_setzero_ps();
-            }
-            /* four context rows at a time (16 independent sums: four candidates by four rows) */
-            for (Py_ssize_t t = 0; t < n; t += 4) {
-                const int valid = n - t < 4 ? (int)(n - t) : 4;
-                const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
-                const float *c[4];
-                for (int j = 0; j < 4; j++) c[j] = ctx + (t + (j < valid ? j : valid - 1)) * d;
-                __m512 acc[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-                /* the context comes from memory after a step's layers (a cold read ran at about 4 GB/s):
-                   the four rows eight ahead (past the last, the next sequence's first) are fetched
-                   while these are multiplied, a line per chunk of 16 per row */
-                const float *ahead = t + 8 < n                                    ? ctx + (t + 8) * d
-                                     : b + 1 < B && i0 + 4 >= m && t + 8 - n < cap ? context + ((b + 1) * cap + t + 8 - n) * d
-                                                                                  : NULL;
-                for (Py_ssize_t k = 0; k < d; k += 16) {
-                    const __mmask16 mask = tail_mask(d - k);
-                    if (ahead)
-                        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + j * d + k), _MM_HINT_T0);
-                    __m512 cv[4];
-                    for (int j = 0; j < 4; j++) cv[j] = _mm512_maskz_loadu_ps(mask, c[j] + k);
-                    for (int r = 0; r < R; r++) {
-                        const __m512 uv = _mm512_maskz_loadu_ps(mask, u + r * d + k);
-                        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(uv, cv[j], acc[r][j]);
-                    }
-                }
-                for (int r = 0; r < R; r++) {
-                    const __m128 dots = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-                    nan[r] = _mm_or_ps(nan[r], _mm_maskz_mov_ps(keep, _mm_cmp_ps(dots, dots, _CMP_UNORD_Q)));
-                    best[r] = _mm_mask_max_ps(best[r], keep, best[r], dots);
-                }
-            }
+/* R (at most 4) candidates of sequence b from row i0, R a compile-time constant: with R read at run
+   time the accumulators were indexed by it and lived on the stack (a load and a store beside every
+   multiply-add). */
+TARGET static inline __attribute__((always_inline)) void degeneration_rows(
+    const int R, const float *unit, const float *context, const int64_t *lengths, float *out, Py_ssize_t B,
+    Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d, Py_ssize_t b, Py_ssize_t i0) {
+    const Py_ssize_t n = lengths[b];
+    const float *ctx = context + b * cap * d;
+    const float *u = unit + (b * m + i0) * d;
+    __m128 best[4], nan[4];
+    for (int r = 0; r < 4; r++) {
+        best[r] = _mm_set1_ps(-INFINITY);
+        nan[r] = _mm_setzero_ps();
+    }
+    /* four context rows at a time (16 independent sums: four candidates by four rows) */
+    for (Py_ssize_t t = 0; t < n; t += 4) {
+        const int valid = n - t < 4 ? (int)(n - t) : 4;
+        const __mmask8 keep = (__mmask8)((1u << valid) - 1u);
+        const float *c[4];
+        for (int j = 0; j < 4; j++) c[j] = ctx + (t + (j < valid ? j : valid - 1)) * d;
+        __m512 acc[4][4];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        /* the context comes from memory after a step's layers (a cold read ran at about 4 GB/s):
+           the four rows eight ahead (past the last, the next sequence's first) are fetched
+           while these are multiplied, a line per chunk of 16 per row */
+        const float *ahead = t + 8 < n                                    ? ctx + (t + 8) * d
+                             : b + 1 < B && i0 + 4 >= m && t + 8 - n < cap ? context + ((b + 1) * cap + t + 8 - n) * d
+                                                                          : NULL;
+        for (Py_ssize_t k = 0; k < d; k += 16) {
+            const __mmask16 mask = tail_mask(d - k);
+            if (ahead)
+                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + j * d + k), _MM_HINT_T0);
+            __m512 cv[4];
+            for (int j = 0; j < 4; j++) cv[j] = _mm512_maskz_loadu_ps(mask, c[j] + k);
             for (int r = 0; r < R; r++) {
-                float four[4], flags[4];
-                _mm_storeu_ps(four, best[r]);
-                _mm_storeu_ps(flags, nan[r]);
-                float top = -INFINITY;
-                int any_nan = 0;
-                for (int j = 0; j < 4; j++) {
-                    top = four[j] > top ? four[j] : top;
-                    any_nan |= flags[j] != 0.0f;
-                }
-                out[b * m + i0 + r] = any_nan ? NAN : top;
+                const __m512 uv = _mm512_maskz_loadu_ps(mask, u + r * d + k);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(uv, cv[j], acc[r][j]);
             }
         }
+        for (int r = 0; r < R; r++) {
+            const __m128 dots = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            nan[r] = _mm_or_ps(nan[r], _mm_maskz_mov_ps(keep, _mm_cmp_ps(dots, dots, _CMP_UNORD_Q)));
+            best[r] = _mm_mask_max_ps(best[r], keep, best[r], dots);
+        }
     }
+    for (int r = 0; r < R; r++) {
+        float four[4], flags[4];
+        _mm_storeu_ps(four, best[r]);
+        _mm_storeu_ps(flags, nan[r]);
+        float top = -INFINITY;
+        int any_nan = 0;
+        for (int j = 0; j < 4; j++) {
+            top = four[j] > top ? four[j] : top;
+            any_nan |= flags[j] != 0.0f;
+        }
+        out[b * m + i0 + r] = any_nan ? NAN : top;
+    }
+}
+
+TARGET static void degeneration(const float *unit, const float *context, const int64_t *lengths, float *out,
+                                Py_ssize_t B, Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d) {
+    for (Py_ssize_t b = 0; b < B; b++)
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += 4) switch (m - i0 < 4 ? m - i0 : 4) {
+                case 4: degeneration_rows(4, unit, context, lengths, out, B, m, cap, d, b, i0); break;
+                case 3: degeneration_rows(3, unit, context, lengths, out, B, m, cap, d, b, i0); break;
+                case 2: degeneration_rows(2, unit, context, lengths, out, B, m, cap, d, b, i0); break;
+                default: degeneration_rows(1, unit, context, lengths, out, B, m, cap, d, b, i0); break;
+            }
 }
 
 /* degeneration_penalty(unit, context, lengths, out, B, m, cap, d): see degeneration. Dtypes and
