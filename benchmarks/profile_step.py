@@ -4,9 +4,10 @@ function, and what is left outside it (Python, numpy), for greedy or contrastive
 A diagnostic, not a comparison: the timers add a little to each kernel call. FLAN-T5-small shapes,
 random int8 weights (bench_targets.py's model), 100-token prompts, 64 new tokens forced; the best
 of --repeats calls (the machine is shared). With the layers in one kernel call (the default) a
-step's layers are one `decoder_layers` entry; `--one-by-one` runs them a function at a time, so
-that attention, products, norms and activations show separately (the lm_head and the encoder are
-always separate `linear`/`attention` calls).
+step's layers are one `decoder_layers` entry, broken down below it by the kernel's own timers of
+its parts (t5ops.layers_timing: each product, self- and cross-attention, norms, residual adds, the
+activation); `--one-by-one` runs them a function at a time from Python instead (the lm_head and
+the encoder are always separate `linear`/`attention` calls).
 
     .venv/bin/python benchmarks/profile_step.py [--strategy greedy|contrastive] [--batch 8]
         [--one-by-one] [--repeats 3] [--threads 2]
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, save_json  # noqa: E402
 from benchmarks.suite.contenders import FORCED_STRATEGIES, forced_prompts, small_models  # noqa: E402
-from engine.runtime import qlinear  # noqa: E402
+from engine.runtime import qlinear, t5ops  # noqa: E402
 from engine.runtime.decoder_batch import run_on_decoder  # noqa: E402
 from engine.runtime.params import DecodingParams  # noqa: E402
 from engine.runtime.result import GenerationRequest  # noqa: E402
@@ -77,20 +78,27 @@ def main() -> None:
     kernel = qlinear._KERNEL
     qlinear._KERNEL = cast(Any, TimedKernel(kernel, seconds))
     run: Callable[[], object] = lambda: run_on_decoder(runtime, requests)  # noqa: E731
+    layer_timers = not args.one_by_one and t5ops.layers_call_available()
     try:
         run()  # warm-up
-        best: tuple[float, dict[str, float]] | None = None
+        best: tuple[float, dict[str, float], dict[str, float]] | None = None
         for _ in range(args.repeats):
             seconds.clear()
+            if layer_timers:
+                t5ops.layers_timing(True)
             start = time.perf_counter()
             run()
             total = time.perf_counter() - start
-            if best is None or total < best[0]:
-                best = (total, dict(seconds))
+            layer_parts = t5ops.layers_timing_read() if layer_timers else {}
+            if best is None or total < best[0]:  # (the timers' own two calls left out)
+                kept = {k: v for k, v in seconds.items() if not k.startswith("layers_timing")}
+                best = (total, kept, layer_parts)
     finally:
         qlinear._KERNEL = kernel
+        if layer_timers:
+            t5ops.layers_timing(False)
     assert best is not None
-    total, parts = best
+    total, parts, layer_parts = best
     outside = total - sum(parts.values())
     layout = "one function at a time" if args.one_by_one else "layers in one call"
     print(
@@ -99,6 +107,9 @@ def main() -> None:
     print(f"{args.strategy}, batch {args.batch}, {layout}: {total * 1e3:.1f} ms (best of {args.repeats})")
     for name, value in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<20} {value * 1e3:8.1f} ms")
+        if name == "decoder_layers":
+            for part, seconds_in in sorted(layer_parts.items(), key=lambda kv: -kv[1]):
+                print(f"    {part:<18} {seconds_in * 1e3:8.1f} ms")
     print(f"  {'outside the kernel':<20} {outside * 1e3:8.1f} ms")
     path = save_json(
         "profile_step",
@@ -109,6 +120,7 @@ def main() -> None:
             "layout": layout,
             "total_s": total,
             "kernel_s": parts,
+            "decoder_layers_parts_s": layer_parts,
             "outside_s": outside,
         },
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -283,6 +284,31 @@ def test_layers_in_one_call_equal_the_calls_one_by_one(kind: str, quantization: 
     for a, b in zip(runs[True], runs[False], strict=True):
         for name in ("hidden", "unit_hidden", "new_k", "new_v"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
+def test_the_layers_timers_split_the_calls_time_and_change_nothing() -> None:
+    """layers_timing (profile_step.py's breakdown): every part of decoder_layers gets time, the
+    parts add up to at most the calls' wall time, the results are the same bits as without the
+    timers, and turning them off stops and zeroes them."""
+    runtime = _runtime("flan", "int8")
+    plain = _steps(runtime)
+    t5ops.layers_timing(True)
+    try:
+        start = time.perf_counter()
+        timed = _steps(runtime)
+        wall = time.perf_counter() - start
+        parts = t5ops.layers_timing_read()
+    finally:
+        t5ops.layers_timing(False)
+    expected = {"norms", "residual_adds", "qkv", "self_attention", "self_out", "cross_q", "cross_attention"}
+    assert expected | {"cross_out", "wi", "activation", "wo"} == set(parts)
+    assert all(v > 0 for v in parts.values()), parts
+    assert sum(parts.values()) <= wall
+    for a, b in zip(plain, timed, strict=True):
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+    _steps(runtime)
+    assert all(v == 0 for v in t5ops.layers_timing_read().values())
 
 
 @pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")

@@ -19,6 +19,7 @@ AVX-512F; the module's `available()` says whether the CPU has it. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <time.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -720,33 +721,103 @@ static int product(const plan_linear *lin, const float *x, Py_ssize_t rows, floa
                            out, threads);
 }
 
+/* Timers of run_layers' parts, for benchmarks/profile_step.py (layers_timing): off by default,
+   when a part costs one untaken branch. On, each part's seconds add up over calls (a clock read
+   between parts); the totals are process-wide and not synchronized, so they are meant for one
+   decoding thread at a time, as a benchmark runs. */
+enum { T_NORMS, T_ADDS, T_QKV, T_SELF_ATTN, T_SELF_OUT, T_CROSS_Q, T_CROSS_ATTN, T_CROSS_OUT, T_WI, T_ACT, T_WO, T_PARTS };
+static const char *const timing_names[T_PARTS] = {"norms",        "residual_adds", "qkv",       "self_attention",
+                                                  "self_out",     "cross_q",       "cross_attention",
+                                                  "cross_out",    "wi",            "activation", "wo"};
+static int timing_on;
+static double timing_s[T_PARTS];
+
+static double clock_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* the time since *t0 to part i (when timing is on) */
+static inline void lap(int i, double *t0) {
+    if (!timing_on) return;
+    const double t = clock_s();
+    timing_s[i] += t - *t0;
+    *t0 = t;
+}
+
 /* Every layer on x [B*m, d] in place; scratch: the step's temporaries. 0, or -1 out of memory. */
 static int run_layers(const layers_args *a, float *scratch, int threads) {
     const decoder_plan *p = a->p;
     const Py_ssize_t R = a->B * a->m, d = p->d, H = p->H, D = p->D, inner = H * D;
     float *h = scratch, *big = h + R * d, *attn = big + R * p->wide, *tmp = attn + R * inner, *act = tmp + R * d;
+    double t0 = timing_on ? clock_s() : 0.0;
     for (Py_ssize_t l = 0; l < p->L; l++) {
         const plan_layer *y = &p->layers[l];
         const Py_ssize_t self_at = l * a->B * H * a->cap * D, cross_at = l * a->B * H * a->S * D;
         rms_norm(a->x, y->gamma[0].buf, h, R, d, p->eps);
+        lap(T_NORMS, &t0);
         if (product(&y->lin[P_QKV], h, R, big, threads)) return -1;
+        lap(T_QKV, &t0);
         attention_args g = {0, big, a->self_k + self_at, a->self_v + self_at, a->table, a->lengths, attn,
                             a->new_k + l * R * inner, a->new_v + l * R * inner, a->B, a->m, H, D, a->cap, a->n_dist};
-        if (attention(&g, threads) || product(&y->lin[P_SELF_OUT], attn, R, tmp, threads)) return -1;
+        if (attention(&g, threads)) return -1;
+        lap(T_SELF_ATTN, &t0);
+        if (product(&y->lin[P_SELF_OUT], attn, R, tmp, threads)) return -1;
+        lap(T_SELF_OUT, &t0);
         add_rows(a->x, tmp, R * d);
+        lap(T_ADDS, &t0);
         rms_norm(a->x, y->gamma[1].buf, h, R, d, p->eps);
+        lap(T_NORMS, &t0);
         if (product(&y->lin[P_CROSS_Q], h, R, big, threads)) return -1;
+        lap(T_CROSS_Q, &t0);
         attention_args c = {1, big, a->cross_k + cross_at, a->cross_v + cross_at, a->cross_bias, NULL, attn,
                             NULL, NULL, a->B, a->m, H, D, a->S, 1};
-        if (attention(&c, threads) || product(&y->lin[P_CROSS_OUT], attn, R, tmp, threads)) return -1;
+        if (attention(&c, threads)) return -1;
+        lap(T_CROSS_ATTN, &t0);
+        if (product(&y->lin[P_CROSS_OUT], attn, R, tmp, threads)) return -1;
+        lap(T_CROSS_OUT, &t0);
         add_rows(a->x, tmp, R * d);
+        lap(T_ADDS, &t0);
         rms_norm(a->x, y->gamma[2].buf, h, R, d, p->eps);
+        lap(T_NORMS, &t0);
         if (product(&y->lin[P_WI], h, R, big, threads)) return -1;
+        lap(T_WI, &t0);
         activation(big, act, R, p->d_ff, p->gated, p->act);
+        lap(T_ACT, &t0);
         if (product(&y->lin[P_WO], act, R, tmp, threads)) return -1;
+        lap(T_WO, &t0);
         add_rows(a->x, tmp, R * d);
+        lap(T_ADDS, &t0);
     }
     return 0;
+}
+
+/* layers_timing(on): the timers on or off, their totals zeroed. */
+PyObject *t5ops_layers_timing(PyObject *self, PyObject *args) {
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    memset(timing_s, 0, sizeof timing_s);
+    timing_on = on;
+    Py_RETURN_NONE;
+}
+
+/* layers_timing_read() -> {part: seconds} since layers_timing was last called. */
+PyObject *t5ops_layers_timing_read(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    PyObject *out = PyDict_New();
+    for (int i = 0; out && i < T_PARTS; i++) {
+        PyObject *v = PyFloat_FromDouble(timing_s[i]);
+        if (!v || PyDict_SetItemString(out, timing_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    return out;
 }
 
 /* decoder_layers(plan, x, self_k, self_v, lengths, table, cross_k, cross_v, cross_bias, new_k, new_v,

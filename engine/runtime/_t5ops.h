@@ -8,5 +8,7 @@ PyObject *t5ops_activation(PyObject *self, PyObject *args);
 PyObject *t5ops_attention(PyObject *self, PyObject *args);
 PyObject *t5ops_decoder_plan(PyObject *self, PyObject *args);
 PyObject *t5ops_decoder_layers(PyObject *self, PyObject *args);
+PyObject *t5ops_layers_timing(PyObject *self, PyObject *args);
+PyObject *t5ops_layers_timing_read(PyObject *self, PyObject *args);
 
 #endif

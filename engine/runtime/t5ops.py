@@ -271,3 +271,17 @@ def decoder_layers(
         int(cache.cross_k.shape[3]),
         threads,
     )
+
+
+def layers_timing(on: bool) -> None:
+    """Turn ``decoder_layers``' timers of its parts on or off, and zero their totals: a diagnostic
+    for benchmarks/profile_step.py (off, each part costs one untaken branch). The totals are
+    process-wide: meant for one decoding thread at a time."""
+    _kernel().layers_timing(bool(on))  # type: ignore[attr-defined]
+
+
+def layers_timing_read() -> dict[str, float]:
+    """Seconds spent in each part of ``decoder_layers`` (norms, residual adds, each product,
+    self- and cross-attention, the activation) since ``layers_timing`` was last called."""
+    parts: dict[str, float] = _kernel().layers_timing_read()  # type: ignore[attr-defined]
+    return parts
