@@ -7,7 +7,11 @@ FLAN-T5-small's whole decoder (22 MB of int8) and its lm_head (16 MB) pass once 
 the last-level cache holds, so each product reads its weights from memory as in a real step. Rows:
 1 and 8 (greedy at batch 1 and 8), 32 (contrastive, batch 8 x k = 4); the lm_head runs for at most 8
 rows (contrastive computes it for the chosen candidates only). The two settings alternate round by
-round in one process; medians over rounds.
+round in one process; medians over rounds. Then the layers' bytes as a single product (int8
+activations, 43,008 x 512, four copies in turn so that each call reads its weights from memory):
+what a step's 48 products cost beyond one product of the same size is their per-call work
+(quantizing the activations, the pool's hand-off, wo's int16 activations, each product's first
+group fetched without look-ahead); benchmarks/overlap_model.c models the tiles alone.
 
     .venv/bin/python benchmarks/bench_step_products.py [--rounds 40] [--threads 2]
 
@@ -34,6 +38,32 @@ from engine.runtime import qlinear  # noqa: E402
 from engine.runtime.t5 import T5Runtime  # noqa: E402
 
 ROWS = (1, 8, 32)
+
+
+def one_product(kernel: Any, rng: np.random.Generator, rounds: int, threads: int) -> dict[int, float]:
+    """The best seconds of one int8-activation product as large as the decoder's layers (43,008
+    outputs x 512 inputs of int8 weights, 22 MB), by row count; four such products in turn, so that
+    each call reads its weights from memory."""
+    n, k = 43008, 512
+    copies = [
+        qlinear.Linear.from_stored(
+            rng.integers(-127, 128, (n, k), dtype=np.int8), rng.uniform(20, 200, n).astype(np.float32)
+        )
+        for _ in range(4)
+    ]
+    best: dict[int, float] = {}
+    for m in ROWS:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        out = np.empty((m, n), dtype=np.float32)
+        times = []
+        for r in range(max(rounds, 4)):
+            layer = copies[r % len(copies)]
+            assert layer.packed is not None and layer.scale is not None
+            start = time.perf_counter()
+            kernel.linear(x, layer.packed, layer.scale, out, m, k, n, qlinear.MODE_INT8_VNNI, threads)
+            times.append(time.perf_counter() - start)
+        best[m] = min(times)
+    return best
 
 
 def main() -> None:
@@ -85,6 +115,7 @@ def main() -> None:
                 f"{part} rows {rows}: look-ahead {ahead * 1e6:.0f} us, without {plain * 1e6:.0f} us",
                 flush=True,
             )
+    one = one_product(kernel, rng, args.rounds, args.threads)
     print()
     print(
         table(
@@ -101,9 +132,17 @@ def main() -> None:
             ],
         )
     )
+    for m, seconds in one.items():
+        print(f"one 43008 x 512 product (the layers' 22 MB), rows {m}: {seconds * 1e6:.0f} us (best)")
     path = save_json(
         "bench_step_products",
-        {"machine": info, "threads": args.threads, "rounds": args.rounds, "results": results},
+        {
+            "machine": info,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "results": results,
+            "one_product_best_s": one,
+        },
     )
     print(f"saved {path}")
 
