@@ -77,14 +77,20 @@ static void *helper_main(void *arg) {
             work(gen);
             continue;
         }
-        /* Spin a little for the next job, then sleep until a caller wakes us. */
+        /* Spin a little for the next job, then sleep until a caller wakes us. The job's word is
+           read after every pause (the clock every 64): read every 64 pauses, a helper came to a
+           new job about 0.5-1 us late on average, and the caller of a small product (a decoder
+           step calls 48, most of a few microseconds) did more of it alone or waited for the
+           helper's share (benchmarks/bench_handoff.py; RESULTS.md, issue 15 ninth session). */
         const uint64_t until = now_ns() + POOL_SPIN_NS;
         int found = 0;
-        while (now_ns() < until) {
-            for (int i = 0; i < 64; i++) _mm_pause();
-            if ((atomic_load_explicit(&state, memory_order_acquire) >> GEN_SHIFT) != seen) {
-                found = 1;
-                break;
+        while (!found && now_ns() < until) {
+            for (int i = 0; i < 64; i++) {
+                _mm_pause();
+                if ((atomic_load_explicit(&state, memory_order_relaxed) >> GEN_SHIFT) != seen) {
+                    found = 1;
+                    break;
+                }
             }
         }
         if (found) continue;
