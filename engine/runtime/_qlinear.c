@@ -731,6 +731,25 @@ int qlinear_compute(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, const 
     return 0;
 }
 
+/* The packed VNNI modes' two halves, for callers that quantize rows themselves (_t5ops.c splits
+   the feed-forward's activation and its quantization over the pool's threads by rows). */
+int qlinear_takes_quantized(int mode) { return mode == 2 || mode == 4; }
+
+Py_ssize_t qlinear_quantized_row_bytes(int mode, Py_ssize_t K) { return (K + 63) / 64 * 64 * (mode == 2 ? 2 : 1); }
+
+void qlinear_quantize(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, void *xq, float *sx) {
+    const Py_ssize_t Kp = (K + 63) / 64 * 64;
+    if (mode == 2)
+        quantize_rows(x, M, K, Kp, xq, sx);
+    else
+        quantize_rows_i8(x, M, K, Kp, xq, sx, 128);
+}
+
+void qlinear_product_quantized(int mode, const void *xq, const float *sx, Py_ssize_t M, Py_ssize_t K, const void *w,
+                               const float *scale, Py_ssize_t N, float *out, int threads) {
+    linear_packed(mode == 2, xq, (K + 63) / 64 * 64, sx, M, w, N, scale, out, threads);
+}
+
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer x, w, out, scale = {0};

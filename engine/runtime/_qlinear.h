@@ -10,4 +10,14 @@ int qlinear_check(int mode, Py_ssize_t N, Py_ssize_t K, Py_ssize_t w_len, Py_ssi
 int qlinear_compute(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, const void *w, const float *scale,
                     Py_ssize_t N, float *out, int threads);
 
+/* Modes 2 and 4 in two halves: qlinear_quantize writes rows of x as the product takes them
+   (qlinear_quantized_row_bytes each, into xq, and their scales into sx; rows are independent, so
+   any split of them gives the same bytes), then qlinear_product_quantized multiplies them, the
+   same as qlinear_compute. For other modes qlinear_takes_quantized says no. */
+int qlinear_takes_quantized(int mode);
+Py_ssize_t qlinear_quantized_row_bytes(int mode, Py_ssize_t K);
+void qlinear_quantize(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, void *xq, float *sx);
+void qlinear_product_quantized(int mode, const void *xq, const float *sx, Py_ssize_t M, Py_ssize_t K, const void *w,
+                               const float *scale, Py_ssize_t N, float *out, int threads);
+
 #endif

@@ -722,7 +722,8 @@ static int product(const plan_linear *lin, const float *x, Py_ssize_t rows, floa
 }
 
 /* Timers of run_layers' parts, for benchmarks/profile_step.py (layers_timing): off by default,
-   when a part costs one untaken branch. On, each part's seconds add up over calls (a clock read
+   when a part costs one untaken branch ("activation" includes wo's quantization where the two are
+   split over the threads, feed_forward_act; "wo" then the product alone). On, each part's seconds add up over calls (a clock read
    between parts); the totals are process-wide and not synchronized, so they are meant for one
    decoding thread at a time, as a benchmark runs. */
 enum { T_NORMS, T_ADDS, T_QKV, T_SELF_ATTN, T_SELF_OUT, T_CROSS_Q, T_CROSS_ATTN, T_CROSS_OUT, T_WI, T_ACT, T_WO, T_PARTS };
@@ -746,11 +747,59 @@ static inline void lap(int i, double *t0) {
     *t0 = t;
 }
 
-/* Every layer on x [B*m, d] in place; scratch: the step's temporaries. 0, or -1 out of memory. */
+/* The feed-forward's activation and wo's quantization of its rows, split by rows over the pool's
+   tasks (where wo takes quantized rows): on the caller's thread alone they were the largest serial
+   part of a step at 32 rows (contrastive at batch 8), and wo's product then read every row from
+   the caller's cache. Each row's bytes are those of activation() then the product's own
+   quantization (rows are independent). */
+typedef struct {
+    const float *h;
+    float *act;
+    void *xq;
+    float *sx;
+    Py_ssize_t rows, f, row_bytes, tasks;
+    int gated, act_kind, mode;
+} act_quantize_job;
+
+static void act_quantize_task(void *ctx, long task) {
+    const act_quantize_job *j = ctx;
+    const Py_ssize_t r0 = task * j->rows / j->tasks, r1 = (task + 1) * j->rows / j->tasks, n = r1 - r0;
+    const Py_ssize_t ld = (j->gated ? 2 : 1) * j->f;
+    activation(j->h + r0 * ld, j->act + r0 * j->f, n, j->f, j->gated, j->act_kind);
+    qlinear_quantize(j->mode, j->act + r0 * j->f, n, j->f, (char *)j->xq + r0 * j->row_bytes, j->sx + r0);
+}
+
+/* Rows from which the activation and wo's quantization are split over the threads. */
+#ifndef ACT_SPLIT_MIN_ROWS
+#define ACT_SPLIT_MIN_ROWS 4
+#endif
+
+/* act(h) into act, and (split) its quantized rows into xq/sx: 1 when wo is then to multiply xq. */
+static int feed_forward_act(const decoder_plan *p, const plan_linear *wo, const float *h, float *act, void *xq,
+                            float *sx, Py_ssize_t R, int threads) {
+    if (!qlinear_takes_quantized(wo->mode) || threads < 2 || R < ACT_SPLIT_MIN_ROWS) {
+        activation(h, act, R, p->d_ff, p->gated, p->act);
+        return 0;
+    }
+    act_quantize_job job = {h,         act, xq, sx, R, p->d_ff, qlinear_quantized_row_bytes(wo->mode, p->d_ff),
+                            2,         p->gated, p->act, wo->mode};
+    pool_run((long)job.tasks, threads, act_quantize_task, &job);
+    return 1;
+}
+
+/* run_layers' temporaries, in floats: h, big (p->wide), attn, tmp, act, wo's row scales and its
+   quantized rows (int16 at most: mode 2), 64-byte aligned. */
+static Py_ssize_t run_layers_floats(const decoder_plan *p, Py_ssize_t R) {
+    return R * (2 * p->d + p->wide + p->H * p->D + p->d_ff) + R + (R * qlinear_quantized_row_bytes(2, p->d_ff)) / 4 + 16;
+}
+
+/* Every layer on x [B*m, d] in place; scratch: run_layers_floats of temporaries. 0, or -1 out of memory. */
 static int run_layers(const layers_args *a, float *scratch, int threads) {
     const decoder_plan *p = a->p;
     const Py_ssize_t R = a->B * a->m, d = p->d, H = p->H, D = p->D, inner = H * D;
     float *h = scratch, *big = h + R * d, *attn = big + R * p->wide, *tmp = attn + R * inner, *act = tmp + R * d;
+    float *sx = act + R * p->d_ff;
+    void *xq = (void *)(((uintptr_t)(sx + R) + 63) & ~(uintptr_t)63);
     double t0 = timing_on ? clock_s() : 0.0;
     for (Py_ssize_t l = 0; l < p->L; l++) {
         const plan_layer *y = &p->layers[l];
@@ -783,9 +832,14 @@ static int run_layers(const layers_args *a, float *scratch, int threads) {
         lap(T_NORMS, &t0);
         if (product(&y->lin[P_WI], h, R, big, threads)) return -1;
         lap(T_WI, &t0);
-        activation(big, act, R, p->d_ff, p->gated, p->act);
+        const plan_linear *wo = &y->lin[P_WO];
+        const int quantized = feed_forward_act(p, wo, big, act, xq, sx, R, threads);
         lap(T_ACT, &t0);
-        if (product(&y->lin[P_WO], act, R, tmp, threads)) return -1;
+        if (quantized)
+            qlinear_product_quantized(wo->mode, xq, sx, R, wo->K, wo->w.buf, wo->scale.obj ? wo->scale.buf : NULL,
+                                      wo->N, tmp, threads);
+        else if (product(wo, act, R, tmp, threads))
+            return -1;
         lap(T_WO, &t0);
         add_rows(a->x, tmp, R * d);
         lap(T_ADDS, &t0);
@@ -861,8 +915,7 @@ PyObject *t5ops_decoder_layers(PyObject *self, PyObject *args) {
     a.cross_bias = cb.buf;
     a.new_k = nk.buf;
     a.new_v = nv.buf;
-    /* run_layers' temporaries: h, big (p->wide), attn, tmp, act */
-    float *scratch = malloc((size_t)(R * (2 * p->d + p->wide + inner + p->d_ff)) * sizeof(float));
+    float *scratch = malloc((size_t)run_layers_floats(p, R) * sizeof(float));
     if (!scratch) {
         PyErr_NoMemory();
         goto fail;
