@@ -722,8 +722,9 @@ static int product(const plan_linear *lin, const float *x, Py_ssize_t rows, floa
 }
 
 /* Timers of run_layers' parts, for benchmarks/profile_step.py (layers_timing): off by default,
-   when a part costs one untaken branch ("activation" includes wo's quantization where the two are
-   split over the threads, feed_forward_act; "wo" then the product alone). On, each part's seconds add up over calls (a clock read
+   when a part costs one untaken branch. "norms" includes the residual add before each norm (and the
+   next product's quantization where they are split over the threads: norm_product), "activation"
+   wo's quantization where split (feed_forward_act); "residual_adds" is the last layer's add. On, each part's seconds add up over calls (a clock read
    between parts); the totals are process-wide and not synchronized, so they are meant for one
    decoding thread at a time, as a benchmark runs. */
 enum { T_NORMS, T_ADDS, T_QKV, T_SELF_ATTN, T_SELF_OUT, T_CROSS_Q, T_CROSS_ATTN, T_CROSS_OUT, T_WI, T_ACT, T_WO, T_PARTS };
@@ -793,45 +794,86 @@ static Py_ssize_t run_layers_floats(const decoder_plan *p, Py_ssize_t R) {
     return R * (2 * p->d + p->wide + p->H * p->D + p->d_ff) + R + (R * qlinear_quantized_row_bytes(2, p->d_ff)) / 4 + 16;
 }
 
-/* Every layer on x [B*m, d] in place; scratch: run_layers_floats of temporaries. 0, or -1 out of memory. */
+/* The residual add of the previous product's output (y, or NULL), the norm of the sum, and the
+   norm's rows quantized for the next product, split by rows over the pool's tasks as
+   act_quantize_job: x += y, h = norm(x) * gamma, xq/sx = h quantized, each row's bytes as the add,
+   rms_norm() and the product's own quantization make them. */
+typedef struct {
+    float *x;
+    const float *y, *gamma;
+    float *h;
+    void *xq;
+    float *sx;
+    Py_ssize_t rows, d, row_bytes, tasks;
+    float eps;
+    int mode;
+} norm_quantize_job;
+
+static void norm_quantize_task(void *ctx, long task) {
+    const norm_quantize_job *j = ctx;
+    const Py_ssize_t r0 = task * j->rows / j->tasks, r1 = (task + 1) * j->rows / j->tasks, n = r1 - r0;
+    if (j->y) add_rows(j->x + r0 * j->d, j->y + r0 * j->d, n * j->d);
+    rms_norm(j->x + r0 * j->d, j->gamma, j->h + r0 * j->d, n, j->d, j->eps);
+    qlinear_quantize(j->mode, j->h + r0 * j->d, n, j->d, (char *)j->xq + r0 * j->row_bytes, j->sx + r0);
+}
+
+/* x += y (y NULL: nothing to add), then lin . norm(x) into out: the add, norm and quantization
+   split over the threads where lin takes quantized rows (as feed_forward_act), else on this one.
+   Times the first part as "norms" and the product as `part`. */
+static int norm_product(const decoder_plan *p, const plan_linear *lin, float *x, const float *y, const float *gamma,
+                        float *h, void *xq, float *sx, Py_ssize_t R, float *out, int threads, int part, double *t0) {
+    const Py_ssize_t d = p->d;
+    if (!qlinear_takes_quantized(lin->mode) || threads < 2 || R < ACT_SPLIT_MIN_ROWS) {
+        if (y) add_rows(x, y, R * d);
+        rms_norm(x, gamma, h, R, d, p->eps);
+        lap(T_NORMS, t0);
+        const int status = product(lin, h, R, out, threads);
+        lap(part, t0);
+        return status;
+    }
+    norm_quantize_job job = {x, y, gamma, h, xq, sx, R, d, qlinear_quantized_row_bytes(lin->mode, d), 2, p->eps,
+                             lin->mode};
+    pool_run((long)job.tasks, threads, norm_quantize_task, &job);
+    lap(T_NORMS, t0);
+    qlinear_product_quantized(lin->mode, xq, sx, R, lin->K, lin->w.buf, lin->scale.obj ? lin->scale.buf : NULL, lin->N,
+                              out, threads);
+    lap(part, t0);
+    return 0;
+}
+
+/* Every layer on x [B*m, d] in place; scratch: run_layers_floats of temporaries. A product's output
+   joins the residual stream x in the next norm's pass (pending), the last one after the loop.
+   0, or -1 out of memory. */
 static int run_layers(const layers_args *a, float *scratch, int threads) {
     const decoder_plan *p = a->p;
     const Py_ssize_t R = a->B * a->m, d = p->d, H = p->H, D = p->D, inner = H * D;
     float *h = scratch, *big = h + R * d, *attn = big + R * p->wide, *tmp = attn + R * inner, *act = tmp + R * d;
     float *sx = act + R * p->d_ff;
     void *xq = (void *)(((uintptr_t)(sx + R) + 63) & ~(uintptr_t)63);
+    const float *pending = NULL;
     double t0 = timing_on ? clock_s() : 0.0;
     for (Py_ssize_t l = 0; l < p->L; l++) {
         const plan_layer *y = &p->layers[l];
         const Py_ssize_t self_at = l * a->B * H * a->cap * D, cross_at = l * a->B * H * a->S * D;
-        rms_norm(a->x, y->gamma[0].buf, h, R, d, p->eps);
-        lap(T_NORMS, &t0);
-        if (product(&y->lin[P_QKV], h, R, big, threads)) return -1;
-        lap(T_QKV, &t0);
+        if (norm_product(p, &y->lin[P_QKV], a->x, pending, y->gamma[0].buf, h, xq, sx, R, big, threads, T_QKV, &t0))
+            return -1;
         attention_args g = {0, big, a->self_k + self_at, a->self_v + self_at, a->table, a->lengths, attn,
                             a->new_k + l * R * inner, a->new_v + l * R * inner, a->B, a->m, H, D, a->cap, a->n_dist};
         if (attention(&g, threads)) return -1;
         lap(T_SELF_ATTN, &t0);
         if (product(&y->lin[P_SELF_OUT], attn, R, tmp, threads)) return -1;
         lap(T_SELF_OUT, &t0);
-        add_rows(a->x, tmp, R * d);
-        lap(T_ADDS, &t0);
-        rms_norm(a->x, y->gamma[1].buf, h, R, d, p->eps);
-        lap(T_NORMS, &t0);
-        if (product(&y->lin[P_CROSS_Q], h, R, big, threads)) return -1;
-        lap(T_CROSS_Q, &t0);
+        if (norm_product(p, &y->lin[P_CROSS_Q], a->x, tmp, y->gamma[1].buf, h, xq, sx, R, big, threads, T_CROSS_Q,
+                         &t0))
+            return -1;
         attention_args c = {1, big, a->cross_k + cross_at, a->cross_v + cross_at, a->cross_bias, NULL, attn,
                             NULL, NULL, a->B, a->m, H, D, a->S, 1};
         if (attention(&c, threads)) return -1;
         lap(T_CROSS_ATTN, &t0);
         if (product(&y->lin[P_CROSS_OUT], attn, R, tmp, threads)) return -1;
         lap(T_CROSS_OUT, &t0);
-        add_rows(a->x, tmp, R * d);
-        lap(T_ADDS, &t0);
-        rms_norm(a->x, y->gamma[2].buf, h, R, d, p->eps);
-        lap(T_NORMS, &t0);
-        if (product(&y->lin[P_WI], h, R, big, threads)) return -1;
-        lap(T_WI, &t0);
+        if (norm_product(p, &y->lin[P_WI], a->x, tmp, y->gamma[2].buf, h, xq, sx, R, big, threads, T_WI, &t0))
+            return -1;
         const plan_linear *wo = &y->lin[P_WO];
         const int quantized = feed_forward_act(p, wo, big, act, xq, sx, R, threads);
         lap(T_ACT, &t0);
@@ -841,9 +883,10 @@ static int run_layers(const layers_args *a, float *scratch, int threads) {
         else if (product(wo, act, R, tmp, threads))
             return -1;
         lap(T_WO, &t0);
-        add_rows(a->x, tmp, R * d);
-        lap(T_ADDS, &t0);
+        pending = tmp;
     }
+    if (pending) add_rows(a->x, pending, R * d);
+    lap(T_ADDS, &t0);
     return 0;
 }
 
