@@ -246,9 +246,12 @@ def test_contrastive_search_gives_the_same_ids_with_and_without_it(
     kernel_penalty = choose_ops.degeneration_penalty
     penalties: list[tuple[int, ...]] = []
 
-    def counted_penalty(unit: np.ndarray, context: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def counted_penalty(
+        unit: np.ndarray, context: np.ndarray, lengths: np.ndarray, threads: int = 1
+    ) -> np.ndarray:
         penalties.append(unit.shape)
-        return kernel_penalty(unit, context, lengths)
+        assert threads == runtime.threads  # the decoder's sequences split over its threads
+        return kernel_penalty(unit, context, lengths, threads)
 
     monkeypatch.setattr(choose_ops, "top_k_softmax", counted)
     monkeypatch.setattr(choose_ops, "top_k_softmax_rows", counted_rows)
@@ -297,6 +300,8 @@ def test_degeneration_penalty_is_numpys_within_rounding(m: int, d: int) -> None:
     assert got.shape == want.shape == (5, m) and got.dtype == want.dtype == np.float32
     assert np.all(got[0] == -np.inf)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    for threads in (2, 3, 8):  # sequences split over threads: each one's answer the same bits
+        np.testing.assert_array_equal(choose_ops.degeneration_penalty(unit, context, lengths, threads), got)
 
 
 def test_degeneration_penalty_nan_is_numpys() -> None:

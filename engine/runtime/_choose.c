@@ -345,9 +345,10 @@ TARGET static inline __attribute__((always_inline)) void degeneration_rows(
     }
 }
 
+/* Sequences [b0, b1) of the penalty (B in all). */
 TARGET static void degeneration(const float *unit, const float *context, const int64_t *lengths, float *out,
-                                Py_ssize_t B, Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d) {
-    for (Py_ssize_t b = 0; b < B; b++)
+                                Py_ssize_t B, Py_ssize_t m, Py_ssize_t cap, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1) {
+    for (Py_ssize_t b = b0; b < b1; b++)
         for (Py_ssize_t i0 = 0; i0 < m; i0 += 4) switch (m - i0 < 4 ? m - i0 : 4) {
                 case 4: degeneration_rows(4, unit, context, lengths, out, B, m, cap, d, b, i0); break;
                 case 3: degeneration_rows(3, unit, context, lengths, out, B, m, cap, d, b, i0); break;
@@ -356,14 +357,31 @@ TARGET static void degeneration(const float *unit, const float *context, const i
             }
 }
 
-/* degeneration_penalty(unit, context, lengths, out, B, m, cap, d): see degeneration. Dtypes and
+/* The penalty's sequences in contiguous runs over the pool's tasks (each sequence's answer is the
+   same whichever task computes it). */
+typedef struct {
+    const float *unit, *context;
+    const int64_t *lengths;
+    float *out;
+    Py_ssize_t B, m, cap, d, tasks;
+} degeneration_job;
+
+static void degeneration_task(void *ctx, long task) {
+    const degeneration_job *j = ctx;
+    degeneration(j->unit, j->context, j->lengths, j->out, j->B, j->m, j->cap, j->d, task * j->B / j->tasks,
+                 (task + 1) * j->B / j->tasks);
+}
+
+/* degeneration_penalty(unit, context, lengths, out, B, m, cap, d[, threads]): see degeneration. Dtypes and
    shapes are checked by engine/runtime/choose_ops.py, the sizes again here. */
 PyObject *choose_degeneration_penalty(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer unit = {0}, context = {0}, lengths = {0}, out = {0};
     Py_ssize_t B, m, cap, d;
+    int threads = 1;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn", &unit, &context, &lengths, &out, &B, &m, &cap, &d)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnn|i", &unit, &context, &lengths, &out, &B, &m, &cap, &d, &threads))
+        return NULL;
     if (!avx512_ok()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 F/BW/DQ/VL");
         goto fail;
@@ -382,8 +400,10 @@ PyObject *choose_degeneration_penalty(PyObject *self, PyObject *args) {
             goto fail;
         }
     }
+    degeneration_job job = {unit.buf, context.buf, lengths.buf, out.buf, B, m, cap, d,
+                            threads > 1 && B > 1 ? (threads < B ? threads : B) : 1};
     Py_BEGIN_ALLOW_THREADS;
-    degeneration(unit.buf, context.buf, lengths.buf, out.buf, B, m, cap, d);
+    if (B > 0) pool_run((long)job.tasks, (int)job.tasks, degeneration_task, &job);
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);

@@ -111,12 +111,15 @@ def _run(scores: np.ndarray, k: int, *, exact: bool) -> tuple[np.ndarray, np.nda
     return ids, probs, int(path)
 
 
-def degeneration_penalty(unit_hidden: np.ndarray, context: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def degeneration_penalty(
+    unit_hidden: np.ndarray, context: np.ndarray, lengths: np.ndarray, threads: int = 1
+) -> np.ndarray:
     """Contrastive search's degeneration penalty in the kernel: max over t < lengths[b] of
     unit_hidden[b, i] . context[b, t], as float32 [B, m] (-inf for an empty context).
     ``unit_hidden`` [B, m, d] and ``context`` [B, cap, d] float32 (unit-normalized hidden states),
-    ``lengths`` int64 [B]. Within float32 rounding of choosers.degeneration_penalty (another
-    summation order than BLAS's); call only where ``available()``."""
+    ``lengths`` int64 [B]; the sequences split over ``threads`` (each one's answer the same). Within
+    float32 rounding of choosers.degeneration_penalty (another summation order than BLAS's); call
+    only where ``available()``."""
     kernel = qlinear._KERNEL
     if kernel is None or not hasattr(kernel, "degeneration_penalty"):
         status = qlinear.kernel_status() if kernel is None else "built without _choose.c: rebuild it"
@@ -144,5 +147,6 @@ def degeneration_penalty(unit_hidden: np.ndarray, context: np.ndarray, lengths: 
         m,
         context.shape[1],
         d,
+        max(1, threads),
     )
     return out

@@ -141,19 +141,21 @@ def top_k(probs: np.ndarray, k: int) -> np.ndarray:
     return chosen[np.lexsort((chosen, -probs[chosen]))]
 
 
-def degeneration_penalty(unit_hidden: Array, context: Array, lengths: np.ndarray) -> np.ndarray:
+def degeneration_penalty(
+    unit_hidden: Array, context: Array, lengths: np.ndarray, threads: int = 1
+) -> np.ndarray:
     """max_j cos(g_i, C_j) per candidate [B, m]: one [m x d] by [d x t] product per sequence over
     its unit-normalized candidates and context (positions past ``lengths[b]`` are not its context).
     On the host in float32 the compiled kernel answers (engine/runtime/choose_ops.py: within float32
-    rounding of this, about 10x less time at batch 16); this numpy code is its reference and the
-    fallback."""
+    rounding of this, about 10x less time at batch 16; its sequences split over ``threads``); this
+    numpy code is its reference and the fallback."""
     if (
         isinstance(unit_hidden, np.ndarray)
         and isinstance(context, np.ndarray)
         and unit_hidden.dtype == context.dtype == np.float32
         and choose_ops.available_for("degeneration_penalty")
     ):
-        return choose_ops.degeneration_penalty(unit_hidden, context, lengths)
+        return choose_ops.degeneration_penalty(unit_hidden, context, lengths, threads)
     t = int(lengths.max())
     cos = to_numpy(unit_hidden @ context[:, :t].swapaxes(-1, -2)).astype(np.float32, copy=False)
     outside = np.arange(t)[None, None, :] >= lengths[:, None, None]

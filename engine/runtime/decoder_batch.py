@@ -194,7 +194,7 @@ class DecoderBatch:
         # 3. the contrastive score: (1 - α) p - α max cosine with the context
         choice = np.zeros(batch, dtype=np.int64)
         if any(c.needs_hidden for c in choosers):
-            degeneration = degeneration_penalty(out.unit_hidden, cache.context, cache.lengths)
+            degeneration = degeneration_penalty(out.unit_hidden, cache.context, cache.lengths, rt.threads)
             alphas = [c.alpha for c in choosers]
             scores = contrastive_scores(cand_probs, degeneration, alphas, [c.width for c in choosers])
             choice = scores.argmax(axis=-1)
