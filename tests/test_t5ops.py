@@ -271,10 +271,12 @@ def _steps(runtime: T5Runtime, m: int = 4) -> list[StepOutput]:
 @pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
 @pytest.mark.parametrize("kind", ["flan", "t5"])
 @pytest.mark.parametrize("quantization", ["float32", "int8"])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 6])
 def test_layers_in_one_call_equal_the_calls_one_by_one(kind: str, quantization: str, m: int) -> None:
     """decoder_layers runs the same functions in the same order as t5_fused.decoder_layer: the
-    same bits, steps after steps (caches filled, rows reordered)."""
+    same bits, steps after steps (caches filled, rows reordered), with the element-wise work and
+    the quantizations split over the threads by rows (3 x 4 rows: with a norm or the activation
+    before them; 3 x 6: the attention outputs' too) and not (3 x 1)."""
     runtime = _runtime(kind, quantization)
     runs = {}
     for on in (True, False):

@@ -770,9 +770,15 @@ static void act_quantize_task(void *ctx, long task) {
     qlinear_quantize(j->mode, j->act + r0 * j->f, n, j->f, (char *)j->xq + r0 * j->row_bytes, j->sx + r0);
 }
 
-/* Rows from which the activation and wo's quantization are split over the threads. */
+/* Rows from which the activation or a norm and the next product's quantization are split over the
+   threads, and from which a quantization alone is (the attention outputs': at 8 rows the split
+   cost greedy at batch 8 about 0.4 ms a call in those two products, and gained contrastive's 32
+   rows 0.6-1 ms; profile_step.py, ninth session). */
 #ifndef ACT_SPLIT_MIN_ROWS
 #define ACT_SPLIT_MIN_ROWS 4
+#endif
+#ifndef QUANTIZE_SPLIT_MIN_ROWS
+#define QUANTIZE_SPLIT_MIN_ROWS 16
 #endif
 
 /* act(h) into act, and (split) its quantized rows into xq/sx: 1 when wo is then to multiply xq. */
@@ -813,28 +819,34 @@ static void norm_quantize_task(void *ctx, long task) {
     const norm_quantize_job *j = ctx;
     const Py_ssize_t r0 = task * j->rows / j->tasks, r1 = (task + 1) * j->rows / j->tasks, n = r1 - r0;
     if (j->y) add_rows(j->x + r0 * j->d, j->y + r0 * j->d, n * j->d);
-    rms_norm(j->x + r0 * j->d, j->gamma, j->h + r0 * j->d, n, j->d, j->eps);
-    qlinear_quantize(j->mode, j->h + r0 * j->d, n, j->d, (char *)j->xq + r0 * j->row_bytes, j->sx + r0);
+    if (j->gamma) rms_norm(j->x + r0 * j->d, j->gamma, j->h + r0 * j->d, n, j->d, j->eps);
+    const float *rows = j->gamma ? j->h : j->x; /* without a norm: x's rows themselves */
+    qlinear_quantize(j->mode, rows + r0 * j->d, n, j->d, (char *)j->xq + r0 * j->row_bytes, j->sx + r0);
 }
 
-/* x += y (y NULL: nothing to add), then lin . norm(x) into out: the add, norm and quantization
-   split over the threads where lin takes quantized rows (as feed_forward_act), else on this one.
-   Times the first part as "norms" and the product as `part`. */
+/* x += y (y NULL: nothing to add), then lin . norm(x) into out (gamma NULL: lin . x, no norm; x
+   has lin's K columns): the add, norm and quantization split over the threads where lin takes
+   quantized rows (as feed_forward_act), else on this one. Times the first part as "norms" (with
+   a norm) and the product as `part`. */
 static int norm_product(const decoder_plan *p, const plan_linear *lin, float *x, const float *y, const float *gamma,
                         float *h, void *xq, float *sx, Py_ssize_t R, float *out, int threads, int part, double *t0) {
-    const Py_ssize_t d = p->d;
-    if (!qlinear_takes_quantized(lin->mode) || threads < 2 || R < ACT_SPLIT_MIN_ROWS) {
+    const Py_ssize_t d = lin->K;
+    /* the quantization alone pays for the split from more rows than with a norm before it */
+    const Py_ssize_t min_rows = gamma || y ? ACT_SPLIT_MIN_ROWS : QUANTIZE_SPLIT_MIN_ROWS;
+    if (!qlinear_takes_quantized(lin->mode) || threads < 2 || R < min_rows) {
         if (y) add_rows(x, y, R * d);
-        rms_norm(x, gamma, h, R, d, p->eps);
-        lap(T_NORMS, t0);
-        const int status = product(lin, h, R, out, threads);
+        if (gamma) {
+            rms_norm(x, gamma, h, R, d, p->eps);
+            lap(T_NORMS, t0);
+        }
+        const int status = product(lin, gamma ? h : x, R, out, threads);
         lap(part, t0);
         return status;
     }
     norm_quantize_job job = {x, y, gamma, h, xq, sx, R, d, qlinear_quantized_row_bytes(lin->mode, d), 2, p->eps,
                              lin->mode};
     pool_run((long)job.tasks, threads, norm_quantize_task, &job);
-    lap(T_NORMS, t0);
+    if (gamma) lap(T_NORMS, t0);
     qlinear_product_quantized(lin->mode, xq, sx, R, lin->K, lin->w.buf, lin->scale.obj ? lin->scale.buf : NULL, lin->N,
                               out, threads);
     lap(part, t0);
@@ -861,8 +873,8 @@ static int run_layers(const layers_args *a, float *scratch, int threads) {
                             a->new_k + l * R * inner, a->new_v + l * R * inner, a->B, a->m, H, D, a->cap, a->n_dist};
         if (attention(&g, threads)) return -1;
         lap(T_SELF_ATTN, &t0);
-        if (product(&y->lin[P_SELF_OUT], attn, R, tmp, threads)) return -1;
-        lap(T_SELF_OUT, &t0);
+        if (norm_product(p, &y->lin[P_SELF_OUT], attn, NULL, NULL, h, xq, sx, R, tmp, threads, T_SELF_OUT, &t0))
+            return -1;
         if (norm_product(p, &y->lin[P_CROSS_Q], a->x, tmp, y->gamma[1].buf, h, xq, sx, R, big, threads, T_CROSS_Q,
                          &t0))
             return -1;
@@ -870,8 +882,8 @@ static int run_layers(const layers_args *a, float *scratch, int threads) {
                             NULL, NULL, a->B, a->m, H, D, a->S, 1};
         if (attention(&c, threads)) return -1;
         lap(T_CROSS_ATTN, &t0);
-        if (product(&y->lin[P_CROSS_OUT], attn, R, tmp, threads)) return -1;
-        lap(T_CROSS_OUT, &t0);
+        if (norm_product(p, &y->lin[P_CROSS_OUT], attn, NULL, NULL, h, xq, sx, R, tmp, threads, T_CROSS_OUT, &t0))
+            return -1;
         if (norm_product(p, &y->lin[P_WI], a->x, tmp, y->gamma[2].buf, h, xq, sx, R, big, threads, T_WI, &t0))
             return -1;
         const plan_linear *wo = &y->lin[P_WO];
