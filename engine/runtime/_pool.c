@@ -32,10 +32,13 @@ decoder step calls about a hundred products back to back) and then sleep on a co
 #define COUNT_SHIFT 24
 #define FIELD_MASK 0xFFFFFFull
 
-static _Atomic uint64_t state;
-static pool_task_fn job_fn;
+/* Each on a cache line of its own: the helpers poll `state` while spinning, and a write to a
+   neighbour (the job's function and context, the count of finished tasks) would take the line from
+   them and back on every poll. */
+static _Alignas(64) _Atomic uint64_t state;
+static _Alignas(64) pool_task_fn job_fn;
 static void *job_ctx;
-static _Atomic long job_done;
+static _Alignas(64) _Atomic long job_done;
 
 static pthread_mutex_t caller_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
 static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
