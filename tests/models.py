@@ -12,6 +12,7 @@ Folders live under one temporary directory per process, removed at exit; treat t
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -25,7 +26,13 @@ from engine.model.convert import convert_checkpoint
 from engine.model.demo import write_hf_checkpoint
 from engine.model.shapes import TINY_FLAN, TINY_T5, T5Shape
 
-SHAPES: dict[str, T5Shape] = {"flan": TINY_FLAN, "t5": TINY_T5}
+SHAPES: dict[str, T5Shape] = {
+    "flan": TINY_FLAN,
+    "t5": TINY_T5,
+    # the attention's width (4 x 64) above d_model and d_ff below it: the decoder's buffers must fit
+    # the widest of the three, whichever it is
+    "narrow-ff": dataclasses.replace(TINY_FLAN, d_ff=32, d_kv=64),
+}
 
 _lock = threading.Lock()
 _root: Path | None = None

@@ -289,6 +289,21 @@ def test_layers_in_one_call_equal_the_calls_one_by_one(kind: str, quantization: 
 
 
 @pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
+def test_layers_in_one_call_with_the_attention_wider_than_the_rest() -> None:
+    """A model whose attention (4 heads x 64) is wider than d_model (64), and d_ff (32) narrower:
+    the rows the one call quantizes for its products, split over the threads, are as wide as the
+    attention's output there; the same bits as the calls one by one."""
+    runtime = T5Runtime.load(models.converted_model("narrow-ff", "int8"), threads=2)
+    runs = {}
+    for on in (True, False):
+        runtime.use_layers_call(on)
+        runs[on] = _steps(runtime, 6)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for name in ("hidden", "unit_hidden", "new_k", "new_v"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.skipif(not t5ops.layers_call_available(), reason="an extension built before decoder_layers")
 def test_the_layers_timers_split_the_calls_time_and_change_nothing() -> None:
     """layers_timing (profile_step.py's breakdown): every part of decoder_layers gets time, the
     parts add up to at most the calls' wall time, the results are the same bits as without the

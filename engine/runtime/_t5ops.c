@@ -794,10 +794,14 @@ static int feed_forward_act(const decoder_plan *p, const plan_linear *wo, const 
     return 1;
 }
 
-/* run_layers' temporaries, in floats: h, big (p->wide), attn, tmp, act, wo's row scales and its
-   quantized rows (int16 at most: mode 2), 64-byte aligned. */
+/* run_layers' temporaries, in floats: h, big (p->wide), attn, tmp, act, and a split product's row
+   scales and quantized rows (its input as wide as d, inner or d_ff; int16 at most: mode 2),
+   64-byte aligned. */
 static Py_ssize_t run_layers_floats(const decoder_plan *p, Py_ssize_t R) {
-    return R * (2 * p->d + p->wide + p->H * p->D + p->d_ff) + R + (R * qlinear_quantized_row_bytes(2, p->d_ff)) / 4 + 16;
+    const Py_ssize_t inner = p->H * p->D;
+    /* the widest input quantized this way: d (the normed products), inner (the attention outputs') or d_ff (wo) */
+    const Py_ssize_t k = p->d_ff > p->d ? (p->d_ff > inner ? p->d_ff : inner) : (p->d > inner ? p->d : inner);
+    return R * (2 * p->d + p->wide + inner + p->d_ff) + R + (R * qlinear_quantized_row_bytes(2, k)) / 4 + 16;
 }
 
 /* The residual add of the previous product's output (y, or NULL), the norm of the sum, and the
