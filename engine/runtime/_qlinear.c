@@ -717,12 +717,9 @@ int qlinear_compute(int mode, const float *x, Py_ssize_t M, Py_ssize_t K, const 
         if (M > 0) linear_amx(xq, Mp, Kp, sx, M, w, N, scale, out, threads);
     } else
 #endif
-    if (mode == 2) {
-        quantize_rows(x, M, K, Kp, xq, sx);
-        linear_packed(1, xq, Kp, sx, M, w, N, scale, out, threads);
-    } else if (mode == 4) {
-        quantize_rows_i8(x, M, K, Kp, xq, sx, 128);
-        linear_packed(0, xq, Kp, sx, M, w, N, scale, out, threads);
+    if (qlinear_takes_quantized(mode)) {
+        qlinear_quantize(mode, x, M, K, xq, sx);
+        qlinear_product_quantized(mode, xq, sx, M, K, w, scale, N, out, threads);
     } else {
         linear_avx512(x, M, K, w, mode != 0, N, scale, out, threads);
     }
